@@ -1,0 +1,248 @@
+"""EmbeddedEngine: our PyTorch engine behind the `worker.engine_api.Engine` contract."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from inflight import errors
+from inflight.errors import RequestError, invalid
+from inflight.sampling_params import SamplingParams
+from worker.embedded.block_pool import KvBlockPool
+from worker.embedded.llama import LlamaForCausalLM
+from worker.embedded.model_runner import ModelRunner, kv_bytes_per_block
+from worker.embedded.scheduler import BatchScheduler
+from worker.embedded.sequence import Sequence
+from worker.engine_api import EngineConfig, EngineStats, RequestOutput, TokenLogprob
+from worker.models.config import ModelConfig
+from worker.models.loader import iter_safetensors
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model:
+        return Path(model)
+    from worker.models.gguf_convert import default_model_dir
+
+    return default_model_dir()
+
+
+class EmbeddedEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig | None = None,
+        weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+    ):
+        """Load the model named by config.model, or build it from model_config and
+        weights (random weights when weights is None: benchmarks of real shapes)."""
+        t0 = time.monotonic()
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        if model_config is None:
+            self.model_dir = resolve_model_dir(config.model)
+            model_config = ModelConfig.from_dir(self.model_dir)
+            weights = iter_safetensors(self.model_dir)
+        else:
+            self.model_dir = None
+        self.model_config = model_config
+        self.vocab_size = model_config.vocab_size
+        self.eos_token_ids = model_config.eos_token_ids
+        self.max_seq_len = min(config.max_seq_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
+
+        self.model = self._build_model(weights)
+        kv = config.kv_cache
+        num_blocks = self._num_kv_blocks()
+        self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
+        self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block)
+        self.scheduler = BatchScheduler(
+            self.pool,
+            max_batch_size=config.max_batch_size,
+            max_num_tokens=config.max_num_tokens,
+            max_seq_len=self.max_seq_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            policy=config.scheduler.capacity_scheduler_policy,
+        )
+        self.requests: dict[str, Sequence] = {}
+        self._arrivals = itertools.count()
+        self.prompt_tokens_seen = 0
+        self.prompt_tokens_cached = 0
+        log.info(
+            "engine ready in %.1fs: %s on %s/%s, %d KV blocks of %d tokens",
+            time.monotonic() - t0, model_config.name, self.device, str(self.dtype).removeprefix("torch."),
+            num_blocks, kv.tokens_per_block,
+        )
+
+    def _build_model(self, weights) -> LlamaForCausalLM:
+        with torch.device("meta"):
+            model = LlamaForCausalLM(self.model_config, self.max_seq_len)
+        model = model.to_empty(device=self.device).to(self.dtype)
+        if self.model_config.tie_word_embeddings:  # to_empty unties shared parameters
+            model.lm_head.weight = model.embed_tokens.weight
+        for module in model.modules():
+            if hasattr(module, "build"):
+                module.build()
+        if weights is None:
+            gen = torch.Generator(device="cpu").manual_seed(0)
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    if "norm" in name:
+                        p.fill_(1.0)
+                    else:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        else:
+            model.load_hf_weights((n, t.to(self.dtype)) for n, t in weights)
+        return model.eval()
+
+    def _num_kv_blocks(self) -> int:
+        kv = self.config.kv_cache
+        per_block = kv_bytes_per_block(self.model_config, kv.tokens_per_block, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * kv.free_gpu_memory_fraction)
+        else:
+            budget = kv.cpu_bytes
+        num = budget // per_block
+        if kv.max_tokens is not None:
+            num = min(num, -(-kv.max_tokens // kv.tokens_per_block))
+        if num < 1:
+            raise ValueError(f"no room for a single KV block ({per_block} bytes); raise the KV cache budget")
+        return num
+
+    # The Engine contract.
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise invalid("request_id", f"{request_id!r} is already in use")
+        params.validate(self.vocab_size)
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise invalid("prompt", "must not be empty")
+        if n >= self.max_seq_len:
+            raise invalid("prompt", f"has {n} tokens; max_seq_len is {self.max_seq_len}, leaving room for at most {self.max_seq_len - 1}")
+        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise invalid("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if params.max_tokens > self.max_seq_len:
+            raise invalid("max_tokens", f"{params.max_tokens} exceeds max_seq_len {self.max_seq_len}")
+        if not self.config.enable_chunked_prefill and n > self.config.max_num_tokens:
+            raise invalid("prompt", f"has {n} tokens, over max_num_tokens {self.config.max_num_tokens} with chunked prefill off")
+        seq = Sequence(request_id, prompt_token_ids, params, next(self._arrivals))
+        need = self.scheduler.blocks_for_lifetime(seq)
+        if need > self.pool.num_blocks:
+            raise RequestError(
+                errors.RESOURCE_EXHAUSTED,
+                f"prompt plus max_tokens needs {need} KV blocks; the whole cache holds {self.pool.num_blocks}",
+                "max_tokens",
+            )
+        self.requests[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.requests.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        for ch in chunks:
+            seq = ch.seq
+            if not seq.counted_prompt:
+                seq.counted_prompt = True
+                self.prompt_tokens_seen += len(seq.prompt_token_ids)
+                self.prompt_tokens_cached += seq.num_cached_prompt
+        result = self.runner.run(chunks, self.eos_token_ids)
+        bs = self.pool.tokens_per_block
+        for ch in chunks:
+            seq = ch.seq
+            seq.num_computed += ch.num_tokens
+            tokens = None
+            while len(seq.block_hashes) < seq.num_computed // bs:  # publish newly full blocks
+                tokens = tokens or seq.all_token_ids
+                i = len(seq.block_hashes)
+                parent = seq.block_hashes[-1] if i else 0
+                seq.block_hashes.append(self.pool.publish(seq.block_table[i], parent, tuple(tokens[i * bs : (i + 1) * bs])))
+        outputs: list[RequestOutput] = []
+        sampled = [ch.seq for ch in chunks if ch.sample]
+        for i, seq in enumerate(sampled):
+            token = result.token_ids[i]
+            seq.output_token_ids.append(token)
+            out = RequestOutput(
+                seq.request_id, [token], prompt_tokens=len(seq.prompt_token_ids), cached_tokens=seq.num_cached_prompt
+            )
+            if result.logprobs[i] is not None:
+                chosen, top = result.logprobs[i]
+                out.logprobs = [TokenLogprob(token, chosen, top)]
+            out.finish_reason = self._finish_reason(seq, token)
+            if out.finish_reason:
+                del self.requests[seq.request_id]
+                self.scheduler.remove(seq)
+            outputs.append(out)
+        return outputs
+
+    def _finish_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        n = len(seq.output_token_ids)
+        if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+            return "stop"
+        if n >= p.max_tokens or len(seq) >= self.max_seq_len:
+            return "length"
+        return None
+
+    def stats(self) -> EngineStats:
+        pool = self.pool
+        return EngineStats(
+            running=len(self.scheduler.running),
+            queued=len(self.scheduler.waiting),
+            kv_blocks_total=pool.num_blocks,
+            kv_blocks_free=pool.num_free,
+            kv_blocks_in_use=pool.num_blocks - pool.num_free,
+            kv_blocks_cached=pool.num_cached,
+            blocks_reused=pool.reused,
+            blocks_evicted=pool.evicted,
+            prefix_cache_hit_rate=self.prompt_tokens_cached / self.prompt_tokens_seen if self.prompt_tokens_seen else 0.0,
+            preemptions=self.scheduler.preemptions,
+            tokens_per_block=pool.tokens_per_block,
+        )
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Run prompts to completion in one batch; returns each one's output token ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"generate-{next(self._arrivals)}" for _ in prompts]
+        for rid, prompt, p in zip(ids, prompts, plist):
+            self.submit(rid, prompt, p)
+        out: dict[str, list[int]] = {rid: [] for rid in ids}
+        while any(rid in self.requests for rid in ids):
+            for o in self.step():
+                if o.request_id in out:
+                    out[o.request_id] += o.new_token_ids
+        return [out[rid] for rid in ids]

@@ -1,0 +1,197 @@
+"""Llama-family decoder (Llama incl. llama3 rope scaling, Mistral, Qwen2, SmolLM) in plain
+PyTorch, over a paged KV cache. q/k/v and gate/up projections are fused at load time."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.embedded.attention import AttentionMetadata, paged_attention, write_kv
+from worker.models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type") or scaling.get("type")
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_ctx = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_ctx / low, inv_freq / factor, inv_freq)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_ctx / high) & (wavelen <= old_ctx / low)
+        inv_freq = torch.where(medium, smoothed, scaled)
+    elif kind == "linear":
+        inv_freq = inv_freq / scaling["factor"]
+    elif kind not in (None, "default"):
+        raise ValueError(f"rope_scaling type {kind!r} is not supported")
+    return inv_freq
+
+
+class Rotary(nn.Module):
+    """Rotary embedding in the rotate-half layout Hugging Face checkpoints use."""
+
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.cfg, self.max_positions = cfg, max_positions
+        self.register_buffer("cos", torch.empty(max_positions, cfg.head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_positions, cfg.head_dim // 2), persistent=False)
+        self.build()
+
+    def build(self) -> None:
+        """(Re)compute the tables on their current device (after meta-device creation)."""
+        if self.cos.is_meta:
+            return
+        t = torch.arange(self.max_positions, dtype=torch.float32)
+        freqs = torch.outer(t, rope_inv_freq(self.cfg))
+        self.cos = freqs.cos().to(self.cos.device)
+        self.sin = freqs.sin().to(self.sin.device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, H, D]
+        cos = self.cos[positions][:, None, :]
+        sin = self.sin[positions][:, None, :]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return out.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.rotary = rotary
+        self.scale = cfg.head_dim**-0.5
+
+    def forward(self, x, positions, k_cache, v_cache, meta: AttentionMetadata):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = self.rotary(q.view(-1, self.num_heads, self.head_dim), positions)
+        k = self.rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)
+        return self.o_proj(out.reshape(-1, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, rotary: Rotary):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, rotary)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, k_cache, v_cache, meta):
+        x = x + self.self_attn(self.input_layernorm(x), positions, k_cache, v_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, max_positions: int):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        rotary = Rotary(cfg, max_positions)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        logits_rows: torch.Tensor,  # rows of [T] whose next-token logits are wanted
+    ) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x = layer(x, positions, k_cache, v_cache, meta)
+        x = self.norm(x[logits_rows])
+        return self.lm_head(x).float()
+
+    @torch.no_grad()
+    def load_hf_weights(self, named_tensors) -> None:
+        """Copy Hugging Face-named tensors in, fusing q/k/v and gate/up on the way."""
+        params = dict(self.named_parameters())
+        fused = {
+            "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+            "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        }
+        seen: set[str] = set()
+        for name, tensor in named_tensors:
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
+                continue
+            parts = name.split(".")
+            if len(parts) >= 2 and parts[-2] in fused:
+                target, shard = fused[parts[-2]]
+                pname = ".".join(parts[:-2] + [target, parts[-1]])
+                param = params[pname]
+                sizes = self._shard_sizes(target)
+                start = sum(sizes[:shard])
+                param[start : start + sizes[shard]].copy_(tensor)
+                seen.add(f"{pname}#{shard}")
+            else:
+                if name not in params:
+                    raise KeyError(f"unexpected weight {name}")
+                params[name].copy_(tensor)
+                seen.add(name)
+        expected = set()
+        for pname in params:
+            if ".qkv_proj." in pname:
+                expected |= {f"{pname}#{i}" for i in range(3)}
+            elif ".gate_up_proj." in pname:
+                expected |= {f"{pname}#{i}" for i in range(2)}
+            else:
+                expected.add(pname)
+        missing = expected - seen
+        if missing:
+            raise KeyError(f"missing weights: {sorted(missing)[:5]}{'...' if len(missing) > 5 else ''}")
+
+    def _shard_sizes(self, target: str) -> list[int]:
+        c = self.config
+        if target == "qkv_proj":
+            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
+        return [c.intermediate_size, c.intermediate_size]

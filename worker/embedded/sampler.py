@@ -1,0 +1,109 @@
+"""Batched sampling on the device: penalties, min_tokens, temperature, top-k/top-p/min-p,
+per-request seeds, and top-n logprobs. One host sync per step, for the chosen tokens."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from worker.embedded.sequence import Sequence
+
+
+@dataclasses.dataclass
+class SampleResult:
+    token_ids: list[int]
+    # Per row: None, or (sampled logprob, [(token, logprob)...] top-n) when asked for.
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+def _pad(rows: list[list[int]], device) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            out[i, : len(r)] = torch.tensor(r)
+    return out.to(device)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
+    """Repetition over prompt and output; presence and frequency over the output (as vLLM)."""
+    device = logits.device
+    rows = [i for i, s in enumerate(seqs) if s.params.has_penalties]
+    sub = logits[rows]
+    out_ids = _pad([seqs[i].output_token_ids for i in rows], device)
+    counts = torch.zeros_like(sub)
+    counts.scatter_add_(1, out_ids.clamp(min=0), (out_ids >= 0).to(sub.dtype))
+    seen = counts > 0
+    prompt_ids = _pad([seqs[i].prompt_token_ids for i in rows], device)
+    seen.scatter_(1, prompt_ids.clamp(min=0), prompt_ids >= 0)
+    rep = torch.tensor([seqs[i].params.repetition_penalty for i in rows], device=device)[:, None]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = torch.tensor([seqs[i].params.frequency_penalty for i in rows], device=device)[:, None]
+    pres = torch.tensor([seqs[i].params.presence_penalty for i in rows], device=device)[:, None]
+    sub = sub - freq * counts - pres * (counts > 0).to(sub.dtype)
+    logits[rows] = sub
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> SampleResult:
+    logits = logits.float()
+    device = logits.device
+    if any(s.params.has_penalties for s in seqs):
+        apply_penalties(logits, seqs)
+    for i, s in enumerate(seqs):  # no stopping before min_tokens
+        p = s.params
+        if len(s.output_token_ids) < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+
+    want_logprobs = any(s.params.logprobs for s in seqs)
+    logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+
+    tokens = logits.argmax(dim=-1)
+    if not all(s.params.greedy for s in seqs):
+        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
+        x = logits / temps[:, None]
+        if any(s.params.top_k or s.params.top_p < 1.0 or s.params.min_p > 0.0 for s in seqs):
+            x = _truncate(x, seqs)
+        probs = torch.softmax(x, dim=-1)
+        # Exponential race (argmax p/q, q ~ Exp(1)) draws from probs; seeded rows use their
+        # own generator, so a seed gives the same tokens whatever else is in the batch.
+        q = torch.empty_like(probs).exponential_()
+        for i, s in enumerate(seqs):
+            if s.params.seed is not None and not s.params.greedy:
+                if s.generator is None:
+                    s.generator = torch.Generator(device=device).manual_seed(s.params.seed)
+                q[i].exponential_(generator=s.generator)
+        sampled = (probs / q).argmax(dim=-1)
+        greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
+        tokens = torch.where(greedy, tokens, sampled)
+
+    token_list = tokens.tolist()
+    lp_out: list = [None] * len(seqs)
+    if logprobs_all is not None:
+        n_max = max(s.params.logprobs for s in seqs)
+        top_v, top_i = logprobs_all.topk(n_max, dim=-1)
+        chosen = logprobs_all.gather(1, tokens[:, None])[:, 0]
+        top_v, top_i, chosen = top_v.tolist(), top_i.tolist(), chosen.tolist()
+        for i, s in enumerate(seqs):
+            n = s.params.logprobs
+            if n:
+                lp_out[i] = (chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
+    return SampleResult(token_list, lp_out)
+
+
+def _truncate(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Mask tokens outside each row's top-k, top-p nucleus and min-p floor."""
+    device, V = x.device, x.shape[1]
+    top_k = torch.tensor([s.params.top_k or V for s in seqs], device=device)
+    top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
+    min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    ranks = torch.arange(V, device=device)[None, :]
+    probs = torch.softmax(sorted_x, dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass strictly ahead of each token
+    drop = (ranks >= top_k[:, None]) | (before >= top_p[:, None]) | (probs < min_p[:, None] * probs[:, :1])
+    drop[:, 0] = False  # the most likely token always stays
+    sorted_x = sorted_x.masked_fill(drop, float("-inf"))
+    return torch.full_like(x, float("-inf")).scatter(1, order, sorted_x)

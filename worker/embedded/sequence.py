@@ -1,0 +1,54 @@
+"""One request inside the embedded engine: its tokens, its KV blocks, its progress."""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+
+from inflight.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = 1
+    RUNNING = 2
+    FINISHED = 3
+
+
+class Sequence:
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int):
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.params = params
+        self.arrival = arrival
+        self.status = SeqStatus.WAITING
+        self.block_table: list[int] = []
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks published so far
+        self.num_computed = 0  # tokens whose K/V are in the cache
+        self.num_cached_prompt = 0  # prompt tokens that came from the prefix cache
+        self.counted_prompt = False  # prefix-cache stats counted once, not per preemption
+        self.generator: torch.Generator | None = None
+        self.logprobs: list | None = [] if params.logprobs else None
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_uncomputed(self) -> int:
+        return len(self) - self.num_computed
+
+    def final_length(self, max_seq_len: int) -> int:
+        """The most tokens this sequence can ever hold."""
+        return min(len(self.prompt_token_ids) + self.params.max_tokens, max_seq_len)
+
+    def reset_for_recompute(self) -> None:
+        """After preemption: drop KV state, keep every token produced so far."""
+        self.status = SeqStatus.WAITING
+        self.block_table = []
+        self.block_hashes = []
+        self.num_computed = 0

@@ -1,0 +1,102 @@
+"""The contract every engine serves: the embedded PyTorch engine and TensorRT-LLM's.
+
+The worker loop drives an engine only through `Engine`: submit, abort, step, stats.
+Knob names follow TensorRT-LLM (`KvCacheConfig`, `SchedulerConfig`, `max_num_tokens`...)
+so that one `EngineConfig` maps onto both engines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Protocol
+
+from inflight.sampling_params import SamplingParams
+
+CapacityPolicy = Literal["GUARANTEED_NO_EVICT", "MAX_UTILIZATION"]
+FinishReason = Literal["stop", "length"]
+
+
+@dataclasses.dataclass
+class KvCacheConfig:
+    free_gpu_memory_fraction: float = 0.9  # of the GPU memory free after the weights load
+    tokens_per_block: int = 32
+    enable_block_reuse: bool = True
+    max_tokens: int | None = None  # hard cap on cached tokens (TensorRT-LLM's name)
+    cpu_bytes: int = 512 * 2**20  # pool size when running on the CPU
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    capacity_scheduler_policy: CapacityPolicy = "GUARANTEED_NO_EVICT"
+
+
+@dataclasses.dataclass
+class EngineConfig:
+    model: str | None = None  # Hugging Face layout directory; None means the default model
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"...
+    dtype: str = "auto"  # "auto" is float32 on CPU, bfloat16 on CUDA
+    kv_cache: KvCacheConfig = dataclasses.field(default_factory=KvCacheConfig)
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    enable_chunked_prefill: bool = True
+    max_batch_size: int = 256
+    max_num_tokens: int = 8192  # tokens one step may compute, prefill and decode together
+    max_seq_len: int | None = None  # None means the model's own limit
+
+
+@dataclasses.dataclass
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]  # the request's top-n alternatives, best first
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request: new tokens, and how it ended if it did."""
+
+    request_id: str
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    logprobs: list[TokenLogprob] | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    error_code: str | None = None  # a gRPC status name when the request failed
+    error_message: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error_code is not None
+
+
+@dataclasses.dataclass
+class EngineStats:
+    running: int
+    queued: int
+    kv_blocks_total: int
+    kv_blocks_free: int  # free or evictable (cached but unreferenced)
+    kv_blocks_in_use: int
+    kv_blocks_cached: int  # blocks holding a reusable prefix
+    blocks_reused: int  # blocks handed to a request straight from the prefix cache
+    blocks_evicted: int
+    prefix_cache_hit_rate: float  # prompt tokens served from cache / prompt tokens seen
+    preemptions: int
+    tokens_per_block: int
+
+
+class Engine(Protocol):
+    vocab_size: int
+    max_seq_len: int
+    eos_token_ids: tuple[int, ...]
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Queue a request; raises RequestError naming the field when it is invalid."""
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request and free its KV blocks; False if the engine does not hold it."""
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; every request that produced tokens or ended appears once."""
+
+    def has_work(self) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
