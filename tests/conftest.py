@@ -1,0 +1,67 @@
+"""Shared fixtures: the real default model (SmolLM2-135M-Instruct), converted once."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from worker.engine_api import EngineConfig, KvCacheConfig, SchedulerConfig
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from worker.models.gguf_convert import default_model_dir
+
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def model_weights(model_dir):
+    """The model's config and tensors, read once and shared by every engine the tests build."""
+    from worker.models.config import ModelConfig
+    from worker.models.loader import iter_safetensors
+
+    return ModelConfig.from_dir(model_dir), dict(iter_safetensors(model_dir))
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_dir):
+    from gateway.tokenizer import TextTokenizer
+
+    return TextTokenizer.from_dir(model_dir)
+
+
+@pytest.fixture(scope="session")
+def make_engine(model_weights):
+    """Builds an EmbeddedEngine on the CPU with the real weights and the given knobs."""
+    from worker.embedded.engine import EmbeddedEngine
+
+    def make(
+        tokens_per_block: int = 16,
+        max_tokens: int | None = None,
+        policy: str = "GUARANTEED_NO_EVICT",
+        enable_block_reuse: bool = True,
+        **kw,
+    ) -> EmbeddedEngine:
+        cfg = EngineConfig(
+            device="cpu",
+            kv_cache=KvCacheConfig(tokens_per_block=tokens_per_block, max_tokens=max_tokens, enable_block_reuse=enable_block_reuse, cpu_bytes=256 * 2**20),
+            scheduler=SchedulerConfig(capacity_scheduler_policy=policy),
+            **kw,
+        )
+        model_config, tensors = model_weights
+        return EmbeddedEngine(cfg, dataclasses.replace(model_config), tensors.items())
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """Hugging Face transformers on the same converted directory: the reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()

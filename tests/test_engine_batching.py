@@ -1,0 +1,186 @@
+"""In-flight batching: outputs do not depend on what else runs, how the KV pool is
+sized, or whether requests were preempted; prefix reuse, seeds, aborts and bad input."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from inflight.errors import RequestError
+from inflight.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+
+
+def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    words = "river stone cloud engine paper violet north garden signal copper winter".split()
+    out = []
+    for i in range(n):
+        text = " ".join(rng.choice(words) for _ in range(rng.randint(2, 60)))
+        out.append(tokenizer.encode_chat([{"role": "user", "content": f"{i}: {text}"}]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def workload(tokenizer):
+    return prompts(tokenizer, 16)
+
+
+@pytest.fixture(scope="module")
+def alone(make_engine, workload):
+    """What each request produces when it is the only one in the engine."""
+    engine = make_engine()
+    return [engine.generate([p], GREEDY)[0] for p in workload]
+
+
+def run_staggered(engine, workload, params=GREEDY) -> dict[str, list[int]]:
+    """Half the requests start at once; the rest arrive one per step while others decode."""
+    out: dict[str, list[int]] = {}
+    pending = list(enumerate(workload))
+    for i, p in pending[:8]:
+        engine.submit(str(i), p, params)
+    pending = pending[8:]
+    while engine.has_work() or pending:
+        if pending:
+            i, p = pending.pop(0)
+            engine.submit(str(i), p, params)
+        for o in engine.step():
+            out.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                assert o.finish_reason == "length" and o.error_code is None
+    return out
+
+
+def as_list(out: dict[str, list[int]], n: int) -> list[list[int]]:
+    return [out[str(i)] for i in range(n)]
+
+
+def test_batching_invariance(make_engine, workload, alone):
+    engine = make_engine(max_num_tokens=96)  # forces chunked prefill mixed with decodes
+    assert as_list(run_staggered(engine, workload), 16) == alone
+    stats = engine.stats()
+    assert stats.kv_blocks_in_use == 0 and stats.running == 0 and stats.queued == 0
+
+
+def test_preemption_keeps_outputs(make_engine, workload, alone):
+    longest = max(len(p) for p in workload) + GREEDY.max_tokens
+    engine = make_engine(policy="MAX_UTILIZATION", max_tokens=longest * 3, enable_block_reuse=False)
+    assert as_list(run_staggered(engine, workload), 16) == alone
+    assert engine.stats().preemptions > 0
+    assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
+
+
+def test_guaranteed_no_evict_small_pool(make_engine, workload, alone):
+    longest = max(len(p) for p in workload) + GREEDY.max_tokens
+    engine = make_engine(max_tokens=longest * 3)
+    assert as_list(run_staggered(engine, workload), 16) == alone
+    assert engine.stats().preemptions == 0
+
+
+def test_prefix_reuse_shows_in_stats_and_keeps_outputs(make_engine, tokenizer):
+    engine = make_engine(tokens_per_block=8)
+    system = "You are a careful assistant. " * 12
+    msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]
+    first = tokenizer.encode_chat(msgs("Name a fruit."))
+    second = tokenizer.encode_chat(msgs("Name a tree."))
+    fresh = make_engine(tokens_per_block=8, enable_block_reuse=False).generate([second], GREEDY)[0]
+    engine.generate([first], GREEDY)
+    assert engine.stats().blocks_reused == 0
+    engine.submit("b", second, GREEDY)
+    tokens, cached = [], None
+    while engine.has_work():
+        for o in engine.step():
+            tokens += o.new_token_ids
+            cached = o.cached_tokens
+    assert tokens == fresh
+    shared = next(i for i, (a, b) in enumerate(zip(first, second)) if a != b)
+    assert cached == shared // 8 * 8 and cached > 0
+    stats = engine.stats()
+    assert stats.blocks_reused == shared // 8
+    assert 0 < stats.prefix_cache_hit_rate < 1
+
+
+def test_seeded_sampling_reproduces_in_any_batch(make_engine, workload):
+    engine = make_engine()
+    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    alone = engine.generate([workload[0]], seeded)[0]
+    others = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    batch = engine.generate(workload[:6], [seeded] + [others] * 5)
+    assert batch[0] == alone
+    other_seed = engine.generate([workload[0]], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=99, ignore_eos=True))[0]
+    assert other_seed != alone
+
+
+def test_abort_frees_every_block(make_engine, workload):
+    engine = make_engine()
+    for i, p in enumerate(workload[:6]):
+        engine.submit(str(i), p, SamplingParams(max_tokens=100, temperature=0))
+    for _ in range(5):
+        engine.step()
+    assert engine.stats().kv_blocks_in_use > 0
+    for i in range(6):
+        assert engine.abort(str(i))
+    assert not engine.abort("0")
+    stats = engine.stats()
+    assert stats.kv_blocks_in_use == 0 and stats.running == 0 and not engine.has_work()
+
+
+def test_max_tokens_min_tokens_and_stop_ids(make_engine, tokenizer, workload):
+    engine = make_engine()
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    full = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
+    assert full[-1] in engine.eos_token_ids  # the model ends its answer by itself
+    # A stop token id taken from the middle of the answer ends it there.
+    stop_at = full[3]
+    cut = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0, stop_token_ids=(stop_at,)))[0]
+    assert cut == full[: full.index(stop_at) + 1]
+    longer = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0, min_tokens=len(full) + 5))[0]
+    assert len(longer) >= len(full) + 5 and not set(longer[: len(full) + 4]) & set(engine.eos_token_ids)
+    assert len(engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0]) == 3
+
+
+@pytest.mark.parametrize(
+    "prompt,params,field",
+    [
+        ([], SamplingParams(), "prompt"),
+        ([1] * 9000, SamplingParams(), "prompt"),
+        ([1, 2, 10**6], SamplingParams(), "prompt_token_ids"),
+        ([1, -3], SamplingParams(), "prompt_token_ids"),
+        ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+        ([1, 2], SamplingParams(max_tokens=10**9), "max_tokens"),
+        ([1, 2], SamplingParams(temperature=-1), "temperature"),
+        ([1, 2], SamplingParams(temperature=float("nan")), "temperature"),
+        ([1, 2], SamplingParams(top_p=0), "top_p"),
+        ([1, 2], SamplingParams(top_p=1.5), "top_p"),
+        ([1, 2], SamplingParams(stop_token_ids=(10**7,)), "stop_token_ids"),
+        ([1, 2], SamplingParams(logprobs=50), "logprobs"),
+    ],
+)
+def test_bad_input_names_field_and_spares_others(make_engine, workload, alone, prompt, params, field):
+    engine = make_engine(max_seq_len=8192)
+    engine.submit("good", workload[0], GREEDY)
+    out = [t for o in engine.step() for t in o.new_token_ids]
+    with pytest.raises(RequestError) as e:
+        engine.submit("bad", prompt, params)
+    assert e.value.code == "INVALID_ARGUMENT" and e.value.field == field
+    while engine.has_work():
+        for o in engine.step():
+            out += o.new_token_ids
+    assert out == alone[0]
+
+
+def test_duplicate_request_id_refused(make_engine, workload):
+    engine = make_engine()
+    engine.submit("x", workload[0], GREEDY)
+    with pytest.raises(RequestError) as e:
+        engine.submit("x", workload[1], GREEDY)
+    assert e.value.field == "request_id"
+
+
+def test_request_larger_than_pool_refused(make_engine, workload):
+    engine = make_engine(max_tokens=64)
+    with pytest.raises(RequestError) as e:
+        engine.submit("big", workload[0], SamplingParams(max_tokens=500))
+    assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.field == "max_tokens"
