@@ -18,29 +18,29 @@ FinishReason = Literal["stop", "length"]
 
 @dataclasses.dataclass
 class KvCacheConfig:
-    free_gpu_memory_fraction: float = 0.9  # of the GPU memory free after the weights load
-    tokens_per_block: int = 32
-    enable_block_reuse: bool = True
-    max_tokens: int | None = None  # hard cap on cached tokens (TensorRT-LLM's name)
-    cpu_bytes: int = 512 * 2**20  # pool size when running on the CPU
+    free_gpu_memory_fraction: float = dataclasses.field(default=0.9, metadata={"help": "share of the GPU memory left free after loading the weights that the KV cache takes"})
+    tokens_per_block: int = dataclasses.field(default=32, metadata={"help": "tokens per KV cache block"})
+    enable_block_reuse: bool = dataclasses.field(default=True, metadata={"help": "keep finished prompts' blocks for reuse by later requests with the same prefix"})
+    max_tokens: int | None = dataclasses.field(default=None, metadata={"help": "cap on the tokens the KV cache holds"})
+    cpu_bytes: int = dataclasses.field(default=512 * 2**20, metadata={"help": "KV cache size in bytes when running on the CPU"})
 
 
 @dataclasses.dataclass
 class SchedulerConfig:
-    capacity_scheduler_policy: CapacityPolicy = "GUARANTEED_NO_EVICT"
+    capacity_scheduler_policy: CapacityPolicy = dataclasses.field(default="GUARANTEED_NO_EVICT", metadata={"help": "admit only what can finish (GUARANTEED_NO_EVICT) or admit greedily and preempt (MAX_UTILIZATION)"})
 
 
 @dataclasses.dataclass
 class EngineConfig:
-    model: str | None = None  # Hugging Face layout directory; None means the default model
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"...
-    dtype: str = "auto"  # "auto" is float32 on CPU, bfloat16 on CUDA
+    model: str | None = dataclasses.field(default=None, metadata={"help": "Hugging Face layout model directory; unset means the built-in SmolLM2-135M-Instruct"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    dtype: str = dataclasses.field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16"})
     kv_cache: KvCacheConfig = dataclasses.field(default_factory=KvCacheConfig)
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
-    enable_chunked_prefill: bool = True
-    max_batch_size: int = 256
-    max_num_tokens: int = 8192  # tokens one step may compute, prefill and decode together
-    max_seq_len: int | None = None  # None means the model's own limit
+    enable_chunked_prefill: bool = dataclasses.field(default=True, metadata={"help": "split long prompts across steps so decodes keep flowing"})
+    max_batch_size: int = dataclasses.field(default=256, metadata={"help": "requests running at once"})
+    max_num_tokens: int = dataclasses.field(default=8192, metadata={"help": "tokens one engine step computes at most, prefill and decode together"})
+    max_seq_len: int | None = dataclasses.field(default=None, metadata={"help": "prompt plus output tokens at most; unset means the model's limit"})
 
 
 @dataclasses.dataclass

@@ -1,0 +1,63 @@
+"""The `inflight` command: serve the stack, run one of its processes, chat, or generate offline."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from inflight.flags import add_config_flags, config_from_args
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from gateway.tokenizer import TextTokenizer
+    from inflight.errors import RequestError
+    from inflight.sampling_params import SamplingParams
+    from worker.embedded.engine import EmbeddedEngine
+    from worker.engine_api import EngineConfig
+
+    engine = EmbeddedEngine(config_from_args(EngineConfig, args))
+    tok = TextTokenizer.from_dir(engine.model_dir)
+    prompts = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p) for p in args.prompts]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    try:
+        outputs = engine.generate(prompts, params)
+    except RequestError as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    for i, out in enumerate(outputs):
+        if len(outputs) > 1:
+            print(f"--- [{i}] {args.prompts[i]!r}")
+        print(tok.decode(out))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from worker.engine_api import EngineConfig
+
+    parser = argparse.ArgumentParser(prog="inflight", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="run the engine in this process on prompts and print each completion",
+                         description="Runs the embedded engine in-process (no servers) and prints each completion in turn.")
+    gen.add_argument("prompts", nargs="+", metavar="PROMPT")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template to each prompt as a user message")
+    gen.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens; 0 is off (default: 0)")
+    gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    add_config_flags(gen, EngineConfig, "engine")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
