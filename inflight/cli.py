@@ -32,8 +32,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from gateway.main import GatewayConfig, run
+
+    run(config_from_args(GatewayConfig, args))
+    return 0
+
+
+def cmd_scheduler(args: argparse.Namespace) -> int:
+    from scheduler.main import SchedulerConfig, run
+
+    run(config_from_args(SchedulerConfig, args))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import WorkerConfig, run
+
+    run(config_from_args(WorkerConfig, args))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from inflight.serve import ServeConfig, run
+
+    return run(config_from_args(ServeConfig, args))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from inflight.chat import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from gateway.main import GatewayConfig
+    from inflight.serve import ServeConfig
+    from scheduler.main import SchedulerConfig
     from worker.engine_api import EngineConfig
+    from worker.main import WorkerConfig
 
     parser = argparse.ArgumentParser(prog="inflight", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default: INFO)")
@@ -50,6 +87,31 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     add_config_flags(gen, EngineConfig, "engine")
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="start the whole local stack: scheduler, workers, gateway",
+                           description="Starts a scheduler, N workers and a gateway as child processes, prints where "
+                                       "clients connect, and stops them all on Ctrl-C or SIGTERM.")
+    add_config_flags(serve, ServeConfig, "serve")
+    serve.set_defaults(func=cmd_serve)
+
+    for name, cls, func, text in (
+        ("gateway", GatewayConfig, cmd_gateway, "run one gateway process (gRPC API)"),
+        ("scheduler", SchedulerConfig, cmd_scheduler, "run the scheduler process"),
+        ("worker", WorkerConfig, cmd_worker, "run one worker process (one per GPU)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text + "; every flag also reads an INFLIGHT_* variable.")
+        add_config_flags(p, cls, name)
+        p.set_defaults(func=func)
+
+    chat = sub.add_parser("chat", help="send a prompt to a running gateway and stream the reply",
+                          description="Sends PROMPT as a user chat message and prints the reply as it arrives.")
+    chat.add_argument("prompt", metavar="PROMPT")
+    chat.add_argument("--target", default="localhost:50051", help="gateway host:port (default: localhost:50051)")
+    chat.add_argument("--model", default="", help="model name (default: the gateway's)")
+    chat.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
+    chat.add_argument("--system", default="", help="a system message to send first")
+    chat.set_defaults(func=cmd_chat)
     return parser
 
 

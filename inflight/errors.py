@@ -24,9 +24,16 @@ class RequestError(Exception):
     def __init__(self, code: str, message: str, field: str | None = None):
         self.code = code
         self.field = field
+        self.reason = message
         self.message = f"{field}: {message}" if field else message
         super().__init__(self.message)
 
 
 def invalid(field: str, message: str) -> RequestError:
     return RequestError(INVALID_ARGUMENT, message, field)
+
+
+def under(prefix: str, error: RequestError) -> RequestError:
+    """The same error with its field named from an enclosing message ("sampling.top_p")."""
+    field = f"{prefix}.{error.field}" if error.field else prefix
+    return RequestError(error.code, error.reason, field)

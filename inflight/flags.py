@@ -14,14 +14,17 @@ import typing
 from typing import Any
 
 
-def _fields(cls, prefix: str = ""):
+def _fields(cls, prefix: str = "", flag_prefix: str = ""):
+    """(attribute path, flag path, field, type) of every leaf field; a nested dataclass
+    field with metadata {"flatten": True} lends its fields without its own name."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from _fields(tp, f"{prefix}{f.name}.")
+            sub_flag = flag_prefix if f.metadata.get("flatten") else f"{flag_prefix}{f.name}."
+            yield from _fields(tp, f"{prefix}{f.name}.", sub_flag)
         else:
-            yield f"{prefix}{f.name}", f, tp
+            yield f"{prefix}{f.name}", f"{flag_prefix}{f.name}", f, tp
 
 
 def _parser_for(tp) -> tuple[Any, list | None]:
@@ -47,15 +50,15 @@ def _parse_bool(v: str) -> bool:
 def add_config_flags(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:
     group = parser.add_argument_group(title or cls.__name__)
     defaults = cls()
-    for path, f, tp in _fields(cls):
+    for path, flag, f, tp in _fields(cls):
         conv, choices = _parser_for(tp)
         default = defaults
         for part in path.split("."):
             default = getattr(default, part)
-        env = "INFLIGHT_" + path.replace(".", "_").upper()
+        env = "INFLIGHT_" + flag.replace(".", "_").upper()
         help_text = f.metadata.get("help", "")
         group.add_argument(
-            "--" + path.replace(".", "-").replace("_", "-"),
+            "--" + flag.replace(".", "-").replace("_", "-"),
             dest=path,
             type=conv,
             choices=choices,
@@ -69,8 +72,8 @@ def config_from_args(cls, args: argparse.Namespace):
     """Build cls from flags, then INFLIGHT_* variables, then its defaults."""
     cfg = cls()
     given = vars(args)
-    for path, f, tp in _fields(cls):
-        env = "INFLIGHT_" + path.replace(".", "_").upper()
+    for path, flag, f, tp in _fields(cls):
+        env = "INFLIGHT_" + flag.replace(".", "_").upper()
         if path in given:
             value = given[path]
         elif env in os.environ:

@@ -100,3 +100,6 @@ class Engine(Protocol):
     def has_work(self) -> bool: ...
 
     def stats(self) -> EngineStats: ...
+
+    def kv_events(self) -> tuple[list[int], list[int]]:
+        """Prefix-block hashes (inflight.prefix_hash) stored and evicted since last asked."""

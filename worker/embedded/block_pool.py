@@ -33,6 +33,9 @@ class KvBlockPool:
         self.by_hash: dict[int, int] = {}
         self.reused = 0
         self.evicted = 0
+        # Hashes stored and evicted since the worker last reported them (for routing).
+        self.stored_events: list[int] = []
+        self.removed_events: list[int] = []
 
     @property
     def num_free(self) -> int:
@@ -41,6 +44,11 @@ class KvBlockPool:
     @property
     def num_cached(self) -> int:
         return len(self.by_hash)
+
+    def drain_events(self) -> tuple[list[int], list[int]]:
+        stored, removed = self.stored_events, self.removed_events
+        self.stored_events, self.removed_events = [], []
+        return stored, removed
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.tokens_per_block)
@@ -77,6 +85,7 @@ class KvBlockPool:
         if block.hash is not None:
             if self.by_hash.get(block.hash) == block_id:
                 del self.by_hash[block.hash]
+                self.removed_events.append(block.hash)
             block.hash = None
             block.token_ids = ()
             self.evicted += 1
@@ -99,5 +108,8 @@ class KvBlockPool:
             block = self.blocks[block_id]
             block.hash = h
             block.token_ids = token_ids
-            self.by_hash.setdefault(h, block_id)
+            if self.by_hash.setdefault(h, block_id) == block_id:
+                self.stored_events.append(h)
+                if len(self.stored_events) > 4 * self.num_blocks:  # nobody drains: offline use
+                    self.drain_events()
         return h

@@ -218,6 +218,9 @@ class EmbeddedEngine:
             return "length"
         return None
 
+    def kv_events(self) -> tuple[list[int], list[int]]:
+        return self.pool.drain_events()
+
     def stats(self) -> EngineStats:
         pool = self.pool
         return EngineStats(

@@ -43,6 +43,9 @@ class ModelConfig:
             raise ModelError(f"architecture {arch} is not supported (supported: {sorted(SUPPORTED_ARCHITECTURES)})")
         heads = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
+        # transformers 5 writes rope settings under rope_parameters.
+        rope = cfg.get("rope_parameters") or {}
+        rope_scaling = cfg.get("rope_scaling") or (rope if rope.get("rope_type") not in (None, "default") else None)
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         return cls(
             architecture=arch,
@@ -54,8 +57,8 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or heads,
             head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
+            rope_theta=cfg.get("rope_theta") or rope.get("rope_theta", 10000.0),
+            rope_scaling=rope_scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 4096),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
             attention_bias=arch == "Qwen2ForCausalLM" or cfg.get("attention_bias", False),
@@ -86,3 +89,16 @@ class ModelConfig:
             if g is not None:
                 config.eos_token_ids = tuple(g) if isinstance(g, list) else (g,)
         return config
+
+
+def served_model_name(model_dir: Path) -> str:
+    """The name clients use: the GGUF's base name for a converted model, else the folder's."""
+    marker = Path(model_dir) / "inflight-conversion.json"
+    if marker.exists():
+        try:
+            source = json.loads(marker.read_text()).get("source", "")
+        except ValueError:
+            source = ""
+        if source:
+            return Path(source).name.split(".")[0]
+    return Path(model_dir).resolve().name

@@ -1,0 +1,85 @@
+"""The gateway process: grpc.aio on uvloop. Stateless: any number can run behind one
+load balancer or on one port (SO_REUSEPORT)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import uuid
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from gateway.scheduler_client import SchedulerClient
+from gateway.servicer import InferenceServicer
+from gateway.tokenizer import TextTokenizer
+from inflight.v1 import pb, pb_grpc
+
+log = logging.getLogger("inflight.gateway")
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+
+
+@dataclasses.dataclass
+class GatewayConfig:
+    listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
+    scheduler_address: str = dataclasses.field(default="tcp://127.0.0.1:5557", metadata={"help": "the scheduler's ZeroMQ address for gateways"})
+    model: str | None = dataclasses.field(default=None, metadata={"help": "model directory whose tokenizer and chat template to use; unset means the built-in SmolLM2-135M-Instruct"})
+    served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the one the workers derive"})
+    gateway_id: str = dataclasses.field(default="", metadata={"help": "identity toward the scheduler; unset means host-pid-random"})
+
+
+def resolve_model(config: GatewayConfig) -> tuple[TextTokenizer, str]:
+    from worker.models.config import served_model_name
+
+    if config.model:
+        model_dir = config.model
+    else:
+        from worker.models.gguf_convert import default_model_dir
+
+        model_dir = default_model_dir()
+    return TextTokenizer.from_dir(model_dir), config.served_model_name or served_model_name(model_dir)
+
+
+async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
+    tokenizer, model_name = resolve_model(config)
+    gateway_id = config.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    health_servicer = health.aio.HealthServicer()
+    loop = asyncio.get_running_loop()
+
+    def on_models(models) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if model_name in models else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            loop.create_task(health_servicer.set(name, status))
+
+    client = SchedulerClient(config.scheduler_address, gateway_id, on_models)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(client, tokenizer, model_name, gateway_id), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    port = server.add_insecure_port(config.listen)
+    if port == 0:
+        raise SystemExit(f"error: cannot listen on {config.listen}")
+    await server.start()
+    client.start()
+    log.info("gateway %s listening on %s for model %s (scheduler %s)", gateway_id, config.listen, model_name, config.scheduler_address)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gateway shutting down")
+    await server.stop(grace=2.0)
+    await client.close()
+
+
+def run(config: GatewayConfig) -> None:
+    import uvloop
+
+    uvloop.run(serve(config))

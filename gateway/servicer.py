@@ -1,0 +1,211 @@
+"""InferenceServicer: the inflight.v1 gRPC API. Translates protobuf to our own types at
+this edge and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+
+import grpc
+
+from gateway.output import OutputProcessor
+from gateway.scheduler_client import SchedulerClient
+from gateway.stream import GenerateStream, finished_pb, logprobs_pb, status_code
+from gateway.tokenizer import TextTokenizer
+from gateway import validation
+from inflight import errors, schema
+from inflight.errors import RequestError, invalid
+from inflight.sampling_params import SamplingParams
+from inflight.v1 import pb, pb_grpc
+
+log = logging.getLogger("inflight.gateway")
+
+# Prompts longer than this (characters) are tokenized off the event loop.
+OFFLOAD_CHARS = 4096
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(self, client: SchedulerClient, tokenizer: TextTokenizer, model_name: str, gateway_id: str):
+        self.client = client
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.gateway_id = gateway_id
+        self._ids = itertools.count()
+
+    # Shared request preparation.
+
+    def _model(self, name: str, field: str = "model") -> schema.ModelInfo:
+        name = name or self.model_name
+        if name != self.model_name:
+            raise RequestError(errors.NOT_FOUND, f"model {name!r} is not served here; this gateway serves {self.model_name!r}", field)
+        info = self.client.models.get(name)
+        if info is None:
+            raise RequestError(errors.UNAVAILABLE, f"no worker serves model {name!r} right now")
+        return info
+
+    async def _run_tokenizer(self, fn, *args):
+        if sum(len(str(a)) for a in args) > OFFLOAD_CHARS:
+            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        return fn(*args)
+
+    async def _prompt_ids(self, msg, oneof: str, info_vocab: int, prefix: str) -> tuple[list[int], str]:
+        kind = msg.WhichOneof(oneof)
+        field = f"{prefix}{kind or oneof}"
+        if kind == "text":
+            if not msg.text:
+                raise invalid(field, "must not be empty")
+            ids = await self._run_tokenizer(self.tokenizer.encode, msg.text)
+        elif kind == "chat":
+            messages = validation.chat_messages(msg.chat, field)
+            ids = await self._run_tokenizer(self.tokenizer.encode_chat, messages)
+        elif kind == "token_ids":
+            ids = validation.token_ids(msg.token_ids.ids, info_vocab, f"{field}.ids")
+        else:
+            raise invalid(field, "set one of text, chat or token_ids")
+        return ids, field
+
+    async def _prepare(self, msg, prefix: str) -> tuple[str, list[int], SamplingParams]:
+        info = self._model(msg.model, f"{prefix}model")
+        ids, field = await self._prompt_ids(msg, "prompt", info.vocab_size, prefix)
+        validation.check_prompt_length(len(ids), info.max_seq_len, field)
+        params = validation.sampling_params(msg.sampling, info.vocab_size, info.max_seq_len, f"{prefix}sampling")
+        return info.name, ids, params
+
+    def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler) -> str:
+        internal = f"{self.gateway_id}/{next(self._ids)}"
+        remaining = context.time_remaining()
+        traceparent = dict(context.invocation_metadata() or ()).get("traceparent")
+        self.client.submit(
+            schema.Submit(internal, model, ids, params, traceparent=traceparent,
+                          deadline=time.time() + remaining if remaining is not None else None),
+            handler,
+        )
+        return internal
+
+    # The API.
+
+    async def Generate(self, request_iterator, context):
+        stream = GenerateStream()
+
+        async def read() -> None:
+            try:
+                async for req in request_iterator:
+                    kind = req.WhichOneof("kind")
+                    if kind == "start":
+                        await self._start(req.start, stream, context)
+                    elif kind == "cancel":
+                        self._cancel(req.cancel.request_id, stream)
+                    else:
+                        stream.error("", errors.INVALID_ARGUMENT, "kind: a GenerateRequest needs start or cancel")
+            finally:
+                stream.reader_done()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                events = await stream.take()
+                if events is None:
+                    break
+                yield pb.GenerateResponse(events=events)
+        finally:
+            reader.cancel()
+            self.client.abort(list(stream.open.values()))  # closing the stream cancels the rest
+
+    async def _start(self, msg: pb.StartRequest, stream: GenerateStream, context) -> None:
+        rid = msg.request_id
+        if not rid:
+            return stream.error("", errors.INVALID_ARGUMENT, "start.request_id: must not be empty")
+        if rid in stream.open:
+            return stream.error(rid, errors.INVALID_ARGUMENT, f"start.request_id: {rid!r} is already open on this stream")
+        try:
+            model, ids, params = await self._prepare(msg, "start.")
+        except RequestError as e:
+            return stream.error(rid, e.code, e.message)
+        proc = OutputProcessor(self.tokenizer, params.stop)
+
+        def on_item(item: schema.TokenItem) -> None:
+            up = proc.process(item)
+            if up.matched_stop:
+                self.client.abort([internal])
+            stream.push(rid, up, proc)
+
+        internal = self._submit(model, ids, params, context, on_item)
+        stream.open[rid] = internal
+
+    def _cancel(self, rid: str, stream: GenerateStream) -> None:
+        internal = stream.open.get(rid)
+        if internal is None:
+            return stream.error(rid, errors.INVALID_ARGUMENT, f"cancel.request_id: no open request {rid!r} on this stream")
+        self.client.abort([internal])
+        stream.error(rid, errors.CANCELLED, "cancelled by the client")
+
+    async def Complete(self, request: pb.CompleteRequest, context) -> pb.CompleteResponse:
+        try:
+            model, ids, params = await self._prepare(request, "")
+        except RequestError as e:
+            await context.abort(grpc.StatusCode[e.code], e.message)
+        proc = OutputProcessor(self.tokenizer, params.stop)
+        done = asyncio.get_running_loop().create_future()
+        text: list[str] = []
+        tokens: list[int] = []
+        lps: list = []
+
+        def on_item(item: schema.TokenItem) -> None:
+            up = proc.process(item)
+            text.append(up.text)
+            tokens.extend(up.token_ids)
+            lps.extend(up.logprobs or ())
+            if up.matched_stop:
+                self.client.abort([internal])
+            if up.terminal and not done.done():
+                done.set_result(up)
+
+        internal = self._submit(model, ids, params, context, on_item)
+        try:
+            up = await done
+        finally:
+            if not done.done():  # the client went away or its deadline passed
+                self.client.abort([internal])
+        if up.error_code:
+            await context.abort(grpc.StatusCode[up.error_code], up.error_message)
+        return pb.CompleteResponse(text="".join(text), token_ids=tokens, finished=finished_pb(up, proc), logprobs=logprobs_pb(lps))
+
+    async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
+        try:
+            self._check_model_name(request.model)
+            kind = request.WhichOneof("input")
+            if kind == "text":
+                ids = await self._run_tokenizer(self.tokenizer.encode, request.text)
+            elif kind == "chat":
+                ids = await self._run_tokenizer(self.tokenizer.encode_chat, validation.chat_messages(request.chat, "chat"))
+            else:
+                raise invalid("input", "set text or chat")
+        except RequestError as e:
+            await context.abort(grpc.StatusCode[e.code], e.message)
+        return pb.TokenizeResponse(token_ids=ids)
+
+    async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
+        try:
+            self._check_model_name(request.model)
+            ids = list(request.token_ids)
+            for t in ids:
+                if not 0 <= t < self.tokenizer.vocab_size:
+                    raise invalid("token_ids", f"token id {t} is outside the vocabulary [0, {self.tokenizer.vocab_size})")
+        except RequestError as e:
+            await context.abort(grpc.StatusCode[e.code], e.message)
+        return pb.DetokenizeResponse(text=self.tokenizer.decode(ids))
+
+    def _check_model_name(self, name: str) -> None:
+        if name and name != self.model_name:
+            raise RequestError(errors.NOT_FOUND, f"model {name!r} is not served here; this gateway serves {self.model_name!r}", "model")
+
+    async def ListModels(self, request, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[
+            pb.Model(id=m.name, max_seq_len=m.max_seq_len, vocab_size=m.vocab_size, workers=m.workers)
+            for m in self.client.models.values()
+        ])
+
+
+__all__ = ["InferenceServicer", "status_code"]

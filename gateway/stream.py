@@ -1,0 +1,82 @@
+"""GenerateStream: one Generate call's open requests and the events waiting to be sent.
+
+Events of several requests go out in one message; a request's deltas that piled up
+while the client was slow are merged into one, so a slow reader gets fewer, larger
+messages rather than a growing backlog."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from gateway.output import OutputProcessor, Update
+from inflight.v1 import pb
+
+FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
+
+
+def status_code(name: str) -> int:
+    return grpc.StatusCode[name].value[0]
+
+
+def logprobs_pb(lps) -> list[pb.TokenLogprob]:
+    return [pb.TokenLogprob(token_id=lp.token_id, logprob=lp.logprob,
+                            top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in lps or ()]
+
+
+def finished_pb(up: Update, proc: OutputProcessor) -> pb.Finished:
+    return pb.Finished(
+        reason=FINISH[up.finish_reason],
+        usage=pb.Usage(prompt_tokens=proc.prompt_tokens, completion_tokens=proc.completion_tokens, cached_tokens=proc.cached_tokens),
+        stop=up.matched_stop,
+    )
+
+
+class GenerateStream:
+    def __init__(self):
+        self.open: dict[str, str] = {}  # client request id -> fleet-wide request id
+        self._events: list[pb.Event] = []
+        self._deltas: dict[str, pb.Delta] = {}  # unsent delta per request, to merge into
+        self._wake = asyncio.Event()
+        self._reader_done = False
+
+    def push(self, request_id: str, up: Update, proc: OutputProcessor) -> None:
+        if up.token_ids or up.text or up.logprobs:
+            delta = self._deltas.get(request_id)
+            if delta is None:
+                event = pb.Event(request_id=request_id, delta=pb.Delta())
+                self._events.append(event)
+                delta = self._deltas[request_id] = event.delta
+            delta.token_ids.extend(up.token_ids)
+            delta.text += up.text
+            if up.logprobs:
+                delta.logprobs.extend(logprobs_pb(up.logprobs))
+        if up.error_code:
+            self.error(request_id, up.error_code, up.error_message)
+        elif up.finish_reason:
+            self.open.pop(request_id, None)
+            self._deltas.pop(request_id, None)
+            self._events.append(pb.Event(request_id=request_id, finished=finished_pb(up, proc)))
+        self._wake.set()
+
+    def error(self, request_id: str, code: str, message: str) -> None:
+        self.open.pop(request_id, None)
+        self._deltas.pop(request_id, None)
+        self._events.append(pb.Event(request_id=request_id, error=pb.Error(code=status_code(code), message=message)))
+        self._wake.set()
+
+    def reader_done(self) -> None:
+        self._reader_done = True
+        self._wake.set()
+
+    async def take(self) -> list[pb.Event] | None:
+        """Every event ready now (waiting for one); None once the stream is complete."""
+        while not self._events:
+            if self._reader_done and not self.open:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        events, self._events = self._events, []
+        self._deltas.clear()
+        return events

@@ -1,0 +1,140 @@
+"""`inflight serve`: the whole stack on one machine as child processes.
+
+Starts the scheduler, N workers and a gateway, waits until the gateway reports SERVING,
+prints where it listens, and stops every child on Ctrl-C or SIGTERM (or when any child
+dies). Settings not named here reach the children through INFLIGHT_* variables."""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    workers: int = dataclasses.field(default=1, metadata={"help": "worker processes: one per GPU, or several on the CPU"})
+    listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
+    model: str | None = dataclasses.field(default=None, metadata={"help": "model directory; unset means the built-in SmolLM2-135M-Instruct"})
+    device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    gateway_address: str = dataclasses.field(default="tcp://127.0.0.1:5557", metadata={"help": "scheduler address for gateways"})
+    worker_address: str = dataclasses.field(default="tcp://127.0.0.1:5558", metadata={"help": "scheduler address for workers"})
+    max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
+    ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})
+
+
+def _die_with_parent() -> None:
+    # Linux: the child gets SIGTERM if `inflight serve` dies, so nothing is orphaned.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+class Stack:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.children: list[tuple[str, subprocess.Popen]] = []
+
+    def spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
+        cmd = [sys.executable, "-m", "inflight.cli", *args]
+        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
+        self.children.append((name, proc))
+
+    def start(self) -> None:
+        c = self.config
+        model = ["--model", c.model] if c.model else []
+        self.spawn("scheduler", ["scheduler", "--gateway-address", c.gateway_address, "--worker-address", c.worker_address,
+                                 "--max-queued", str(c.max_queued)])
+        gpus = _gpu_count() if c.device in ("auto", "cuda") else 0
+        for i in range(c.workers):
+            env = {}
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+            else:  # share the cores instead of every worker taking all of them
+                env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.workers))
+            device = c.device if gpus or c.device != "auto" else "cpu"
+            self.spawn(f"worker-{i}", ["worker", "--scheduler-address", c.worker_address, "--worker-id", f"worker-{i}",
+                                       "--device", device, *model], env)
+        self.spawn("gateway", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address, *model])
+
+    def dead_child(self) -> str | None:
+        for name, proc in self.children:
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    def wait_ready(self) -> str | None:
+        """None once the gateway serves; otherwise why not."""
+        deadline = time.monotonic() + self.config.ready_timeout
+        with grpc.insecure_channel(self.config.listen) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                dead = self.dead_child()
+                if dead:
+                    return dead
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        return None
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.2)
+        return f"not serving after {self.config.ready_timeout:.0f}s"
+
+    def stop(self) -> None:
+        for _, proc in reversed(self.children):  # gateway first, scheduler last
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for name, proc in self.children:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"inflight: {name} did not stop in time; killing it", file=sys.stderr)
+                proc.kill()
+                proc.wait()
+
+
+def run(config: ServeConfig) -> int:
+    stack = Stack(config)
+    stopping = False
+
+    def on_signal(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stack.start()
+    try:
+        problem = stack.wait_ready()
+        if problem and not stopping:
+            print(f"inflight: the stack did not start: {problem}", file=sys.stderr)
+            return 1
+        if not stopping:
+            print(f"inflight: serving on {config.listen} with {config.workers} worker(s); "
+                  f"try `inflight chat \"Hello\"` (Ctrl-C stops)", flush=True)
+        while not stopping:
+            dead = stack.dead_child()
+            if dead:
+                print(f"inflight: {dead}; stopping the stack", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        stack.stop()

@@ -1,0 +1,37 @@
+"""AdmissionQueue: requests waiting for a worker with room, bounded so that overload is
+answered at once (RESOURCE_EXHAUSTED) instead of by a growing wait."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from inflight.schema import Submit
+
+
+class AdmissionQueue:
+    def __init__(self, max_queued: int):
+        self.max_queued = max_queued
+        self._items: OrderedDict[str, Submit] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, submit: Submit) -> bool:
+        """Queue the request; False when the queue is full."""
+        if len(self._items) >= self.max_queued:
+            return False
+        self._items[submit.request_id] = submit
+        return True
+
+    def remove(self, request_id: str) -> Submit | None:
+        return self._items.pop(request_id, None)
+
+    def waiting(self) -> list[Submit]:
+        """Oldest first."""
+        return list(self._items.values())
+
+    def expired(self, now: float) -> list[Submit]:
+        gone = [s for s in self._items.values() if s.deadline is not None and s.deadline <= now]
+        for s in gone:
+            del self._items[s.request_id]
+        return gone

@@ -1,0 +1,57 @@
+"""Routing: send a request where its prompt's prefix is already cached, unless that
+worker is much busier than the least busy one."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from inflight import schema
+from inflight.prefix_hash import block_hashes
+
+
+@dataclasses.dataclass
+class WorkerState:
+    identity: bytes
+    info: schema.WorkerHello
+    capacity: int  # requests it may hold at once (running plus its own queue)
+    last_seen: float = dataclasses.field(default_factory=time.monotonic)
+    inflight: set[str] = dataclasses.field(default_factory=set)
+    cached: set[int] = dataclasses.field(default_factory=set)  # prefix block hashes it holds
+    stats: schema.WorkerStats | None = None
+    assigned: int = 0  # requests ever routed here; breaks ties so idle workers take turns
+
+    @property
+    def has_room(self) -> bool:
+        return len(self.inflight) < self.capacity
+
+    def prefix_match(self, hashes: list[int]) -> int:
+        n = 0
+        for h in hashes:
+            if h not in self.cached:
+                break
+            n += 1
+        return n
+
+
+def route_by_prefix(prompt: list[int], workers: list[WorkerState], balance_slack: int) -> tuple[WorkerState | None, int]:
+    """The worker to take the prompt, and how many of its blocks that worker has cached."""
+    available = [w for w in workers if w.has_room]
+    if not available:
+        return None, 0
+    hashes_by_size: dict[int, list[int]] = {}
+    matched = {}
+    for w in available:
+        size = w.info.tokens_per_block
+        if size not in hashes_by_size:
+            hashes_by_size[size] = block_hashes(prompt, size)
+        matched[w.identity] = w.prefix_match(hashes_by_size[size])
+    least = min(available, key=lambda w: (len(w.inflight), w.assigned))
+    best = max(available, key=lambda w: (matched[w.identity], -len(w.inflight), -w.assigned))
+    if matched[best.identity] == 0 or len(best.inflight) - len(least.inflight) > balance_slack:
+        best = least
+    # Count the prompt's blocks as cached there now, so followers sharing it come along
+    # before the worker's own report arrives.
+    best.cached.update(hashes_by_size[best.info.tokens_per_block])
+    best.assigned += 1
+    return best, matched[best.identity]

@@ -1,0 +1,161 @@
+"""The worker process: one per GPU (or one on the CPU). It registers with the scheduler,
+takes submissions and aborts between engine steps, runs the engine, and sends one
+TokenBatch per step per gateway carrying every new token."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import signal
+import socket
+import time
+
+import msgspec
+import zmq
+
+from inflight import schema
+from inflight.errors import INTERNAL, RequestError
+from worker.engine_api import Engine, EngineConfig, RequestOutput
+from worker.models.config import served_model_name
+
+log = logging.getLogger("inflight.worker")
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+    scheduler_address: str = dataclasses.field(default="tcp://127.0.0.1:5558", metadata={"help": "the scheduler's ZeroMQ address for workers"})
+    worker_id: str = dataclasses.field(default="", metadata={"help": "name in logs and routing; unset means host-pid"})
+    backend: str = dataclasses.field(default="embedded", metadata={"help": "embedded, or module:Class of another Engine implementation"})
+    served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the model directory's name"})
+    heartbeat_interval: float = dataclasses.field(default=0.5, metadata={"help": "seconds between heartbeats with engine stats"})
+    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig, metadata={"flatten": True})
+
+
+def load_engine(config: WorkerConfig) -> Engine:
+    if config.backend == "embedded":
+        from worker.embedded.engine import EmbeddedEngine
+
+        return EmbeddedEngine(config.engine)
+    module, _, attr = config.backend.partition(":")
+    if not attr:
+        raise SystemExit(f"error: --backend must be 'embedded' or module:Class, got {config.backend!r}")
+    return getattr(importlib.import_module(module), attr)(config.engine)
+
+
+def model_name(config: WorkerConfig, engine: Engine) -> str:
+    if config.served_model_name:
+        return config.served_model_name
+    model_dir = getattr(engine, "model_dir", None) or config.engine.model
+    return served_model_name(model_dir) if model_dir else "default"
+
+
+class Worker:
+    def __init__(self, config: WorkerConfig, engine: Engine):
+        self.config = config
+        self.engine = engine
+        self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.model = model_name(config, engine)
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(config.scheduler_address)
+        self.owner: dict[str, bytes] = {}  # request id -> owning gateway identity
+        self.running = True
+        self._next_heartbeat = 0.0
+
+    def hello(self) -> None:
+        stats = self.engine.stats()
+        self.sock.send(schema.encode(schema.WorkerHello(
+            worker_id=self.worker_id, model=self.model, max_seq_len=self.engine.max_seq_len,
+            vocab_size=self.engine.vocab_size, tokens_per_block=stats.tokens_per_block,
+            kv_blocks_total=stats.kv_blocks_total, max_batch_size=self.config.engine.max_batch_size,
+        )))
+
+    def heartbeat(self) -> None:
+        s = self.engine.stats()
+        stored, removed = self.engine.kv_events()
+        stats = schema.WorkerStats(
+            running=s.running, queued=s.queued, kv_blocks_total=s.kv_blocks_total, kv_blocks_free=s.kv_blocks_free,
+            kv_blocks_in_use=s.kv_blocks_in_use, kv_blocks_cached=s.kv_blocks_cached, blocks_reused=s.blocks_reused,
+            blocks_evicted=s.blocks_evicted, prefix_cache_hit_rate=s.prefix_cache_hit_rate, preemptions=s.preemptions,
+        )
+        self.sock.send(schema.encode(schema.Heartbeat(self.worker_id, stats, stored, removed)))
+        self._next_heartbeat = time.monotonic() + self.config.heartbeat_interval
+
+    def handle(self, raw: bytes, out: dict[bytes, list[schema.TokenItem]]) -> None:
+        try:
+            msg = schema.scheduler_to_worker.decode(raw)
+        except msgspec.DecodeError as e:
+            log.error("undecodable message from the scheduler: %s", e)
+            return
+        if isinstance(msg, schema.Submit):
+            try:
+                self.engine.submit(msg.request_id, msg.prompt_token_ids, msg.params)
+                self.owner[msg.request_id] = msg.gateway
+            except RequestError as e:
+                out.setdefault(msg.gateway, []).append(
+                    schema.TokenItem(msg.request_id, [], error_code=e.code, error_message=e.message))
+        else:
+            for rid in msg.request_ids:
+                self.engine.abort(rid)
+                self.owner.pop(rid, None)
+
+    def to_item(self, o: RequestOutput) -> schema.TokenItem:
+        lps = None
+        if o.logprobs:
+            lps = [schema.TokenLogprobMsg(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs]
+        return schema.TokenItem(o.request_id, o.new_token_ids, o.finish_reason, o.error_code, o.error_message,
+                                o.prompt_tokens, o.cached_tokens, lps)
+
+    def run(self) -> None:
+        self.hello()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while self.running:
+            out: dict[bytes, list[schema.TokenItem]] = {}
+            busy = self.engine.has_work()
+            timeout = 0 if busy else max(0, self._next_heartbeat - time.monotonic()) * 1000
+            if poller.poll(timeout):
+                while True:  # take everything that arrived before this step
+                    try:
+                        raw = self.sock.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    self.handle(raw, out)
+            if self.engine.has_work():
+                try:
+                    outputs = self.engine.step()
+                except Exception:  # an engine bug must not take every request down silently
+                    log.exception("engine step failed; failing its requests")
+                    outputs = [RequestOutput(rid, [], error_code=INTERNAL, error_message="engine step failed")
+                               for rid in list(self.owner)]
+                    for rid in self.owner:
+                        self.engine.abort(rid)
+                for o in outputs:
+                    gateway = self.owner.get(o.request_id)
+                    if gateway is None:
+                        continue
+                    out.setdefault(gateway, []).append(self.to_item(o))
+                    if o.finished:
+                        del self.owner[o.request_id]
+            for gateway, items in out.items():
+                self.sock.send(schema.encode(schema.TokenBatch(items, gateway)))
+            if time.monotonic() >= self._next_heartbeat:
+                self.heartbeat()
+        self.sock.close()
+
+
+def run(config: WorkerConfig) -> None:
+    engine = load_engine(config)
+    worker = Worker(config, engine)
+
+    def stop(*_):
+        worker.running = False
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("worker %s serving %s, scheduler at %s", worker.worker_id, worker.model, config.scheduler_address)
+    worker.run()
