@@ -118,7 +118,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if not rid:
             return stream.error("", errors.INVALID_ARGUMENT, "start.request_id: must not be empty")
         if rid in stream.open:
-            return stream.error(rid, errors.INVALID_ARGUMENT, f"start.request_id: {rid!r} is already open on this stream")
+            return stream.error(rid, errors.INVALID_ARGUMENT, f"start.request_id: {rid!r} is already open on this stream",
+                                ends_request=False)
         try:
             model, ids, params = await self._prepare(msg, "start.")
         except RequestError as e:

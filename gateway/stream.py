@@ -60,9 +60,12 @@ class GenerateStream:
             self._events.append(pb.Event(request_id=request_id, finished=finished_pb(up, proc)))
         self._wake.set()
 
-    def error(self, request_id: str, code: str, message: str) -> None:
-        self.open.pop(request_id, None)
-        self._deltas.pop(request_id, None)
+    def error(self, request_id: str, code: str, message: str, ends_request: bool = True) -> None:
+        """An error event; ends_request=False for refusing a duplicate start, whose id
+        belongs to a request that goes on."""
+        if ends_request:
+            self.open.pop(request_id, None)
+            self._deltas.pop(request_id, None)
         self._events.append(pb.Event(request_id=request_id, error=pb.Error(code=status_code(code), message=message)))
         self._wake.set()
 

@@ -27,6 +27,7 @@ class ServeConfig:
     gateway_address: str = dataclasses.field(default="tcp://127.0.0.1:5557", metadata={"help": "scheduler address for gateways"})
     worker_address: str = dataclasses.field(default="tcp://127.0.0.1:5558", metadata={"help": "scheduler address for workers"})
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
+    worker_metrics_port: int = dataclasses.field(default=0, metadata={"help": "worker i serves /metrics on this port + i; 0 means off"})
     ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})
 
 
@@ -69,8 +70,9 @@ class Stack:
             else:  # share the cores instead of every worker taking all of them
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.workers))
             device = c.device if gpus or c.device != "auto" else "cpu"
+            metrics = ["--metrics-port", str(c.worker_metrics_port + i)] if c.worker_metrics_port else []
             self.spawn(f"worker-{i}", ["worker", "--scheduler-address", c.worker_address, "--worker-id", f"worker-{i}",
-                                       "--device", device, *model], env)
+                                       "--device", device, *model, *metrics], env)
         self.spawn("gateway", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address, *model])
 
     def dead_child(self) -> str | None:

@@ -30,6 +30,7 @@ class WorkerConfig:
     backend: str = dataclasses.field(default="embedded", metadata={"help": "embedded, or module:Class of another Engine implementation"})
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the model directory's name"})
     heartbeat_interval: float = dataclasses.field(default=0.5, metadata={"help": "seconds between heartbeats with engine stats"})
+    metrics_port: int = dataclasses.field(default=0, metadata={"help": "port for Prometheus /metrics over HTTP; 0 means off"})
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig, metadata={"flatten": True})
 
 
@@ -51,6 +52,30 @@ def model_name(config: WorkerConfig, engine: Engine) -> str:
     return served_model_name(model_dir) if model_dir else "default"
 
 
+class WorkerMetrics:
+    """Prometheus gauges and counters of one worker, refreshed at each heartbeat."""
+
+    def __init__(self, port: int):
+        import prometheus_client as prom
+
+        self.kv_blocks = prom.Gauge("inflight_worker_kv_blocks", "KV cache blocks by state", ["state"])
+        self.requests = prom.Gauge("inflight_worker_requests", "requests held by the engine", ["state"])
+        self.submitted = prom.Counter("inflight_worker_requests_submitted", "requests the worker accepted")
+        self.hit_rate = prom.Gauge("inflight_worker_prefix_cache_hit_rate", "prompt tokens served from the prefix cache / prompt tokens")
+        self.preemptions = prom.Gauge("inflight_worker_preemptions", "requests preempted so far")
+        prom.start_http_server(port)
+
+    def update(self, s) -> None:
+        self.kv_blocks.labels("total").set(s.kv_blocks_total)
+        self.kv_blocks.labels("free").set(s.kv_blocks_free)
+        self.kv_blocks.labels("in_use").set(s.kv_blocks_in_use)
+        self.kv_blocks.labels("cached").set(s.kv_blocks_cached)
+        self.requests.labels("running").set(s.running)
+        self.requests.labels("queued").set(s.queued)
+        self.hit_rate.set(s.prefix_cache_hit_rate)
+        self.preemptions.set(s.preemptions)
+
+
 class Worker:
     def __init__(self, config: WorkerConfig, engine: Engine):
         self.config = config
@@ -65,6 +90,7 @@ class Worker:
         self.owner: dict[str, bytes] = {}  # request id -> owning gateway identity
         self.running = True
         self._next_heartbeat = 0.0
+        self.metrics = WorkerMetrics(config.metrics_port) if config.metrics_port else None
 
     def hello(self) -> None:
         stats = self.engine.stats()
@@ -83,6 +109,8 @@ class Worker:
             blocks_evicted=s.blocks_evicted, prefix_cache_hit_rate=s.prefix_cache_hit_rate, preemptions=s.preemptions,
         )
         self.sock.send(schema.encode(schema.Heartbeat(self.worker_id, stats, stored, removed)))
+        if self.metrics:
+            self.metrics.update(s)
         self._next_heartbeat = time.monotonic() + self.config.heartbeat_interval
 
     def handle(self, raw: bytes, out: dict[bytes, list[schema.TokenItem]]) -> None:
@@ -95,6 +123,8 @@ class Worker:
             try:
                 self.engine.submit(msg.request_id, msg.prompt_token_ids, msg.params)
                 self.owner[msg.request_id] = msg.gateway
+                if self.metrics:
+                    self.metrics.submitted.inc()
             except RequestError as e:
                 out.setdefault(msg.gateway, []).append(
                     schema.TokenItem(msg.request_id, [], error_code=e.code, error_message=e.message))
