@@ -29,6 +29,7 @@ class SchedulerConfig:
     worker_queue_factor: float = dataclasses.field(default=2.0, metadata={"help": "a worker holds up to this many times its max batch size"})
     worker_timeout: float = dataclasses.field(default=10.0, metadata={"help": "seconds without a heartbeat before a worker counts as dead"})
     balance_slack: int = dataclasses.field(default=16, metadata={"help": "how many more requests a prefix-holding worker may run than the least busy before load wins"})
+    cache_threshold: float = dataclasses.field(default=0.5, metadata={"help": "route by prefix only when a worker holds at least this share of the prompt"})
 
 
 @dataclasses.dataclass
@@ -107,7 +108,8 @@ class Scheduler:
 
     def dispatch(self, submit: schema.Submit) -> bool:
         candidates = [w for w in self.workers.values() if w.info.model == submit.model]
-        worker, matched = route_by_prefix(submit.prompt_token_ids, candidates, self.config.balance_slack)
+        worker, matched = route_by_prefix(submit.prompt_token_ids, candidates, self.config.balance_slack,
+                                          self.config.cache_threshold)
         if worker is None:
             return False
         worker.inflight.add(submit.request_id)

@@ -1,5 +1,7 @@
-"""Routing: send a request where its prompt's prefix is already cached, unless that
-worker is much busier than the least busy one."""
+"""Routing: send a request where most of its prompt is already cached, unless that worker
+is much busier than the least busy one; otherwise to the least busy worker. (A short
+shared prefix, such as a default system prompt, must not pull every request to one
+worker, hence the threshold on the cached share of the prompt, as SGLang's router does.)"""
 
 from __future__ import annotations
 
@@ -34,7 +36,8 @@ class WorkerState:
         return n
 
 
-def route_by_prefix(prompt: list[int], workers: list[WorkerState], balance_slack: int) -> tuple[WorkerState | None, int]:
+def route_by_prefix(prompt: list[int], workers: list[WorkerState], balance_slack: int,
+                    cache_threshold: float = 0.5) -> tuple[WorkerState | None, int]:
     """The worker to take the prompt, and how many of its blocks that worker has cached."""
     available = [w for w in workers if w.has_room]
     if not available:
@@ -48,7 +51,8 @@ def route_by_prefix(prompt: list[int], workers: list[WorkerState], balance_slack
         matched[w.identity] = w.prefix_match(hashes_by_size[size])
     least = min(available, key=lambda w: (len(w.inflight), w.assigned))
     best = max(available, key=lambda w: (matched[w.identity], -len(w.inflight), -w.assigned))
-    if matched[best.identity] == 0 or len(best.inflight) - len(least.inflight) > balance_slack:
+    cached_share = matched[best.identity] * best.info.tokens_per_block / len(prompt)
+    if cached_share < cache_threshold or len(best.inflight) - len(least.inflight) > balance_slack:
         best = least
     # Count the prompt's blocks as cached there now, so followers sharing it come along
     # before the worker's own report arrives.
