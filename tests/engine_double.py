@@ -1,0 +1,57 @@
+"""InstantEngine: a model-free TEST DOUBLE of the Engine contract, for benchmarks that
+measure the gateway and scheduler path alone. Each step gives every running request one
+token from a fixed cycle of ordinary text tokens, with no model and no KV cache."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from inflight.errors import invalid
+from inflight.sampling_params import SamplingParams
+from worker.engine_api import EngineConfig, EngineStats, RequestOutput
+
+# " the quick brown fox jumps over the lazy dog." in SmolLM2's vocabulary, more or less:
+# any ids in range detokenize to text, which is all the gateway needs.
+CYCLE = [260, 2365, 6354, 16439, 23428, 690, 260, 16154, 2767, 30]
+
+
+class InstantEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.vocab_size = 49152
+        self.max_seq_len = config.max_seq_len or 8192
+        self.eos_token_ids = (2,)
+        self.model_dir = None
+        self.requests: OrderedDict[str, list] = OrderedDict()  # id -> [params, produced]
+
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise invalid("request_id", "already in use")
+        params.validate(self.vocab_size)
+        self.requests[request_id] = [params, 0, len(prompt_token_ids)]
+
+    def abort(self, request_id: str) -> bool:
+        return self.requests.pop(request_id, None) is not None
+
+    def has_work(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[RequestOutput]:
+        outputs = []
+        for rid, state in list(self.requests.items())[: self.config.max_batch_size]:
+            params, produced, prompt = state
+            state[1] = produced + 1
+            out = RequestOutput(rid, [CYCLE[produced % len(CYCLE)]], prompt_tokens=prompt)
+            if state[1] >= params.max_tokens:
+                out.finish_reason = "length"
+                del self.requests[rid]
+            outputs.append(out)
+        return outputs
+
+    def kv_events(self):
+        return [], []
+
+    def stats(self) -> EngineStats:
+        n = len(self.requests)
+        running = min(n, self.config.max_batch_size)
+        return EngineStats(running, n - running, 0, 0, 0, 0, 0, 0, 0.0, 0, 16)
