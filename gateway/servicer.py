@@ -73,7 +73,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         params = validation.sampling_params(msg.sampling, info.vocab_size, info.max_seq_len, f"{prefix}sampling")
         return info.name, ids, params
 
-    def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler) -> str:
+    def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler, on_deadline=None) -> str:
         internal = f"{self.gateway_id}/{next(self._ids)}"
         remaining = context.time_remaining()
         traceparent = dict(context.invocation_metadata() or ()).get("traceparent")
@@ -82,7 +82,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                           deadline=time.time() + remaining if remaining is not None else None),
             handler,
         )
+        if remaining is not None and on_deadline is not None:
+            # Our own timer: the request ends with DEADLINE_EXCEEDED and leaves the worker
+            # whether or not gRPC tells this handler in time.
+            asyncio.get_running_loop().call_later(max(0.0, remaining), on_deadline, internal)
         return internal
+
+    def _deadline_item(self, internal: str) -> schema.TokenItem | None:
+        """Abort a request whose deadline passed; the error item to hand its owner."""
+        handler = self.client.handlers.get(internal)
+        if handler is None:
+            return None  # already finished
+        self.client.abort([internal])
+        return schema.TokenItem(internal, [], error_code=errors.DEADLINE_EXCEEDED, error_message="the client's deadline passed")
 
     # The API.
 
@@ -132,7 +144,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 self.client.abort([internal])
             stream.push(rid, up, proc)
 
-        internal = self._submit(model, ids, params, context, on_item)
+        def on_deadline(internal: str) -> None:
+            item = self._deadline_item(internal)
+            if item is not None:
+                on_item(item)
+
+        internal = self._submit(model, ids, params, context, on_item, on_deadline)
         stream.open[rid] = internal
 
     def _cancel(self, rid: str, stream: GenerateStream) -> None:
@@ -163,7 +180,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if up.terminal and not done.done():
                 done.set_result(up)
 
-        internal = self._submit(model, ids, params, context, on_item)
+        def on_deadline(internal: str) -> None:
+            item = self._deadline_item(internal)
+            if item is not None:
+                on_item(item)
+
+        internal = self._submit(model, ids, params, context, on_item, on_deadline)
         try:
             up = await done
         finally:

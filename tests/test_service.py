@@ -243,3 +243,36 @@ def test_health_and_reflection(stack):
             iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         services = [s.name for r in responses for s in r.list_services_response.service]
     assert "inflight.v1.Inference" in services and "grpc.health.v1.Health" in services
+
+
+def test_client_deadline_ends_request_and_frees_the_worker(stack):
+    total = stack.worker_metrics()["inflight_worker_kv_blocks{state=total}"]
+    free = "inflight_worker_kv_blocks{state=free}"
+
+    async def go():
+        async with Client(stack.target) as client:
+            req = pb.CompleteRequest(text="Tell me a very long story.", sampling=pb.SamplingParams(max_tokens=3000, ignore_eos=True))
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await client.stub.Complete(req, timeout=1.5)
+            return e.value.code()
+
+    assert run(go()) == grpc.StatusCode.DEADLINE_EXCEEDED
+    stack.wait_metric(0, free, lambda v: v == total)
+    stack.wait_metric(0, "inflight_worker_requests{state=running}", lambda v: v == 0)
+
+
+def test_serve_stops_every_child_on_sigterm():
+    import os
+    import signal
+    import time
+
+    from tests.stack import count_children
+
+    s = Stack(workers=1)
+    children = [int(p) for p in os.popen(f"ps -o pid= --ppid {s.proc.pid}").read().split()]
+    assert len(children) == 3  # scheduler, worker, gateway
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(30) == 0
+    time.sleep(0.5)
+    alive = [p for p in children if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()]
+    assert alive == [] and count_children(s.proc.pid) == 0

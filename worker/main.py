@@ -16,7 +16,7 @@ import msgspec
 import zmq
 
 from inflight import schema
-from inflight.errors import INTERNAL, RequestError
+from inflight.errors import DEADLINE_EXCEEDED, INTERNAL, RequestError
 from worker.engine_api import Engine, EngineConfig, RequestOutput
 from worker.models.config import served_model_name
 
@@ -88,6 +88,7 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(config.scheduler_address)
         self.owner: dict[str, bytes] = {}  # request id -> owning gateway identity
+        self.deadlines: dict[str, float] = {}  # request id -> unix time nobody waits past
         self.running = True
         self._next_heartbeat = 0.0
         self.metrics = WorkerMetrics(config.metrics_port) if config.metrics_port else None
@@ -123,6 +124,8 @@ class Worker:
             try:
                 self.engine.submit(msg.request_id, msg.prompt_token_ids, msg.params)
                 self.owner[msg.request_id] = msg.gateway
+                if msg.deadline is not None:
+                    self.deadlines[msg.request_id] = msg.deadline
                 if self.metrics:
                     self.metrics.submitted.inc()
             except RequestError as e:
@@ -130,8 +133,22 @@ class Worker:
                     schema.TokenItem(msg.request_id, [], error_code=e.code, error_message=e.message))
         else:
             for rid in msg.request_ids:
-                self.engine.abort(rid)
-                self.owner.pop(rid, None)
+                self.drop(rid)
+
+    def drop(self, rid: str) -> None:
+        self.engine.abort(rid)
+        self.owner.pop(rid, None)
+        self.deadlines.pop(rid, None)
+
+    def expire(self, out: dict[bytes, list[schema.TokenItem]]) -> None:
+        """Drop requests whose deadline passed (their gateway may be gone too)."""
+        now = time.time()
+        for rid in [r for r, d in self.deadlines.items() if d <= now]:
+            gateway = self.owner.get(rid)
+            self.drop(rid)
+            if gateway is not None:
+                out.setdefault(gateway, []).append(
+                    schema.TokenItem(rid, [], error_code=DEADLINE_EXCEEDED, error_message="deadline passed in the worker"))
 
     def to_item(self, o: RequestOutput) -> schema.TokenItem:
         lps = None
@@ -171,9 +188,13 @@ class Worker:
                     out.setdefault(gateway, []).append(self.to_item(o))
                     if o.finished:
                         del self.owner[o.request_id]
+                        self.deadlines.pop(o.request_id, None)
+            heartbeat_due = time.monotonic() >= self._next_heartbeat
+            if heartbeat_due:
+                self.expire(out)
             for gateway, items in out.items():
                 self.sock.send(schema.encode(schema.TokenBatch(items, gateway)))
-            if time.monotonic() >= self._next_heartbeat:
+            if heartbeat_due:
                 self.heartbeat()
         self.sock.close()
 

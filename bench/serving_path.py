@@ -1,0 +1,163 @@
+"""Streamed tokens per second through gateway + scheduler + worker, with the model-free
+engine double (tests/engine_double.py) so that only the serving path is measured.
+
+Baseline, in the same run: a bare grpc.aio server with the same API that streams each
+token as its own message straight from the handler (no ZeroMQ, no scheduler, no
+detokenizer). The ratio says what our path costs against gRPC alone.
+
+    python bench/serving_path.py --concurrency 1 64 256 --seconds 10 --out serving_path.json
+
+Each concurrent client holds one Generate stream and sends its next request when the
+last one finished. The load generator runs in its own process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from inflight.v1 import pb, pb_grpc  # noqa: E402
+from tests.engine_double import CYCLE  # noqa: E402
+from tests.stack import free_port  # noqa: E402
+
+
+# The bare baseline server.
+
+class BareServicer(pb_grpc.InferenceServicer):
+    async def Generate(self, request_iterator, context):
+        async for req in request_iterator:
+            start = req.start
+            for i in range(start.sampling.max_tokens):
+                yield pb.GenerateResponse(events=[pb.Event(request_id=start.request_id, delta=pb.Delta(token_ids=[CYCLE[i % len(CYCLE)]], text=" the"))])
+            yield pb.GenerateResponse(events=[pb.Event(request_id=start.request_id, finished=pb.Finished(reason=pb.FINISH_REASON_LENGTH))])
+
+
+def run_bare(port: int) -> None:
+    import grpc
+    import uvloop
+
+    async def main():
+        server = grpc.aio.server()
+        pb_grpc.add_InferenceServicer_to_server(BareServicer(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    uvloop.run(main())
+
+
+# The load generator.
+
+async def load(target: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
+    import grpc
+
+    from inflight.client import Client
+
+    tokens = messages = requests = 0
+    ttfts: list[float] = []
+    stop_at = time.monotonic() + seconds
+
+    async def one_client(client: Client, idx: int):
+        nonlocal tokens, messages, requests
+        n = 0
+        while time.monotonic() < stop_at:
+            session = client.session()
+            session.start(f"{idx}-{n}", text="Tell me a story.", max_tokens=max_tokens, ignore_eos=True)
+            session.close()
+            t0 = time.monotonic()
+            first = True
+            async for ev in session.events():
+                messages += 1
+                if ev.WhichOneof("kind") == "delta":
+                    if first:
+                        ttfts.append(time.monotonic() - t0)
+                        first = False
+                    tokens += len(ev.delta.token_ids)
+            requests += 1
+            n += 1
+
+    channels = max(1, concurrency // 32)  # several connections, as a fleet of callers would
+    clients = [Client(target) for _ in range(channels)]
+    for c in clients:  # wait until the server answers
+        for _ in range(100):
+            try:
+                await c.stub.ListModels(pb.ListModelsRequest(), timeout=1)
+                break
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(0.2)
+    t0 = time.monotonic()
+    await asyncio.gather(*(one_client(clients[i % channels], i) for i in range(concurrency)))
+    elapsed = time.monotonic() - t0
+    for c in clients:
+        await c.channel.close()
+    ttfts.sort()
+    return {"tokens_per_s": tokens / elapsed, "events_per_s": messages / elapsed, "requests": requests,
+            "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2] if ttfts else None}
+
+
+def load_process(target, concurrency, seconds, max_tokens, queue):
+    import uvloop
+
+    queue.put(uvloop.run(load(target, concurrency, seconds, max_tokens)))
+
+
+def measure(target, concurrency, seconds, max_tokens) -> dict:
+    q = mp.Queue()
+    p = mp.Process(target=load_process, args=(target, concurrency, seconds, max_tokens, q))
+    p.start()
+    result = q.get(timeout=seconds + 120)
+    p.join()
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--out", default="serving_path.json")
+    args = ap.parse_args()
+
+    bare_port = free_port()
+    bare = mp.Process(target=run_bare, args=(bare_port,), daemon=True)
+    bare.start()
+
+    port = free_port()
+    env = {**os.environ, "INFLIGHT_BACKEND": "tests.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
+           "INFLIGHT_MAX_BATCH_SIZE": "512", "PYTHONPATH": ROOT}
+    stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--listen", f"127.0.0.1:{port}",
+                              "--device", "cpu", "--gateway-address", f"tcp://127.0.0.1:{free_port()}",
+                              "--worker-address", f"tcp://127.0.0.1:{free_port()}"], env=env, cwd=ROOT)
+    rows = []
+    try:
+        for c in args.concurrency:
+            ours = measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens)
+            base = measure(f"127.0.0.1:{bare_port}", c, args.seconds, args.max_tokens)
+            rows.append({"concurrency": c, "inflight": ours, "bare_grpc": base,
+                         "ratio": ours["tokens_per_s"] / base["tokens_per_s"]})
+    finally:
+        stack.terminate()
+        stack.wait(30)
+        bare.terminate()
+
+    print(f"\nserving path, engine double, {args.max_tokens} tokens per request, {args.seconds:.0f}s per point, {os.cpu_count()} cores")
+    print(f"{'streams':>8} {'inflight tok/s':>15} {'msgs/s':>9} {'TTFT p50 ms':>12} {'bare gRPC tok/s':>16} {'ratio':>6}")
+    for r in rows:
+        o, b = r["inflight"], r["bare_grpc"]
+        print(f"{r['concurrency']:>8} {o['tokens_per_s']:>15.0f} {o['events_per_s']:>9.0f} {o['ttft_p50_ms'] or 0:>12.1f} "
+              f"{b['tokens_per_s']:>16.0f} {r['ratio']:>6.2f}")
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
