@@ -58,8 +58,6 @@ def run_bare(port: int) -> None:
 # The load generator.
 
 async def load(target: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
-    import grpc
-
     from inflight.client import Client
 
     tokens = messages = requests = 0
@@ -87,14 +85,10 @@ async def load(target: str, concurrency: int, seconds: float, max_tokens: int) -
 
     channels = max(1, concurrency // 32)  # several connections, as a fleet of callers would
     clients = [Client(target) for _ in range(channels)]
-    for c in clients:  # wait until the server answers
-        for _ in range(100):
-            try:
-                await c.stub.ListModels(pb.ListModelsRequest(), timeout=1)
-                break
-            except grpc.aio.AioRpcError:
-                await asyncio.sleep(0.2)
+    for c in clients:
+        await asyncio.wait_for(c.channel.channel_ready(), 60)
     t0 = time.monotonic()
+    stop_at = t0 + seconds
     await asyncio.gather(*(one_client(clients[i % channels], i) for i in range(concurrency)))
     elapsed = time.monotonic() - t0
     for c in clients:
@@ -110,9 +104,13 @@ def load_process(target, concurrency, seconds, max_tokens, queue):
     queue.put(uvloop.run(load(target, concurrency, seconds, max_tokens)))
 
 
+# grpc does not survive fork: helper processes start fresh.
+ctx = mp.get_context("spawn")
+
+
 def measure(target, concurrency, seconds, max_tokens) -> dict:
-    q = mp.Queue()
-    p = mp.Process(target=load_process, args=(target, concurrency, seconds, max_tokens, q))
+    q = ctx.Queue()
+    p = ctx.Process(target=load_process, args=(target, concurrency, seconds, max_tokens, q))
     p.start()
     result = q.get(timeout=seconds + 120)
     p.join()
@@ -128,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
 
     bare_port = free_port()
-    bare = mp.Process(target=run_bare, args=(bare_port,), daemon=True)
+    bare = ctx.Process(target=run_bare, args=(bare_port,), daemon=True)
     bare.start()
 
     port = free_port()
