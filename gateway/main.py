@@ -17,7 +17,10 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.scheduler_client import SchedulerClient
 from gateway.servicer import InferenceServicer
+from gateway.telemetry import GatewayMetrics
 from gateway.tokenizer import TextTokenizer
+from inflight import telemetry
+from inflight.http_endpoints import serve_http
 from inflight.v1 import pb, pb_grpc
 
 log = logging.getLogger("inflight.gateway")
@@ -32,6 +35,7 @@ class GatewayConfig:
     model: str | None = dataclasses.field(default=None, metadata={"help": "model directory whose tokenizer and chat template to use; unset means the built-in SmolLM2-135M-Instruct"})
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the one the workers derive"})
     gateway_id: str = dataclasses.field(default="", metadata={"help": "identity toward the scheduler; unset means host-pid-random"})
+    metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
 
 
 def resolve_model(config: GatewayConfig) -> tuple[TextTokenizer, str]:
@@ -59,7 +63,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
 
     client = SchedulerClient(config.scheduler_address, gateway_id, on_models)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(client, tokenizer, model_name, gateway_id), server)
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(client, tokenizer, model_name, gateway_id, GatewayMetrics()), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE):
@@ -69,6 +73,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         raise SystemExit(f"error: cannot listen on {config.listen}")
     await server.start()
     client.start()
+    serve_http("", config.metrics_port, ready=lambda: model_name in client.models)
     log.info("gateway %s listening on %s for model %s (scheduler %s)", gateway_id, config.listen, model_name, config.scheduler_address)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,4 +87,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
 def run(config: GatewayConfig) -> None:
     import uvloop
 
-    uvloop.run(serve(config))
+    telemetry.setup_tracing("inflight-gateway")
+    try:
+        uvloop.run(serve(config))
+    finally:
+        telemetry.shutdown_tracing()

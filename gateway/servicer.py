@@ -13,9 +13,10 @@ import grpc
 from gateway.output import OutputProcessor
 from gateway.scheduler_client import SchedulerClient
 from gateway.stream import GenerateStream, finished_pb, logprobs_pb, status_code
+from gateway.telemetry import GatewayMetrics, RequestTelemetry
 from gateway.tokenizer import TextTokenizer
 from gateway import validation
-from inflight import errors, schema
+from inflight import errors, schema, telemetry
 from inflight.errors import RequestError, invalid
 from inflight.sampling_params import SamplingParams
 from inflight.v1 import pb, pb_grpc
@@ -26,13 +27,31 @@ log = logging.getLogger("inflight.gateway")
 OFFLOAD_CHARS = 4096
 
 
+class OpenRequest:
+    __slots__ = ("internal", "telemetry")
+
+    def __init__(self, internal: str, telemetry: RequestTelemetry):
+        self.internal = internal
+        self.telemetry = telemetry
+
+
+def operation(msg) -> str:
+    return "chat" if msg.WhichOneof("prompt") == "chat" else "text_completion"
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, client: SchedulerClient, tokenizer: TextTokenizer, model_name: str, gateway_id: str):
+    def __init__(self, client: SchedulerClient, tokenizer: TextTokenizer, model_name: str, gateway_id: str, metrics: GatewayMetrics):
         self.client = client
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.gateway_id = gateway_id
+        self.metrics = metrics
+        self.tracer = telemetry.tracer("inflight.gateway")
         self._ids = itertools.count()
+
+    def _telemetry(self, name: str, msg, context) -> RequestTelemetry:
+        traceparent = dict(context.invocation_metadata() or ()).get("traceparent")
+        return RequestTelemetry(self.metrics, self.tracer, name, traceparent, operation(msg))
 
     # Shared request preparation.
 
@@ -73,10 +92,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         params = validation.sampling_params(msg.sampling, info.vocab_size, info.max_seq_len, f"{prefix}sampling")
         return info.name, ids, params
 
-    def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler, on_deadline=None) -> str:
+    def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler, on_deadline, tm: RequestTelemetry) -> str:
         internal = f"{self.gateway_id}/{next(self._ids)}"
         remaining = context.time_remaining()
-        traceparent = dict(context.invocation_metadata() or ()).get("traceparent")
+        traceparent = tm.submitted(model, len(ids), params.max_tokens, params.temperature)
         self.client.submit(
             schema.Submit(internal, model, ids, params, traceparent=traceparent,
                           deadline=time.time() + remaining if remaining is not None else None),
@@ -123,7 +142,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 yield pb.GenerateResponse(events=events)
         finally:
             reader.cancel()
-            self.client.abort(list(stream.open.values()))  # closing the stream cancels the rest
+            for req in stream.open.values():  # closing the stream cancels the rest
+                req.telemetry.end(None, errors.CANCELLED, "the stream closed")
+            self.client.abort([req.internal for req in stream.open.values()])
 
     async def _start(self, msg: pb.StartRequest, stream: GenerateStream, context) -> None:
         rid = msg.request_id
@@ -132,9 +153,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if rid in stream.open:
             return stream.error(rid, errors.INVALID_ARGUMENT, f"start.request_id: {rid!r} is already open on this stream",
                                 ends_request=False)
+        tm = self._telemetry("inflight.v1.Inference/Generate", msg, context)
         try:
-            model, ids, params = await self._prepare(msg, "start.")
+            with tm.preparing():
+                model, ids, params = await self._prepare(msg, "start.")
         except RequestError as e:
+            tm.end(None, e.code, e.message)
             return stream.error(rid, e.code, e.message)
         proc = OutputProcessor(self.tokenizer, params.stop)
 
@@ -142,6 +166,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             up = proc.process(item)
             if up.matched_stop:
                 self.client.abort([internal])
+            tm.on_update(up)
+            if up.terminal:
+                tm.end(up.finish_reason, up.error_code or "OK", up.error_message, proc.prompt_tokens)
             stream.push(rid, up, proc)
 
         def on_deadline(internal: str) -> None:
@@ -149,20 +176,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if item is not None:
                 on_item(item)
 
-        internal = self._submit(model, ids, params, context, on_item, on_deadline)
-        stream.open[rid] = internal
+        internal = self._submit(model, ids, params, context, on_item, on_deadline, tm)
+        stream.open[rid] = OpenRequest(internal, tm)
 
     def _cancel(self, rid: str, stream: GenerateStream) -> None:
-        internal = stream.open.get(rid)
-        if internal is None:
+        req = stream.open.get(rid)
+        if req is None:
             return stream.error(rid, errors.INVALID_ARGUMENT, f"cancel.request_id: no open request {rid!r} on this stream")
-        self.client.abort([internal])
+        self.client.abort([req.internal])
+        req.telemetry.end(None, errors.CANCELLED, "cancelled by the client")
         stream.error(rid, errors.CANCELLED, "cancelled by the client")
 
     async def Complete(self, request: pb.CompleteRequest, context) -> pb.CompleteResponse:
+        tm = self._telemetry("inflight.v1.Inference/Complete", request, context)
         try:
-            model, ids, params = await self._prepare(request, "")
+            with tm.preparing():
+                model, ids, params = await self._prepare(request, "")
         except RequestError as e:
+            tm.end(None, e.code, e.message)
             await context.abort(grpc.StatusCode[e.code], e.message)
         proc = OutputProcessor(self.tokenizer, params.stop)
         done = asyncio.get_running_loop().create_future()
@@ -177,7 +208,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             lps.extend(up.logprobs or ())
             if up.matched_stop:
                 self.client.abort([internal])
+            tm.on_update(up)
             if up.terminal and not done.done():
+                tm.end(up.finish_reason, up.error_code or "OK", up.error_message, proc.prompt_tokens)
                 done.set_result(up)
 
         def on_deadline(internal: str) -> None:
@@ -185,12 +218,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if item is not None:
                 on_item(item)
 
-        internal = self._submit(model, ids, params, context, on_item, on_deadline)
+        internal = self._submit(model, ids, params, context, on_item, on_deadline, tm)
         try:
             up = await done
         finally:
             if not done.done():  # the client went away or its deadline passed
                 self.client.abort([internal])
+                tm.end(None, errors.CANCELLED, "the call ended before the request")
         if up.error_code:
             await context.abort(grpc.StatusCode[up.error_code], up.error_message)
         return pb.CompleteResponse(text="".join(text), token_ids=tokens, finished=finished_pb(up, proc), logprobs=logprobs_pb(lps))

@@ -35,7 +35,7 @@ def finished_pb(up: Update, proc: OutputProcessor) -> pb.Finished:
 
 class GenerateStream:
     def __init__(self):
-        self.open: dict[str, str] = {}  # client request id -> fleet-wide request id
+        self.open: dict = {}  # client request id -> the servicer's OpenRequest
         self._events: list[pb.Event] = []
         self._deltas: dict[str, pb.Delta] = {}  # unsent delta per request, to merge into
         self._wake = asyncio.Event()

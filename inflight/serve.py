@@ -27,7 +27,7 @@ class ServeConfig:
     gateway_address: str = dataclasses.field(default="tcp://127.0.0.1:5557", metadata={"help": "scheduler address for gateways"})
     worker_address: str = dataclasses.field(default="tcp://127.0.0.1:5558", metadata={"help": "scheduler address for workers"})
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
-    worker_metrics_port: int = dataclasses.field(default=0, metadata={"help": "worker i serves /metrics on this port + i; 0 means off"})
+    metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP /metrics, /health, /ready: the gateway on this port, the scheduler on +1, worker i on +2+i; 0 means off"})
     ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})
 
 
@@ -60,8 +60,9 @@ class Stack:
     def start(self) -> None:
         c = self.config
         model = ["--model", c.model] if c.model else []
+        port = lambda offset: str(c.metrics_port + offset if c.metrics_port else 0)  # noqa: E731
         self.spawn("scheduler", ["scheduler", "--gateway-address", c.gateway_address, "--worker-address", c.worker_address,
-                                 "--max-queued", str(c.max_queued)])
+                                 "--max-queued", str(c.max_queued), "--metrics-port", port(1)])
         gpus = _gpu_count() if c.device in ("auto", "cuda") else 0
         for i in range(c.workers):
             env = {}
@@ -70,10 +71,10 @@ class Stack:
             else:  # share the cores instead of every worker taking all of them
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.workers))
             device = c.device if gpus or c.device != "auto" else "cpu"
-            metrics = ["--metrics-port", str(c.worker_metrics_port + i)] if c.worker_metrics_port else []
             self.spawn(f"worker-{i}", ["worker", "--scheduler-address", c.worker_address, "--worker-id", f"worker-{i}",
-                                       "--device", device, *model, *metrics], env)
-        self.spawn("gateway", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address, *model])
+                                       "--device", device, "--metrics-port", port(2 + i), *model], env)
+        self.spawn("gateway", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address,
+                               "--metrics-port", port(0), *model])
 
     def dead_child(self) -> str | None:
         for name, proc in self.children:

@@ -14,8 +14,12 @@ import time
 import msgspec
 import zmq
 
-from inflight import errors, schema
+from opentelemetry import trace
+
+from inflight import errors, schema, telemetry
+from inflight.http_endpoints import serve_http
 from scheduler.admission import AdmissionQueue
+from scheduler.metrics import SchedulerMetrics
 from scheduler.routing import WorkerState, route_by_prefix
 
 log = logging.getLogger("inflight.scheduler")
@@ -30,18 +34,23 @@ class SchedulerConfig:
     worker_timeout: float = dataclasses.field(default=10.0, metadata={"help": "seconds without a heartbeat before a worker counts as dead"})
     balance_slack: int = dataclasses.field(default=16, metadata={"help": "how many more requests a prefix-holding worker may run than the least busy before load wins"})
     cache_threshold: float = dataclasses.field(default=0.5, metadata={"help": "route by prefix only when a worker holds at least this share of the prompt"})
+    metrics_port: int = dataclasses.field(default=9401, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
 
 
 @dataclasses.dataclass
 class RequestState:
     submit: schema.Submit
+    arrived: float = dataclasses.field(default_factory=time.monotonic)
     worker: bytes | None = None
     delivered: int = 0  # tokens relayed to the gateway so far
+    span: trace.Span | None = None
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, metrics: SchedulerMetrics | None = None, tracing: bool = False):
         self.config = config
+        self.metrics = metrics or SchedulerMetrics()
+        self.tracer = telemetry.tracer("inflight.scheduler") if tracing else None
         self.ctx = zmq.Context.instance()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
@@ -54,11 +63,17 @@ class Scheduler:
         self.requests: dict[str, RequestState] = {}
         self.queue = AdmissionQueue(config.max_queued)
         self.running = True
+        self._models_seen: set[str] = set()
 
     # Messages to gateways.
 
     def fail(self, submit: schema.Submit, code: str, message: str) -> None:
-        self.requests.pop(submit.request_id, None)
+        state = self.requests.pop(submit.request_id, None)
+        if state and state.span:
+            telemetry.end_with_error(state.span, code, message)
+            state.span.end()
+        if code in (errors.RESOURCE_EXHAUSTED, errors.UNAVAILABLE, errors.ALREADY_EXISTS):
+            self.metrics.rejected.labels(code).inc()
         item = schema.TokenItem(submit.request_id, [], error_code=code, error_message=message)
         self.front.send_multipart([submit.gateway, schema.encode(schema.TokenBatch([item]))])
 
@@ -100,7 +115,10 @@ class Scheduler:
             return self.fail(submit, errors.ALREADY_EXISTS, f"request id {submit.request_id} is already in flight")
         if not any(w.info.model == submit.model for w in self.workers.values()):
             return self.fail(submit, errors.UNAVAILABLE, f"no worker serves model {submit.model!r} right now")
-        self.requests[submit.request_id] = RequestState(submit)
+        state = self.requests[submit.request_id] = RequestState(submit)
+        if self.tracer:
+            state.span = self.tracer.start_span("inflight.scheduler.schedule", context=telemetry.context_from(submit.traceparent),
+                                                attributes={"gen_ai.request.model": submit.model})
         if not len(self.queue) and self.dispatch(submit):
             return
         if not self.queue.offer(submit):
@@ -113,7 +131,17 @@ class Scheduler:
         if worker is None:
             return False
         worker.inflight.add(submit.request_id)
-        self.requests[submit.request_id].worker = worker.identity
+        state = self.requests[submit.request_id]
+        state.worker = worker.identity
+        waited = time.monotonic() - state.arrived
+        self.metrics.queue_time.observe(waited)
+        self.metrics.routed.labels("prefix" if matched else "load").inc()
+        if state.span:
+            state.span.set_attributes({"inflight.worker_id": worker.info.worker_id, "inflight.prefix_blocks_matched": matched,
+                                       "inflight.queue_time_s": waited})
+            state.span.end()
+            submit.traceparent = telemetry.traceparent_of(state.span) or submit.traceparent
+            state.span = None
         self.back.send_multipart([worker.identity, schema.encode(submit)])
         log.debug("routed %s to %s (%d prefix blocks cached)", submit.request_id, worker.info.worker_id, matched)
         return True
@@ -130,6 +158,9 @@ class Scheduler:
             if state is None:
                 continue
             self.queue.remove(rid)
+            if state.span:
+                telemetry.end_with_error(state.span, errors.CANCELLED, "aborted while queued")
+                state.span.end()
             if state.worker is not None and state.worker in self.workers:
                 self.workers[state.worker].inflight.discard(rid)
                 by_worker.setdefault(state.worker, []).append(rid)
@@ -159,6 +190,10 @@ class Scheduler:
         worker.last_seen = time.monotonic()
         if isinstance(msg, schema.Heartbeat):
             worker.stats = msg.stats
+            name = worker.info.worker_id
+            for state_name in ("free", "in_use", "cached"):
+                self.metrics.kv_blocks.labels(name, state_name).set(getattr(msg.stats, f"kv_blocks_{state_name}"))
+            self.metrics.hit_rate.labels(name).set(msg.stats.prefix_cache_hit_rate)
             worker.cached.difference_update(msg.removed_hashes)
             worker.cached.update(msg.stored_hashes)
             return
@@ -189,6 +224,16 @@ class Scheduler:
                 self.broadcast_models()
         for submit in self.queue.expired(time.time()):
             self.fail(submit, errors.DEADLINE_EXCEEDED, "deadline passed while queued")
+        self.metrics.queued.set(len(self.queue))
+        self.metrics.running.set(len(self.requests) - len(self.queue))
+        alive: dict[str, int] = {}
+        for w in self.workers.values():
+            alive[w.info.model] = alive.get(w.info.model, 0) + 1
+        for model, n in alive.items():
+            self.metrics.workers.labels(model).set(n)
+        for model in self._models_seen - alive.keys():
+            self.metrics.workers.labels(model).set(0)
+        self._models_seen |= alive.keys()
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -211,7 +256,9 @@ class Scheduler:
 
 
 def run(config: SchedulerConfig) -> None:
-    sched = Scheduler(config)
+    tracing = telemetry.setup_tracing("inflight-scheduler")
+    sched = Scheduler(config, SchedulerMetrics(), tracing)
+    serve_http("", config.metrics_port, ready=lambda: True)
 
     def stop(*_):
         sched.running = False
@@ -219,4 +266,7 @@ def run(config: SchedulerConfig) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("scheduler: gateways on %s, workers on %s, max %d queued", config.gateway_address, config.worker_address, config.max_queued)
-    sched.run()
+    try:
+        sched.run()
+    finally:
+        telemetry.shutdown_tracing()

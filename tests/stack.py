@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -23,18 +24,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_range(n: int) -> int:
+    """A first port such that it and the n-1 after it are free."""
+    while True:
+        base = free_port()
+        try:
+            socks = []
+            for p in range(base, base + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("0.0.0.0", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+
+
 class Stack:
     def __init__(self, workers: int = 1, env: dict | None = None, extra: list[str] | None = None):
         self.port = free_port()
         self.target = f"localhost:{self.port}"
-        self.metrics_base = free_port()
-        while any(self.metrics_base + i == self.port for i in range(workers)):
-            self.metrics_base = free_port()
+        # HTTP endpoints: gateway on base, scheduler on base + 1, worker i on base + 2 + i.
+        self.metrics_base = free_port_range(2 + workers)
         self.workers = workers
         cmd = [sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
                "--listen", self.target, "--device", "cpu",
                "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}",
-               "--worker-metrics-port", str(self.metrics_base), *(extra or [])]
+               "--metrics-port", str(self.metrics_base), *(extra or [])]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                      env={**os.environ, "INFLIGHT_KV_CACHE_TOKENS_PER_BLOCK": "16", **(env or {})})
         self.log: list[str] = []
@@ -58,10 +76,21 @@ class Stack:
         for line in self.proc.stdout:
             self.log.append(line)
 
-    def worker_metrics(self, i: int = 0) -> dict[str, float]:
-        """Every sample of worker i's /metrics, keyed 'name{label=value}'."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_base + i}/metrics", timeout=5) as r:
-            text = r.read().decode()
+    def http_port(self, process: str | int) -> int:
+        """Port of "gateway", "scheduler" or worker i."""
+        return self.metrics_base + {"gateway": 0, "scheduler": 1}.get(process, 2 + (process if isinstance(process, int) else 0))
+
+    def http_get(self, process: str | int, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port(process)}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def metrics(self, process: str | int) -> dict[str, float]:
+        """Every sample of a process's /metrics, keyed 'name{label=value,...}'."""
+        status, text = self.http_get(process, "/metrics")
+        assert status == 200
         out = {}
         for family in text_string_to_metric_families(text):
             for s in family.samples:
@@ -69,11 +98,14 @@ class Stack:
                 out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return out
 
-    def wait_metric(self, i: int, name: str, predicate, timeout: float = 10.0) -> float:
+    def worker_metrics(self, i: int = 0) -> dict[str, float]:
+        return self.metrics(i)
+
+    def wait_metric(self, process: str | int, name: str, predicate, timeout: float = 10.0) -> float:
         deadline = time.monotonic() + timeout
         value = None
         while time.monotonic() < deadline:
-            value = self.worker_metrics(i).get(name)
+            value = self.metrics(process).get(name)
             if value is not None and predicate(value):
                 return value
             time.sleep(0.1)

@@ -49,11 +49,15 @@ def test_two_workers_share_load_and_prefixes_stick(tokenizer):
         def submitted(i):
             return stack.worker_metrics(i)["inflight_worker_requests_submitted_total"]
 
+        words = "apple river stone cloud lamp tiger violet copper window garden".split()
+
         async def concurrent(n):
             async with Client(stack.target) as client:
                 session = client.session()
                 for i in range(n):
-                    session.start(str(i), chat=[{"role": "user", "content": f"Name fruit number {i}."}], max_tokens=24, ignore_eos=True)
+                    # Distinct prompts: beyond the template's default system prompt they share nothing.
+                    text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40))
+                    session.start(str(i), chat=[{"role": "user", "content": f"{i} {text}"}], max_tokens=24, ignore_eos=True)
                 session.close()
                 return await collect(session)
 

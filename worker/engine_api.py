@@ -62,6 +62,7 @@ class RequestOutput:
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
     error_code: str | None = None  # a gRPC status name when the request failed
     error_message: str | None = None
+    scheduled_at: float | None = None  # unix time the engine first ran the request
 
     @property
     def finished(self) -> bool:

@@ -15,10 +15,13 @@ import time
 import msgspec
 import zmq
 
-from inflight import schema
+from inflight import schema, telemetry
 from inflight.errors import DEADLINE_EXCEEDED, INTERNAL, RequestError
+from inflight.http_endpoints import serve_http
 from worker.engine_api import Engine, EngineConfig, RequestOutput
+from worker.metrics import WorkerMetrics
 from worker.models.config import served_model_name
+from worker.tracing import RequestTrace
 
 log = logging.getLogger("inflight.worker")
 
@@ -26,11 +29,11 @@ log = logging.getLogger("inflight.worker")
 @dataclasses.dataclass
 class WorkerConfig:
     scheduler_address: str = dataclasses.field(default="tcp://127.0.0.1:5558", metadata={"help": "the scheduler's ZeroMQ address for workers"})
-    worker_id: str = dataclasses.field(default="", metadata={"help": "name in logs and routing; unset means host-pid"})
+    worker_id: str = dataclasses.field(default="", metadata={"help": "name in logs, traces and routing; unset means host-pid"})
     backend: str = dataclasses.field(default="embedded", metadata={"help": "embedded, or module:Class of another Engine implementation"})
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the model directory's name"})
     heartbeat_interval: float = dataclasses.field(default=0.5, metadata={"help": "seconds between heartbeats with engine stats"})
-    metrics_port: int = dataclasses.field(default=0, metadata={"help": "port for Prometheus /metrics over HTTP; 0 means off"})
+    metrics_port: int = dataclasses.field(default=9402, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig, metadata={"flatten": True})
 
 
@@ -52,46 +55,24 @@ def model_name(config: WorkerConfig, engine: Engine) -> str:
     return served_model_name(model_dir) if model_dir else "default"
 
 
-class WorkerMetrics:
-    """Prometheus gauges and counters of one worker, refreshed at each heartbeat."""
-
-    def __init__(self, port: int):
-        import prometheus_client as prom
-
-        self.kv_blocks = prom.Gauge("inflight_worker_kv_blocks", "KV cache blocks by state", ["state"])
-        self.requests = prom.Gauge("inflight_worker_requests", "requests held by the engine", ["state"])
-        self.submitted = prom.Counter("inflight_worker_requests_submitted", "requests the worker accepted")
-        self.hit_rate = prom.Gauge("inflight_worker_prefix_cache_hit_rate", "prompt tokens served from the prefix cache / prompt tokens")
-        self.preemptions = prom.Gauge("inflight_worker_preemptions", "requests preempted so far")
-        prom.start_http_server(port)
-
-    def update(self, s) -> None:
-        self.kv_blocks.labels("total").set(s.kv_blocks_total)
-        self.kv_blocks.labels("free").set(s.kv_blocks_free)
-        self.kv_blocks.labels("in_use").set(s.kv_blocks_in_use)
-        self.kv_blocks.labels("cached").set(s.kv_blocks_cached)
-        self.requests.labels("running").set(s.running)
-        self.requests.labels("queued").set(s.queued)
-        self.hit_rate.set(s.prefix_cache_hit_rate)
-        self.preemptions.set(s.preemptions)
-
-
 class Worker:
-    def __init__(self, config: WorkerConfig, engine: Engine):
+    def __init__(self, config: WorkerConfig, engine: Engine, worker_id: str, metrics: WorkerMetrics, tracing: bool):
         self.config = config
         self.engine = engine
-        self.worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.worker_id = worker_id
         self.model = model_name(config, engine)
+        self.metrics = metrics
+        self.tracer = telemetry.tracer("inflight.worker") if tracing else None
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(config.scheduler_address)
         self.owner: dict[str, bytes] = {}  # request id -> owning gateway identity
         self.deadlines: dict[str, float] = {}  # request id -> unix time nobody waits past
+        self.traces: dict[str, RequestTrace] = {}
         self.running = True
         self._next_heartbeat = 0.0
-        self.metrics = WorkerMetrics(config.metrics_port) if config.metrics_port else None
 
     def hello(self) -> None:
         stats = self.engine.stats()
@@ -110,8 +91,7 @@ class Worker:
             blocks_evicted=s.blocks_evicted, prefix_cache_hit_rate=s.prefix_cache_hit_rate, preemptions=s.preemptions,
         )
         self.sock.send(schema.encode(schema.Heartbeat(self.worker_id, stats, stored, removed)))
-        if self.metrics:
-            self.metrics.update(s)
+        self.metrics.update(s)
         self._next_heartbeat = time.monotonic() + self.config.heartbeat_interval
 
     def handle(self, raw: bytes, out: dict[bytes, list[schema.TokenItem]]) -> None:
@@ -123,39 +103,70 @@ class Worker:
         if isinstance(msg, schema.Submit):
             try:
                 self.engine.submit(msg.request_id, msg.prompt_token_ids, msg.params)
-                self.owner[msg.request_id] = msg.gateway
-                if msg.deadline is not None:
-                    self.deadlines[msg.request_id] = msg.deadline
-                if self.metrics:
-                    self.metrics.submitted.inc()
             except RequestError as e:
                 out.setdefault(msg.gateway, []).append(
                     schema.TokenItem(msg.request_id, [], error_code=e.code, error_message=e.message))
+                return
+            self.owner[msg.request_id] = msg.gateway
+            if msg.deadline is not None:
+                self.deadlines[msg.request_id] = msg.deadline
+            if self.tracer:
+                self.traces[msg.request_id] = RequestTrace(msg.traceparent, msg.model, msg.params.max_tokens)
+            self.metrics.submitted.inc()
         else:
             for rid in msg.request_ids:
-                self.drop(rid)
+                self.drop(rid, "CANCELLED", "aborted")
 
-    def drop(self, rid: str) -> None:
+    def drop(self, rid: str, code: str, message: str) -> None:
         self.engine.abort(rid)
         self.owner.pop(rid, None)
         self.deadlines.pop(rid, None)
+        rt = self.traces.pop(rid, None)
+        if rt:
+            rt.finish(self.tracer, self.worker_id, None, code, message)
 
     def expire(self, out: dict[bytes, list[schema.TokenItem]]) -> None:
         """Drop requests whose deadline passed (their gateway may be gone too)."""
         now = time.time()
         for rid in [r for r, d in self.deadlines.items() if d <= now]:
             gateway = self.owner.get(rid)
-            self.drop(rid)
+            self.drop(rid, DEADLINE_EXCEEDED, "deadline passed in the worker")
             if gateway is not None:
                 out.setdefault(gateway, []).append(
                     schema.TokenItem(rid, [], error_code=DEADLINE_EXCEEDED, error_message="deadline passed in the worker"))
 
-    def to_item(self, o: RequestOutput) -> schema.TokenItem:
+    def deliver(self, o: RequestOutput, out: dict[bytes, list[schema.TokenItem]]) -> None:
+        gateway = self.owner.get(o.request_id)
+        if gateway is None:
+            return
         lps = None
         if o.logprobs:
             lps = [schema.TokenLogprobMsg(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs]
-        return schema.TokenItem(o.request_id, o.new_token_ids, o.finish_reason, o.error_code, o.error_message,
-                                o.prompt_tokens, o.cached_tokens, lps)
+        out.setdefault(gateway, []).append(schema.TokenItem(
+            o.request_id, o.new_token_ids, o.finish_reason, o.error_code, o.error_message, o.prompt_tokens, o.cached_tokens, lps))
+        self.metrics.generated_tokens.inc(len(o.new_token_ids))
+        rt = self.traces.get(o.request_id)
+        if rt:
+            rt.on_output(len(o.new_token_ids), o.scheduled_at, o.prompt_tokens, o.cached_tokens)
+        if o.finished:
+            del self.owner[o.request_id]
+            self.deadlines.pop(o.request_id, None)
+            self.metrics.finished.labels(o.finish_reason or "error").inc()
+            self.metrics.prompt_tokens.inc(o.prompt_tokens)
+            self.metrics.cached_tokens.inc(o.cached_tokens)
+            if rt:
+                del self.traces[o.request_id]
+                rt.finish(self.tracer, self.worker_id, o.finish_reason, o.error_code, o.error_message or "")
+
+    def step(self) -> list[RequestOutput]:
+        try:
+            return self.engine.step()
+        except Exception:  # an engine bug must not take every request down silently
+            log.exception("engine step failed; failing its requests")
+            failed = [RequestOutput(rid, [], error_code=INTERNAL, error_message="engine step failed") for rid in self.owner]
+            for o in failed:
+                self.engine.abort(o.request_id)
+            return failed
 
     def run(self) -> None:
         self.hello()
@@ -173,22 +184,8 @@ class Worker:
                         break
                     self.handle(raw, out)
             if self.engine.has_work():
-                try:
-                    outputs = self.engine.step()
-                except Exception:  # an engine bug must not take every request down silently
-                    log.exception("engine step failed; failing its requests")
-                    outputs = [RequestOutput(rid, [], error_code=INTERNAL, error_message="engine step failed")
-                               for rid in list(self.owner)]
-                    for rid in self.owner:
-                        self.engine.abort(rid)
-                for o in outputs:
-                    gateway = self.owner.get(o.request_id)
-                    if gateway is None:
-                        continue
-                    out.setdefault(gateway, []).append(self.to_item(o))
-                    if o.finished:
-                        del self.owner[o.request_id]
-                        self.deadlines.pop(o.request_id, None)
+                for o in self.step():
+                    self.deliver(o, out)
             heartbeat_due = time.monotonic() >= self._next_heartbeat
             if heartbeat_due:
                 self.expire(out)
@@ -200,8 +197,13 @@ class Worker:
 
 
 def run(config: WorkerConfig) -> None:
+    worker_id = config.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    tracing = telemetry.setup_tracing("inflight-worker", **{"inflight.worker_id": worker_id})
+    metrics = WorkerMetrics()
+    worker: Worker | None = None
+    serve_http("", config.metrics_port, ready=lambda: worker is not None)  # /health answers while the model loads
     engine = load_engine(config)
-    worker = Worker(config, engine)
+    worker = Worker(config, engine, worker_id, metrics, tracing)
 
     def stop(*_):
         worker.running = False
@@ -209,4 +211,7 @@ def run(config: WorkerConfig) -> None:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     log.info("worker %s serving %s, scheduler at %s", worker.worker_id, worker.model, config.scheduler_address)
-    worker.run()
+    try:
+        worker.run()
+    finally:
+        telemetry.shutdown_tracing()

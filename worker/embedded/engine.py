@@ -174,10 +174,12 @@ class EmbeddedEngine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        now = time.time()
         for ch in chunks:
             seq = ch.seq
             if not seq.counted_prompt:
                 seq.counted_prompt = True
+                seq.scheduled_at = now
                 self.prompt_tokens_seen += len(seq.prompt_token_ids)
                 self.prompt_tokens_cached += seq.num_cached_prompt
         result = self.runner.run(chunks, self.eos_token_ids)
@@ -197,7 +199,8 @@ class EmbeddedEngine:
             token = result.token_ids[i]
             seq.output_token_ids.append(token)
             out = RequestOutput(
-                seq.request_id, [token], prompt_tokens=len(seq.prompt_token_ids), cached_tokens=seq.num_cached_prompt
+                seq.request_id, [token], prompt_tokens=len(seq.prompt_token_ids), cached_tokens=seq.num_cached_prompt,
+                scheduled_at=seq.scheduled_at,
             )
             if result.logprobs[i] is not None:
                 chosen, top = result.logprobs[i]

@@ -28,6 +28,7 @@ class Sequence:
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.num_cached_prompt = 0  # prompt tokens that came from the prefix cache
         self.counted_prompt = False  # prefix-cache stats counted once, not per preemption
+        self.scheduled_at: float | None = None  # unix time of the first step that ran it
         self.generator: torch.Generator | None = None
         self.logprobs: list | None = [] if params.logprobs else None
 

@@ -1,0 +1,93 @@
+"""What the gateway records per request: its server span (with a child span for the chat
+template and tokenization) and the latency and token metrics users feel."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+import prometheus_client as prom
+from opentelemetry import trace
+
+from gateway.output import Update
+from inflight import telemetry
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+TOKEN_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+class GatewayMetrics:
+    def __init__(self):
+        self.ttft = prom.Histogram("inflight_gateway_time_to_first_token_seconds", "from request arrival to its first token", buckets=LATENCY_BUCKETS)
+        self.itl = prom.Histogram("inflight_gateway_inter_token_latency_seconds", "time between tokens after the first, per token", buckets=ITL_BUCKETS)
+        self.e2e = prom.Histogram("inflight_gateway_request_duration_seconds", "from request arrival to its end", buckets=LATENCY_BUCKETS)
+        self.prompt_len = prom.Histogram("inflight_gateway_prompt_length_tokens", "prompt tokens per request", buckets=TOKEN_BUCKETS)
+        self.gen_len = prom.Histogram("inflight_gateway_generation_length_tokens", "generated tokens per request", buckets=TOKEN_BUCKETS)
+        self.requests = prom.Counter("inflight_gateway_requests", "requests ended, by finish reason and gRPC status", ["finish_reason", "code"])
+        self.prompt_tokens = prom.Counter("inflight_gateway_prompt_tokens", "prompt tokens of ended requests")
+        self.generation_tokens = prom.Counter("inflight_gateway_generation_tokens", "tokens streamed to clients")
+        self.running = prom.Gauge("inflight_gateway_requests_running", "requests open on this gateway")
+
+
+class RequestTelemetry:
+    """One request's span and timings. `operation` is "chat" or "text_completion"."""
+
+    __slots__ = ("metrics", "span", "start", "last", "tokens", "ended")
+
+    def __init__(self, metrics: GatewayMetrics, tracer: trace.Tracer, name: str, traceparent: str | None, operation: str):
+        self.metrics = metrics
+        self.start = self.last = time.monotonic()
+        self.tokens = 0
+        self.ended = False
+        self.span = tracer.start_span(name, context=telemetry.context_from(traceparent), kind=trace.SpanKind.SERVER,
+                                      attributes={"gen_ai.operation.name": operation, "rpc.system": "grpc"})
+        metrics.running.inc()
+
+    @contextmanager
+    def preparing(self):
+        """The chat template and tokenization, as a child span."""
+        tracer = trace.get_tracer("inflight.gateway")
+        with tracer.start_as_current_span("tokenize", context=trace.set_span_in_context(self.span)):
+            yield
+
+    def submitted(self, model: str, prompt_tokens: int, max_tokens: int, temperature: float) -> str | None:
+        self.span.set_attributes({"gen_ai.request.model": model, "gen_ai.request.max_tokens": max_tokens,
+                                  "gen_ai.request.temperature": temperature, "gen_ai.usage.input_tokens": prompt_tokens})
+        return telemetry.traceparent_of(self.span)
+
+    def on_update(self, up: Update) -> None:
+        n = len(up.token_ids)
+        if not n:
+            return
+        now = time.monotonic()
+        if self.tokens == 0:
+            self.metrics.ttft.observe(now - self.start)
+            self.span.add_event("first_token")
+        else:
+            per_token = (now - self.last) / n
+            for _ in range(n):
+                self.metrics.itl.observe(per_token)
+        self.tokens += n
+        self.last = now
+        self.metrics.generation_tokens.inc(n)
+
+    def end(self, finish_reason: str | None, code: str, message: str = "", prompt_tokens: int = 0) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        m = self.metrics
+        m.running.dec()
+        m.requests.labels(finish_reason or "none", code).inc()
+        m.e2e.observe(time.monotonic() - self.start)
+        if prompt_tokens:
+            m.prompt_len.observe(prompt_tokens)
+            m.prompt_tokens.inc(prompt_tokens)
+        m.gen_len.observe(self.tokens)
+        self.span.set_attribute("gen_ai.usage.output_tokens", self.tokens)
+        self.span.set_attribute("rpc.grpc.status_code", code)
+        if finish_reason:
+            self.span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
+        if code != "OK":
+            telemetry.end_with_error(self.span, code, message)
+        self.span.end()
