@@ -1,0 +1,176 @@
+"""One trace per request across the three processes, exported over OTLP/gRPC to a real
+receiver started here; Prometheus metrics that move by exactly what was sent; probes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent import futures
+
+import grpc
+import pytest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+from inflight.client import Client
+from tests.stack import Stack, free_port
+
+CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN = "00f067aa0ba902b7"
+
+
+class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
+    """An OTLP trace receiver: keeps every span with its service name."""
+
+    def __init__(self):
+        self.spans: list[tuple[str, object]] = []
+        self.lock = threading.Lock()
+
+    def Export(self, request, context):  # noqa: N802 (the OTLP service's name)
+        with self.lock:
+            for rs in request.resource_spans:
+                attrs = {a.key: a.value for a in rs.resource.attributes}
+                service = attrs["service.name"].string_value
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        self.spans.append((service, span, attrs))
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def trace(self, trace_id: bytes) -> list:
+        with self.lock:
+            return [(svc, s, a) for svc, s, a in self.spans if s.trace_id == trace_id]
+
+
+@pytest.fixture(scope="module")
+def traced_stack():
+    receiver = Receiver()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, server)
+    port = free_port()
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    stack = Stack(env={
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_INSECURE": "true",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",
+    })
+    yield stack, receiver
+    stack.stop()
+    server.stop(None)
+
+
+def generate(stack, metadata=None, max_tokens=5, text="Hello there"):
+    async def go():
+        async with Client(stack.target, metadata) as client:
+            return [p async for p in client.generate(text=text, max_tokens=max_tokens, ignore_eos=True)]
+
+    return asyncio.run(go())
+
+
+def wait_for_trace(receiver, trace_id: bytes, names: set[str], timeout=15.0) -> dict[str, tuple]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        spans = {s.name: (svc, s, a) for svc, s, a in receiver.trace(trace_id)}
+        if names <= spans.keys():
+            return spans
+        time.sleep(0.1)
+    raise AssertionError(f"spans of trace {trace_id.hex()}: {sorted(spans)}; wanted {sorted(names)}")
+
+
+NAMES = {"inflight.v1.Inference/Generate", "tokenize", "inflight.scheduler.schedule", "inflight.worker.request", "queued", "prefill", "decode"}
+
+
+def test_one_trace_across_three_processes_continuing_the_clients(traced_stack):
+    stack, receiver = traced_stack
+    generate(stack, [("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")])
+    spans = wait_for_trace(receiver, bytes.fromhex(CLIENT_TRACE), NAMES)
+    by = {name: s for name, (_, s, _) in spans.items()}
+    service = {name: svc for name, (svc, _, _) in spans.items()}
+    assert service["inflight.v1.Inference/Generate"] == service["tokenize"] == "inflight-gateway"
+    assert service["inflight.scheduler.schedule"] == "inflight-scheduler"
+    assert {service[n] for n in ("inflight.worker.request", "queued", "prefill", "decode")} == {"inflight-worker"}
+    # Parenting: client -> gateway -> (tokenize, scheduler -> worker -> queued/prefill/decode).
+    assert by["inflight.v1.Inference/Generate"].parent_span_id == bytes.fromhex(CLIENT_SPAN)
+    gw = by["inflight.v1.Inference/Generate"].span_id
+    assert by["tokenize"].parent_span_id == gw
+    assert by["inflight.scheduler.schedule"].parent_span_id == gw
+    assert by["inflight.worker.request"].parent_span_id == by["inflight.scheduler.schedule"].span_id
+    for child in ("queued", "prefill", "decode"):
+        assert by[child].parent_span_id == by["inflight.worker.request"].span_id
+    attrs = {a.key: a.value for a in by["inflight.v1.Inference/Generate"].attributes}
+    assert attrs["gen_ai.operation.name"].string_value == "text_completion"
+    assert attrs["gen_ai.request.model"].string_value == "SmolLM2-135M-Instruct"
+    assert attrs["gen_ai.request.max_tokens"].int_value == 5
+    assert attrs["gen_ai.usage.output_tokens"].int_value == 5
+    assert list(attrs["gen_ai.response.finish_reasons"].array_value.values)[0].string_value == "length"
+    worker_attrs = {a.key: a.value for a in by["inflight.worker.request"].attributes}
+    assert worker_attrs["inflight.worker_id"].string_value == "worker-0"
+    assert [e.name for e in by["inflight.worker.request"].events] == ["first_token"]
+    resource = spans["inflight.worker.request"][2]
+    assert resource["service.version"].string_value and resource["inflight.worker_id"].string_value == "worker-0"
+
+
+def test_without_traceparent_a_new_trace_still_spans_all_processes(traced_stack):
+    stack, receiver = traced_stack
+    before = {s.trace_id for _, s, _ in receiver.spans}
+    generate(stack, text="A fresh request")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        fresh = {s.trace_id for _, s, _ in receiver.spans if s.name == "inflight.v1.Inference/Generate"} - before
+        if fresh:
+            break
+        time.sleep(0.1)
+    [trace_id] = fresh
+    spans = wait_for_trace(receiver, trace_id, NAMES)
+    assert spans["inflight.v1.Inference/Generate"][1].parent_span_id == b""
+
+
+def test_errors_set_span_status_with_the_grpc_code(traced_stack):
+    stack, receiver = traced_stack
+    trace_id = "11112222333344445555666677778888"
+
+    async def go():
+        async with Client(stack.target, [("traceparent", f"00-{trace_id}-{CLIENT_SPAN}-01")]) as client:
+            with pytest.raises(Exception):
+                [p async for p in client.generate(text="hi", top_p=5.0)]
+
+    asyncio.run(go())
+    spans = wait_for_trace(receiver, bytes.fromhex(trace_id), {"inflight.v1.Inference/Generate"})
+    span = spans["inflight.v1.Inference/Generate"][1]
+    assert span.status.code == 2  # STATUS_CODE_ERROR
+    assert "INVALID_ARGUMENT" in span.status.message and "sampling.top_p" in span.status.message
+
+
+def test_counters_move_by_exactly_what_was_sent(traced_stack, tokenizer):
+    stack, _ = traced_stack
+    ok = "inflight_gateway_requests_total{code=OK,finish_reason=length}"
+    gen = "inflight_gateway_generation_tokens_total"
+    prompt = "inflight_gateway_prompt_tokens_total"
+    wgen = "inflight_worker_generation_tokens_total"
+    wdone = "inflight_worker_requests_finished_total{finish_reason=length}"
+    routed = "inflight_scheduler_requests_routed_total{by=load}"
+    before = {**stack.metrics("gateway"), **stack.metrics(0), **stack.metrics("scheduler")}
+    texts = ["one two three", "Counting sheep at night", "x"]
+    for t in texts:
+        generate(stack, text=t, max_tokens=7)
+    after_gw = stack.metrics("gateway")
+    after_w = stack.metrics(0)
+    after_s = stack.metrics("scheduler")
+    assert after_gw[ok] - before.get(ok, 0) == 3
+    assert after_gw[gen] - before.get(gen, 0) == 21
+    assert after_gw[prompt] - before.get(prompt, 0) == sum(len(tokenizer.encode(t)) for t in texts)
+    assert after_w[wgen] - before.get(wgen, 0) == 21
+    assert after_w[wdone] - before.get(wdone, 0) == 3
+    assert after_s[routed] - before.get(routed, 0) == 3
+    ttft = "inflight_gateway_time_to_first_token_seconds_count"
+    assert after_gw[ttft] - before.get(ttft, 0) == 3
+    assert after_s["inflight_scheduler_workers_alive{model=SmolLM2-135M-Instruct}"] == 1
+
+
+def test_health_and_ready_on_every_process(traced_stack):
+    stack, _ = traced_stack
+    for process in ("gateway", "scheduler", 0):
+        assert stack.http_get(process, "/health") == (200, "ok\n")
+        assert stack.http_get(process, "/ready")[0] == 200
+    assert stack.http_get("gateway", "/nope")[0] == 404
