@@ -7,6 +7,11 @@ detokenizer). The ratio says what our path costs against gRPC alone.
 
     python bench/serving_path.py --concurrency 1 64 256 --seconds 10 --out serving_path.json
 
+With --tracing the baseline is instead the same stack with tracing off, against tracing
+on (every process exporting spans over OTLP/gRPC to a receiver started here):
+
+    python bench/serving_path.py --tracing --seconds 10 --out tracing_cost.json
+
 Each concurrent client holds one Generate stream and sends its next request when the
 last one finished. The load generator runs in its own process.
 """
@@ -39,6 +44,40 @@ class BareServicer(pb_grpc.InferenceServicer):
             for i in range(start.sampling.max_tokens):
                 yield pb.GenerateResponse(events=[pb.Event(request_id=start.request_id, delta=pb.Delta(token_ids=[CYCLE[i % len(CYCLE)]], text=" the"))])
             yield pb.GenerateResponse(events=[pb.Event(request_id=start.request_id, finished=pb.Finished(reason=pb.FINISH_REASON_LENGTH))])
+
+
+def run_receiver(port: int) -> None:
+    """A local OTLP/gRPC trace receiver that accepts and drops spans."""
+    from concurrent import futures
+
+    import grpc
+    from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+    class Sink(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, request, context):  # noqa: N802
+            return trace_service_pb2.ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(2))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Sink(), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+def start_stack(port: int, extra_env: dict | None = None, step_ms: float = 0.0) -> subprocess.Popen:
+    env = {**os.environ, "INFLIGHT_BACKEND": "tests.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
+           "ENGINE_DOUBLE_STEP_MS": str(step_ms),
+           "INFLIGHT_MAX_BATCH_SIZE": "512", "PYTHONPATH": ROOT, **(extra_env or {})}
+    for k in [k for k in env if k.startswith("OTEL_") and not (extra_env and k in extra_env)]:
+        del env[k]
+    return subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--listen", f"127.0.0.1:{port}",
+                             "--device", "cpu", "--metrics-port", "0", "--gateway-address", f"tcp://127.0.0.1:{free_port()}",
+                             "--worker-address", f"tcp://127.0.0.1:{free_port()}"], env=env, cwd=ROOT)
+
+
+def stop_stack(stack: subprocess.Popen) -> None:
+    stack.terminate()
+    stack.wait(30)
 
 
 def run_bare(port: int) -> None:
@@ -122,37 +161,54 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--tracing", action="store_true", help="compare tracing on against tracing off instead of bare gRPC")
+    ap.add_argument("--step-ms", type=float, default=0.0, help="each engine-double step takes this long (0: instant)")
     ap.add_argument("--out", default="serving_path.json")
     args = ap.parse_args()
 
-    bare_port = free_port()
-    bare = ctx.Process(target=run_bare, args=(bare_port,), daemon=True)
-    bare.start()
-
-    port = free_port()
-    env = {**os.environ, "INFLIGHT_BACKEND": "tests.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
-           "INFLIGHT_MAX_BATCH_SIZE": "512", "PYTHONPATH": ROOT}
-    stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--listen", f"127.0.0.1:{port}",
-                              "--device", "cpu", "--gateway-address", f"tcp://127.0.0.1:{free_port()}",
-                              "--worker-address", f"tcp://127.0.0.1:{free_port()}"], env=env, cwd=ROOT)
     rows = []
-    try:
-        for c in args.concurrency:
-            ours = measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens)
-            base = measure(f"127.0.0.1:{bare_port}", c, args.seconds, args.max_tokens)
-            rows.append({"concurrency": c, "inflight": ours, "bare_grpc": base,
-                         "ratio": ours["tokens_per_s"] / base["tokens_per_s"]})
-    finally:
-        stack.terminate()
-        stack.wait(30)
-        bare.terminate()
+    if args.tracing:
+        receiver_port = free_port()
+        receiver = ctx.Process(target=run_receiver, args=(receiver_port,), daemon=True)
+        receiver.start()
+        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+        off_port, on_port = free_port(), free_port()
+        off, on = start_stack(off_port, step_ms=args.step_ms), start_stack(on_port, otel, args.step_ms)
+        try:
+            for c in args.concurrency:  # alternate, so drift in the machine hits both
+                base = measure(f"127.0.0.1:{off_port}", c, args.seconds, args.max_tokens)
+                ours = measure(f"127.0.0.1:{on_port}", c, args.seconds, args.max_tokens)
+                rows.append({"concurrency": c, "tracing_on": ours, "tracing_off": base, "ratio": ours["tokens_per_s"] / base["tokens_per_s"]})
+        finally:
+            stop_stack(off)
+            stop_stack(on)
+            receiver.terminate()
+        labels = ("tracing on tok/s", "tracing off tok/s")
+        keys = ("tracing_on", "tracing_off")
+    else:
+        bare_port, port = free_port(), free_port()
+        bare = ctx.Process(target=run_bare, args=(bare_port,), daemon=True)
+        bare.start()
+        stack = start_stack(port, step_ms=args.step_ms)
+        try:
+            for c in args.concurrency:
+                ours = measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens)
+                base = measure(f"127.0.0.1:{bare_port}", c, args.seconds, args.max_tokens)
+                rows.append({"concurrency": c, "inflight": ours, "bare_grpc": base, "ratio": ours["tokens_per_s"] / base["tokens_per_s"]})
+        finally:
+            stop_stack(stack)
+            bare.terminate()
+        labels = ("inflight tok/s", "bare gRPC tok/s")
+        keys = ("inflight", "bare_grpc")
 
-    print(f"\nserving path, engine double, {args.max_tokens} tokens per request, {args.seconds:.0f}s per point, {os.cpu_count()} cores")
-    print(f"{'streams':>8} {'inflight tok/s':>15} {'msgs/s':>9} {'TTFT p50 ms':>12} {'bare gRPC tok/s':>16} {'ratio':>6}")
+    print(f"\nserving path, engine double ({args.step_ms:g} ms steps), {args.max_tokens} tokens per request, "
+          f"{args.seconds:.0f}s per point, {os.cpu_count()} cores")
+    print(f"{'streams':>8} {labels[0]:>17} {'msgs/s':>9} {'TTFT p50 ms':>12} {labels[1]:>18} {'ratio':>6}")
     for r in rows:
-        o, b = r["inflight"], r["bare_grpc"]
-        print(f"{r['concurrency']:>8} {o['tokens_per_s']:>15.0f} {o['events_per_s']:>9.0f} {o['ttft_p50_ms'] or 0:>12.1f} "
-              f"{b['tokens_per_s']:>16.0f} {r['ratio']:>6.2f}")
+        o, b = r[keys[0]], r[keys[1]]
+        print(f"{r['concurrency']:>8} {o['tokens_per_s']:>17.0f} {o['events_per_s']:>9.0f} {o['ttft_p50_ms'] or 0:>12.1f} "
+              f"{b['tokens_per_s']:>18.0f} {r['ratio']:>6.3f}")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=2)
 

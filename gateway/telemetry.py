@@ -33,10 +33,11 @@ class GatewayMetrics:
 class RequestTelemetry:
     """One request's span and timings. `operation` is "chat" or "text_completion"."""
 
-    __slots__ = ("metrics", "span", "start", "last", "tokens", "ended")
+    __slots__ = ("metrics", "tracer", "span", "start", "last", "tokens", "ended")
 
     def __init__(self, metrics: GatewayMetrics, tracer: trace.Tracer, name: str, traceparent: str | None, operation: str):
         self.metrics = metrics
+        self.tracer = tracer
         self.start = self.last = time.monotonic()
         self.tokens = 0
         self.ended = False
@@ -47,8 +48,10 @@ class RequestTelemetry:
     @contextmanager
     def preparing(self):
         """The chat template and tokenization, as a child span."""
-        tracer = trace.get_tracer("inflight.gateway")
-        with tracer.start_as_current_span("tokenize", context=trace.set_span_in_context(self.span)):
+        if not self.span.is_recording():
+            yield
+            return
+        with self.tracer.start_as_current_span("tokenize", context=trace.set_span_in_context(self.span)):
             yield
 
     def submitted(self, model: str, prompt_tokens: int, max_tokens: int, temperature: float) -> str | None:
@@ -65,9 +68,7 @@ class RequestTelemetry:
             self.metrics.ttft.observe(now - self.start)
             self.span.add_event("first_token")
         else:
-            per_token = (now - self.last) / n
-            for _ in range(n):
-                self.metrics.itl.observe(per_token)
+            self.metrics.itl.observe((now - self.last) / n)  # one sample per delta: its tokens' mean gap
         self.tokens += n
         self.last = now
         self.metrics.generation_tokens.inc(n)

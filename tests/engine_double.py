@@ -4,6 +4,8 @@ token from a fixed cycle of ordinary text tokens, with no model and no KV cache.
 
 from __future__ import annotations
 
+import os
+import time
 from collections import OrderedDict
 
 from inflight.errors import invalid
@@ -18,6 +20,8 @@ CYCLE = [260, 2365, 6354, 16439, 23428, 690, 260, 16154, 2767, 30]
 class InstantEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
+        # ENGINE_DOUBLE_STEP_MS makes each step take that long, like a GPU decode step.
+        self.step_seconds = float(os.environ.get("ENGINE_DOUBLE_STEP_MS", "0")) / 1000
         self.vocab_size = 49152
         self.max_seq_len = config.max_seq_len or 8192
         self.eos_token_ids = (2,)
@@ -37,6 +41,8 @@ class InstantEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
+        if self.step_seconds:
+            time.sleep(self.step_seconds)
         outputs = []
         for rid, state in list(self.requests.items())[: self.config.max_batch_size]:
             params, produced, prompt = state
