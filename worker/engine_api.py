@@ -40,6 +40,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = dataclasses.field(default=True, metadata={"help": "split long prompts across steps so decodes keep flowing"})
     max_batch_size: int = dataclasses.field(default=256, metadata={"help": "requests running at once"})
     max_num_tokens: int = dataclasses.field(default=8192, metadata={"help": "tokens one engine step computes at most, prefill and decode together"})
+    attention: Literal["auto", "triton", "reference"] = dataclasses.field(default="auto", metadata={"help": "auto (Triton kernels on CUDA, the PyTorch reference elsewhere), triton or reference"})
+    cuda_graphs: bool = dataclasses.field(default=True, metadata={"help": "replay decode steps from captured CUDA graphs (CUDA only)"})
     max_seq_len: int | None = dataclasses.field(default=None, metadata={"help": "prompt plus output tokens at most; unset means the model's limit"})
 
 

@@ -1,10 +1,14 @@
 """Attention over a paged KV cache.
 
 The cache of one layer is [num_blocks, tokens_per_block, num_kv_heads, head_dim] for K
-and V. A step's new tokens arrive flattened ([T, heads, dim]) with per-sequence query
-lengths, context lengths and block tables. This reference path gathers each sequence's
-context through its block table and runs one masked SDPA over the padded batch; it is
-exact on CPU and GPU, and the place where GPU kernels drop in.
+and V. A step's new tokens arrive flattened ([T, heads, dim]), decodes first.
+
+Two paths compute the same function:
+- the reference path (CPU, and any device without Triton) gathers each sequence's
+  context through its block table and runs one masked SDPA over the padded batch;
+- the GPU path runs our Triton paged-decode kernel for the decode rows and, per
+  prefilling sequence, SDPA on its fresh K/V (or on its gathered context when part of
+  it is already cached). Decode-only steps of this path are captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -16,14 +20,28 @@ import torch.nn.functional as F
 
 
 @dataclasses.dataclass
+class PrefillSegment:
+    start: int  # first row of the sequence's new tokens in [T]
+    num_tokens: int
+    context_len: int  # after this step, new tokens included
+    block_table: torch.Tensor  # [blocks] long, on the device
+
+
+@dataclasses.dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block * tokens_per_block + offset) per new token
-    block_tables: torch.Tensor  # [B, max_blocks] int, padded with 0
-    context_lens: torch.Tensor  # [B] tokens in context after this step, new ones included
-    query_index: torch.Tensor  # [B, max_q] row of each sequence's i-th new token in [T]
-    query_valid: torch.Tensor  # [B, max_q] bool
-    attn_mask: torch.Tensor  # [B, 1, max_q, max_ctx] bool: causal over the paged context
-    max_context_len: int
+    # Reference path.
+    reference: bool = True
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
+    query_index: torch.Tensor | None = None  # [B, max_q] row of each sequence's i-th new token in [T]
+    query_valid: torch.Tensor | None = None  # [B, max_q] bool
+    attn_mask: torch.Tensor | None = None  # [B, 1, max_q, max_ctx] bool: causal over the paged context
+    max_context_len: int = 0
+    # GPU path: rows [0, num_decodes) are one-token decodes.
+    num_decodes: int = 0
+    decode_tables: torch.Tensor | None = None  # [num_decodes, W] int32
+    decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32
+    prefills: list[PrefillSegment] = dataclasses.field(default_factory=list)
 
 
 def build_mask(q_lens: torch.Tensor, ctx_lens: torch.Tensor, max_q: int, max_ctx: int) -> torch.Tensor:
@@ -39,13 +57,35 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v
 
 
-def paged_attention(
-    q: torch.Tensor,  # [T, Hq, D]
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
+def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """q, k, v: this step's new tokens [T, heads, dim], already written to the cache."""
+    if meta.reference:
+        return _reference(q, k_cache, v_cache, meta, scale)
+    out = torch.empty_like(q)
+    if meta.num_decodes:
+        from worker.embedded.kernels.paged_decode import paged_decode_attention
+
+        n = meta.num_decodes
+        paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale, out[:n])
+    gqa = q.shape[1] != k.shape[1]
+    for seg in meta.prefills:
+        rows = slice(seg.start, seg.start + seg.num_tokens)
+        qs = q[rows].transpose(0, 1)[None]
+        if seg.context_len == seg.num_tokens:  # nothing cached before: the fresh K/V are the context
+            ks, vs = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+        else:
+            ctx = seg.context_len
+            ks = k_cache[seg.block_table].flatten(0, 1)[:ctx].transpose(0, 1)[None]
+            vs = v_cache[seg.block_table].flatten(0, 1)[:ctx].transpose(0, 1)[None]
+            i = torch.arange(seg.num_tokens, device=q.device)[:, None]
+            j = torch.arange(ctx, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=j <= i + (ctx - seg.num_tokens), scale=scale, enable_gqa=gqa)
+        out[rows] = o[0].transpose(0, 1)
+    return out
+
+
+def _reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
     bs = k_cache.shape[1]
     num_ctx_blocks = -(-meta.max_context_len // bs)
     tables = meta.block_tables[:, :num_ctx_blocks]
@@ -54,11 +94,7 @@ def paged_attention(
     v = v_cache[tables].reshape(B, num_ctx_blocks * bs, *v_cache.shape[2:])[:, : meta.max_context_len]
     qp = q[meta.query_index]  # [B, max_q, Hq, D]
     out = F.scaled_dot_product_attention(
-        qp.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=meta.attn_mask,
-        scale=scale,
-        enable_gqa=q.shape[1] != k.shape[2],
+        qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+        attn_mask=meta.attn_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[2],
     )
     return out.transpose(1, 2)[meta.query_valid]  # back to [T, Hq, D], sequence-major

@@ -76,7 +76,8 @@ class EmbeddedEngine:
         kv = config.kv_cache
         num_blocks = self._num_kv_blocks()
         self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
-        self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block)
+        self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block,
+                                  self.max_seq_len, config.max_batch_size, config.cuda_graphs, config.attention)
         self.scheduler = BatchScheduler(
             self.pool,
             max_batch_size=config.max_batch_size,
@@ -182,7 +183,7 @@ class EmbeddedEngine:
                 seq.scheduled_at = now
                 self.prompt_tokens_seen += len(seq.prompt_token_ids)
                 self.prompt_tokens_cached += seq.num_cached_prompt
-        result = self.runner.run(chunks, self.eos_token_ids)
+        result, sampled = self.runner.run(chunks, self.eos_token_ids)
         bs = self.pool.tokens_per_block
         for ch in chunks:
             seq = ch.seq
@@ -194,7 +195,6 @@ class EmbeddedEngine:
                 parent = seq.block_hashes[-1] if i else 0
                 seq.block_hashes.append(self.pool.publish(seq.block_table[i], parent, tuple(tokens[i * bs : (i + 1) * bs])))
         outputs: list[RequestOutput] = []
-        sampled = [ch.seq for ch in chunks if ch.sample]
         for i, seq in enumerate(sampled):
             token = result.token_ids[i]
             seq.output_token_ids.append(token)

@@ -1,19 +1,24 @@
-"""ModelRunner: owns the model and its paged KV cache on one device, and turns a step's
-scheduled chunks into tensors and the model's logits into sampled tokens."""
+"""ModelRunner: owns the model and its paged KV cache on one device, turns a step's
+scheduled chunks into tensors, runs the model (replaying a CUDA graph for decode-only
+steps on the GPU) and samples."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 
 import torch
 
-from worker.embedded.attention import AttentionMetadata, build_mask
+from worker.embedded.attention import AttentionMetadata, PrefillSegment, build_mask
 from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.sampler import SampleResult, sample
 from worker.embedded.scheduler import ScheduledChunk
+from worker.embedded.sequence import Sequence
 from worker.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 def kv_bytes_per_block(cfg: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:
@@ -21,73 +26,174 @@ def kv_bytes_per_block(cfg: ModelConfig, tokens_per_block: int, dtype: torch.dty
     return 2 * cfg.num_layers * tokens_per_block * cfg.num_kv_heads * cfg.head_dim * elem
 
 
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int, tokens_per_block: int):
+    def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int,
+                 tokens_per_block: int, max_seq_len: int, max_batch_size: int, cuda_graphs: bool, attention: str = "auto"):
         self.model = model
         self.config = model.config
         self.device = device
         self.dtype = dtype
         self.tokens_per_block = tokens_per_block
+        if attention == "auto":
+            self.fast = device.type == "cuda" and triton_available()
+        else:
+            self.fast = attention == "triton"
         c = self.config
-        shape = (num_blocks, tokens_per_block, c.num_kv_heads, c.head_dim)
+        # One scratch block past the pool's: padding rows of captured graphs write there.
+        shape = (num_blocks + 1, tokens_per_block, c.num_kv_heads, c.head_dim)
         self.kv_caches = [
             (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
             for _ in range(c.num_layers)
         ]
+        self.scratch_slot = num_blocks * tokens_per_block
+        self.max_blocks_per_seq = -(-max_seq_len // tokens_per_block)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_sizes: list[int] = []
+        if cuda_graphs and self.fast and device.type == "cuda":
+            self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_batch_size] or [1])
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> SampleResult | None:
-        """One forward pass over the chunks; samples for the chunks that reach their end."""
+    def run(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> tuple[SampleResult | None, list[Sequence]]:
+        """One forward pass; samples for the chunks that reach their end. Returns the
+        sampled sequences in the order of the result's tokens."""
+        # Decodes first: the GPU path's kernels take them as one leading block of rows.
+        chunks = sorted(chunks, key=lambda ch: ch.num_tokens != 1)
+        sampled = [ch.seq for ch in chunks if ch.sample]
+        decode_only = chunks[-1].num_tokens == 1
+        if decode_only and self.graph_sizes and len(chunks) <= self.graph_sizes[-1]:
+            logits = self._replay(chunks)
+        else:
+            logits = self._eager(chunks)
+        if not sampled:
+            return None, []
+        return sample(logits, sampled, eos_token_ids), sampled
+
+    def _eager(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         bs = self.tokens_per_block
+        dev = self.device
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         q_lens: list[int] = []
         ctx_lens: list[int] = []
-        tables: list[list[int]] = []
         logits_rows: list[int] = []
         for ch in chunks:
             seq, start, n = ch.seq, ch.seq.num_computed, ch.num_tokens
-            tokens = seq.all_token_ids
-            input_ids += tokens[start : start + n]
-            pos = range(start, start + n)
-            positions += pos
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in pos]
+            input_ids += seq.all_token_ids[start : start + n] if n > 1 else [seq.token_at(start)]
+            positions += range(start, start + n)
+            table = seq.block_table
+            slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
             q_lens.append(n)
             ctx_lens.append(start + n)
-            tables.append(seq.block_table)
             if ch.sample:
                 logits_rows.append(len(input_ids) - 1)
-        B, max_q, max_ctx = len(chunks), max(q_lens), max(ctx_lens)
-        width = max(len(t) for t in tables)
-        table_t = torch.zeros((B, width), dtype=torch.long)
-        query_index = torch.zeros((B, max_q), dtype=torch.long)
-        query_valid = torch.zeros((B, max_q), dtype=torch.bool)
-        row = 0
-        for b, (t, n) in enumerate(zip(tables, q_lens)):
-            table_t[b, : len(t)] = torch.tensor(t)
-            query_index[b, :n] = torch.arange(row, row + n)
-            query_valid[b, :n] = True
-            row += n
-        dev = self.device
-        q_lens_t = torch.tensor(q_lens, device=dev)
-        ctx_lens_t = torch.tensor(ctx_lens, device=dev)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=dev),
-            block_tables=table_t.to(dev),
-            context_lens=ctx_lens_t,
-            query_index=query_index.to(dev),
-            query_valid=query_valid.to(dev),
-            attn_mask=build_mask(q_lens_t, ctx_lens_t, max_q, max_ctx),
-            max_context_len=max_ctx,
-        )
-        logits = self.model(
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev))
+        if self.fast:
+            meta.reference = False
+            n_dec = sum(1 for n in q_lens if n == 1)
+            meta.num_decodes = n_dec
+            if n_dec:
+                width = max(len(ch.seq.block_table) for ch in chunks[:n_dec])
+                tables = torch.zeros((n_dec, width), dtype=torch.int32)
+                for i, ch in enumerate(chunks[:n_dec]):
+                    tables[i, : len(ch.seq.block_table)] = torch.tensor(ch.seq.block_table, dtype=torch.int32)
+                meta.decode_tables = tables.to(dev, non_blocking=True)
+                meta.decode_context_lens = torch.tensor(ctx_lens[:n_dec], dtype=torch.int32, device=dev)
+            row = n_dec
+            for ch, n, ctx in zip(chunks[n_dec:], q_lens[n_dec:], ctx_lens[n_dec:]):
+                table = torch.tensor(ch.seq.block_table[: -(-ctx // bs)], device=dev)
+                meta.prefills.append(PrefillSegment(row, n, ctx, table))
+                row += n
+        else:
+            self._reference_meta(meta, chunks, q_lens, ctx_lens)
+        return self.model(
             torch.tensor(input_ids, device=dev),
             torch.tensor(positions, device=dev),
             self.kv_caches,
             meta,
             torch.tensor(logits_rows, device=dev, dtype=torch.long),
         )
-        if not logits_rows:
-            return None
-        return sample(logits, [ch.seq for ch in chunks if ch.sample], eos_token_ids)
+
+    def _reference_meta(self, meta: AttentionMetadata, chunks, q_lens: list[int], ctx_lens: list[int]) -> None:
+        B, max_q, max_ctx = len(chunks), max(q_lens), max(ctx_lens)
+        width = max(len(ch.seq.block_table) for ch in chunks)
+        table_t = torch.zeros((B, width), dtype=torch.long)
+        query_index = torch.zeros((B, max_q), dtype=torch.long)
+        query_valid = torch.zeros((B, max_q), dtype=torch.bool)
+        row = 0
+        for b, (ch, n) in enumerate(zip(chunks, q_lens)):
+            table_t[b, : len(ch.seq.block_table)] = torch.tensor(ch.seq.block_table)
+            query_index[b, :n] = torch.arange(row, row + n)
+            query_valid[b, :n] = True
+            row += n
+        dev = self.device
+        q_lens_t = torch.tensor(q_lens, device=dev)
+        ctx_lens_t = torch.tensor(ctx_lens, device=dev)
+        meta.block_tables = table_t.to(dev)
+        meta.query_index = query_index.to(dev)
+        meta.query_valid = query_valid.to(dev)
+        meta.attn_mask = build_mask(q_lens_t, ctx_lens_t, max_q, max_ctx)
+        meta.max_context_len = max_ctx
+
+    # CUDA graphs for decode-only steps.
+
+    def _capture(self, sizes: list[int]) -> None:
+        G, W, dev = max(sizes), self.max_blocks_per_seq, self.device
+        self.g_ids = torch.zeros(G, dtype=torch.long, device=dev)
+        self.g_pos = torch.zeros(G, dtype=torch.long, device=dev)
+        self.g_slots = torch.full((G,), self.scratch_slot, dtype=torch.long, device=dev)
+        self.g_ctx = torch.zeros(G, dtype=torch.int32, device=dev)
+        self.g_tables = torch.zeros((G, W), dtype=torch.int32, device=dev)
+        self.g_rows = torch.arange(G, device=dev)
+        # Host staging: one pinned copy per step instead of five small ones.
+        self.h_longs = torch.zeros((3, G), dtype=torch.long).pin_memory()
+        self.h_ctx = torch.zeros(G, dtype=torch.int32).pin_memory()
+        self.h_tables = torch.zeros((G, W), dtype=torch.int32).pin_memory()
+        pool = torch.cuda.graph_pool_handle()
+        for b in sorted(sizes, reverse=True):
+            meta = AttentionMetadata(slot_mapping=self.g_slots[:b], reference=False, num_decodes=b,
+                                     decode_tables=self.g_tables[:b], decode_context_lens=self.g_ctx[:b])
+            args = (self.g_ids[:b], self.g_pos[:b], self.kv_caches, meta, self.g_rows[:b])
+            with torch.inference_mode():
+                self.model(*args)  # compiles the kernels outside the capture
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model(*args)
+            self.graphs[b] = (graph, logits)
+        self.graph_sizes = sorted(sizes)
+        log.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
+
+    def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        B = len(chunks)
+        G = self.graph_sizes[bisect.bisect_left(self.graph_sizes, B)]
+        bs = self.tokens_per_block
+        longs, ctx, tables = self.h_longs, self.h_ctx, self.h_tables
+        for i, ch in enumerate(chunks):
+            seq = ch.seq
+            p = seq.num_computed
+            table = seq.block_table
+            longs[0, i] = seq.token_at(p)
+            longs[1, i] = p
+            longs[2, i] = table[p // bs] * bs + p % bs
+            ctx[i] = p + 1
+            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        longs[:, B:G] = 0
+        longs[2, B:G] = self.scratch_slot
+        ctx[B:G] = 0
+        self.g_ids[:G].copy_(longs[0, :G], non_blocking=True)
+        self.g_pos[:G].copy_(longs[1, :G], non_blocking=True)
+        self.g_slots[:G].copy_(longs[2, :G], non_blocking=True)
+        self.g_ctx[:G].copy_(ctx[:G], non_blocking=True)
+        self.g_tables[:B].copy_(tables[:B], non_blocking=True)
+        graph, logits = self.graphs[G]
+        graph.replay()
+        return logits[:B]
