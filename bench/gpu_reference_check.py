@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -20,21 +22,8 @@ from worker.embedded.engine import EmbeddedEngine
 from worker.engine_api import EngineConfig, KvCacheConfig
 from worker.models.config import ModelConfig
 
-SHAPES = {
-    "llama-3.2-1b": dict(
-        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-        num_attention_heads=32, num_key_value_heads=8, head_dim=64, max_position_embeddings=131072,
-        rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=128000, eos_token_id=128001,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
-    ),
-    "smollm2-135m": dict(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-    ),
-}
-
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.shapes import SHAPES  # noqa: E402
 
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:

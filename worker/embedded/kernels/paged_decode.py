@@ -22,7 +22,7 @@ def _paged_decode(
     stride_ob, stride_oh,
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -43,7 +43,10 @@ def _paged_decode(
         offset = tok % BLOCK_SIZE
         k = tl.load(K + blocks[:, None] * stride_kb + offset[:, None] * stride_kt + kvh * stride_kh + d[None, :],
                     mask=t_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [GROUP_PAD, TILE]
+        if IEEE:  # float32 models keep float32 products (no tf32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [GROUP_PAD, TILE]
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
@@ -51,7 +54,10 @@ def _paged_decode(
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(V + blocks[:, None] * stride_vb + offset[:, None] * stride_vt + kvh * stride_vh + d[None, :],
                     mask=t_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
         m = m_new
     l = tl.where(l == 0.0, 1.0, l)
     out = acc / l[:, None]
@@ -80,7 +86,7 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
-        BLOCK_SIZE=block_size, TILE=tile,
+        BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32,
         num_warps=4,
     )
     return out

@@ -1,0 +1,136 @@
+"""Decode latency of the embedded engine on a GPU against the bandwidth floor.
+
+For each batch size: B requests with random 128-token prompts are prefilled, then the
+steady decode steps are timed. ms per step is the time each sequence waits for its next
+token. The floor is the bytes a step must read (all weights once, plus every sequence's
+KV context) over the HBM bandwidth measured by a device copy in this same run. Baseline
+in the same run: Hugging Face transformers `generate` on the same weights. Random weights
+of a real shape; prints a table and writes JSON.
+
+    python bench/decode_latency.py --shape llama-3.2-1b --batches 1 8 32 --out decode_latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.shapes import SHAPES, model_config  # noqa: E402
+from inflight.sampling_params import SamplingParams  # noqa: E402
+from worker.embedded.engine import EmbeddedEngine  # noqa: E402
+from worker.engine_api import EngineConfig, KvCacheConfig  # noqa: E402
+
+
+def copy_bandwidth() -> float:
+    """Bytes read plus written per second by a large device-to-device copy."""
+    import triton.testing
+
+    src = torch.randn(512 * 2**20 // 4, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=200, return_mode="median")
+    return 2 * src.numel() * 4 / (ms / 1000)
+
+
+def weight_bytes(engine: EmbeddedEngine) -> int:
+    seen, total = set(), 0
+    for p in engine.model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def time_decode(engine: EmbeddedEngine, batch: int, prompt_len: int, steps: int, gen: torch.Generator) -> tuple[float, float]:
+    """Median ms per decode step and the mean context length during the timed steps."""
+    vocab = engine.vocab_size
+    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    for i in range(batch):
+        engine.submit(f"b{batch}-{i}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), params)
+    for _ in range(4):  # prefill and a few decodes
+        engine.step()
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        engine.step()  # ends with the sampled tokens on the host: a full step
+        times.append(time.perf_counter() - t)
+    while engine.has_work():
+        engine.step()
+    times.sort()
+    return 1000 * times[len(times) // 2], prompt_len + 4 + steps / 2
+
+
+@torch.no_grad()
+def hf_decode_ms(hf, batch: int, prompt_len: int, new: int, gen: torch.Generator) -> float:
+    ids = torch.randint(0, hf.config.vocab_size, (batch, prompt_len), generator=gen).cuda()
+    mask = torch.ones_like(ids)
+    hf.generate(ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    hf.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    return 1000 * (time.perf_counter() - t) / new
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--hf-new-tokens", type=int, default=32, help="tokens per transformers baseline run (0 skips it)")
+    ap.add_argument("--out", default="decode_latency.json")
+    args = ap.parse_args()
+
+    bw = copy_bandwidth()
+    cfg = model_config(args.shape)
+    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + args.steps + 64) + 4096)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    engines = {}
+    for graphs in (True, False):
+        engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096,
+                                             max_batch_size=max(args.batches), cuda_graphs=graphs), cfg)
+        engines[graphs] = engine
+        wbytes = weight_bytes(engine)
+        for b in args.batches:
+            ms, ctx = time_decode(engine, b, args.prompt_len, args.steps, gen)
+            kv_bytes = b * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+            floor_ms = 1000 * (wbytes + kv_bytes) / bw
+            rows.append({"cuda_graphs": graphs, "batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
+                         "of_floor": floor_ms / ms, "tok_per_s": b * 1000 / ms})
+        del engine, engines[graphs]
+        torch.cuda.empty_cache()
+
+    hf_rows = {}
+    if args.hf_new_tokens:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        with torch.device("cuda"):
+            hf = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(torch.bfloat16).eval()
+        for b in args.batches:
+            hf_rows[b] = hf_decode_ms(hf, b, args.prompt_len, args.hf_new_tokens, gen)
+        del hf
+
+    print(f"\n{args.shape} decode on {torch.cuda.get_device_name()}, bf16, prompt {args.prompt_len}, "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {wbytes / 1e9:.2f} GB")
+    print(f"{'graphs':>6} {'batch':>5} {'ms/step':>8} {'floor ms':>9} {'of floor':>9} {'tok/s':>8} {'HF ms/tok':>10} {'vs HF':>6}")
+    for r in rows:
+        h = hf_rows.get(r["batch"])
+        r["hf_ms_per_step"] = h
+        print(f"{str(r['cuda_graphs']):>6} {r['batch']:>5} {r['ms_per_step']:>8.3f} {r['floor_ms']:>9.3f} {r['of_floor']:>9.1%} "
+              f"{r['tok_per_s']:>8.0f} {h or 0:>10.2f} {(h / r['ms_per_step']) if h else 0:>5.1f}x")
+    with open(args.out, "w") as f:
+        json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(), "copy_bandwidth": bw,
+                   "weight_bytes": wbytes, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
