@@ -92,7 +92,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         params = validation.sampling_params(msg.sampling, info.vocab_size, info.max_seq_len, f"{prefix}sampling")
         return info.name, ids, params
 
-    def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler, on_deadline, tm: RequestTelemetry) -> str:
+    def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler, tm: RequestTelemetry) -> str:
         internal = f"{self.gateway_id}/{next(self._ids)}"
         remaining = context.time_remaining()
         traceparent = tm.submitted(model, len(ids), params.max_tokens, params.temperature)
@@ -101,19 +101,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                           deadline=time.time() + remaining if remaining is not None else None),
             handler,
         )
-        if remaining is not None and on_deadline is not None:
+        if remaining is not None:
             # Our own timer: the request ends with DEADLINE_EXCEEDED and leaves the worker
             # whether or not gRPC tells this handler in time.
-            asyncio.get_running_loop().call_later(max(0.0, remaining), on_deadline, internal)
+            asyncio.get_running_loop().call_later(max(0.0, remaining), self._expire, internal, handler)
         return internal
 
-    def _deadline_item(self, internal: str) -> schema.TokenItem | None:
-        """Abort a request whose deadline passed; the error item to hand its owner."""
-        handler = self.client.handlers.get(internal)
-        if handler is None:
-            return None  # already finished
+    def _expire(self, internal: str, handler) -> None:
+        if internal not in self.client.handlers:
+            return  # already finished
         self.client.abort([internal])
-        return schema.TokenItem(internal, [], error_code=errors.DEADLINE_EXCEEDED, error_message="the client's deadline passed")
+        handler(schema.TokenItem(internal, [], error_code=errors.DEADLINE_EXCEEDED, error_message="the client's deadline passed"))
 
     # The API.
 
@@ -171,12 +169,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 tm.end(up.finish_reason, up.error_code or "OK", up.error_message, proc.prompt_tokens)
             stream.push(rid, up, proc)
 
-        def on_deadline(internal: str) -> None:
-            item = self._deadline_item(internal)
-            if item is not None:
-                on_item(item)
-
-        internal = self._submit(model, ids, params, context, on_item, on_deadline, tm)
+        internal = self._submit(model, ids, params, context, on_item, tm)
         stream.open[rid] = OpenRequest(internal, tm)
 
     def _cancel(self, rid: str, stream: GenerateStream) -> None:
@@ -213,12 +206,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 tm.end(up.finish_reason, up.error_code or "OK", up.error_message, proc.prompt_tokens)
                 done.set_result(up)
 
-        def on_deadline(internal: str) -> None:
-            item = self._deadline_item(internal)
-            if item is not None:
-                on_item(item)
-
-        internal = self._submit(model, ids, params, context, on_item, on_deadline, tm)
+        internal = self._submit(model, ids, params, context, on_item, tm)
         try:
             up = await done
         finally:
