@@ -28,6 +28,62 @@ CASES = [  # (batch, Hq, Hkv, head_dim, block_size, max_context, dtype)
 ]
 
 
+def check_fused(dtype: torch.dtype) -> list[dict]:
+    """The fused elementwise kernels against their PyTorch formulation (the CPU path's)."""
+    import torch.nn.functional as F
+
+    from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
+
+    g = torch.Generator(device="cuda").manual_seed(7)
+    rows = []
+
+    def record(name, ours, ref, us):
+        rel = ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+        rows.append({"kernel": name, "dtype": str(dtype).removeprefix("torch."), "rel_err_vs_torch": rel,
+                     "nan": bool(torch.isnan(ours).any()), "us": us})
+
+    T, N = 64, 2048
+    x = torch.randn(T, N, generator=g, device="cuda").to(dtype)
+    r = torch.randn(T, N, generator=g, device="cuda").to(dtype)
+    w = torch.randn(N, generator=g, device="cuda").to(dtype)
+    h = x + r
+    hf = h.float()
+    ref = w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    out, res = add_rms_norm(x, w, 1e-5, r)
+    us = 1000 * triton.testing.do_bench(lambda: add_rms_norm(x, w, 1e-5, r), return_mode="median")
+    record("add_rms_norm", out, ref, us)
+    record("add_rms_norm.residual", res, h, us)
+
+    gu = torch.randn(T, 2 * 8192, generator=g, device="cuda").to(dtype)
+    gate, up = gu.chunk(2, dim=-1)
+    us = 1000 * triton.testing.do_bench(lambda: silu_and_mul(gu), return_mode="median")
+    record("silu_and_mul", silu_and_mul(gu), F.silu(gate) * up, us)
+
+    hq, hkv, d, bs, nblocks = 32, 8, 64, 32, 16
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=g, device="cuda").to(dtype)
+    q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    pos = torch.randint(0, 4096, (T,), generator=g, device="cuda")
+    slots = torch.randperm(nblocks * bs, generator=g, device="cuda")[:T]
+    inv = 1.0 / (500000.0 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    freqs = torch.outer(torch.arange(4096, device="cuda").float(), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+
+    def rot(x):
+        c, s = cos[pos][:, None], sin[pos][:, None]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+    q_ref, k_ref, v_ref = rot(q), rot(k), v.clone()
+    kc = torch.full((nblocks, bs, hkv, d), float("nan"), device="cuda", dtype=dtype)
+    vc = torch.full_like(kc, float("nan"))
+    rope_and_cache(q, k, v, cos, sin, pos, slots, kc, vc)
+    record("rope_and_cache.q", q, q_ref, 0.0)
+    record("rope_and_cache.k", k, k_ref, 0.0)
+    record("rope_and_cache.k_cache", kc.view(-1, hkv, d)[slots], k_ref, 0.0)
+    record("rope_and_cache.v_cache", vc.view(-1, hkv, d)[slots], v_ref, 0.0)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="kernel_check.json")
@@ -59,9 +115,14 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5} {r['heads']:>6} {r['head_dim']:>4} {r['block']:>4} {r['max_ctx']:>5} {r['dtype']:>9} "
               f"{r['rel_err']:>9.2e} {str(r['nan']):>4} {r['us']:>8.1f} {r['kv_GBps']:>8.0f}")
+    fused = check_fused(torch.bfloat16) + check_fused(torch.float32)
+    print(f"\n{'fused kernel':>24} {'dtype':>9} {'rel err vs torch':>17} {'NaN':>4} {'us':>7}")
+    for r in fused:
+        print(f"{r['kernel']:>24} {r['dtype']:>9} {r['rel_err_vs_torch']:>17.2e} {str(r['nan']):>4} {r['us']:>7.1f}")
     with open(args.out, "w") as f:
-        json.dump(rows, f, indent=2)
+        json.dump({"paged_decode": rows, "fused": fused}, f, indent=2)
     bad = [r for r in rows if r["nan"] or r["rel_err"] > (1e-2 if r["dtype"] != "float32" else 1e-5)]
+    bad += [r for r in fused if r["nan"] or r["rel_err_vs_torch"] > (1e-2 if r["dtype"] != "float32" else 1e-6)]
     if bad:
         sys.exit(f"kernel check FAILED: {bad}")
 

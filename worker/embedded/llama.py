@@ -10,20 +10,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.embedded.attention import AttentionMetadata, paged_attention, write_kv
+
+try:
+    from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
+except ImportError:  # no Triton here: the PyTorch path only
+    add_rms_norm = rope_and_cache = silu_and_mul = None
 from worker.models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm of (x + residual); returns it and the new residual stream."""
+
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = False  # the Triton kernel (set on the GPU path)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.fused:
+            return add_rms_norm(x, self.weight, self.eps, residual)
+        if residual is not None:
+            x = x + residual
         dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype), x
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -88,13 +100,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.rotary = rotary
         self.scale = cfg.head_dim**-0.5
+        self.fused = False  # the Triton rotary-and-cache kernel (set on the GPU path)
 
     def forward(self, x, positions, k_cache, v_cache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.rotary(q.view(-1, self.num_heads, self.head_dim), positions)
-        k = self.rotary(k.view(-1, self.num_kv_heads, self.head_dim), positions)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        if self.fused:
+            rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache)
+        else:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
 
@@ -104,8 +121,11 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.fused = False  # the Triton SiLU-and-multiply kernel (set on the GPU path)
 
     def forward(self, x):
+        if self.fused:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -118,9 +138,11 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, k_cache, v_cache, meta):
-        x = x + self.self_attn(self.input_layernorm(x), positions, k_cache, v_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, positions, k_cache, v_cache, meta):
+        h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, positions, k_cache, v_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -143,11 +165,16 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         logits_rows: torch.Tensor,  # rows of [T] whose next-token logits are wanted
     ) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
+        x, residual = self.embed_tokens(input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            x = layer(x, positions, k_cache, v_cache, meta)
-        x = self.norm(x[logits_rows])
+            x, residual = layer(x, residual, positions, k_cache, v_cache, meta)
+        x, _ = self.norm(x[logits_rows], residual[logits_rows])
         return self.lm_head(x).float()
+
+    def use_fused_kernels(self, on: bool = True) -> None:
+        for m in self.modules():
+            if hasattr(m, "fused"):
+                m.fused = on
 
     @torch.no_grad()
     def load_hf_weights(self, named_tensors) -> None:

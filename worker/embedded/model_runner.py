@@ -46,6 +46,7 @@ class ModelRunner:
             self.fast = device.type == "cuda" and triton_available()
         else:
             self.fast = attention == "triton"
+        model.use_fused_kernels(self.fast)
         c = self.config
         # One scratch block past the pool's: padding rows of captured graphs write there.
         shape = (num_blocks + 1, tokens_per_block, c.num_kv_heads, c.head_dim)
@@ -147,21 +148,20 @@ class ModelRunner:
 
     def _capture(self, sizes: list[int]) -> None:
         G, W, dev = max(sizes), self.max_blocks_per_seq, self.device
-        self.g_ids = torch.zeros(G, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(G, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((G,), self.scratch_slot, dtype=torch.long, device=dev)
-        self.g_ctx = torch.zeros(G, dtype=torch.int32, device=dev)
-        self.g_tables = torch.zeros((G, W), dtype=torch.int32, device=dev)
-        self.g_rows = torch.arange(G, device=dev)
-        # Host staging: one pinned copy per step instead of five small ones.
-        self.h_longs = torch.zeros((3, G), dtype=torch.long).pin_memory()
-        self.h_ctx = torch.zeros(G, dtype=torch.int32).pin_memory()
-        self.h_tables = torch.zeros((G, W), dtype=torch.int32).pin_memory()
+        # Every graph input lives in one int64 device buffer, filled by one copy per step
+        # from a pinned host twin: token ids, positions, slots, context lengths, tables.
+        self.g_buf = torch.zeros(4 * G + G * W, dtype=torch.long, device=dev)
+        self.h_buf = torch.zeros(4 * G + G * W, dtype=torch.long).pin_memory()
+        self.h_np = self.h_buf.numpy()
+        g_ids, g_pos, g_slots, g_ctx = (self.g_buf[i * G : (i + 1) * G] for i in range(4))
+        g_tables = self.g_buf[4 * G :].view(G, W)
+        g_slots.fill_(self.scratch_slot)
+        g_rows = torch.arange(G, device=dev)
         pool = torch.cuda.graph_pool_handle()
         for b in sorted(sizes, reverse=True):
-            meta = AttentionMetadata(slot_mapping=self.g_slots[:b], reference=False, num_decodes=b,
-                                     decode_tables=self.g_tables[:b], decode_context_lens=self.g_ctx[:b])
-            args = (self.g_ids[:b], self.g_pos[:b], self.kv_caches, meta, self.g_rows[:b])
+            meta = AttentionMetadata(slot_mapping=g_slots[:b], reference=False, num_decodes=b,
+                                     decode_tables=g_tables[:b], decode_context_lens=g_ctx[:b])
+            args = (g_ids[:b], g_pos[:b], self.kv_caches, meta, g_rows[:b])
             with torch.inference_mode():
                 self.model(*args)  # compiles the kernels outside the capture
                 torch.cuda.synchronize(dev)
@@ -170,30 +170,30 @@ class ModelRunner:
                     logits = self.model(*args)
             self.graphs[b] = (graph, logits)
         self.graph_sizes = sorted(sizes)
+        self.graph_max = G
         log.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
 
     def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         B = len(chunks)
         G = self.graph_sizes[bisect.bisect_left(self.graph_sizes, B)]
-        bs = self.tokens_per_block
-        longs, ctx, tables = self.h_longs, self.h_ctx, self.h_tables
+        bs, Gmax, W = self.tokens_per_block, self.graph_max, self.max_blocks_per_seq
+        h = self.h_np
+        tables = h[4 * Gmax :].reshape(Gmax, W)
         for i, ch in enumerate(chunks):
             seq = ch.seq
             p = seq.num_computed
             table = seq.block_table
-            longs[0, i] = seq.token_at(p)
-            longs[1, i] = p
-            longs[2, i] = table[p // bs] * bs + p % bs
-            ctx[i] = p + 1
-            tables[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-        longs[:, B:G] = 0
-        longs[2, B:G] = self.scratch_slot
-        ctx[B:G] = 0
-        self.g_ids[:G].copy_(longs[0, :G], non_blocking=True)
-        self.g_pos[:G].copy_(longs[1, :G], non_blocking=True)
-        self.g_slots[:G].copy_(longs[2, :G], non_blocking=True)
-        self.g_ctx[:G].copy_(ctx[:G], non_blocking=True)
-        self.g_tables[:B].copy_(tables[:B], non_blocking=True)
+            h[i] = seq.token_at(p)
+            h[Gmax + i] = p
+            h[2 * Gmax + i] = table[p // bs] * bs + p % bs
+            h[3 * Gmax + i] = p + 1
+            tables[i, : len(table)] = table
+        h[B:G] = 0  # padding rows: token 0 at position 0, written to the scratch slot, no context
+        h[Gmax + B : Gmax + G] = 0
+        h[2 * Gmax + B : 2 * Gmax + G] = self.scratch_slot
+        h[3 * Gmax + B : 3 * Gmax + G] = 0
+        n = 4 * Gmax + B * W  # only the used table rows travel
+        self.g_buf[:n].copy_(self.h_buf[:n], non_blocking=True)
         graph, logits = self.graphs[G]
         graph.replay()
         return logits[:B]

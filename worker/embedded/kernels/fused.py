@@ -1,0 +1,114 @@
+"""Fused elementwise kernels for the decoder layer. Each replaces several small PyTorch
+ops (and their launches, which dominate a CUDA-graphed decode step of a small model) and
+rounds where the PyTorch formulation rounds, so results match it bit for bit or nearly.
+
+- add_rms_norm: residual add and RMSNorm in one pass;
+- rope_and_cache: rotary embedding of q and k in place, and k and v into the paged cache;
+- silu_and_mul: SiLU(gate) * up from the fused gate_up projection."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _add_rms_norm(X, R, W, OUT, R_OUT, stride_x, stride_r, stride_o, stride_ro, N, eps,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(R + row * stride_r + cols, mask=ok, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # the add rounds, as in PyTorch
+        tl.store(R_OUT + row * stride_ro + cols, x, mask=ok)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, 0) / N
+    normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(W + cols, mask=ok, other=0.0)
+    tl.store(OUT + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=ok)
+
+
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """RMSNorm(x + residual) and the new residual (x + residual); without a residual,
+    RMSNorm(x) and x."""
+    T, N = x.shape
+    out = torch.empty_like(x)
+    new_res = torch.empty_like(x) if residual is not None else x
+    _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res,
+                        x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0), new_res.stride(0),
+                        N, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4)
+    return out, new_res
+
+
+@triton.jit
+def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC,
+                    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
+                    HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
+                    HALF: tl.constexpr):
+    t = tl.program_id(0)
+    pos = tl.load(POS + t)
+    slot = tl.load(SLOTS + t)
+    d = tl.arange(0, HALF)
+    cos = tl.load(COS + pos * stride_cos + d)[None, :]
+    sin = tl.load(SIN + pos * stride_cos + d)[None, :]
+    hq = tl.arange(0, HQ_PAD)[:, None]
+    q_ok = hq < HQ
+    qp = Q + t * stride_qt + hq * stride_qh + d[None, :]
+    q1 = tl.load(qp, mask=q_ok, other=0.0)
+    q2 = tl.load(qp + HALF, mask=q_ok, other=0.0)
+    q1f, q2f = q1.to(tl.float32), q2.to(tl.float32)
+    tl.store(qp, (q1f * cos - q2f * sin).to(q1.dtype), mask=q_ok)
+    tl.store(qp + HALF, (q2f * cos + q1f * sin).to(q1.dtype), mask=q_ok)
+    hk = tl.arange(0, HKV_PAD)[:, None]
+    k_ok = hk < HKV
+    kp = K + t * stride_kt + hk * stride_kh + d[None, :]
+    k1 = tl.load(kp, mask=k_ok, other=0.0)
+    k2 = tl.load(kp + HALF, mask=k_ok, other=0.0)
+    k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
+    r1 = (k1f * cos - k2f * sin).to(k1.dtype)
+    r2 = (k2f * cos + k1f * sin).to(k1.dtype)
+    tl.store(kp, r1, mask=k_ok)
+    tl.store(kp + HALF, r2, mask=k_ok)
+    # The cache is [blocks, block_size, HKV, 2 * HALF]: a slot's heads are contiguous.
+    cp = slot * (HKV * 2 * HALF) + hk * (2 * HALF) + d[None, :]
+    tl.store(KC + cp, r1, mask=k_ok)
+    tl.store(KC + cp + HALF, r2, mask=k_ok)
+    vp = V + t * stride_vt + hk * stride_vh + d[None, :]
+    tl.store(VC + cp, tl.load(vp, mask=k_ok, other=0.0), mask=k_ok)
+    tl.store(VC + cp + HALF, tl.load(vp + HALF, mask=k_ok, other=0.0), mask=k_ok)
+
+
+def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """q [T, Hq, D], k and v [T, Hkv, D] (views are fine, last dim contiguous); cos and
+    sin [max_pos, D/2] float32. Rotates q and k in place and writes k and v to the cache."""
+    T, hq, D = q.shape
+    hkv = k.shape[1]
+    _rope_and_cache[(T,)](q, k, v, cos, sin, positions, slots, k_cache, v_cache,
+                          q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+                          HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
+                          HALF=D // 2, num_warps=4)
+
+
+@triton.jit
+def _silu_and_mul(GU, OUT, stride_gu, stride_o, N, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0)
+    u = tl.load(GU + row * stride_gu + N + cols, mask=ok, other=0.0)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # SiLU rounds to the input dtype, as F.silu does
+    tl.store(OUT + row * stride_o + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    T, two_n = gate_up.shape
+    n = two_n // 2
+    out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, num_warps=4)
+    return out
