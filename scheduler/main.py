@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import signal
 import time
 
 import msgspec
@@ -18,6 +17,7 @@ from opentelemetry import trace
 
 from inflight import errors, schema, telemetry
 from inflight.http_endpoints import serve_http
+from inflight.process import run_until_signalled
 from scheduler.admission import AdmissionQueue
 from scheduler.metrics import SchedulerMetrics
 from scheduler.routing import WorkerState, route_by_prefix
@@ -259,14 +259,5 @@ def run(config: SchedulerConfig) -> None:
     tracing = telemetry.setup_tracing("inflight-scheduler")
     sched = Scheduler(config, SchedulerMetrics(), tracing)
     serve_http("", config.metrics_port, ready=lambda: True)
-
-    def stop(*_):
-        sched.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     log.info("scheduler: gateways on %s, workers on %s, max %d queued", config.gateway_address, config.worker_address, config.max_queued)
-    try:
-        sched.run()
-    finally:
-        telemetry.shutdown_tracing()
+    run_until_signalled(sched)

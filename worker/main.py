@@ -8,7 +8,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import signal
 import socket
 import time
 
@@ -18,6 +17,7 @@ import zmq
 from inflight import schema, telemetry
 from inflight.errors import DEADLINE_EXCEEDED, INTERNAL, RequestError
 from inflight.http_endpoints import serve_http
+from inflight.process import run_until_signalled
 from worker.engine_api import Engine, EngineConfig, RequestOutput
 from worker.metrics import WorkerMetrics
 from worker.models.config import served_model_name
@@ -204,14 +204,5 @@ def run(config: WorkerConfig) -> None:
     serve_http("", config.metrics_port, ready=lambda: worker is not None)  # /health answers while the model loads
     engine = load_engine(config)
     worker = Worker(config, engine, worker_id, metrics, tracing)
-
-    def stop(*_):
-        worker.running = False
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     log.info("worker %s serving %s, scheduler at %s", worker.worker_id, worker.model, config.scheduler_address)
-    try:
-        worker.run()
-    finally:
-        telemetry.shutdown_tracing()
+    run_until_signalled(worker)
