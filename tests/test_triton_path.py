@@ -18,6 +18,7 @@ def test_triton_path_matches_reference(model_dir):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    assert out["triton"]["first"] == out["reference"]["first"]
-    assert out["triton"]["again"] == out["reference"]["again"]
-    assert out["triton"]["reused"] > 0  # the prefix-cached prefill path really ran
+    for path in ("triton", "triton+graphs"):
+        assert out[path]["first"] == out["reference"]["first"], path
+        assert out[path]["again"] == out["reference"]["again"], path
+        assert out[path]["reused"] > 0  # the prefix-cached prefill path really ran

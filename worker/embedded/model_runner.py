@@ -5,7 +5,9 @@ steps on the GPU) and samples."""
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
+from typing import Callable
 
 import torch
 
@@ -34,6 +36,11 @@ def triton_available() -> bool:
     return True
 
 
+def _replay_graph(graph: torch.cuda.CUDAGraph, logits: torch.Tensor) -> torch.Tensor:
+    graph.replay()
+    return logits
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int,
                  tokens_per_block: int, max_seq_len: int, max_batch_size: int, cuda_graphs: bool, attention: str = "auto"):
@@ -56,9 +63,9 @@ class ModelRunner:
         ]
         self.scratch_slot = num_blocks * tokens_per_block
         self.max_blocks_per_seq = -(-max_seq_len // tokens_per_block)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}  # batch size -> replay, giving logits
         self.graph_sizes: list[int] = []
-        if cuda_graphs and self.fast and device.type == "cuda":
+        if cuda_graphs and self.fast:
             self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_batch_size] or [1])
 
     @torch.inference_mode()
@@ -151,24 +158,29 @@ class ModelRunner:
         # Every graph input lives in one int64 device buffer, filled by one copy per step
         # from a pinned host twin: token ids, positions, slots, context lengths, tables.
         self.g_buf = torch.zeros(4 * G + G * W, dtype=torch.long, device=dev)
-        self.h_buf = torch.zeros(4 * G + G * W, dtype=torch.long).pin_memory()
+        self.h_buf = torch.zeros(4 * G + G * W, dtype=torch.long)
+        if dev.type == "cuda":
+            self.h_buf = self.h_buf.pin_memory()
         self.h_np = self.h_buf.numpy()
         g_ids, g_pos, g_slots, g_ctx = (self.g_buf[i * G : (i + 1) * G] for i in range(4))
         g_tables = self.g_buf[4 * G :].view(G, W)
         g_slots.fill_(self.scratch_slot)
         g_rows = torch.arange(G, device=dev)
-        pool = torch.cuda.graph_pool_handle()
+        pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         for b in sorted(sizes, reverse=True):
             meta = AttentionMetadata(slot_mapping=g_slots[:b], reference=False, num_decodes=b,
                                      decode_tables=g_tables[:b], decode_context_lens=g_ctx[:b])
             args = (g_ids[:b], g_pos[:b], self.kv_caches, meta, g_rows[:b])
+            if pool is None:  # no CUDA (Triton's interpreter in tests): run the same buffers eagerly
+                self.graphs[b] = functools.partial(self.model, *args)
+                continue
             with torch.inference_mode():
                 self.model(*args)  # compiles the kernels outside the capture
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self.model(*args)
-            self.graphs[b] = (graph, logits)
+            self.graphs[b] = functools.partial(_replay_graph, graph, logits)
         self.graph_sizes = sorted(sizes)
         self.graph_max = G
         log.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
@@ -194,6 +206,4 @@ class ModelRunner:
         h[3 * Gmax + B : 3 * Gmax + G] = 0
         n = 4 * Gmax + B * W  # only the used table rows travel
         self.g_buf[:n].copy_(self.h_buf[:n], non_blocking=True)
-        graph, logits = self.graphs[G]
-        graph.replay()
-        return logits[:B]
+        return self.graphs[G]()[:B]
