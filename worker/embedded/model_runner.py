@@ -36,7 +36,8 @@ def triton_available() -> bool:
     return True
 
 
-def _replay_graph(graph: torch.cuda.CUDAGraph, logits: torch.Tensor) -> torch.Tensor:
+def _replay_graph(graph: torch.cuda.CUDAGraph, logits: torch.Tensor, inputs: tuple) -> torch.Tensor:
+    """Replay a captured step; `inputs` rides along only to keep the graph's inputs alive."""
     graph.replay()
     return logits
 
@@ -165,7 +166,9 @@ class ModelRunner:
         g_ids, g_pos, g_slots, g_ctx = (self.g_buf[i * G : (i + 1) * G] for i in range(4))
         g_tables = self.g_buf[4 * G :].view(G, W)
         g_slots.fill_(self.scratch_slot)
-        g_rows = torch.arange(G, device=dev)
+        # Kept on self: a graph reads its inputs from fixed addresses, so nothing it reads
+        # may ever be freed and reused.
+        self.g_rows = g_rows = torch.arange(G, device=dev)
         pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         for b in sorted(sizes, reverse=True):
             meta = AttentionMetadata(slot_mapping=g_slots[:b], reference=False, num_decodes=b,
@@ -180,7 +183,7 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self.model(*args)
-            self.graphs[b] = functools.partial(_replay_graph, graph, logits)
+            self.graphs[b] = functools.partial(_replay_graph, graph, logits, args)
         self.graph_sizes = sorted(sizes)
         self.graph_max = G
         log.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
