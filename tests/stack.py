@@ -68,6 +68,10 @@ class Stack:
             self.log.append(line)
             if "serving on" in line:
                 threading.Thread(target=self._drain, daemon=True).start()
+                # The gateway serves once one worker is up; wait for all of them.
+                alive = "inflight_scheduler_workers_alive{model=SmolLM2-135M-Instruct}"
+                while time.monotonic() < deadline and self.metrics("scheduler").get(alive, 0) < workers:
+                    time.sleep(0.2)
                 return
         self.stop()
         raise RuntimeError("the stack did not start:\n" + "".join(self.log))

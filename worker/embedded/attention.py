@@ -67,22 +67,31 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
         n = meta.num_decodes
         paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale, out[:n])
-    gqa = q.shape[1] != k.shape[1]
     for seg in meta.prefills:
         rows = slice(seg.start, seg.start + seg.num_tokens)
-        qs = q[rows].transpose(0, 1)[None]
         if seg.context_len == seg.num_tokens:  # nothing cached before: the fresh K/V are the context
-            ks, vs = k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None]
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+            out[rows] = _prefill_sdpa(q[rows], k[rows], v[rows], scale, causal=True)
         else:
             ctx = seg.context_len
-            ks = k_cache[seg.block_table].flatten(0, 1)[:ctx].transpose(0, 1)[None]
-            vs = v_cache[seg.block_table].flatten(0, 1)[:ctx].transpose(0, 1)[None]
+            ks = k_cache[seg.block_table].flatten(0, 1)[:ctx]
+            vs = v_cache[seg.block_table].flatten(0, 1)[:ctx]
             i = torch.arange(seg.num_tokens, device=q.device)[:, None]
             j = torch.arange(ctx, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=j <= i + (ctx - seg.num_tokens), scale=scale, enable_gqa=gqa)
-        out[rows] = o[0].transpose(0, 1)
+            out[rows] = _prefill_sdpa(q[rows], ks, vs, scale, mask=j <= i + (ctx - seg.num_tokens))
     return out
+
+
+def _prefill_sdpa(q, k, v, scale: float, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """One sequence: q [L, Hq, D], k and v [S, Hkv, D]. KV heads are repeated and every
+    input made contiguous, so that PyTorch picks its flash or memory-efficient kernels
+    (a strided q or enable_gqa sends it to the slow math path: 4 ms a call, measured)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    qs, ks, vs = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
+    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale)
+    return o[0].transpose(0, 1)
 
 
 def _reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
