@@ -15,8 +15,18 @@ PROTO = PROTO_DIR / "inflight" / "v1" / "inflight.proto"
 OUT = ROOT / "inflight" / "v1" / "inflight_pb2.py"
 
 
-def stale() -> bool:
-    return PROTO.exists() and (not OUT.exists() or OUT.stat().st_mtime < PROTO.stat().st_mtime)
+def needs_build() -> bool:
+    """Missing stubs, or stubs older than the .proto where grpcio-tools can rebuild them
+    (a machine that received prebuilt stubs without grpcio-tools keeps them)."""
+    if not OUT.exists():
+        return True
+    if not PROTO.exists() or OUT.stat().st_mtime >= PROTO.stat().st_mtime:
+        return False
+    try:
+        import grpc_tools  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def build() -> None:

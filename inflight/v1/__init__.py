@@ -2,7 +2,7 @@
 
 from inflight import stubs as _stubs
 
-if _stubs.stale():
+if _stubs.needs_build():
     _stubs.build()
 
 from inflight.v1 import inflight_pb2 as pb  # noqa: E402

@@ -392,8 +392,10 @@ def cache_root() -> Path:
 def cached_model_dir(gguf_path: Path, root: Path | None = None, progress: bool = True) -> Path:
     """The converted directory for `gguf_path` under `root`, converting it first if needed.
 
-    Keyed by the file's size and mtime (hashing 100 MB on every start would cost more than the
-    check is worth) and the converter version. Concurrent callers serialize on a lock file.
+    Keyed by the file's size, a hash of its first and last MiB (content, not mtime: a
+    reinstall of the same package must not convert and store it again; hashing all 100 MB
+    on every start would cost more than it is worth) and the converter version. Concurrent
+    callers serialize on a lock file.
     """
     gguf_path = Path(gguf_path)
     root = Path(root) if root is not None else cache_root()
@@ -401,7 +403,12 @@ def cached_model_dir(gguf_path: Path, root: Path | None = None, progress: bool =
         st = gguf_path.stat()
     except OSError as e:
         raise ModelError(f"{gguf_path}: GGUF file not found ({e.strerror})") from None
-    key = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}:{CONVERTER_VERSION}".encode()).hexdigest()[:12]
+    digest = hashlib.sha256(f"{st.st_size}:{CONVERTER_VERSION}".encode())
+    with open(gguf_path, "rb") as f:
+        digest.update(f.read(2**20))
+        f.seek(max(0, st.st_size - 2**20))
+        digest.update(f.read(2**20))
+    key = digest.hexdigest()[:12]
     models = root / "models"
     model_dir = models / f"{gguf_path.name.split('.')[0]}-{key}"
     if is_complete(model_dir):

@@ -1,0 +1,236 @@
+"""The serving path on a GPU: the offline workload's request mix sent through gateway,
+scheduler and worker at several concurrencies, against the engine driven directly (same
+GPU, same model, same requests, same concurrency) in the same run.
+
+Each of C clients sends its next request when the last one finished; requests are random
+token-id prompts (lengths uniform in [128, 1024]) with outputs uniform in [128, 512]
+(ignore_eos), 2*C requests per point (at least 16). Reports throughput, time to first
+token, inter-token latency and end-to-end latency percentiles. The model has random
+weights of a real shape, saved with a real tokenizer (--tokenizer: a folder holding
+tokenizer.json and tokenizer_config.json whose vocabulary fits the shape).
+
+    python bench/serving_gpu.py --shape smollm2-135m --tokenizer .bench/tok --out serving_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.shapes import SHAPES  # noqa: E402
+from tests.stack import free_port  # noqa: E402
+
+ctx = mp.get_context("spawn")  # grpc does not survive fork
+
+
+def make_model_dir(shape: str, tokenizer: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **SHAPES[shape]}
+    d = Path(tempfile.mkdtemp(prefix="inflight-bench-")) / shape
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, d / name)
+    g = torch.Generator().manual_seed(0)
+    h, i, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
+    t = {"model.embed_tokens.weight": rnd(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        t |= {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+              p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
+              p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h), p + "mlp.down_proj.weight": rnd(h, i),
+              p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+              p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    if not cfg["tie_word_embeddings"]:
+        t["lm_head.weight"] = rnd(cfg["vocab_size"], h)
+    save_file(t, str(d / "model.safetensors"))
+    return d
+
+
+LENGTHS = (128, 1024, 128, 512)  # prompt min, max, output min, max
+
+
+def workload(n: int, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    pmin, pmax, omin, omax = LENGTHS
+    return [([rng.randrange(vocab) for _ in range(rng.randint(pmin, pmax))], rng.randint(omin, omax)) for _ in range(n)]
+
+
+def summarize(records: list[tuple[float, float, int]], wall: float) -> dict:
+    """records: (ttft s, e2e s, tokens) per request."""
+    def pct(xs, p):
+        xs = sorted(xs)
+        return 1000 * xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+    ttft = [r[0] for r in records]
+    e2e = [r[1] for r in records]
+    itl = [(r[1] - r[0]) / (r[2] - 1) for r in records if r[2] > 1]
+    tokens = sum(r[2] for r in records)
+    out = {"requests": len(records), "tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall}
+    for name, xs in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
+        for p in (50, 90, 99):
+            out[f"{name}_p{p}_ms"] = pct(xs, p)
+    return out
+
+
+def run_direct(engine, reqs, concurrency: int) -> dict:
+    from inflight.sampling_params import SamplingParams
+
+    pending = list(enumerate(reqs))
+    start, first, count, records = {}, {}, {}, []
+    t0 = time.perf_counter()
+
+    def submit():
+        i, (prompt, n) = pending.pop(0)
+        engine.submit(str(i), prompt, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+        start[str(i)] = time.perf_counter()
+
+    for _ in range(min(concurrency, len(pending))):
+        submit()
+    while engine.has_work():
+        outs = engine.step()
+        now = time.perf_counter()
+        for o in outs:
+            first.setdefault(o.request_id, now)
+            count[o.request_id] = count.get(o.request_id, 0) + len(o.new_token_ids)
+            if o.finished:
+                rid = o.request_id
+                records.append((first[rid] - start[rid], now - start[rid], count[rid]))
+                if pending:
+                    submit()
+    return summarize(records, time.perf_counter() - t0)
+
+
+async def _load(target: str, reqs, concurrency: int, model: str) -> dict:
+    from inflight.client import Client
+
+    queue = list(enumerate(reqs))
+    records = []
+    clients = [Client(target) for _ in range(max(1, concurrency // 32))]
+    for c in clients:
+        await asyncio.wait_for(c.channel.channel_ready(), 60)
+
+    async def worker(k: int):
+        client = clients[k % len(clients)]
+        while queue:
+            i, (prompt, n) = queue.pop(0)
+            t = time.perf_counter()
+            ttft, tokens = None, 0
+            session = client.session()
+            session.start(str(i), token_ids=prompt, model=model, max_tokens=n, temperature=0.0, ignore_eos=True)
+            session.close()
+            async for ev in session.events():
+                kind = ev.WhichOneof("kind")
+                if kind == "delta" and ev.delta.token_ids:
+                    ttft = ttft if ttft is not None else time.perf_counter() - t
+                    tokens += len(ev.delta.token_ids)
+                elif kind == "error":
+                    raise RuntimeError(ev.error.message)
+            records.append((ttft, time.perf_counter() - t, tokens))
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    wall = time.perf_counter() - t0
+    for c in clients:
+        await c.channel.close()
+    return summarize(records, wall)
+
+
+def _load_process(target, reqs, concurrency, model, q):
+    import uvloop
+
+    q.put(uvloop.run(_load(target, reqs, concurrency, model)))
+
+
+def run_served(target: str, reqs, concurrency: int, model: str) -> dict:
+    q = ctx.Queue()
+    p = ctx.Process(target=_load_process, args=(target, reqs, concurrency, model, q))
+    p.start()
+    res = q.get(timeout=1200)
+    p.join()
+    return res
+
+
+def main() -> None:
+    global LENGTHS
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    ap.add_argument("--tokenizer", type=Path, required=True)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
+    ap.add_argument("--kv-tokens", type=int, default=400_000, help="KV cache size in tokens, the same on both sides")
+    ap.add_argument("--lengths", type=int, nargs=4, default=list(LENGTHS), metavar=("PMIN", "PMAX", "OMIN", "OMAX"))
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run with short --lengths")
+    ap.add_argument("--out", default="serving_gpu.json")
+    args = ap.parse_args()
+    LENGTHS = tuple(args.lengths)
+
+    import torch
+
+    from worker.embedded.engine import EmbeddedEngine
+    from worker.engine_api import EngineConfig, KvCacheConfig
+
+    model_dir = make_model_dir(args.shape, args.tokenizer)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    loads = {c: workload(max(16, 2 * c), vocab, seed=c) for c in args.concurrency}
+
+    engine = EmbeddedEngine(EngineConfig(model=str(model_dir), device=args.device, kv_cache=KvCacheConfig(max_tokens=args.kv_tokens)))
+    run_direct(engine, workload(8, vocab, seed=99), 8)  # warm-up
+    direct = {c: run_direct(engine, loads[c], c) for c in args.concurrency}
+    del engine
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+    port = free_port()
+    env = {**os.environ, "INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "PYTHONPATH": str(ROOT)}
+    stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
+                              "--device", args.device, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
+                              "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}"],
+                             env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    for line in stack.stdout:
+        if "serving on" in line:
+            break
+    served = {}
+    try:
+        run_served(f"127.0.0.1:{port}", workload(8, vocab, seed=99), 8, model_dir.name)  # warm-up
+        for c in args.concurrency:
+            served[c] = run_served(f"127.0.0.1:{port}", loads[c], c, model_dir.name)
+    finally:
+        stack.terminate()
+        stack.wait(60)
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"\nserving path vs engine direct, {args.shape} (random weights), {device}")
+    print(f"{'streams':>7} {'direct tok/s':>12} {'served tok/s':>12} {'ratio':>6} {'TTFT p50 d/s ms':>16} {'+ms':>6} "
+          f"{'ITL p50 d/s ms':>15} {'e2e p50/p90/p99 served ms':>26}")
+    rows = []
+    for c in args.concurrency:
+        d, s = direct[c], served[c]
+        rows.append({"concurrency": c, "direct": d, "served": s, "ratio": s["tok_per_s"] / d["tok_per_s"],
+                     "added_ttft_p50_ms": s["ttft_p50_ms"] - d["ttft_p50_ms"]})
+        print(f"{c:>7} {d['tok_per_s']:>12.0f} {s['tok_per_s']:>12.0f} {s['tok_per_s'] / d['tok_per_s']:>6.2f} "
+              f"{d['ttft_p50_ms']:>7.1f}/{s['ttft_p50_ms']:<8.1f} {s['ttft_p50_ms'] - d['ttft_p50_ms']:>6.1f} "
+              f"{d['itl_p50_ms']:>6.2f}/{s['itl_p50_ms']:<8.2f} {s['e2e_p50_ms']:>8.0f}/{s['e2e_p90_ms']:.0f}/{s['e2e_p99_ms']:.0f}")
+    with open(args.out, "w") as f:
+        json.dump({"shape": args.shape, "device": device, "lengths": LENGTHS, "rows": rows}, f, indent=2)
+    shutil.rmtree(model_dir.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
