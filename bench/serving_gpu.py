@@ -160,10 +160,18 @@ def _load_process(target, reqs, concurrency, model, q):
 
 
 def run_served(target: str, reqs, concurrency: int, model: str) -> dict:
+    import queue
+
     q = ctx.Queue()
     p = ctx.Process(target=_load_process, args=(target, reqs, concurrency, model, q))
     p.start()
-    res = q.get(timeout=1200)
+    while True:
+        try:
+            res = q.get(timeout=1)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                raise RuntimeError(f"the load generator died (exit code {p.exitcode})") from None
     p.join()
     return res
 
@@ -199,13 +207,18 @@ def main() -> None:
 
     port = free_port()
     env = {**os.environ, "INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "PYTHONPATH": str(ROOT)}
-    stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
-                              "--device", args.device, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
-                              "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}"],
-                             env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    for line in stack.stdout:
-        if "serving on" in line:
-            break
+    # The stack logs to a file: a pipe nobody drains would fill and stall the processes.
+    log_path = model_dir.parent / "stack.log"
+    with open(log_path, "w") as log_file:
+        stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
+                                  "--device", args.device, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
+                                  "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}"],
+                                 env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while "serving on" not in log_path.read_text():
+        if stack.poll() is not None or time.monotonic() > deadline:
+            sys.exit("the stack did not start:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.5)
     served = {}
     try:
         run_served(f"127.0.0.1:{port}", workload(8, vocab, seed=99), 8, model_dir.name)  # warm-up
@@ -214,6 +227,7 @@ def main() -> None:
     finally:
         stack.terminate()
         stack.wait(60)
+        print(log_path.read_text()[-2000:])
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\nserving path vs engine direct, {args.shape} (random weights), {device}")
