@@ -206,7 +206,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     port = free_port()
-    env = {**os.environ, "INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     # The stack logs to a file: a pipe nobody drains would fill and stall the processes.
     log_path = model_dir.parent / "stack.log"
     with open(log_path, "w") as log_file:

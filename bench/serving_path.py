@@ -67,7 +67,7 @@ def run_receiver(port: int) -> None:
 def start_stack(port: int, extra_env: dict | None = None, step_ms: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "INFLIGHT_BACKEND": "tests.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
            "ENGINE_DOUBLE_STEP_MS": str(step_ms),
-           "INFLIGHT_MAX_BATCH_SIZE": "512", "PYTHONPATH": ROOT, **(extra_env or {})}
+           "INFLIGHT_MAX_BATCH_SIZE": "512", "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), **(extra_env or {})}
     for k in [k for k in env if k.startswith("OTEL_") and not (extra_env and k in extra_env)]:
         del env[k]
     return subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--listen", f"127.0.0.1:{port}",
