@@ -179,6 +179,9 @@ class Scheduler:
             return
         worker = self.workers.get(identity)
         if isinstance(msg, schema.WorkerHello):
+            if worker is not None:  # the periodic re-announcement of a worker we know
+                worker.last_seen = time.monotonic()
+                return
             capacity = max(1, int(msg.max_batch_size * self.config.worker_queue_factor))
             self.workers[identity] = WorkerState(identity, msg, capacity)
             log.info("worker %s joined: %s, %d KV blocks of %d tokens", msg.worker_id, msg.model, msg.kv_blocks_total, msg.tokens_per_block)
@@ -186,7 +189,7 @@ class Scheduler:
             self.drain_queue()
             return
         if worker is None:
-            return  # a worker we declared dead; it must say hello again
+            return  # unknown (declared dead, or we restarted): its next hello registers it
         worker.last_seen = time.monotonic()
         if isinstance(msg, schema.Heartbeat):
             worker.stats = msg.stats

@@ -82,3 +82,58 @@ def test_two_workers_share_load_and_prefixes_stick(tokenizer):
         assert cached >= 64  # and that worker served the shared prefix from its cache
     finally:
         stack.stop()
+
+
+def test_restarted_scheduler_gets_workers_and_gateways_back():
+    """Scheduler, worker and gateway started one by one (as compose would); the scheduler
+    is stopped and started again, and requests are served again without touching the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.stack import free_port
+
+    front, back, port = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
+    cli = [sys.executable, "-m", "inflight.cli", "--log-level", "WARNING"]
+
+    def scheduler():
+        return subprocess.Popen(cli + ["scheduler", "--gateway-address", front, "--worker-address", back, "--metrics-port", "0"])
+
+    procs = [scheduler(),
+             subprocess.Popen(cli + ["worker", "--scheduler-address", back, "--device", "cpu", "--metrics-port", "0"]),
+             subprocess.Popen(cli + ["gateway", "--listen", f"127.0.0.1:{port}", "--scheduler-address", front, "--metrics-port", "0"])]
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+
+    async def ask():
+        async with Client(f"127.0.0.1:{port}") as client:
+            parts = [p async for p in client.generate(chat=chat, max_tokens=8, temperature=0)]
+            return "".join(getattr(p, "text", "") for p in parts)
+
+    def served_within(seconds: float) -> str:
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                return asyncio.run(ask())
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    try:
+        first = served_within(120)
+        assert first.startswith("The capital of France")
+        procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(30) == 0
+        procs[0] = scheduler()
+        assert served_within(30) == first
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                os.kill(p.pid, signal.SIGKILL)

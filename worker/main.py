@@ -25,6 +25,8 @@ from worker.tracing import RequestTrace
 
 log = logging.getLogger("inflight.worker")
 
+HELLO_INTERVAL = 5.0  # seconds between re-announcements to the scheduler
+
 
 @dataclasses.dataclass
 class WorkerConfig:
@@ -73,8 +75,12 @@ class Worker:
         self.traces: dict[str, RequestTrace] = {}
         self.running = True
         self._next_heartbeat = 0.0
+        self._next_hello = 0.0
 
     def hello(self) -> None:
+        """Announce the worker. Repeated every few seconds, so that a restarted scheduler
+        (or one that declared this worker dead) registers it again."""
+        self._next_hello = time.monotonic() + HELLO_INTERVAL
         stats = self.engine.stats()
         self.sock.send(schema.encode(schema.WorkerHello(
             worker_id=self.worker_id, model=self.model, max_seq_len=self.engine.max_seq_len,
@@ -193,6 +199,8 @@ class Worker:
                 self.sock.send(schema.encode(schema.TokenBatch(items, gateway)))
             if heartbeat_due:
                 self.heartbeat()
+                if time.monotonic() >= self._next_hello:
+                    self.hello()
         self.sock.close()
 
 
