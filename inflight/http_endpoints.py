@@ -42,7 +42,11 @@ def serve_http(host: str, port: int, ready: Callable[[], bool]) -> ThreadingHTTP
             pass
 
     ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as e:
+        raise SystemExit(f"error: cannot serve /metrics, /health and /ready on port {port}: {e.strerror}; "
+                         "choose another with --metrics-port (0 turns them off)") from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http-endpoints", daemon=True).start()
     log.info("metrics and probes on http://%s:%d/metrics, /health, /ready", host or "0.0.0.0", port)
