@@ -29,6 +29,7 @@ class SchedulerClient:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, gateway_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        schema.no_drop(self.sock)
         self.sock.connect(address)
         self.handlers: dict[str, Handler] = {}
         self.models: dict[str, schema.ModelInfo] = {}

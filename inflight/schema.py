@@ -114,6 +114,16 @@ SchedulerToGateway = ModelsInfo | TokenBatch
 SchedulerToWorker = Submit | Abort
 WorkerToScheduler = WorkerHello | Heartbeat | TokenBatch
 
+def no_drop(sock) -> None:
+    """No high-water mark: a ROUTER past it drops messages silently, and a lost token batch
+    or terminal event would leave a stream hanging. Memory stays bounded by what the open
+    requests produce."""
+    import zmq
+
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+
+
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 gateway_to_scheduler = msgspec.msgpack.Decoder(GatewayToScheduler)

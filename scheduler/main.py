@@ -54,9 +54,11 @@ class Scheduler:
         self.ctx = zmq.Context.instance()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
+        schema.no_drop(self.front)
         self.front.bind(config.gateway_address)
         self.back = self.ctx.socket(zmq.ROUTER)
         self.back.setsockopt(zmq.LINGER, 0)
+        schema.no_drop(self.back)
         self.back.bind(config.worker_address)
         self.workers: dict[bytes, WorkerState] = {}
         self.gateways: set[bytes] = set()

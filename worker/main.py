@@ -69,6 +69,7 @@ class Worker:
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
         self.sock.setsockopt(zmq.LINGER, 0)
+        schema.no_drop(self.sock)
         self.sock.connect(config.scheduler_address)
         self.owner: dict[str, bytes] = {}  # request id -> owning gateway identity
         self.deadlines: dict[str, float] = {}  # request id -> unix time nobody waits past
