@@ -12,7 +12,8 @@ import grpc
 
 from gateway.output import OutputProcessor
 from gateway.scheduler_client import SchedulerClient
-from gateway.stream import GenerateStream, finished_pb, logprobs_pb, status_code
+from gateway.output import Update
+from gateway.stream import GenerateStream, finished_pb, logprobs_pb
 from gateway.telemetry import GatewayMetrics, RequestTelemetry
 from gateway.tokenizer import TextTokenizer
 from gateway import validation
@@ -55,13 +56,15 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # Shared request preparation.
 
-    def _model(self, name: str, field: str = "model") -> schema.ModelInfo:
-        name = name or self.model_name
-        if name != self.model_name:
+    def _check_model_name(self, name: str, field: str = "model") -> None:
+        if name and name != self.model_name:
             raise RequestError(errors.NOT_FOUND, f"model {name!r} is not served here; this gateway serves {self.model_name!r}", field)
-        info = self.client.models.get(name)
+
+    def _model(self, name: str, field: str = "model") -> schema.ModelInfo:
+        self._check_model_name(name, field)
+        info = self.client.models.get(self.model_name)
         if info is None:
-            raise RequestError(errors.UNAVAILABLE, f"no worker serves model {name!r} right now")
+            raise RequestError(errors.UNAVAILABLE, f"no worker serves model {self.model_name!r} right now")
         return info
 
     async def _run_tokenizer(self, fn, *args):
@@ -106,6 +109,17 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             # whether or not gRPC tells this handler in time.
             asyncio.get_running_loop().call_later(max(0.0, remaining), self._expire, internal, handler)
         return internal
+
+    def _process(self, item: schema.TokenItem, proc: OutputProcessor, tm: RequestTelemetry) -> Update:
+        """What every request does with a token batch: text and stop strings, upstream abort
+        on a stop string, telemetry."""
+        up = proc.process(item)
+        if up.matched_stop:
+            self.client.abort([item.request_id])
+        tm.on_update(up)
+        if up.terminal:
+            tm.end(up.finish_reason, up.error_code or "OK", up.error_message, proc.prompt_tokens)
+        return up
 
     def _expire(self, internal: str, handler) -> None:
         if internal not in self.client.handlers:
@@ -161,13 +175,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         proc = OutputProcessor(self.tokenizer, params.stop)
 
         def on_item(item: schema.TokenItem) -> None:
-            up = proc.process(item)
-            if up.matched_stop:
-                self.client.abort([internal])
-            tm.on_update(up)
-            if up.terminal:
-                tm.end(up.finish_reason, up.error_code or "OK", up.error_message, proc.prompt_tokens)
-            stream.push(rid, up, proc)
+            stream.push(rid, self._process(item, proc, tm), proc)
 
         internal = self._submit(model, ids, params, context, on_item, tm)
         stream.open[rid] = OpenRequest(internal, tm)
@@ -195,15 +203,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         lps: list = []
 
         def on_item(item: schema.TokenItem) -> None:
-            up = proc.process(item)
+            up = self._process(item, proc, tm)
             text.append(up.text)
             tokens.extend(up.token_ids)
             lps.extend(up.logprobs or ())
-            if up.matched_stop:
-                self.client.abort([internal])
-            tm.on_update(up)
             if up.terminal and not done.done():
-                tm.end(up.finish_reason, up.error_code or "OK", up.error_message, proc.prompt_tokens)
                 done.set_result(up)
 
         internal = self._submit(model, ids, params, context, on_item, tm)
@@ -235,16 +239,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             self._check_model_name(request.model)
             ids = list(request.token_ids)
-            for t in ids:
-                if not 0 <= t < self.tokenizer.vocab_size:
-                    raise invalid("token_ids", f"token id {t} is outside the vocabulary [0, {self.tokenizer.vocab_size})")
+            validation.check_vocab(ids, self.tokenizer.vocab_size, "token_ids")
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], e.message)
         return pb.DetokenizeResponse(text=self.tokenizer.decode(ids))
-
-    def _check_model_name(self, name: str) -> None:
-        if name and name != self.model_name:
-            raise RequestError(errors.NOT_FOUND, f"model {name!r} is not served here; this gateway serves {self.model_name!r}", "model")
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[
@@ -252,5 +250,3 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             for m in self.client.models.values()
         ])
 
-
-__all__ = ["InferenceServicer", "status_code"]

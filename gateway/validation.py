@@ -31,13 +31,17 @@ def chat_messages(msg: pb.ChatMessages, field: str) -> list[dict]:
     return [{"role": m.role, "content": m.content} for m in msg.messages]
 
 
+def check_vocab(ids: list[int], vocab_size: int, field: str) -> None:
+    for t in ids:
+        if not 0 <= t < vocab_size:
+            raise invalid(field, f"token id {t} is outside the vocabulary [0, {vocab_size})")
+
+
 def token_ids(ids, vocab_size: int, field: str) -> list[int]:
     ids = list(ids)
     if not ids:
         raise invalid(field, "must not be empty")
-    for t in ids:
-        if not 0 <= t < vocab_size:
-            raise invalid(field, f"token id {t} is outside the vocabulary [0, {vocab_size})")
+    check_vocab(ids, vocab_size, field)
     return ids
 
 

@@ -102,9 +102,7 @@ class EmbeddedEngine:
         model = model.to_empty(device=self.device).to(self.dtype)
         if self.model_config.tie_word_embeddings:  # to_empty unties shared parameters
             model.lm_head.weight = model.embed_tokens.weight
-        for module in model.modules():
-            if hasattr(module, "build"):
-                module.build()
+        model.rotary.build()  # to_empty left its tables uninitialized
         if weights is None:
             gen = torch.Generator(device="cpu").manual_seed(0)
             with torch.no_grad():
