@@ -23,6 +23,13 @@ def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
     return out
 
 
+@pytest.fixture(params=["off", "on"], ids=["sync", "overlap"])
+def overlap(request) -> str:
+    """Both step modes: overlap scheduling launches step N+1 before reading step N's tokens
+    (the GPU default); on the CPU it is off unless asked for, so both run here."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def workload(tokenizer):
     return prompts(tokenizer, 16)
@@ -57,35 +64,35 @@ def as_list(out: dict[str, list[int]], n: int) -> list[list[int]]:
     return [out[str(i)] for i in range(n)]
 
 
-def test_batching_invariance(make_engine, workload, alone):
-    engine = make_engine(max_num_tokens=96)  # forces chunked prefill mixed with decodes
+def test_batching_invariance(make_engine, workload, alone, overlap):
+    engine = make_engine(overlap_scheduler=overlap, max_num_tokens=96)  # forces chunked prefill mixed with decodes
     assert as_list(run_staggered(engine, workload), 16) == alone
     stats = engine.stats()
     assert stats.kv_blocks_in_use == 0 and stats.running == 0 and stats.queued == 0
 
 
-def test_preemption_keeps_outputs(make_engine, workload, alone):
+def test_preemption_keeps_outputs(make_engine, workload, alone, overlap):
     longest = max(len(p) for p in workload) + GREEDY.max_tokens
-    engine = make_engine(policy="MAX_UTILIZATION", max_tokens=longest * 3, enable_block_reuse=False)
+    engine = make_engine(overlap_scheduler=overlap, policy="MAX_UTILIZATION", max_tokens=longest * 3, enable_block_reuse=False)
     assert as_list(run_staggered(engine, workload), 16) == alone
     assert engine.stats().preemptions > 0
     assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
 
 
-def test_guaranteed_no_evict_small_pool(make_engine, workload, alone):
+def test_guaranteed_no_evict_small_pool(make_engine, workload, alone, overlap):
     longest = max(len(p) for p in workload) + GREEDY.max_tokens
-    engine = make_engine(max_tokens=longest * 3)
+    engine = make_engine(overlap_scheduler=overlap, max_tokens=longest * 3)
     assert as_list(run_staggered(engine, workload), 16) == alone
     assert engine.stats().preemptions == 0
 
 
-def test_prefix_reuse_shows_in_stats_and_keeps_outputs(make_engine, tokenizer):
-    engine = make_engine(tokens_per_block=8)
+def test_prefix_reuse_shows_in_stats_and_keeps_outputs(make_engine, tokenizer, overlap):
+    engine = make_engine(overlap_scheduler=overlap, tokens_per_block=8)
     system = "You are a careful assistant. " * 12
     msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]
     first = tokenizer.encode_chat(msgs("Name a fruit."))
     second = tokenizer.encode_chat(msgs("Name a tree."))
-    fresh = make_engine(tokens_per_block=8, enable_block_reuse=False).generate([second], GREEDY)[0]
+    fresh = make_engine(overlap_scheduler=overlap, tokens_per_block=8, enable_block_reuse=False).generate([second], GREEDY)[0]
     engine.generate([first], GREEDY)
     assert engine.stats().blocks_reused == 0
     engine.submit("b", second, GREEDY)
@@ -102,8 +109,8 @@ def test_prefix_reuse_shows_in_stats_and_keeps_outputs(make_engine, tokenizer):
     assert 0 < stats.prefix_cache_hit_rate < 1
 
 
-def test_seeded_sampling_reproduces_in_any_batch(make_engine, workload):
-    engine = make_engine()
+def test_seeded_sampling_reproduces_in_any_batch(make_engine, workload, overlap):
+    engine = make_engine(overlap_scheduler=overlap)
     seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     alone = engine.generate([workload[0]], seeded)[0]
     others = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
@@ -113,8 +120,8 @@ def test_seeded_sampling_reproduces_in_any_batch(make_engine, workload):
     assert other_seed != alone
 
 
-def test_abort_frees_every_block(make_engine, workload):
-    engine = make_engine()
+def test_abort_frees_every_block(make_engine, workload, overlap):
+    engine = make_engine(overlap_scheduler=overlap)
     for i, p in enumerate(workload[:6]):
         engine.submit(str(i), p, SamplingParams(max_tokens=100, temperature=0))
     for _ in range(5):
@@ -127,8 +134,8 @@ def test_abort_frees_every_block(make_engine, workload):
     assert stats.kv_blocks_in_use == 0 and stats.running == 0 and not engine.has_work()
 
 
-def test_max_tokens_min_tokens_and_stop_ids(make_engine, tokenizer, workload):
-    engine = make_engine()
+def test_max_tokens_min_tokens_and_stop_ids(make_engine, tokenizer, workload, overlap):
+    engine = make_engine(overlap_scheduler=overlap)
     prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     full = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
     assert full[-1] in engine.eos_token_ids  # the model ends its answer by itself
@@ -158,8 +165,8 @@ def test_max_tokens_min_tokens_and_stop_ids(make_engine, tokenizer, workload):
         ([1, 2], SamplingParams(logprobs=50), "logprobs"),
     ],
 )
-def test_bad_input_names_field_and_spares_others(make_engine, workload, alone, prompt, params, field):
-    engine = make_engine(max_seq_len=8192)
+def test_bad_input_names_field_and_spares_others(make_engine, workload, alone, prompt, params, field, overlap):
+    engine = make_engine(overlap_scheduler=overlap, max_seq_len=8192)
     engine.submit("good", workload[0], GREEDY)
     out = [t for o in engine.step() for t in o.new_token_ids]
     with pytest.raises(RequestError) as e:
@@ -184,3 +191,25 @@ def test_request_larger_than_pool_refused(make_engine, workload):
     with pytest.raises(RequestError) as e:
         engine.submit("big", workload[0], SamplingParams(max_tokens=500))
     assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.field == "max_tokens"
+
+
+def test_penalties_turn_overlap_off_while_they_run(make_engine, workload):
+    """Penalties read every output token, so an overlap engine runs sync steps while a
+    request with penalties is in; its outputs and its neighbours' equal the sync engine's."""
+    penalized = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, ignore_eos=True)
+    params = [GREEDY, penalized, GREEDY]
+    want = make_engine(overlap_scheduler="off").generate(workload[:3], params)
+    engine = make_engine(overlap_scheduler="on")
+    assert engine.generate(workload[:3], params) == want
+    assert engine._penalized == 0 and engine.generate(workload[:1], GREEDY) == [want[0]]
+
+
+def test_overlap_reads_each_token_one_step_later(make_engine, workload):
+    sync, ahead = make_engine(overlap_scheduler="off"), make_engine(overlap_scheduler="on")
+    for engine in (sync, ahead):
+        engine.submit("r", workload[0], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    first_sync, first_ahead = sync.step(), ahead.step()
+    assert len(first_sync) == 1 and first_ahead == []
+    # The second step ran with the first token still "on the device".
+    assert [o.new_token_ids for o in ahead.step()] == [first_sync[0].new_token_ids]
+    assert ahead.requests["r"].num_pending == 1

@@ -18,7 +18,7 @@ def test_triton_path_matches_reference(model_dir):
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    for path in ("triton", "triton+graphs"):
+    for path in ("triton", "triton+graphs", "triton+graphs+overlap"):
         assert out[path]["first"] == out["reference"]["first"], path
         assert out[path]["again"] == out["reference"]["again"], path
         assert out[path]["reused"] > 0  # the prefix-cached prefill path really ran

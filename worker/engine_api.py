@@ -41,6 +41,7 @@ class EngineConfig:
     max_batch_size: int = dataclasses.field(default=256, metadata={"help": "requests running at once"})
     max_num_tokens: int = dataclasses.field(default=8192, metadata={"help": "tokens one engine step computes at most, prefill and decode together"})
     attention: Literal["auto", "triton", "reference"] = dataclasses.field(default="auto", metadata={"help": "auto (Triton kernels on CUDA, the PyTorch reference elsewhere), triton or reference"})
+    overlap_scheduler: Literal["auto", "on", "off"] = dataclasses.field(default="auto", metadata={"help": "prepare and launch step N+1 while the device runs step N: auto turns it on for CUDA (on the CPU nothing runs asynchronously, so it would only delay each token by a step)"})
     cuda_graphs: bool = dataclasses.field(default=True, metadata={"help": "replay decode steps from captured CUDA graphs (CUDA only)"})
     max_seq_len: int | None = dataclasses.field(default=None, metadata={"help": "prompt plus output tokens at most; unset means the model's limit"})
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -16,13 +17,20 @@ from inflight.sampling_params import SamplingParams
 from worker.embedded.block_pool import KvBlockPool
 from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.model_runner import ModelRunner, kv_bytes_per_block
-from worker.embedded.scheduler import BatchScheduler
-from worker.embedded.sequence import Sequence
+from worker.embedded.sampler import DeviceSample
+from worker.embedded.scheduler import BatchScheduler, ScheduledChunk
+from worker.embedded.sequence import Sequence, SeqStatus
 from worker.engine_api import EngineConfig, EngineStats, RequestOutput, TokenLogprob
 from worker.models.config import ModelConfig
 from worker.models.loader import iter_safetensors
 
 log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class InflightStep:
+    sample: DeviceSample | None  # None when no chunk reached its end
+    sampled: list[Sequence]  # in the sample's row order
 
 
 def resolve_device(name: str) -> torch.device:
@@ -87,6 +95,9 @@ class EmbeddedEngine:
             policy=config.scheduler.capacity_scheduler_policy,
         )
         self.requests: dict[str, Sequence] = {}
+        self.overlap = config.overlap_scheduler == "on" or (config.overlap_scheduler == "auto" and self.device.type == "cuda")
+        self._inflight: InflightStep | None = None  # launched, tokens not yet read
+        self._penalized = 0  # requests with penalties: they turn overlap off while they run
         self._arrivals = itertools.count()
         self.prompt_tokens_seen = 0
         self.prompt_tokens_cached = 0
@@ -157,22 +168,53 @@ class EmbeddedEngine:
                 "max_tokens",
             )
         self.requests[request_id] = seq
+        if params.has_penalties:
+            self._penalized += 1
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> bool:
-        seq = self.requests.pop(request_id, None)
+        seq = self.requests.get(request_id)
         if seq is None:
             return False
-        self.scheduler.remove(seq)
-        return True
+        self._forget(seq)
+        self.scheduler.remove(seq)  # a step in flight may still write its blocks: harmless,
+        return True  # later steps that reuse them run after it on the same stream
 
     def has_work(self) -> bool:
+        inflight = self._inflight
+        if inflight is not None and any(s.status is not SeqStatus.FINISHED for s in inflight.sampled):
+            return True
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
-        chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
+        """Schedule and launch one step; return what the previous step produced.
+
+        With overlap scheduling the host schedules and launches step N+1 while the device
+        still runs step N: a decode whose last token is still on the device takes it
+        from there. Step N's tokens are then read (they are usually ready) and returned.
+        A request that stops on a token is found a step late; the extra token the device
+        computed for it is dropped. Without overlap (on the CPU, or while a request with
+        penalties runs, which read every output token) a step returns its own tokens."""
+        overlap = self.overlap and not self._penalized
+        outputs: list[RequestOutput] = []
+        try:
+            if self._inflight is not None and not overlap:
+                outputs += self._collect(self._inflight)
+                self._inflight = None
+            chunks = self.scheduler.schedule()
+            launched = self._launch(chunks) if chunks else None
+            if self._inflight is not None:
+                outputs += self._collect(self._inflight)
+            self._inflight = launched
+            if launched is not None and not overlap:
+                self._inflight = None
+                outputs += self._collect(launched)
+        except BaseException:
+            self._inflight = None  # the caller aborts the requests of a failed step
+            raise
+        return outputs
+
+    def _launch(self, chunks: list[ScheduledChunk]) -> InflightStep:
         now = time.time()
         for ch in chunks:
             seq = ch.seq
@@ -181,21 +223,28 @@ class EmbeddedEngine:
                 seq.scheduled_at = now
                 self.prompt_tokens_seen += len(seq.prompt_token_ids)
                 self.prompt_tokens_cached += seq.num_cached_prompt
-        result, sampled = self.runner.run(chunks, self.eos_token_ids)
-        bs = self.pool.tokens_per_block
+        sample, sampled = self.runner.run(chunks, self.eos_token_ids)
         for ch in chunks:
-            seq = ch.seq
-            seq.num_computed += ch.num_tokens
-            tokens = None
-            while len(seq.block_hashes) < seq.num_computed // bs:  # publish newly full blocks
-                tokens = tokens or seq.all_token_ids
-                i = len(seq.block_hashes)
-                parent = seq.block_hashes[-1] if i else 0
-                seq.block_hashes.append(self.pool.publish(seq.block_table[i], parent, tuple(tokens[i * bs : (i + 1) * bs])))
+            ch.seq.num_computed += ch.num_tokens
+            self._publish(ch.seq)
+        for row, seq in enumerate(sampled):
+            seq.num_pending += 1
+            seq.pending_row = row
+        return InflightStep(sample, sampled)
+
+    def _collect(self, step: InflightStep) -> list[RequestOutput]:
+        """Wait for a launched step's tokens and turn them into outputs."""
+        if step.sample is None:
+            return []
+        result = step.sample.result()
         outputs: list[RequestOutput] = []
-        for i, seq in enumerate(sampled):
+        for i, seq in enumerate(step.sampled):
+            seq.num_pending -= 1
+            if seq.status is SeqStatus.FINISHED:  # aborted, or stopped a step ago
+                continue
             token = result.token_ids[i]
             seq.output_token_ids.append(token)
+            self._publish(seq)
             out = RequestOutput(
                 seq.request_id, [token], prompt_tokens=len(seq.prompt_token_ids), cached_tokens=seq.num_cached_prompt,
                 scheduled_at=seq.scheduled_at,
@@ -205,17 +254,34 @@ class EmbeddedEngine:
                 out.logprobs = [TokenLogprob(token, chosen, top)]
             out.finish_reason = self._finish_reason(seq, token)
             if out.finish_reason:
-                del self.requests[seq.request_id]
+                self._forget(seq)
                 self.scheduler.remove(seq)
             outputs.append(out)
         return outputs
+
+    def _publish(self, seq: Sequence) -> None:
+        """Publish seq's newly full blocks whose tokens are all computed and known."""
+        bs = self.pool.tokens_per_block
+        full = min(seq.num_computed, seq.num_known) // bs
+        if len(seq.block_hashes) >= full:
+            return
+        tokens = seq.all_token_ids
+        while len(seq.block_hashes) < full:
+            i = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if i else 0
+            seq.block_hashes.append(self.pool.publish(seq.block_table[i], parent, tuple(tokens[i * bs : (i + 1) * bs])))
+
+    def _forget(self, seq: Sequence) -> None:
+        del self.requests[seq.request_id]
+        if seq.params.has_penalties:
+            self._penalized -= 1
 
     def _finish_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params
         n = len(seq.output_token_ids)
         if n >= p.min_tokens and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
             return "stop"
-        if n >= p.max_tokens or len(seq) >= self.max_seq_len:
+        if n >= p.max_tokens or seq.num_known >= self.max_seq_len:
             return "length"
         return None
 

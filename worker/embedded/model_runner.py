@@ -13,7 +13,7 @@ import torch
 
 from worker.embedded.attention import AttentionMetadata, PrefillSegment, build_mask
 from worker.embedded.llama import LlamaForCausalLM
-from worker.embedded.sampler import SampleResult, sample
+from worker.embedded.sampler import DeviceSample, sample_async
 from worker.embedded.scheduler import ScheduledChunk
 from worker.embedded.sequence import Sequence
 from worker.models.config import ModelConfig
@@ -42,6 +42,12 @@ def _replay_graph(graph: torch.cuda.CUDAGraph, logits: torch.Tensor, inputs: tup
     return logits
 
 
+def _take_pending(input_ids: torch.Tensor, src: torch.Tensor, token_buf: torch.Tensor) -> torch.Tensor:
+    """Input ids with the rows whose token is still on the device (src >= 0: its row in
+    the last step's sampled tokens) read from there, without the host waiting for it."""
+    return torch.where(src >= 0, token_buf[src.clamp(min=0)], input_ids)
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int,
                  tokens_per_block: int, max_seq_len: int, max_batch_size: int, cuda_graphs: bool, attention: str = "auto"):
@@ -67,6 +73,9 @@ class ModelRunner:
             for _ in range(c.num_layers)
         ]
         self.scratch_slot = num_blocks * tokens_per_block
+        # The last step's sampled tokens stay here on the device, so the next step can use
+        # them as inputs before the host has seen them (overlap scheduling).
+        self.token_buf = torch.zeros(max(max_batch_size, 1), dtype=torch.long, device=device)
         self.max_blocks_per_seq = -(-max_seq_len // tokens_per_block)
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}  # batch size -> replay, giving logits
         self.graph_sizes: list[int] = []
@@ -74,9 +83,10 @@ class ModelRunner:
             self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_batch_size] or [1])
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> tuple[SampleResult | None, list[Sequence]]:
-        """One forward pass; samples for the chunks that reach their end. Returns the
-        sampled sequences in the order of the result's tokens."""
+    def run(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> tuple[DeviceSample | None, list[Sequence]]:
+        """Queue one forward pass and sampling for the chunks that reach their end; nothing
+        waits for the device. Returns the sampled sequences in the order of the sample's
+        rows; a decode whose input token is pending reads it from the last step's rows."""
         # Decodes first: the GPU path's kernels take them as one leading block of rows.
         chunks = sorted(chunks, key=lambda ch: ch.num_tokens != 1)
         sampled = [ch.seq for ch in chunks if ch.sample]
@@ -87,12 +97,22 @@ class ModelRunner:
             logits = self._eager(chunks)
         if not sampled:
             return None, []
-        return sample(logits, sampled, eos_token_ids), sampled
+        result = sample_async(logits, sampled, eos_token_ids)
+        self.token_buf[: len(sampled)].copy_(result.tokens)
+        return result, sampled
+
+    @staticmethod
+    def _input_token(seq: Sequence, pos: int) -> tuple[int, int]:
+        """(token id, -1) when the host knows token pos, else (0, its token-buffer row)."""
+        if pos < seq.num_known:
+            return seq.token_at(pos), -1
+        return 0, seq.pending_row
 
     def _eager(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         bs = self.tokens_per_block
         dev = self.device
         input_ids: list[int] = []
+        pending_src: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         q_lens: list[int] = []
@@ -100,7 +120,13 @@ class ModelRunner:
         logits_rows: list[int] = []
         for ch in chunks:
             seq, start, n = ch.seq, ch.seq.num_computed, ch.num_tokens
-            input_ids += seq.all_token_ids[start : start + n] if n > 1 else [seq.token_at(start)]
+            if n > 1:  # a prefill chunk: every token is known
+                input_ids += seq.all_token_ids[start : start + n]
+                pending_src += [-1] * n
+            else:
+                token, src = self._input_token(seq, start)
+                input_ids.append(token)
+                pending_src.append(src)
             positions += range(start, start + n)
             table = seq.block_table
             slots += [table[p // bs] * bs + p % bs for p in range(start, start + n)]
@@ -127,8 +153,11 @@ class ModelRunner:
                 row += n
         else:
             self._reference_meta(meta, chunks, q_lens, ctx_lens)
+        ids = torch.tensor(input_ids, device=dev)
+        if any(src >= 0 for src in pending_src):
+            ids = _take_pending(ids, torch.tensor(pending_src, device=dev), self.token_buf)
         return self.model(
-            torch.tensor(input_ids, device=dev),
+            ids,
             torch.tensor(positions, device=dev),
             self.kv_caches,
             meta,
@@ -161,14 +190,16 @@ class ModelRunner:
     def _capture(self, sizes: list[int]) -> None:
         G, W, dev = max(sizes), self.max_blocks_per_seq, self.device
         # Every graph input lives in one int64 device buffer, filled by one copy per step
-        # from a pinned host twin: token ids, positions, slots, context lengths, tables.
-        self.g_buf = torch.zeros(4 * G + G * W, dtype=torch.long, device=dev)
-        self.h_buf = torch.zeros(4 * G + G * W, dtype=torch.long)
+        # from a pinned host twin: token ids, positions, slots, context lengths, pending
+        # token rows, tables. Two host twins take turns: with overlap scheduling the host
+        # fills the next step's while the last one's copy may still wait in the stream.
+        self.g_buf = torch.zeros(5 * G + G * W, dtype=torch.long, device=dev)
+        self.h_bufs = [torch.zeros(5 * G + G * W, dtype=torch.long) for _ in range(2)]
         if dev.type == "cuda":
-            self.h_buf = self.h_buf.pin_memory()
-        self.h_np = self.h_buf.numpy()
-        g_ids, g_pos, g_slots, g_ctx = (self.g_buf[i * G : (i + 1) * G] for i in range(4))
-        g_tables = self.g_buf[4 * G :].view(G, W)
+            self.h_bufs = [h.pin_memory() for h in self.h_bufs]
+        self.h_turn = 0
+        g_ids, g_pos, g_slots, g_ctx, g_src = (self.g_buf[i * G : (i + 1) * G] for i in range(5))
+        g_tables = self.g_buf[5 * G :].view(G, W)
         g_slots.fill_(self.scratch_slot)
         # Kept on self: a graph reads its inputs from fixed addresses, so nothing it reads
         # may ever be freed and reused.
@@ -177,32 +208,37 @@ class ModelRunner:
         for b in sorted(sizes, reverse=True):
             meta = AttentionMetadata(slot_mapping=g_slots[:b], reference=False, num_decodes=b,
                                      decode_tables=g_tables[:b], decode_context_lens=g_ctx[:b])
-            args = (g_ids[:b], g_pos[:b], self.kv_caches, meta, g_rows[:b])
+            args = (g_ids[:b], g_src[:b], g_pos[:b], meta, g_rows[:b])
             if pool is None:  # no CUDA (Triton's interpreter in tests): run the same buffers eagerly
-                self.graphs[b] = functools.partial(self.model, *args)
+                self.graphs[b] = functools.partial(self._graph_body, *args)
                 continue
             with torch.inference_mode():
-                self.model(*args)  # compiles the kernels outside the capture
+                self._graph_body(*args)  # compiles the kernels outside the capture
                 torch.cuda.synchronize(dev)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self.model(*args)
+                    logits = self._graph_body(*args)
             self.graphs[b] = functools.partial(_replay_graph, graph, logits, args)
         self.graph_sizes = sorted(sizes)
         self.graph_max = G
         log.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
 
+    def _graph_body(self, ids, src, pos, meta, rows) -> torch.Tensor:
+        return self.model(_take_pending(ids, src, self.token_buf), pos, self.kv_caches, meta, rows)
+
     def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         B = len(chunks)
         G = self.graph_sizes[bisect.bisect_left(self.graph_sizes, B)]
         bs, Gmax, W = self.tokens_per_block, self.graph_max, self.max_blocks_per_seq
-        h = self.h_np
-        tables = h[4 * Gmax :].reshape(Gmax, W)
+        h_buf = self.h_bufs[self.h_turn]
+        self.h_turn ^= 1
+        h = h_buf.numpy()
+        tables = h[5 * Gmax :].reshape(Gmax, W)
         for i, ch in enumerate(chunks):
             seq = ch.seq
             p = seq.num_computed
             table = seq.block_table
-            h[i] = seq.token_at(p)
+            h[i], h[4 * Gmax + i] = self._input_token(seq, p)
             h[Gmax + i] = p
             h[2 * Gmax + i] = table[p // bs] * bs + p % bs
             h[3 * Gmax + i] = p + 1
@@ -211,6 +247,7 @@ class ModelRunner:
         h[Gmax + B : Gmax + G] = 0
         h[2 * Gmax + B : 2 * Gmax + G] = self.scratch_slot
         h[3 * Gmax + B : 3 * Gmax + G] = 0
-        n = 4 * Gmax + B * W  # only the used table rows travel
-        self.g_buf[:n].copy_(self.h_buf[:n], non_blocking=True)
+        h[4 * Gmax + B : 4 * Gmax + G] = -1
+        n = 5 * Gmax + B * W  # only the used table rows travel
+        self.g_buf[:n].copy_(h_buf[:n], non_blocking=True)
         return self.graphs[G]()[:B]

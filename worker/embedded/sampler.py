@@ -45,14 +45,53 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     logits[rows] = sub
 
 
+class DeviceSample:
+    """A step's sampled tokens (and asked-for logprobs) on their way to the host: the
+    copies go into pinned memory behind the step's kernels, so the host can prepare and
+    launch the next step before `result()` waits for them."""
+
+    def __init__(self, tokens: torch.Tensor, logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+                 top_n: list[int]):
+        self.tokens = tokens  # stays on the device: the next step may read its rows
+        self.top_n = top_n
+        tensors = [tokens] + (list(logprobs) if logprobs is not None else [])
+        self.event = None
+        if tokens.device.type == "cuda":
+            self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(self.host, tensors):
+                h.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = tensors
+
+    def result(self) -> SampleResult:
+        if self.event is not None:
+            self.event.synchronize()
+        token_list = self.host[0].tolist()
+        lp_out: list = [None] * len(token_list)
+        if len(self.host) > 1:
+            chosen, top_v, top_i = (t.tolist() for t in self.host[1:])
+            for i, n in enumerate(self.top_n):
+                if n:
+                    lp_out[i] = (chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
+        return SampleResult(token_list, lp_out)
+
+
 def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> SampleResult:
+    return sample_async(logits, seqs, eos_token_ids).result()
+
+
+def sample_async(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> DeviceSample:
+    """Queue the sampling kernels; nothing waits for the device. Penalties read every
+    output token, so the engine runs steps with penalties without overlap."""
     logits = logits.float()
     device = logits.device
     if any(s.params.has_penalties for s in seqs):
         apply_penalties(logits, seqs)
     for i, s in enumerate(seqs):  # no stopping before min_tokens
         p = s.params
-        if len(s.output_token_ids) < p.min_tokens:
+        if s.num_generated < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
             if banned:
                 logits[i, banned] = float("-inf")
@@ -79,18 +118,13 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
         greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
         tokens = torch.where(greedy, tokens, sampled)
 
-    token_list = tokens.tolist()
-    lp_out: list = [None] * len(seqs)
+    lp = None
+    top_n = [s.params.logprobs for s in seqs]
     if logprobs_all is not None:
-        n_max = max(s.params.logprobs for s in seqs)
-        top_v, top_i = logprobs_all.topk(n_max, dim=-1)
+        top_v, top_i = logprobs_all.topk(max(top_n), dim=-1)
         chosen = logprobs_all.gather(1, tokens[:, None])[:, 0]
-        top_v, top_i, chosen = top_v.tolist(), top_i.tolist(), chosen.tolist()
-        for i, s in enumerate(seqs):
-            n = s.params.logprobs
-            if n:
-                lp_out[i] = (chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
-    return SampleResult(token_list, lp_out)
+        lp = (chosen, top_v, top_i)
+    return DeviceSample(tokens, lp, top_n)
 
 
 def _truncate(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

@@ -68,9 +68,14 @@ class BatchScheduler:
     def schedule(self) -> list[ScheduledChunk]:
         budget = self.max_num_tokens
         chunks: list[ScheduledChunk] = []
+        finishing = 0
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.done_by_length(self.max_seq_len):  # its last token is still on the device
+                finishing += 1
+                i += 1
+                continue
             n = seq.num_uncomputed
             if n > budget:
                 if not self.chunked:
@@ -82,7 +87,7 @@ class BatchScheduler:
             chunks.append(ScheduledChunk(seq, n, seq.num_computed + n == len(seq)))
             budget -= n
             i += 1
-        if len(chunks) == len(self.running):
+        if len(chunks) + finishing == len(self.running):
             budget = self._admit(chunks, budget)
         return chunks
 
@@ -114,6 +119,8 @@ class BatchScheduler:
         reserved = self._reserved() if self.policy == "GUARANTEED_NO_EVICT" else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
+            if seq.num_pending:  # preempted with a token still on the device: next step
+                break
             tokens = seq.all_token_ids
             # Leave at least one token to compute: its logits give the next token.
             cached = pool.match_prefix(tokens, (len(tokens) - 1) // pool.tokens_per_block)

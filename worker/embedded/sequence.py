@@ -26,6 +26,10 @@ class Sequence:
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks published so far
         self.num_computed = 0  # tokens whose K/V are in the cache
+        # Overlap scheduling: tokens sampled by steps still running on the device. They
+        # count in the sequence's length; their values reach the host a step later.
+        self.num_pending = 0
+        self.pending_row = -1  # row of the newest pending token in the runner's token buffer
         self.num_cached_prompt = 0  # prompt tokens that came from the prefix cache
         self.counted_prompt = False  # prefix-cache stats counted once, not per preemption
         self.scheduled_at: float | None = None  # unix time of the first step that ran it
@@ -37,11 +41,25 @@ class Sequence:
         return self.prompt_token_ids + self.output_token_ids
 
     def token_at(self, i: int) -> int:
+        """Token i, which must be known on the host (not pending)."""
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     def __len__(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_pending
+
+    @property
+    def num_known(self) -> int:
+        """Tokens whose values the host has."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.output_token_ids) + self.num_pending
+
+    def done_by_length(self, max_seq_len: int) -> bool:
+        """Its pending tokens already take it to max_tokens or max_seq_len."""
+        return self.num_pending > 0 and (self.num_generated >= self.params.max_tokens or len(self) >= max_seq_len)
 
     @property
     def num_uncomputed(self) -> int:
