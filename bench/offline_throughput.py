@@ -38,12 +38,18 @@ def run_ours(engine: EmbeddedEngine, reqs) -> dict:
     t = time.perf_counter()
     for i, (prompt, out_len) in enumerate(reqs):
         engine.submit(str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
-    produced = 0
+    produced, steps, running_sum, running_peak, full_steps, full_sum = 0, 0, 0, 0, 0, 0
     while engine.has_work():
         produced += sum(len(o.new_token_ids) for o in engine.step())
+        running = len(engine.scheduler.running)
+        steps, running_sum, running_peak = steps + 1, running_sum + running, max(running_peak, running)
+        if engine.scheduler.waiting:  # requests wait for room: the cache is the limit
+            full_steps, full_sum = full_steps + 1, full_sum + running
     torch.cuda.synchronize()
     secs = time.perf_counter() - t
-    return {"requests": len(reqs), "output_tokens": produced, "seconds": secs, "output_tok_per_s": produced / secs}
+    return {"requests": len(reqs), "output_tokens": produced, "seconds": secs, "output_tok_per_s": produced / secs,
+            "steps": steps, "mean_running": running_sum / max(steps, 1), "peak_running": running_peak,
+            "mean_running_while_waiting": full_sum / max(full_steps, 1)}
 
 
 @torch.no_grad()
@@ -72,16 +78,19 @@ def main() -> None:
     ap.add_argument("--hf-requests", type=int, default=128)
     ap.add_argument("--hf-batch", type=int, default=128)
     ap.add_argument("--max-batch-size", type=int, nargs="+", default=[256], help="our engine's max_batch_size (several: one run each)")
+    ap.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"], help="overlap scheduling (several: one run each)")
     ap.add_argument("--out", default="offline_throughput.json")
     args = ap.parse_args()
     cfg = model_config(args.shape)
     reqs = workload(args.requests, cfg.vocab_size)
     runs = []
-    for mbs in args.max_batch_size:
-        engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048, max_batch_size=mbs), cfg)
+    for mbs, overlap in ((m, o) for m in args.max_batch_size for o in args.overlap):
+        engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048, max_batch_size=mbs,
+                                             overlap_scheduler=overlap), cfg)
         run_ours(engine, reqs[:16])  # warm-up: kernels compiled, allocator settled
         ours = run_ours(engine, reqs)
         ours["max_batch_size"] = mbs
+        ours["overlap"] = overlap
         ours["preemptions"] = engine.stats().preemptions
         runs.append(ours)
         del engine
@@ -94,13 +103,14 @@ def main() -> None:
             hf = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(torch.bfloat16).eval()
         hf_res = run_hf(hf, reqs[: args.hf_requests], args.hf_batch)
     print(f"\noffline throughput, {args.shape}, bf16, {torch.cuda.get_device_name()}")
-    print(f"{'engine':>32} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6}")
+    print(f"{'engine':>40} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6}")
     for ours in runs:
         ratio = ours["output_tok_per_s"] / hf_res["output_tok_per_s"] if hf_res else 0.0
-        print(f"{'inflight, max batch ' + str(ours['max_batch_size']):>32} {ours['requests']:>8} {ours['output_tokens']:>10} "
+        label = f"inflight, max batch {ours['max_batch_size']}, overlap {ours['overlap']}"
+        print(f"{label:>40} {ours['requests']:>8} {ours['output_tokens']:>10} "
               f"{ours['seconds']:>8.1f} {ours['output_tok_per_s']:>10.0f} {ratio:>5.1f}x")
     if hf_res:
-        print(f"{'transformers, batch ' + str(hf_res['batch']):>32} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
+        print(f"{'transformers, batch ' + str(hf_res['batch']):>40} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
               f"{hf_res['seconds']:>8.1f} {hf_res['output_tok_per_s']:>10.0f}")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "ours": runs, "transformers": hf_res}, f, indent=2)

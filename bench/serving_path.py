@@ -64,8 +64,8 @@ def run_receiver(port: int) -> None:
     server.wait_for_termination()
 
 
-def start_stack(port: int, extra_env: dict | None = None, step_ms: float = 0.0) -> subprocess.Popen:
-    env = {**os.environ, "INFLIGHT_BACKEND": "tests.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
+def start_stack(port: int, extra_env: dict | None = None, step_ms: float = 0.0, tokenizer: str | None = None) -> subprocess.Popen:
+    env = {**os.environ, **({"INFLIGHT_MODEL": os.path.abspath(tokenizer)} if tokenizer else {}), "INFLIGHT_BACKEND": "tests.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
            "ENGINE_DOUBLE_STEP_MS": str(step_ms),
            "INFLIGHT_MAX_BATCH_SIZE": "512", "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), **(extra_env or {})}
     for k in [k for k in env if k.startswith("OTEL_") and not (extra_env and k in extra_env)]:
@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--tracing", action="store_true", help="compare tracing on against tracing off instead of bare gRPC")
     ap.add_argument("--step-ms", type=float, default=0.0, help="each engine-double step takes this long (0: instant)")
+    ap.add_argument("--tokenizer", help="folder with tokenizer.json and tokenizer_config.json (default: the built-in model's)")
     ap.add_argument("--out", default="serving_path.json")
     args = ap.parse_args()
 
@@ -174,7 +175,7 @@ def main() -> None:
         otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
                 "OTEL_EXPORTER_OTLP_INSECURE": "true"}
         off_port, on_port = free_port(), free_port()
-        off, on = start_stack(off_port, step_ms=args.step_ms), start_stack(on_port, otel, args.step_ms)
+        off, on = start_stack(off_port, None, args.step_ms, args.tokenizer), start_stack(on_port, otel, args.step_ms, args.tokenizer)
         try:
             for c in args.concurrency:  # alternate, so drift in the machine hits both
                 base = measure(f"127.0.0.1:{off_port}", c, args.seconds, args.max_tokens)
@@ -190,7 +191,7 @@ def main() -> None:
         bare_port, port = free_port(), free_port()
         bare = ctx.Process(target=run_bare, args=(bare_port,), daemon=True)
         bare.start()
-        stack = start_stack(port, step_ms=args.step_ms)
+        stack = start_stack(port, None, args.step_ms, args.tokenizer)
         try:
             for c in args.concurrency:
                 ours = measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens)

@@ -22,3 +22,8 @@ def test_triton_path_matches_reference(model_dir):
         assert out[path]["first"] == out["reference"]["first"], path
         assert out[path]["again"] == out["reference"]["again"], path
         assert out[path]["reused"] > 0  # the prefix-cached prefill path really ran
+    kernels = out["kernels"]
+    for splits, r in kernels["paged_decode"].items():
+        assert r["rel_err"] < 1e-6 and not r["nan"] and r["zero_row"], (splits, r)
+    assert kernels["argmax"] == {"float32": True, "bfloat16": True}
+    assert kernels["gemv_rel_err"] < 1e-6

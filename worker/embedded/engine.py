@@ -114,14 +114,14 @@ class EmbeddedEngine:
         if self.model_config.tie_word_embeddings:  # to_empty unties shared parameters
             model.lm_head.weight = model.embed_tokens.weight
         model.rotary.build()  # to_empty left its tables uninitialized
-        if weights is None:
-            gen = torch.Generator(device="cpu").manual_seed(0)
+        if weights is None:  # drawn on the device: an 8B shape takes seconds, not minutes
+            gen = torch.Generator(device=self.device).manual_seed(0)
             with torch.no_grad():
                 for name, p in model.named_parameters():
                     if "norm" in name:
                         p.fill_(1.0)
                     else:
-                        p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+                        p.normal_(0.0, 0.02, generator=gen)
         else:
             model.load_hf_weights((n, t.to(self.dtype)) for n, t in weights)
         return model.eval()

@@ -61,6 +61,11 @@ class ModelRunner:
         else:
             self.fast = attention == "triton"
         model.use_fused_kernels(self.fast)
+        self.argmax = None
+        if self.fast:
+            from worker.embedded.kernels.argmax import argmax_rows
+
+            self.argmax = argmax_rows
         if device.type == "cuda":
             # cuDNN's SDPA builds a plan on the CPU for every new sequence length (2.8 ms a
             # prefill, measured); flash and memory-efficient attention need none.
@@ -97,7 +102,7 @@ class ModelRunner:
             logits = self._eager(chunks)
         if not sampled:
             return None, []
-        result = sample_async(logits, sampled, eos_token_ids)
+        result = sample_async(logits, sampled, eos_token_ids, self.argmax)
         self.token_buf[: len(sampled)].copy_(result.tokens)
         return result, sampled
 
@@ -201,14 +206,14 @@ class ModelRunner:
         g_ids, g_pos, g_slots, g_ctx, g_src = (self.g_buf[i * G : (i + 1) * G] for i in range(5))
         g_tables = self.g_buf[5 * G :].view(G, W)
         g_slots.fill_(self.scratch_slot)
-        # Kept on self: a graph reads its inputs from fixed addresses, so nothing it reads
-        # may ever be freed and reused.
-        self.g_rows = g_rows = torch.arange(G, device=dev)
         pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         for b in sorted(sizes, reverse=True):
             meta = AttentionMetadata(slot_mapping=g_slots[:b], reference=False, num_decodes=b,
                                      decode_tables=g_tables[:b], decode_context_lens=g_ctx[:b])
-            args = (g_ids[:b], g_src[:b], g_pos[:b], meta, g_rows[:b])
+            # Kept alive by the replay partial: a graph reads its inputs from fixed
+            # addresses, so nothing it reads may ever be freed and reused. Every row of a
+            # decode graph wants its logits (logits rows None: no gather).
+            args = (g_ids[:b], g_src[:b], g_pos[:b], meta, None)
             if pool is None:  # no CUDA (Triton's interpreter in tests): run the same buffers eagerly
                 self.graphs[b] = functools.partial(self._graph_body, *args)
                 continue

@@ -4,6 +4,7 @@ per-request seeds, and top-n logprobs. One host sync per step, for the chosen to
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -82,19 +83,27 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int,
     return sample_async(logits, seqs, eos_token_ids).result()
 
 
-def sample_async(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> DeviceSample:
+def sample_async(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...],
+                 argmax: Callable[[torch.Tensor], torch.Tensor] | None = None) -> DeviceSample:
     """Queue the sampling kernels; nothing waits for the device. Penalties read every
-    output token, so the engine runs steps with penalties without overlap."""
-    logits = logits.float()
-    device = logits.device
-    if any(s.params.has_penalties for s in seqs):
-        apply_penalties(logits, seqs)
-    for i, s in enumerate(seqs):  # no stopping before min_tokens
+    output token, so the engine runs steps with penalties without overlap. `argmax`, when
+    given, takes the rows' argmax of the logits as they are (greedy rows only)."""
+    bans = []  # no stopping before min_tokens
+    for i, s in enumerate(seqs):
         p = s.params
         if s.num_generated < p.min_tokens:
             banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
             if banned:
-                logits[i, banned] = float("-inf")
+                bans.append((i, banned))
+    top_n = [s.params.logprobs for s in seqs]
+    if argmax is not None and not bans and not any(top_n) and all(s.params.greedy and not s.params.has_penalties for s in seqs):
+        return DeviceSample(argmax(logits), None, top_n)
+    logits = logits.float()
+    device = logits.device
+    if any(s.params.has_penalties for s in seqs):
+        apply_penalties(logits, seqs)
+    for i, banned in bans:
+        logits[i, banned] = float("-inf")
 
     want_logprobs = any(s.params.logprobs for s in seqs)
     logprobs_all = torch.log_softmax(logits, dim=-1) if want_logprobs else None
@@ -119,7 +128,6 @@ def sample_async(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tupl
         tokens = torch.where(greedy, tokens, sampled)
 
     lp = None
-    top_n = [s.params.logprobs for s in seqs]
     if logprobs_all is not None:
         top_v, top_i = logprobs_all.topk(max(top_n), dim=-1)
         chosen = logprobs_all.gather(1, tokens[:, None])[:, 0]
