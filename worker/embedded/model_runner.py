@@ -84,8 +84,23 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_seq_len // tokens_per_block)
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}  # batch size -> replay, giving logits
         self.graph_sizes: list[int] = []
+        if self.fast and device.type == "cuda":
+            self._compile_split_variants()
         if cuda_graphs and self.fast:
             self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_batch_size] or [1])
+
+    def _compile_split_variants(self) -> None:
+        """Compile the paged-decode kernel for every split count now: eager steps pick one
+        by their decode count, and a first compile inside a step costs about a second."""
+        from worker.embedded.kernels.paged_decode import paged_decode_attention
+
+        c, dev = self.config, self.device
+        k_cache, v_cache = self.kv_caches[0]
+        q = torch.zeros((1, c.num_heads, c.head_dim), dtype=self.dtype, device=dev)
+        table = torch.zeros((1, 1), dtype=torch.int32, device=dev)
+        ctx = torch.ones(1, dtype=torch.int32, device=dev)
+        for splits in (1, 2, 4, 8, 16, 32):
+            paged_decode_attention(q, k_cache, v_cache, table, ctx, 1.0, splits=splits)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> tuple[DeviceSample | None, list[Sequence]]:
