@@ -174,3 +174,40 @@ def test_health_and_ready_on_every_process(traced_stack):
         assert stack.http_get(process, "/health") == (200, "ok\n")
         assert stack.http_get(process, "/ready")[0] == 200
     assert stack.http_get("gateway", "/nope")[0] == 404
+
+
+def test_gateway_without_a_worker_is_alive_but_not_ready(model_dir):
+    """A gateway whose scheduler has no worker for its model answers /health 200 and
+    /ready 503, so Kubernetes keeps traffic away until a worker joins."""
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    http = free_port()
+    cmd = [sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "gateway", "--listen", f"127.0.0.1:{free_port()}",
+           "--scheduler-address", f"tcp://127.0.0.1:{free_port()}", "--metrics-port", str(http), "--model", str(model_dir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{http}{path}", timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = get("/health")
+                break
+            except (urllib.error.URLError, ConnectionError):
+                assert proc.poll() is None, proc.stderr.read()
+                assert time.monotonic() < deadline, "gateway's HTTP endpoint never came up"
+                time.sleep(0.2)
+        assert health == 200
+        assert get("/ready") == 503
+    finally:
+        proc.terminate()
+        proc.wait(30)
