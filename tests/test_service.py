@@ -28,6 +28,16 @@ def run(coro):
     return asyncio.run(coro)
 
 
+async def chat_session(target: str, chats: list[list[dict]], **params) -> dict[str, dict]:
+    """Starts chat i as request str(i) on one stream, closes it, and collects the events."""
+    async with Client(target) as client:
+        session = client.session()
+        for i, c in enumerate(chats):
+            session.start(str(i), chat=c, **params)
+        session.close()
+        return await collect(session)
+
+
 async def collect(session, refused_duplicates: set[str] = frozenset()) -> dict[str, dict]:
     """Per request: token ids, text, and its one terminal event (refused duplicate starts
     of an open id are set aside under "duplicate")."""
@@ -96,12 +106,7 @@ def test_64_concurrent_requests_on_one_stream_and_on_many_connections(stack, mak
     expected = make_engine().generate([tokenizer.encode_chat(c) for c in chats], params)
 
     async def one_stream():
-        async with Client(stack.target) as client:
-            session = client.session()
-            for i, c in enumerate(chats):
-                session.start(str(i), chat=c, max_tokens=12, temperature=0)
-            session.close()
-            return await collect(session)
+        return await chat_session(stack.target, chats, max_tokens=12, temperature=0)
 
     async def many_connections():
         async def one(i, c):

@@ -10,7 +10,7 @@ import grpc
 from inflight.client import Client
 from inflight.sampling_params import SamplingParams
 from tests.stack import Stack
-from tests.test_service import collect
+from tests.test_service import chat_session, collect
 
 
 def test_full_admission_queue_refuses_overflow_and_serves_the_rest(make_engine, tokenizer):
@@ -19,15 +19,7 @@ def test_full_admission_queue_refuses_overflow_and_serves_the_rest(make_engine, 
     try:
         chats = [[{"role": "user", "content": f"Say the number {i}."}] for i in range(12)]
 
-        async def burst():
-            async with Client(stack.target) as client:
-                session = client.session()
-                for i, c in enumerate(chats):
-                    session.start(str(i), chat=c, max_tokens=10, temperature=0)
-                session.close()
-                return await collect(session)
-
-        out = asyncio.run(burst())
+        out = asyncio.run(chat_session(stack.target, chats, max_tokens=10, temperature=0))
     finally:
         stack.stop()
     refused = [i for i in range(12) if out[str(i)]["kind"] == "error"]
@@ -51,17 +43,10 @@ def test_two_workers_share_load_and_prefixes_stick(tokenizer):
 
         words = "apple river stone cloud lamp tiger violet copper window garden".split()
 
-        async def concurrent(n):
-            async with Client(stack.target) as client:
-                session = client.session()
-                for i in range(n):
-                    # Distinct prompts: beyond the template's default system prompt they share nothing.
-                    text = " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40))
-                    session.start(str(i), chat=[{"role": "user", "content": f"{i} {text}"}], max_tokens=24, ignore_eos=True)
-                session.close()
-                return await collect(session)
-
-        out = asyncio.run(concurrent(8))
+        # Distinct prompts: beyond the template's default system prompt they share nothing.
+        chats = [[{"role": "user", "content": f"{i} " + " ".join(words[(i * 7 + j * 3) % len(words)] for j in range(40))}]
+                 for i in range(8)]
+        out = asyncio.run(chat_session(stack.target, chats, max_tokens=24, ignore_eos=True))
         assert all(r["kind"] == "finished" for r in out.values())
         assert submitted(0) > 0 and submitted(1) > 0
 

@@ -43,6 +43,9 @@ def kernel_checks() -> dict:
     x, w, bias = torch.randn(5, 300, generator=gen), torch.randn(70, 300, generator=gen), torch.randn(70, generator=gen)
     want = x.double() @ w.double().T + bias.double()
     gemv_err = max(((gemv(x, w, bias, bn, bk).double() - want).norm() / want.norm()).item() for bn, bk in ((16, 64), (32, 128)))
+    x, w = torch.randn(3, 256, generator=gen), torch.randn(40, 256, generator=gen)  # K a multiple of BLOCK_K
+    want = x.double() @ w.double().T
+    gemv_err = max(gemv_err, ((gemv(x, w, None, 16, 128).double() - want).norm() / want.norm()).item())
     return {"paged_decode": decode, "argmax": argmax, "gemv_rel_err": gemv_err}
 
 

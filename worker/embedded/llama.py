@@ -13,7 +13,7 @@ from worker.embedded.attention import AttentionMetadata, paged_attention, write_
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
-    from worker.embedded.kernels.gemv import gemv, gemv_config
+    from worker.embedded.kernels.gemv import MAX_ROWS, gemv, gemv_config
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
 from worker.models.config import ModelConfig
@@ -126,7 +126,7 @@ class SkinnyLinear(nn.Linear):
     fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.dim() == 2 and x.shape[0] <= 16 and x.dtype != torch.float32:
+        if self.fused and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32:
             return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape))
         return super().forward(x)
 

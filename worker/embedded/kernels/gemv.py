@@ -11,14 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16
+MAX_ROWS = 16  # x is padded to this many rows: tl.dot needs at least 16
 
 
 @triton.jit
 def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     pid = tl.program_id(0)
-    m = tl.arange(0, 16)
+    m = tl.arange(0, 16)  # MAX_ROWS
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     m_ok = m < M
@@ -26,13 +26,10 @@ def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
-        if EVEN_K:
-            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-            w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None], other=0.0)
-        else:
-            k_ok = k < K
-            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
+        w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
+        w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
         acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
         acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -55,7 +52,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, blo
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, warps, stages): the best measured on an H100 with cold L2 for
-    each kind of projection (bench/gemv_tune.py, docs/gpu-results/gemv_tune.json)."""
+    each kind of projection (bench/gemv_tune.py, docs/gpu-results/run5/gemv_tune.json)."""
     if n >= 8192:  # gate_up
         return 64, 128, 4, 3
     if k >= 8192:  # down

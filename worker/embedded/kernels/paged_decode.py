@@ -14,6 +14,8 @@ per head walked its tiles one after another: 7.9 us a layer for 400 KB of KV."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -143,15 +145,11 @@ def num_splits(programs: int, sms: int, max_context: int, tile: int) -> int:
     return 1 << max(0, (want - 1).bit_length()) if want > 1 else 1
 
 
-_SMS: dict = {}
-
-
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 8  # Triton's CPU interpreter (tests): small, so the split path runs there too
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def paged_decode_reference(q, k_cache, v_cache, block_tables, context_lens, scale) -> torch.Tensor:
