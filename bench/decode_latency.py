@@ -27,6 +27,7 @@ import torch  # noqa: E402
 from bench.shapes import SHAPES, model_config  # noqa: E402
 from inflight.sampling_params import SamplingParams  # noqa: E402
 from worker.embedded.engine import EmbeddedEngine  # noqa: E402
+from worker.embedded.kernels.gemv import PREFETCH_BYTES as DEFAULT_PREFETCH  # noqa: E402
 from worker.engine_api import EngineConfig, KvCacheConfig  # noqa: E402
 
 
@@ -49,26 +50,31 @@ def weight_bytes(engine: EmbeddedEngine) -> int:
     return total
 
 
-def time_decode(engine: EmbeddedEngine, batch: int, prompt_len: int, steps: int, gen: torch.Generator) -> tuple[float, float]:
-    """ms per decode step over `steps` consecutive steps, and the mean context length.
+def time_decode(engine: EmbeddedEngine, batch: int, prompt_len: int, steps: int, gen: torch.Generator,
+                windows: int = 5) -> tuple[float, float]:
+    """ms per decode step, the median over `windows` runs of `steps` consecutive steps,
+    and the mean context length.
 
     Steps run back to back, as in serving: with overlap scheduling a step returns the
     previous step's tokens, so per-step timing with a device sync would measure nothing
-    real. Every token still reaches the host (the last ones in the drain)."""
+    real. Every token still reaches the host (the last ones in the drain). The median
+    window keeps one host hiccup (a GC pass, a preempted thread) out of the number."""
     vocab = engine.vocab_size
-    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=windows * steps + 8, temperature=0, ignore_eos=True)
     for i in range(batch):
         engine.submit(f"b{batch}-{i}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), params)
     for _ in range(4):  # prefill and a few decodes
         engine.step()
     torch.cuda.synchronize()
-    t = time.perf_counter()
-    got = sum(len(o.new_token_ids) for _ in range(steps) for o in engine.step())
-    elapsed = time.perf_counter() - t
-    assert got == batch * steps, (got, batch * steps)
+    times = []
+    for _ in range(windows):
+        t = time.perf_counter()
+        got = sum(len(o.new_token_ids) for _ in range(steps) for o in engine.step())
+        times.append(time.perf_counter() - t)
+        assert got == batch * steps, (got, batch * steps)
     while engine.has_work():
         engine.step()
-    return 1000 * elapsed / steps, prompt_len + 4 + steps / 2
+    return 1000 * sorted(times)[windows // 2] / steps, prompt_len + 4 + windows * steps / 2
 
 
 def graph_gpu_ms(engine: EmbeddedEngine, batch: int) -> float | None:
@@ -103,22 +109,43 @@ def hf_decode_ms(hf, batch: int, prompt_len: int, new: int, gen: torch.Generator
     return 1000 * (time.perf_counter() - t) / new
 
 
+# (cuda graphs, overlap, variant): the default table, and --ablation's.
+MODES = [(True, "on", "all"), (True, "off", "all"), (False, "on", "all"), (False, "off", "all")]
+ABLATION = [(True, "on", v) for v in ("all", "pdl+prefetch2", "pdl+prefetch8", "pdl", "none")]
+
+
+def apply(variant: str) -> None:
+    """Switch the decode-kernel changes for the next engine built: "all", "none" or a
+    "+"-joined subset of pdl (programmatic dependent launch) and prefetch[MB] (weights
+    pulled into L2 before the previous kernel ends; needs pdl)."""
+    from worker.embedded.kernels import gemv, pdl
+
+    parts = {"pdl", "prefetch"} if variant == "all" else set(variant.split("+")) - {"none"}
+    mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
+    pdl.ENABLED = "pdl" in parts
+    gemv.PREFETCH_BYTES = (int(mb[0]) * 2**20 if mb[0] else DEFAULT_PREFETCH) if mb else 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=128, help="steps per timed window (the median of 5 windows is reported)")
     ap.add_argument("--hf-new-tokens", type=int, default=32, help="tokens per transformers baseline run (0 skips it)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="instead of graphs/overlap on and off, take away one decode-kernel change at a time "
+                         "(programmatic dependent launch, weight prefetch into L2)")
     ap.add_argument("--out", default="decode_latency.json")
     args = ap.parse_args()
 
     bw = copy_bandwidth()
     cfg = model_config(args.shape)
-    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + args.steps + 64) + 4096)
+    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + 5 * args.steps + 64) + 4096)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for graphs, overlap in ((True, "on"), (True, "off"), (False, "on"), (False, "off")):
+    for graphs, overlap, variant in ABLATION if args.ablation else MODES:
+        apply(variant)
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096,
                                              max_batch_size=max(args.batches), cuda_graphs=graphs,
                                              overlap_scheduler=overlap), cfg)
@@ -127,11 +154,12 @@ def main() -> None:
             ms, ctx = time_decode(engine, b, args.prompt_len, args.steps, gen)
             kv_bytes = b * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
             floor_ms = 1000 * (wbytes + kv_bytes) / bw
-            rows.append({"cuda_graphs": graphs, "overlap": overlap, "batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
+            rows.append({"variant": variant, "cuda_graphs": graphs, "overlap": overlap, "batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
                          "of_floor": floor_ms / ms, "tok_per_s": b * 1000 / ms,
                          "graph_gpu_ms": graph_gpu_ms(engine, b) if graphs else None})
         del engine
         torch.cuda.empty_cache()
+    apply("all")
 
     hf_rows = {}
     if args.hf_new_tokens:
@@ -145,13 +173,13 @@ def main() -> None:
 
     print(f"\n{args.shape} decode on {torch.cuda.get_device_name()}, bf16, prompt {args.prompt_len}, "
           f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {wbytes / 1e9:.2f} GB")
-    print(f"{'graphs':>6} {'overlap':>7} {'batch':>5} {'ms/step':>8} {'graph GPU ms':>12} {'floor ms':>9} {'of floor':>9} "
+    print(f"{'variant':>11} {'graphs':>6} {'overlap':>7} {'batch':>5} {'ms/step':>8} {'graph GPU ms':>12} {'floor ms':>9} {'of floor':>9} "
           f"{'tok/s':>8} {'HF ms/tok':>10} {'vs HF':>6}")
     for r in rows:
         h = hf_rows.get(r["batch"])
         r["hf_ms_per_step"] = h
         g = r["graph_gpu_ms"]
-        print(f"{str(r['cuda_graphs']):>6} {r['overlap']:>7} {r['batch']:>5} {r['ms_per_step']:>8.3f} {(f'{g:.3f}' if g else '-'):>12} "
+        print(f"{r['variant']:>11} {str(r['cuda_graphs']):>6} {r['overlap']:>7} {r['batch']:>5} {r['ms_per_step']:>8.3f} {(f'{g:.3f}' if g else '-'):>12} "
               f"{r['floor_ms']:>9.3f} {r['of_floor']:>9.1%} {r['tok_per_s']:>8.0f} {h or 0:>10.2f} {(h / r['ms_per_step']) if h else 0:>5.1f}x")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(), "copy_bandwidth": bw,

@@ -83,6 +83,17 @@ def check_fused(dtype: torch.dtype) -> list[dict]:
     record("rope_and_cache.k", k, k_ref, 0.0)
     record("rope_and_cache.k_cache", kc.view(-1, hkv, d)[slots], k_ref, 0.0)
     record("rope_and_cache.v_cache", vc.view(-1, hkv, d)[slots], v_ref, 0.0)
+
+    if dtype != torch.float32:  # the skinny matmul takes 16-bit only on a GPU (launched with PDL on Hopper)
+        from worker.embedded.kernels.gemv import gemv, gemv_config
+
+        for rows_, (n, k) in ((1, (3072, 2048)), (8, (2048, 8192)), (3, (16384, 2048))):
+            xs = torch.randn(rows_, k, generator=g, device="cuda").to(dtype)
+            wm = (torch.randn(n, k, generator=g, device="cuda") / k**0.5).to(dtype)
+            exact = xs.double() @ wm.double().T
+            us = 1000 * triton.testing.do_bench(lambda: gemv(xs, wm, None, *gemv_config(n, k)), return_mode="median")
+            record(f"gemv.{rows_}x{n}x{k} vs f64", gemv(xs, wm, None, *gemv_config(n, k)), exact, us)
+            record(f"torch.{rows_}x{n}x{k} vs f64", F.linear(xs, wm), exact, 0.0)
     return rows
 
 

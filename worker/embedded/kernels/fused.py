@@ -12,10 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.embedded.kernels import pdl
+from worker.embedded.kernels.pdl import enter
+
 
 @triton.jit
 def _add_rms_norm(X, R, W, OUT, R_OUT, stride_x, stride_r, stride_o, stride_ro, N, eps,
-                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    enter(USE_GDC)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     ok = cols < N
@@ -37,9 +41,11 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     T, N = x.shape
     out = torch.empty_like(x)
     new_res = torch.empty_like(x) if residual is not None else x
+    use_pdl = pdl.on(x.device)
     _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res,
                         x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0), new_res.stride(0),
-                        N, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(N), num_warps=4)
+                        N, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(N), USE_GDC=use_pdl,
+                        num_warps=4, **pdl.launch_options(use_pdl))
     return out, new_res
 
 
@@ -47,7 +53,8 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
                     HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-                    HALF: tl.constexpr):
+                    HALF: tl.constexpr, USE_GDC: tl.constexpr):
+    enter(USE_GDC)
     t = tl.program_id(0)
     pos = tl.load(POS + t)
     slot = tl.load(SLOTS + t)
@@ -87,14 +94,16 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     sin [max_pos, D/2] float32. Rotates q and k in place and writes k and v to the cache."""
     T, hq, D = q.shape
     hkv = k.shape[1]
+    use_pdl = pdl.on(q.device)
     _rope_and_cache[(T,)](q, k, v, cos, sin, positions, slots, k_cache, v_cache,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
                           HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
-                          HALF=D // 2, num_warps=4)
+                          HALF=D // 2, USE_GDC=use_pdl, num_warps=4, **pdl.launch_options(use_pdl))
 
 
 @triton.jit
-def _silu_and_mul(GU, OUT, stride_gu, stride_o, N, BLOCK: tl.constexpr):
+def _silu_and_mul(GU, OUT, stride_gu, stride_o, N, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+    enter(USE_GDC)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -110,5 +119,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = two_n // 2
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block, num_warps=4)
+    use_pdl = pdl.on(gate_up.device)
+    _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
+                                              USE_GDC=use_pdl, num_warps=4, **pdl.launch_options(use_pdl))
     return out

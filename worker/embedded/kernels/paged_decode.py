@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.embedded.kernels import pdl
+from worker.embedded.kernels.pdl import enter
+
 
 @triton.jit
 def _paged_decode(
@@ -30,8 +33,9 @@ def _paged_decode(
     stride_ob, stride_oh,
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
 ):
+    enter(USE_GDC)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -84,7 +88,8 @@ def _paged_decode(
 
 @triton.jit
 def _combine_splits(PART_O, PART_LSE, O, stride_ob, stride_oh, Hq,
-                    SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+                    SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, USE_GDC: tl.constexpr):
+    enter(USE_GDC)
     b = tl.program_id(0)
     h = tl.program_id(1)
     sp = tl.arange(0, SPLITS)
@@ -117,6 +122,7 @@ def paged_decode_attention(
     if splits is None:
         splits = num_splits(B * Hkv, _num_sms(q.device), block_tables.shape[1] * block_size, tile)
     part_o = part_lse = out  # unused when there is one split
+    use_pdl = pdl.on(q.device)
     if splits > 1:
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
@@ -128,11 +134,12 @@ def paged_decode_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
-        BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits,
-        num_warps=4,
+        BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
+        num_warps=4, **pdl.launch_options(use_pdl),
     )
     if splits > 1:
-        _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D, num_warps=1)
+        _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,
+                                 USE_GDC=use_pdl, num_warps=1, **pdl.launch_options(use_pdl))
     return out
 
 
