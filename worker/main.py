@@ -64,7 +64,7 @@ class Worker:
         self.worker_id = worker_id
         self.model = model_name(config, engine)
         self.metrics = metrics
-        self.tracer = telemetry.tracer("inflight.worker") if tracing else None
+        self.tracing = tracing
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.IDENTITY, worker_id.encode())
@@ -117,7 +117,7 @@ class Worker:
             self.owner[msg.request_id] = msg.gateway
             if msg.deadline is not None:
                 self.deadlines[msg.request_id] = msg.deadline
-            if self.tracer:
+            if self.tracing:
                 self.traces[msg.request_id] = RequestTrace(msg.traceparent, msg.model, msg.params.max_tokens)
             self.metrics.submitted.inc()
         else:
@@ -130,7 +130,7 @@ class Worker:
         self.deadlines.pop(rid, None)
         rt = self.traces.pop(rid, None)
         if rt:
-            rt.finish(self.tracer, self.worker_id, None, code, message)
+            rt.finish(self.worker_id, None, code, message)
 
     def expire(self, out: dict[bytes, list[schema.TokenItem]]) -> None:
         """Drop requests whose deadline passed (their gateway may be gone too)."""
@@ -163,7 +163,7 @@ class Worker:
             self.metrics.cached_tokens.inc(o.cached_tokens)
             if rt:
                 del self.traces[o.request_id]
-                rt.finish(self.tracer, self.worker_id, o.finish_reason, o.error_code, o.error_message or "")
+                rt.finish(self.worker_id, o.finish_reason, o.error_code, o.error_message or "")
 
     def step(self) -> list[RequestOutput]:
         try:
