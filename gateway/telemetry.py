@@ -33,31 +33,38 @@ class GatewayMetrics:
 class RequestTelemetry:
     """One request's span and timings. `operation` is "chat" or "text_completion"."""
 
-    __slots__ = ("metrics", "tracer", "span", "start", "last", "tokens", "ended")
+    __slots__ = ("metrics", "span", "traceparent", "start", "last", "tokens", "ended")
 
     def __init__(self, metrics: GatewayMetrics, tracer: trace.Tracer, name: str, traceparent: str | None, operation: str):
         self.metrics = metrics
-        self.tracer = tracer
         self.start = self.last = time.monotonic()
         self.tokens = 0
         self.ended = False
         self.span = tracer.start_span(name, context=telemetry.context_from(traceparent), kind=trace.SpanKind.SERVER,
                                       attributes={"gen_ai.operation.name": operation, "rpc.system": "grpc"})
+        self.traceparent = telemetry.traceparent_of(self.span)  # for the scheduler and the tokenize span
         metrics.running.inc()
 
     @contextmanager
     def preparing(self):
-        """The chat template and tokenization, as a child span."""
-        if not self.span.is_recording():
+        """The chat template and tokenization, as a child span that the export process
+        builds (its id is needed nowhere here)."""
+        start = time.time_ns()
+        error = None
+        try:
             yield
-            return
-        with self.tracer.start_as_current_span("tokenize", context=trace.set_span_in_context(self.span)):
-            yield
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"  # as the SDK describes a span's exception
+            raise
+        finally:
+            if self.span.is_recording():
+                telemetry.build_elsewhere("inflight.gateway", self.traceparent,
+                                          telemetry.SpanSketch("tokenize", start, time.time_ns(), {}, error=error))
 
     def submitted(self, model: str, prompt_tokens: int, max_tokens: int, temperature: float) -> str | None:
         self.span.set_attributes({"gen_ai.request.model": model, "gen_ai.request.max_tokens": max_tokens,
                                   "gen_ai.request.temperature": temperature, "gen_ai.usage.input_tokens": prompt_tokens})
-        return telemetry.traceparent_of(self.span)
+        return self.traceparent
 
     def on_update(self, up: Update) -> None:
         n = len(up.token_ids)
@@ -85,10 +92,10 @@ class RequestTelemetry:
             m.prompt_len.observe(prompt_tokens)
             m.prompt_tokens.inc(prompt_tokens)
         m.gen_len.observe(self.tokens)
-        self.span.set_attribute("gen_ai.usage.output_tokens", self.tokens)
-        self.span.set_attribute("rpc.grpc.status_code", code)
+        attrs = {"gen_ai.usage.output_tokens": self.tokens, "rpc.grpc.status_code": code}
         if finish_reason:
-            self.span.set_attribute("gen_ai.response.finish_reasons", [finish_reason])
+            attrs["gen_ai.response.finish_reasons"] = [finish_reason]
+        self.span.set_attributes(attrs)
         if code != "OK":
             telemetry.end_with_error(self.span, code, message)
         self.span.end()
