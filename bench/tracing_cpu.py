@@ -1,0 +1,146 @@
+"""CPU time tracing costs each serving process per request: the span code of the gateway,
+scheduler and worker driven directly in this process, with no load in between, tracing on
+(exporting over OTLP/gRPC to a receiver started here) minus tracing off. It counts this
+process's CPU time, all its threads included, so work that tracing moves into another
+process does not count: that is the point, since the serving loops are what tracing must
+not slow down.
+
+    python bench/tracing_cpu.py --requests 3000 --out tracing_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from bench.serving_path import run_receiver  # noqa: E402
+from gateway.telemetry import GatewayMetrics  # noqa: E402
+from scheduler.metrics import SchedulerMetrics  # noqa: E402
+from tests.stack import free_port  # noqa: E402
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+TOKENS = 128  # per request; the worker's per-token bookkeeping counts too
+# One of each, shared by tracing on and off: Prometheus takes a metric name once.
+GATEWAY_METRICS, SCHEDULER_METRICS = GatewayMetrics(), SchedulerMetrics()
+
+
+def gateway_requests(tracing: bool):
+    from opentelemetry import trace
+
+    from gateway.output import Update
+    from gateway.telemetry import RequestTelemetry
+    from inflight import telemetry
+
+    tracer = telemetry.tracer("inflight.gateway") if tracing else trace.NoOpTracer()  # what an untraced gateway gets
+    first, last = Update([1], "a"), Update([1], "a", finish_reason="length")
+
+    def one(i: int) -> None:
+        tm = RequestTelemetry(GATEWAY_METRICS, tracer, "inflight.v1.Inference/Generate", None, "text_completion")
+        with tm.preparing():
+            pass
+        tm.submitted("bench", 16, TOKENS, 1.0)
+        tm.on_update(first)
+        tm.on_update(last)
+        tm.end("length", "OK", prompt_tokens=16)
+
+    return one
+
+
+def scheduler_requests(tracing: bool):
+    from inflight import schema
+    from inflight.sampling_params import SamplingParams
+    from scheduler.main import Scheduler, SchedulerConfig
+    from scheduler.routing import WorkerState
+
+    sched = Scheduler(SchedulerConfig(gateway_address="tcp://127.0.0.1:*", worker_address="tcp://127.0.0.1:*"),
+                      SCHEDULER_METRICS, tracing)
+    hello = schema.WorkerHello("w", "bench", 8192, 49152, 16, 1024, 512)
+    sched.workers[b"w"] = WorkerState(b"w", hello, 1 << 30)  # a worker that is never there: routed messages drop
+    params = SamplingParams(max_tokens=TOKENS)
+
+    def one(i: int) -> None:
+        sched.submit(schema.Submit(f"g/{i}", "bench", [1] * 16, params, traceparent=TRACEPARENT, gateway=b"g"))
+        sched.abort([f"g/{i}"])
+
+    return one
+
+
+def worker_requests(tracing: bool):
+    from worker.tracing import RequestTrace
+
+    def one(i: int) -> None:
+        if not tracing:  # the worker keeps nothing per request then
+            return
+        rt = RequestTrace(TRACEPARENT, "bench", TOKENS)
+        for _ in range(TOKENS):
+            rt.on_output(1, time.time(), 16, 0)
+        rt.finish("w", "length", None)
+
+    return one
+
+
+def cpu_per_request(one, requests: int) -> float:
+    t0 = time.process_time()
+    for i in range(requests):
+        one(i)
+    from opentelemetry import trace
+
+    trace.get_tracer_provider().force_flush()  # export work still waiting in this process counts
+    return (time.process_time() - t0) / requests
+
+
+def run(endpoint: str, requests: int, repeat: int) -> list[dict]:
+    # A queue that holds every span: a loop this fast outruns any exporter, and a dropped
+    # span would be export work not counted.
+    os.environ.update({"OTEL_EXPORTER_OTLP_ENDPOINT": endpoint, "OTEL_EXPORTER_OTLP_INSECURE": "true",
+                       "OTEL_BSP_MAX_QUEUE_SIZE": str(8 * requests)})
+    from inflight import telemetry
+
+    telemetry.setup_tracing("bench")
+    rows = []
+    for role, make in (("gateway", gateway_requests), ("scheduler", scheduler_requests), ("worker", worker_requests)):
+        off, on = make(False), make(True)
+        for i in range(requests // 10):  # warm up
+            off(-1 - i)
+            on(-1 - i)
+        best = {"off": float("inf"), "on": float("inf")}
+        for _ in range(repeat):  # alternate, so drift in the machine hits both
+            best["off"] = min(best["off"], cpu_per_request(off, requests))
+            best["on"] = min(best["on"], cpu_per_request(on, requests))
+        rows.append({"process": role, "off_us": best["off"] * 1e6, "on_us": best["on"] * 1e6,
+                     "tracing_us": (best["on"] - best["off"]) * 1e6})
+    telemetry.shutdown_tracing()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=3000)
+    ap.add_argument("--repeat", type=int, default=3, help="points per configuration; the least CPU time counts")
+    ap.add_argument("--out", default="tracing_cpu.json")
+    args = ap.parse_args()
+
+    port = free_port()
+    receiver = mp.get_context("spawn").Process(target=run_receiver, args=(port,), daemon=True)
+    receiver.start()
+    try:
+        rows = run(f"http://127.0.0.1:{port}", args.requests, args.repeat)
+    finally:
+        receiver.terminate()
+    print(f"\nCPU µs per request in the serving process, {args.requests} requests, least of {args.repeat}, alternating")
+    print(f"{'process':>10} {'tracing off':>12} {'tracing on':>11} {'tracing':>8}")
+    for r in rows:
+        print(f"{r['process']:>10} {r['off_us']:>12.1f} {r['on_us']:>11.1f} {r['tracing_us']:>8.1f}")
+    with open(args.out, "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
