@@ -41,7 +41,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     T, N = x.shape
     out = torch.empty_like(x)
     new_res = torch.empty_like(x) if residual is not None else x
-    use_pdl = pdl.on(x.device)
+    use_pdl = pdl.on(x.device, T)
     _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res,
                         x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0), new_res.stride(0),
                         N, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(N), USE_GDC=use_pdl,
@@ -94,7 +94,7 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     sin [max_pos, D/2] float32. Rotates q and k in place and writes k and v to the cache."""
     T, hq, D = q.shape
     hkv = k.shape[1]
-    use_pdl = pdl.on(q.device)
+    use_pdl = pdl.on(q.device, T)
     _rope_and_cache[(T,)](q, k, v, cos, sin, positions, slots, k_cache, v_cache,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
                           HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
@@ -119,7 +119,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     n = two_n // 2
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    use_pdl = pdl.on(gate_up.device)
+    use_pdl = pdl.on(gate_up.device, T)
     _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
                                               USE_GDC=use_pdl, num_warps=4, **pdl.launch_options(use_pdl))
     return out

@@ -66,7 +66,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, blo
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    use_pdl = pdl.on(x.device)
+    use_pdl = pdl.on(x.device, M)
     _gemv[(triton.cdiv(N, block_n),)](
         x, w, w if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,

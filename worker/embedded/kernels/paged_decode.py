@@ -122,7 +122,7 @@ def paged_decode_attention(
     if splits is None:
         splits = num_splits(B * Hkv, _num_sms(q.device), block_tables.shape[1] * block_size, tile)
     part_o = part_lse = out  # unused when there is one split
-    use_pdl = pdl.on(q.device)
+    use_pdl = pdl.on(q.device, B)
     if splits > 1:
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
