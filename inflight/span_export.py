@@ -156,6 +156,8 @@ class ChildProcessSpanProcessor(SpanProcessor):
         self._queue(BuildRequest(scope, traceparent, sketch))
 
     def _queue(self, item: SpanRecord | BuildRequest) -> None:
+        if self._stop.is_set():
+            return
         if len(self._pending) >= MAX_QUEUED:
             self._dropped += 1
             if self._dropped == 1:
@@ -167,6 +169,10 @@ class ChildProcessSpanProcessor(SpanProcessor):
         # One message per interval, not per span: waking ZeroMQ's I/O thread costs more
         # CPU than encoding a span, and the encoding of a batch is one call into C.
         while not self._stop.wait(SEND_INTERVAL):
+            if self._child.poll() is not None:
+                log.error("the span export process exited with code %s; no more spans are exported", self._child.returncode)
+                self._stop.set()
+                return
             self.force_flush()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
@@ -183,20 +189,21 @@ class ChildProcessSpanProcessor(SpanProcessor):
     def shutdown(self) -> None:
         self._stop.set()
         self._sender.join()
-        self.force_flush()
-        with self._send_lock:
-            self._sock.setsockopt(zmq.SNDTIMEO, 5000)
+        if self._child.poll() is None:
+            self.force_flush()
+            with self._send_lock:
+                self._sock.setsockopt(zmq.SNDTIMEO, 5000)
+                try:
+                    self._sock.send(b"")  # the end: the child exports what it holds and exits
+                except zmq.Again:
+                    log.warning("the span export process is not taking spans; stopping it")
+                    self._child.terminate()
             try:
-                self._sock.send(b"")  # the end: the child exports what it holds and exits
-            except zmq.Again:
-                log.warning("span export child not taking spans; stopping it")
-                self._child.terminate()
-            self._sock.close(linger=5000)
+                self._child.wait(30)  # its exporter gives up on an unreachable endpoint before that
+            except subprocess.TimeoutExpired:
+                self._child.kill()
+        self._sock.close(linger=0)
         self._ctx.term()
-        try:
-            self._child.wait(30)  # its exporter gives up on an unreachable endpoint before that
-        except subprocess.TimeoutExpired:
-            self._child.kill()
         shutil.rmtree(self._dir, ignore_errors=True)
         if self._dropped:
             log.warning("%d spans dropped: export could not keep up", self._dropped)
