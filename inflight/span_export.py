@@ -104,7 +104,8 @@ def record_of(span: ReadableSpan) -> SpanRecord:
 
 
 def span_of(r: SpanRecord, resource: Resource, scopes: dict) -> ReadableSpan:
-    """The span again, as the exporter reads it (`scopes` caches scope objects)."""
+    """The span again, as the exporter reads it (`scopes` caches scope objects). The SDK
+    asks users not to make ReadableSpans; this one replays a span the SDK made."""
     trace_id = int.from_bytes(r.trace_id, "big")
     state = TraceState.from_header([r.trace_state]) if r.trace_state else None
     scope = scopes.get(r.scope)
@@ -113,7 +114,7 @@ def span_of(r: SpanRecord, resource: Resource, scopes: dict) -> ReadableSpan:
     return ReadableSpan(
         r.name,
         context=SpanContext(trace_id, r.span_id, False, TraceFlags(r.trace_flags), state),
-        parent=SpanContext(trace_id, r.parent_id, r.parent_remote, TraceFlags(r.trace_flags), state) if r.parent_id is not None else None,
+        parent=SpanContext(trace_id, r.parent_id, r.parent_remote) if r.parent_id is not None else None,  # only its id and remoteness are exported
         resource=resource,
         attributes=r.attributes,
         events=[Event(e.name, e.attributes, e.time) for e in r.events],
