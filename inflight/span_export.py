@@ -252,7 +252,8 @@ def main(endpoint: str, resource_json: str) -> None:
         try:
             raw = sock.recv()
         except zmq.Again:
-            if os.getppid() != parent:  # the parent died without saying goodbye
+            if os.getppid() != parent:  # the parent died without saying goodbye, or cleaning up
+                shutil.rmtree(os.path.dirname(endpoint.removeprefix("ipc://")), ignore_errors=True)
                 break
             continue
         if not raw:
