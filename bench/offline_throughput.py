@@ -26,6 +26,7 @@ import torch  # noqa: E402
 from bench.shapes import SHAPES, model_config  # noqa: E402
 from inflight.sampling_params import SamplingParams  # noqa: E402
 from worker.embedded.engine import EmbeddedEngine  # noqa: E402
+from worker.embedded import model_runner  # noqa: E402
 from worker.embedded.kernels import pdl  # noqa: E402
 from worker.engine_api import EngineConfig  # noqa: E402
 
@@ -82,13 +83,17 @@ def main() -> None:
     ap.add_argument("--overlap", nargs="+", default=["on", "off"], choices=["on", "off"], help="overlap scheduling (several: one run each)")
     ap.add_argument("--pdl", nargs="+", default=["on"], choices=["on", "off"],
                     help="programmatic dependent launch for small-batch kernels (several: one run each)")
+    ap.add_argument("--varlen", nargs="+", default=["on"], choices=["on", "off"],
+                    help="prefill attention as one varlen flash-attention call, or SDPA per sequence (several: one run each)")
     ap.add_argument("--out", default="offline_throughput.json")
     args = ap.parse_args()
     cfg = model_config(args.shape)
     reqs = workload(args.requests, cfg.vocab_size)
     runs = []
-    for mbs, overlap, use_pdl in ((m, o, p) for m in args.max_batch_size for o in args.overlap for p in args.pdl):
+    for mbs, overlap, use_pdl, varlen in ((m, o, p, v) for m in args.max_batch_size for o in args.overlap
+                                          for p in args.pdl for v in args.varlen):
         pdl.ENABLED = use_pdl == "on"
+        model_runner.VARLEN = varlen == "on"
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048, max_batch_size=mbs,
                                              overlap_scheduler=overlap), cfg)
         run_ours(engine, reqs[:16])  # warm-up: kernels compiled, allocator settled
@@ -96,6 +101,7 @@ def main() -> None:
         ours["max_batch_size"] = mbs
         ours["overlap"] = overlap
         ours["pdl"] = use_pdl
+        ours["varlen"] = varlen
         ours["preemptions"] = engine.stats().preemptions
         runs.append(ours)
         del engine
@@ -108,14 +114,14 @@ def main() -> None:
             hf = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(torch.bfloat16).eval()
         hf_res = run_hf(hf, reqs[: args.hf_requests], args.hf_batch)
     print(f"\noffline throughput, {args.shape}, bf16, {torch.cuda.get_device_name()}")
-    print(f"{'engine':>48} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")
+    print(f"{'engine':>60} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")
     for ours in runs:
         ratio = ours["output_tok_per_s"] / hf_res["output_tok_per_s"] if hf_res else 0.0
-        label = f"inflight, max batch {ours['max_batch_size']}, overlap {ours['overlap']}, pdl {ours['pdl']}"
-        print(f"{label:>48} {ours['requests']:>8} {ours['output_tokens']:>10} "
+        label = f"inflight, max batch {ours['max_batch_size']}, overlap {ours['overlap']}, pdl {ours['pdl']}, varlen {ours['varlen']}"
+        print(f"{label:>60} {ours['requests']:>8} {ours['output_tokens']:>10} "
               f"{ours['seconds']:>8.1f} {ours['output_tok_per_s']:>10.0f} {ratio:>5.1f}x {ours['preemptions']:>9}")
     if hf_res:
-        print(f"{'transformers, batch ' + str(hf_res['batch']):>48} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
+        print(f"{'transformers, batch ' + str(hf_res['batch']):>60} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
               f"{hf_res['seconds']:>8.1f} {hf_res['output_tok_per_s']:>10.0f}")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "ours": runs, "transformers": hf_res}, f, indent=2)

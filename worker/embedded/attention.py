@@ -6,17 +6,25 @@ and V. A step's new tokens arrive flattened ([T, heads, dim]), decodes first.
 Two paths compute the same function:
 - the reference path (CPU, and any device without Triton) gathers each sequence's
   context through its block table and runs one masked SDPA over the padded batch;
-- the GPU path runs our Triton paged-decode kernel for the decode rows and, per
-  prefilling sequence, SDPA on its fresh K/V (or on its gathered context when part of
-  it is already cached). Decode-only steps of this path are captured in CUDA graphs.
+- the GPU path runs our Triton paged-decode kernel for the decode rows, and for the
+  prefill rows one variable-length flash-attention call over the step's fresh K/V
+  (torch.nn.attention.varlen, where this torch has it; else SDPA per sequence). A
+  sequence part of whose context is already cached gets SDPA on its gathered context.
+  Decode-only steps of this path are captured in CUDA graphs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import logging
 
 import torch
 import torch.nn.functional as F
+
+# torch's varlen module logs its backend choice at INFO on every call: once a layer.
+logging.getLogger("torch.nn.attention.varlen").setLevel(logging.WARNING)
 
 
 @dataclasses.dataclass
@@ -42,6 +50,10 @@ class AttentionMetadata:
     decode_tables: torch.Tensor | None = None  # [num_decodes, W] int32
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32
     prefills: list[PrefillSegment] = dataclasses.field(default_factory=list)
+    # Varlen prefill: [P + 1] int32 row offsets of the prefill segments (from row
+    # num_decodes), and the longest; None where SDPA runs per sequence.
+    prefill_cu_seq: torch.Tensor | None = None
+    prefill_max_len: int = 0
 
 
 def build_mask(q_lens: torch.Tensor, ctx_lens: torch.Tensor, max_q: int, max_ctx: int) -> torch.Tensor:
@@ -67,10 +79,14 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
         n = meta.num_decodes
         paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale, out[:n])
+    if meta.prefill_cu_seq is not None:  # every segment over its fresh K/V; cached ones redone below
+        rows = slice(meta.num_decodes, q.shape[0])
+        out[rows] = varlen_prefill(q[rows], k[rows], v[rows], meta.prefill_cu_seq, meta.prefill_max_len, scale)
     for seg in meta.prefills:
         rows = slice(seg.start, seg.start + seg.num_tokens)
         if seg.context_len == seg.num_tokens:  # nothing cached before: the fresh K/V are the context
-            out[rows] = _prefill_sdpa(q[rows], k[rows], v[rows], scale, causal=True)
+            if meta.prefill_cu_seq is None:
+                out[rows] = _prefill_sdpa(q[rows], k[rows], v[rows], scale, causal=True)
         else:
             ctx = seg.context_len
             ks = k_cache[seg.block_table].flatten(0, 1)[:ctx]
@@ -79,6 +95,40 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
             j = torch.arange(ctx, device=q.device)[None, :]
             out[rows] = _prefill_sdpa(q[rows], ks, vs, scale, mask=j <= i + (ctx - seg.num_tokens))
     return out
+
+
+def varlen_available(dtype: torch.dtype) -> bool:
+    """Whether varlen_prefill can run here: flash attention takes 16-bit inputs only."""
+    return dtype in (torch.float16, torch.bfloat16) and _varlen_options() is not None
+
+
+@functools.cache
+def _varlen_options() -> dict | None:
+    """Keywords for causal, grouped-query varlen_attn, which changed across torch
+    versions (is_causal, later window_size and enable_gqa); None without it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "enable_gqa" in params:
+        options["enable_gqa"] = True
+    return options
+
+
+def varlen_prefill(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
+    """Causal attention of packed sequences over their own tokens: q [T, Hq, D], k and v
+    [T, Hkv, D], `cu_seq` [N + 1] int32 offsets. One launch for every sequence of a step
+    where SDPA per sequence cost ~8 launches each."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    options = dict(_varlen_options())
+    if "scale" in inspect.signature(varlen_attn).parameters:
+        options["scale"] = scale
+    elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:  # older torch: the default 1/sqrt(D) only
+        raise ValueError("this torch's varlen_attn takes no scale")
+    return varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **options)
 
 
 def _prefill_sdpa(q, k, v, scale: float, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from worker.embedded.attention import AttentionMetadata, PrefillSegment, build_mask
+from worker.embedded.attention import AttentionMetadata, PrefillSegment, build_mask, varlen_available
 from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.sampler import DeviceSample, sample_async
 from worker.embedded.scheduler import ScheduledChunk
@@ -19,6 +19,10 @@ from worker.embedded.sequence import Sequence
 from worker.models.config import ModelConfig
 
 log = logging.getLogger(__name__)
+
+# A switch for benchmarks (bench/offline_throughput.py --varlen): prefill attention as one
+# varlen flash-attention call, or SDPA per sequence. Read when an engine is built.
+VARLEN = True
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -61,6 +65,8 @@ class ModelRunner:
         else:
             self.fast = attention == "triton"
         model.use_fused_kernels(self.fast)
+        # One varlen flash-attention call for a step's prefills (GPU, 16-bit, a torch that has it).
+        self.varlen = self.fast and device.type == "cuda" and VARLEN and varlen_available(dtype)
         self.argmax = None
         if self.fast:
             from worker.embedded.kernels.argmax import argmax_rows
@@ -171,6 +177,10 @@ class ModelRunner:
                 table = torch.tensor(ch.seq.block_table[: -(-ctx // bs)], device=dev)
                 meta.prefills.append(PrefillSegment(row, n, ctx, table))
                 row += n
+            if meta.prefills and self.varlen:
+                offsets = [seg.start - n_dec for seg in meta.prefills] + [row - n_dec]
+                meta.prefill_cu_seq = torch.tensor(offsets, dtype=torch.int32, device=dev)
+                meta.prefill_max_len = max(q_lens[n_dec:])
         else:
             self._reference_meta(meta, chunks, q_lens, ctx_lens)
         ids = torch.tensor(input_ids, device=dev)
