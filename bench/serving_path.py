@@ -10,7 +10,11 @@ detokenizer). The ratio says what our path costs against gRPC alone.
 With --tracing the baseline is instead the same stack with tracing off, against tracing
 on (every process exporting spans over OTLP/gRPC to a receiver started here):
 
-    python bench/serving_path.py --tracing --seconds 10 --out tracing_cost.json
+    python bench/serving_path.py --tracing --seconds 10 --rounds 5 --out tracing_cost.json
+
+Tracing's cost is a few percent, and one 10-second point moves by more than that on a
+busy machine, so --rounds repeats every point (alternating which stack goes first) and
+reports the median ratio.
 
 Each concurrent client holds one Generate stream and sends its next request when the
 last one finished. The load generator runs in its own process.
@@ -23,6 +27,7 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -163,6 +168,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--tracing", action="store_true", help="compare tracing on against tracing off instead of bare gRPC")
     ap.add_argument("--step-ms", type=float, default=0.0, help="each engine-double step takes this long (0: instant)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --tracing: measure every point this many times, alternating which stack goes first; "
+                         "the ratio reported is the median (the range is printed too)")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json and tokenizer_config.json (default: the built-in model's)")
     ap.add_argument("--out", default="serving_path.json")
     args = ap.parse_args()
@@ -177,10 +185,16 @@ def main() -> None:
         off_port, on_port = free_port(), free_port()
         off, on = start_stack(off_port, None, args.step_ms, args.tokenizer), start_stack(on_port, otel, args.step_ms, args.tokenizer)
         try:
-            for c in args.concurrency:  # alternate, so drift in the machine hits both
-                base = measure(f"127.0.0.1:{off_port}", c, args.seconds, args.max_tokens)
-                ours = measure(f"127.0.0.1:{on_port}", c, args.seconds, args.max_tokens)
-                rows.append({"concurrency": c, "tracing_on": ours, "tracing_off": base, "ratio": ours["tokens_per_s"] / base["tokens_per_s"]})
+            rounds = {c: [] for c in args.concurrency}
+            for r in range(args.rounds):
+                for c in args.concurrency:  # alternate, so drift in the machine hits both
+                    order = (off_port, on_port) if r % 2 == 0 else (on_port, off_port)
+                    got = {port: measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens) for port in order}
+                    rounds[c].append((got[on_port], got[off_port]))
+            for c, pairs in rounds.items():
+                ratios = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
+                rows.append({"concurrency": c, "tracing_on": pairs[-1][0], "tracing_off": pairs[-1][1], "ratio": statistics.median(ratios),
+                             "ratios": ratios, "rounds": [{"tracing_on": a, "tracing_off": b} for a, b in pairs]})
         finally:
             stop_stack(off)
             stop_stack(on)
@@ -205,11 +219,12 @@ def main() -> None:
 
     print(f"\nserving path, engine double ({args.step_ms:g} ms steps), {args.max_tokens} tokens per request, "
           f"{args.seconds:.0f}s per point, {os.cpu_count()} cores")
-    print(f"{'streams':>8} {labels[0]:>17} {'msgs/s':>9} {'TTFT p50 ms':>12} {labels[1]:>18} {'ratio':>6}")
+    print(f"{'streams':>8} {labels[0]:>17} {'msgs/s':>9} {'TTFT p50 ms':>12} {labels[1]:>18} {'ratio':>6} {'range':>13}")
     for r in rows:
         o, b = r[keys[0]], r[keys[1]]
+        spread = f"{r['ratios'][0]:.3f}-{r['ratios'][-1]:.3f}" if len(r.get("ratios", ())) > 1 else ""
         print(f"{r['concurrency']:>8} {o['tokens_per_s']:>17.0f} {o['events_per_s']:>9.0f} {o['ttft_p50_ms'] or 0:>12.1f} "
-              f"{b['tokens_per_s']:>18.0f} {r['ratio']:>6.3f}")
+              f"{b['tokens_per_s']:>18.0f} {r['ratio']:>6.3f} {spread:>13}")
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=2)
 
