@@ -104,9 +104,14 @@ def now_ns() -> int:
     return time.time_ns()
 
 
+def error_description(code: str, message: str) -> str:
+    """An ERROR status's description, for SDK spans and sketches alike."""
+    return f"{code}: {message}"
+
+
 def end_with_error(span: Span, code: str, message: str) -> None:
     span.set_attribute("rpc.grpc.status_code", code)
-    span.set_status(Status(StatusCode.ERROR, f"{code}: {message}"))
+    span.set_status(Status(StatusCode.ERROR, error_description(code, message)))
 
 
-__all__ = ["SpanKind", "SpanSketch", "build_elsewhere", "context_from", "end_with_error", "now_ns", "setup_tracing", "tracer", "traceparent_of"]
+__all__ = ["SpanKind", "SpanSketch", "build_elsewhere", "context_from", "end_with_error", "error_description", "now_ns", "setup_tracing", "tracer", "traceparent_of"]

@@ -50,7 +50,7 @@ class RequestTrace:
         span = SpanSketch("inflight.worker.request", self.submitted_ns, end, attributes)
         if error_code:
             attributes["rpc.grpc.status_code"] = error_code
-            span.error = f"{error_code}: {error_message}"
+            span.error = telemetry.error_description(error_code, error_message)
         scheduled = self.scheduled_ns or end
         span.children.append(SpanSketch("queued", self.submitted_ns, scheduled, {}))
         if self.first_token_ns is not None:

@@ -103,9 +103,10 @@ def varlen_available(dtype: torch.dtype) -> bool:
 
 
 @functools.cache
-def _varlen_options() -> dict | None:
+def _varlen_options() -> tuple[dict, bool] | None:
     """Keywords for causal, grouped-query varlen_attn, which changed across torch
-    versions (is_causal, later window_size and enable_gqa); None without it."""
+    versions (is_causal, later window_size and enable_gqa), and whether it takes a
+    scale; None without it. Looked up once: varlen_prefill runs once a layer."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -114,7 +115,7 @@ def _varlen_options() -> dict | None:
     options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "enable_gqa" in params:
         options["enable_gqa"] = True
-    return options
+    return options, "scale" in params
 
 
 def varlen_prefill(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float) -> torch.Tensor:
@@ -123,9 +124,9 @@ def varlen_prefill(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float) ->
     where SDPA per sequence cost ~8 launches each."""
     from torch.nn.attention.varlen import varlen_attn
 
-    options = dict(_varlen_options())
-    if "scale" in inspect.signature(varlen_attn).parameters:
-        options["scale"] = scale
+    options, takes_scale = _varlen_options()
+    if takes_scale:
+        options = {**options, "scale": scale}
     elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:  # older torch: the default 1/sqrt(D) only
         raise ValueError("this torch's varlen_attn takes no scale")
     return varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **options)

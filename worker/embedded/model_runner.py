@@ -97,16 +97,19 @@ class ModelRunner:
 
     def _compile_split_variants(self) -> None:
         """Compile the paged-decode kernel for every split count now: eager steps pick one
-        by their decode count, and a first compile inside a step costs about a second."""
+        by their decode count, and a first compile inside a step costs about a second.
+        Both launch kinds: small batches launch with PDL, larger ones without (pdl.on)."""
+        from worker.embedded.kernels import pdl
         from worker.embedded.kernels.paged_decode import paged_decode_attention
 
         c, dev = self.config, self.device
         k_cache, v_cache = self.kv_caches[0]
-        q = torch.zeros((1, c.num_heads, c.head_dim), dtype=self.dtype, device=dev)
-        table = torch.zeros((1, 1), dtype=torch.int32, device=dev)
-        ctx = torch.ones(1, dtype=torch.int32, device=dev)
-        for splits in (1, 2, 4, 8, 16, 32):
-            paged_decode_attention(q, k_cache, v_cache, table, ctx, 1.0, splits=splits)
+        for batch in (1, pdl.MAX_ROWS + 1):
+            q = torch.zeros((batch, c.num_heads, c.head_dim), dtype=self.dtype, device=dev)
+            table = torch.zeros((batch, 1), dtype=torch.int32, device=dev)
+            ctx = torch.ones(batch, dtype=torch.int32, device=dev)
+            for splits in (1, 2, 4, 8, 16, 32):
+                paged_decode_attention(q, k_cache, v_cache, table, ctx, 1.0, splits=splits)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> tuple[DeviceSample | None, list[Sequence]]:
