@@ -101,7 +101,7 @@ def run_bare(port: int) -> None:
 
 # The load generator.
 
-async def load(target: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
+async def load(target: str, concurrency: int, seconds: float, max_tokens: int, started=None) -> dict:
     from inflight.client import Client
 
     tokens = messages = requests = 0
@@ -131,6 +131,8 @@ async def load(target: str, concurrency: int, seconds: float, max_tokens: int) -
     clients = [Client(target) for _ in range(channels)]
     for c in clients:
         await asyncio.wait_for(c.channel.channel_ready(), 60)
+    if started is not None:
+        started.put("started")
     t0 = time.monotonic()
     stop_at = t0 + seconds
     await asyncio.gather(*(one_client(clients[i % channels], i) for i in range(concurrency)))
@@ -145,18 +147,84 @@ async def load(target: str, concurrency: int, seconds: float, max_tokens: int) -
 def load_process(target, concurrency, seconds, max_tokens, queue):
     import uvloop
 
-    queue.put(uvloop.run(load(target, concurrency, seconds, max_tokens)))
+    queue.put(uvloop.run(load(target, concurrency, seconds, max_tokens, queue)))
+
+
+# CPU time per process of a stack, from /proc: which process saturates, and where
+# tracing's cost lands (steadier than throughput on a busy machine).
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return []
+
+
+def _role(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    if "inflight.span_export" in argv:
+        return "export"
+    if "inflight.cli" in argv:
+        for role in ("gateway", "scheduler", "worker", "serve"):
+            if role in argv:
+                return role
+    return None
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def stack_cpu(root: int) -> dict[str, float]:
+    """CPU seconds so far of each process under `root`, by role; a span-export child
+    counts as "<its parent's role>-export"."""
+    out: dict[str, float] = {}
+
+    def walk(pid: int, parent_role: str | None) -> None:
+        role = _role(pid)
+        if role == "export":
+            role = f"{parent_role}-export"
+        if role:
+            out[role] = out.get(role, 0.0) + _cpu_seconds(pid)
+        for child in _children(pid):
+            walk(child, role or parent_role)
+
+    walk(root, None)
+    out.pop("serve", None)
+    return out
 
 
 # grpc does not survive fork: helper processes start fresh.
 ctx = mp.get_context("spawn")
 
 
-def measure(target, concurrency, seconds, max_tokens) -> dict:
+def measure(target, concurrency, seconds, max_tokens, stack_pid: int | None = None) -> dict:
+    """One point; with `stack_pid`, also each stack process's CPU use over it: `cpu_util`
+    (CPU seconds per second, 1.0 = one core busy) and `cpu_ms_per_1k_tokens`."""
     q = ctx.Queue()
     p = ctx.Process(target=load_process, args=(target, concurrency, seconds, max_tokens, q))
     p.start()
+    q.get(timeout=120)  # the clients are connected
+    before = stack_cpu(stack_pid) if stack_pid else {}
+    t0 = time.monotonic()
     result = q.get(timeout=seconds + 120)
+    wall = time.monotonic() - t0
+    if stack_pid:
+        after = stack_cpu(stack_pid)
+        used = {k: after[k] - before.get(k, 0.0) for k in after}
+        tokens = result["tokens_per_s"] * seconds
+        result["cpu_util"] = {k: v / wall for k, v in used.items()}
+        result["cpu_ms_per_1k_tokens"] = {k: 1e6 * v / tokens for k, v in used.items()} if tokens else {}
     p.join()
     return result
 
@@ -184,12 +252,13 @@ def main() -> None:
                 "OTEL_EXPORTER_OTLP_INSECURE": "true"}
         off_port, on_port = free_port(), free_port()
         off, on = start_stack(off_port, None, args.step_ms, args.tokenizer), start_stack(on_port, otel, args.step_ms, args.tokenizer)
+        pids = {off_port: off.pid, on_port: on.pid}
         try:
             rounds = {c: [] for c in args.concurrency}
             for r in range(args.rounds):
                 for c in args.concurrency:  # alternate, so drift in the machine hits both
                     order = (off_port, on_port) if r % 2 == 0 else (on_port, off_port)
-                    got = {port: measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens) for port in order}
+                    got = {port: measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens, pids[port]) for port in order}
                     rounds[c].append((got[on_port], got[off_port]))
             for c, pairs in rounds.items():
                 ratios = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
@@ -208,7 +277,7 @@ def main() -> None:
         stack = start_stack(port, None, args.step_ms, args.tokenizer)
         try:
             for c in args.concurrency:
-                ours = measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens)
+                ours = measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens, stack.pid)
                 base = measure(f"127.0.0.1:{bare_port}", c, args.seconds, args.max_tokens)
                 rows.append({"concurrency": c, "inflight": ours, "bare_grpc": base, "ratio": ours["tokens_per_s"] / base["tokens_per_s"]})
         finally:
@@ -225,8 +294,24 @@ def main() -> None:
         spread = f"{r['ratios'][0]:.3f}-{r['ratios'][-1]:.3f}" if len(r.get("ratios", ())) > 1 else ""
         print(f"{r['concurrency']:>8} {o['tokens_per_s']:>17.0f} {o['events_per_s']:>9.0f} {o['ttft_p50_ms'] or 0:>12.1f} "
               f"{b['tokens_per_s']:>18.0f} {r['ratio']:>6.3f} {spread:>13}")
+    if any("cpu_util" in r[keys[0]] for r in rows):
+        print_cpu(rows, keys, labels)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+def print_cpu(rows: list[dict], keys: tuple, labels: tuple) -> None:
+    """Each stack process's CPU per 1,000 streamed tokens, and how busy it was (1.0 = a
+    whole core), from the last round of each point."""
+    print("\nCPU ms per 1k tokens (cores busy), last round")
+    for r in rows:
+        for key, label in zip(keys, labels):
+            got = r[key]
+            if "cpu_util" not in got:
+                continue
+            cells = "  ".join(f"{role} {got['cpu_ms_per_1k_tokens'][role]:6.1f} ({got['cpu_util'][role]:.2f})"
+                              for role in sorted(got["cpu_util"]))
+            print(f"{r['concurrency']:>8} {label.split(' tok/s')[0]:>12}  {cells}")
 
 
 if __name__ == "__main__":

@@ -32,17 +32,13 @@ GATEWAY_METRICS, SCHEDULER_METRICS = GatewayMetrics(), SchedulerMetrics()
 
 
 def gateway_requests(tracing: bool):
-    from opentelemetry import trace
-
     from gateway.output import Update
     from gateway.telemetry import RequestTelemetry
-    from inflight import telemetry
 
-    tracer = telemetry.tracer("inflight.gateway") if tracing else trace.NoOpTracer()  # what an untraced gateway gets
     first, last = Update([1], "a"), Update([1], "a", finish_reason="length")
 
     def one(i: int) -> None:
-        tm = RequestTelemetry(GATEWAY_METRICS, tracer, "inflight.v1.Inference/Generate", None, "text_completion")
+        tm = RequestTelemetry(GATEWAY_METRICS, "inflight.v1.Inference/Generate", None, "text_completion", tracing)
         with tm.preparing():
             pass
         tm.submitted("bench", 16, TOKENS, 1.0)

@@ -47,12 +47,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.model_name = model_name
         self.gateway_id = gateway_id
         self.metrics = metrics
-        self.tracer = telemetry.tracer("inflight.gateway")
         self._ids = itertools.count()
+        self.tracing = telemetry.tracing()
 
     def _telemetry(self, name: str, msg, context) -> RequestTelemetry:
         traceparent = dict(context.invocation_metadata() or ()).get("traceparent")
-        return RequestTelemetry(self.metrics, self.tracer, name, traceparent, operation(msg))
+        return RequestTelemetry(self.metrics, name, traceparent, operation(msg), self.tracing)
 
     # Shared request preparation.
 

@@ -7,13 +7,13 @@ import time
 from contextlib import contextmanager
 
 import prometheus_client as prom
-from opentelemetry import trace
 
 from gateway.output import Update
 from inflight import telemetry
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+SCOPE = telemetry.scope_of("inflight.gateway")
 TOKEN_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -31,18 +31,19 @@ class GatewayMetrics:
 
 
 class RequestTelemetry:
-    """One request's span and timings. `operation` is "chat" or "text_completion"."""
+    """One request's span and timings. `operation` is "chat" or "text_completion"; with
+    `tracing` off, the client's traceparent (if any) is passed on as it came."""
 
     __slots__ = ("metrics", "span", "traceparent", "start", "last", "tokens", "ended")
 
-    def __init__(self, metrics: GatewayMetrics, tracer: trace.Tracer, name: str, traceparent: str | None, operation: str):
+    def __init__(self, metrics: GatewayMetrics, name: str, traceparent: str | None, operation: str, tracing: bool):
         self.metrics = metrics
         self.start = self.last = time.monotonic()
         self.tokens = 0
         self.ended = False
-        self.span = tracer.start_span(name, context=telemetry.context_from(traceparent), kind=trace.SpanKind.SERVER,
-                                      attributes={"gen_ai.operation.name": operation, "rpc.system": "grpc"})
-        self.traceparent = telemetry.traceparent_of(self.span)  # for the scheduler and the tokenize span
+        self.span = telemetry.start_span(SCOPE, name, traceparent, telemetry.SpanKind.SERVER,
+                                         {"gen_ai.operation.name": operation, "rpc.system": "grpc"}) if tracing else telemetry.Unrecorded(traceparent)
+        self.traceparent = self.span.traceparent  # for the scheduler and the tokenize span
         metrics.running.inc()
 
     @contextmanager
@@ -57,7 +58,7 @@ class RequestTelemetry:
             error = f"{type(e).__name__}: {e}"  # as the SDK describes a span's exception
             raise
         finally:
-            if self.span.is_recording():
+            if self.span.recording:
                 telemetry.build_elsewhere("inflight.gateway", self.traceparent,
                                           telemetry.SpanSketch("tokenize", start, time.time_ns(), {}, error=error))
 
@@ -97,5 +98,5 @@ class RequestTelemetry:
             attrs["gen_ai.response.finish_reasons"] = [finish_reason]
         self.span.set_attributes(attrs)
         if code != "OK":
-            telemetry.end_with_error(self.span, code, message)
+            self.span.set_error(code, message)
         self.span.end()

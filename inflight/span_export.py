@@ -9,9 +9,11 @@ wake ZeroMQ's I/O thread per span, which costs more than the record), and a chil
 started for it rebuilds the spans and hands them to the standard BatchSpanProcessor and
 OTLP exporter, configured as ever by the OTEL_* variables.
 
-Spans whose ids nothing in the serving process needs (the worker's, the gateway's
-tokenize span) need not be SDK spans there at all: telemetry.build_elsewhere sends a
-sketch of them, and the child builds them with the SDK (its sampler, its ids).
+None of our own spans is an SDK span in a serving process: the gateway's server span and
+the scheduler's span, whose ids other processes need, are telemetry.OwnSpans (ids and
+sampling decided by the SDK's generator and sampler at start, one record sent at the
+end), and the spans whose ids nothing needs (the worker's, the gateway's tokenize span)
+are sketched after the fact (telemetry.build_elsewhere) and built here with the SDK.
 
     python -m inflight.span_export ENDPOINT RESOURCE_JSON   (started by ChildProcessSpanProcessor)
 """
@@ -152,6 +154,13 @@ class ChildProcessSpanProcessor(SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         self._queue(record_of(span))
+
+    def own(self, span, end: int) -> None:
+        """An ended telemetry.OwnSpan."""
+        self._queue(SpanRecord(span.scope, span.name, span.trace_id.to_bytes(16, "big"), span.span_id, span.flags, span.trace_state,
+                               span.parent_id, span.parent_id is not None, span.kind, span.start, end, span.attributes,
+                               [EventRecord(name, t, {}) for name, t in span.events], [],
+                               (StatusCode.ERROR if span.error is not None else StatusCode.UNSET).value, span.error))
 
     def build(self, scope: str, traceparent: str | None, sketch: SpanSketch) -> None:
         self._queue(BuildRequest(scope, traceparent, sketch))

@@ -13,7 +13,6 @@ import time
 import msgspec
 import zmq
 
-from opentelemetry import trace
 
 from inflight import errors, schema, telemetry
 from inflight.http_endpoints import serve_http
@@ -23,6 +22,7 @@ from scheduler.metrics import SchedulerMetrics
 from scheduler.routing import WorkerState, route_by_prefix
 
 log = logging.getLogger("inflight.scheduler")
+SCOPE = telemetry.scope_of("inflight.scheduler")
 
 
 @dataclasses.dataclass
@@ -43,14 +43,14 @@ class RequestState:
     arrived: float = dataclasses.field(default_factory=time.monotonic)
     worker: bytes | None = None
     delivered: int = 0  # tokens relayed to the gateway so far
-    span: trace.Span | None = None
+    span: telemetry.OwnSpan | telemetry.Unrecorded | None = None
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, metrics: SchedulerMetrics | None = None, tracing: bool = False):
         self.config = config
         self.metrics = metrics or SchedulerMetrics()
-        self.tracer = telemetry.tracer("inflight.scheduler") if tracing else None
+        self.tracing = tracing
         self.ctx = zmq.Context.instance()
         self.front = self.ctx.socket(zmq.ROUTER)
         self.front.setsockopt(zmq.LINGER, 0)
@@ -72,7 +72,7 @@ class Scheduler:
     def fail(self, submit: schema.Submit, code: str, message: str) -> None:
         state = self.requests.pop(submit.request_id, None)
         if state and state.span:
-            telemetry.end_with_error(state.span, code, message)
+            state.span.set_error(code, message)
             state.span.end()
         if code in (errors.RESOURCE_EXHAUSTED, errors.UNAVAILABLE, errors.ALREADY_EXISTS):
             self.metrics.rejected.labels(code).inc()
@@ -118,9 +118,9 @@ class Scheduler:
         if not any(w.info.model == submit.model for w in self.workers.values()):
             return self.fail(submit, errors.UNAVAILABLE, f"no worker serves model {submit.model!r} right now")
         state = self.requests[submit.request_id] = RequestState(submit)
-        if self.tracer:
-            state.span = self.tracer.start_span("inflight.scheduler.schedule", context=telemetry.context_from(submit.traceparent),
-                                                attributes={"gen_ai.request.model": submit.model})
+        if self.tracing:
+            state.span = telemetry.start_span(SCOPE, "inflight.scheduler.schedule", submit.traceparent,
+                                              attributes={"gen_ai.request.model": submit.model})
         if not len(self.queue) and self.dispatch(submit):
             return
         if not self.queue.offer(submit):
@@ -142,7 +142,7 @@ class Scheduler:
             state.span.set_attributes({"inflight.worker_id": worker.info.worker_id, "inflight.prefix_blocks_matched": matched,
                                        "inflight.queue_time_s": waited})
             state.span.end()
-            submit.traceparent = telemetry.traceparent_of(state.span) or submit.traceparent
+            submit.traceparent = state.span.traceparent
             state.span = None
         self.back.send_multipart([worker.identity, schema.encode(submit)])
         log.debug("routed %s to %s (%d prefix blocks cached)", submit.request_id, worker.info.worker_id, matched)
@@ -161,7 +161,7 @@ class Scheduler:
                 continue
             self.queue.remove(rid)
             if state.span:
-                telemetry.end_with_error(state.span, errors.CANCELLED, "aborted while queued")
+                state.span.set_error(errors.CANCELLED, "aborted while queued")
                 state.span.end()
             if state.worker is not None and state.worker in self.workers:
                 self.workers[state.worker].inflight.discard(rid)

@@ -9,7 +9,7 @@ import math
 import grpc
 import pytest
 
-from inflight.client import Client, GenerationError
+from inflight.client import Client
 from inflight.sampling_params import SamplingParams
 from inflight.v1 import pb
 from tests.stack import Stack

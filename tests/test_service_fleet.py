@@ -10,7 +10,7 @@ import grpc
 from inflight.client import Client
 from inflight.sampling_params import SamplingParams
 from tests.stack import Stack
-from tests.test_service import chat_session, collect
+from tests.test_service import chat_session
 
 
 def test_full_admission_queue_refuses_overflow_and_serves_the_rest(make_engine, tokenizer):

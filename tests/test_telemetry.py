@@ -13,6 +13,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 from inflight.client import Client
+from inflight.v1 import pb
 from tests.stack import Stack, free_port
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -98,6 +99,7 @@ def test_one_trace_across_three_processes_continuing_the_clients(traced_stack):
     assert by["inflight.worker.request"].parent_span_id == by["inflight.scheduler.schedule"].span_id
     for child in ("queued", "prefill", "decode"):
         assert by[child].parent_span_id == by["inflight.worker.request"].span_id
+    assert by["inflight.v1.Inference/Generate"].kind == 2  # SPAN_KIND_SERVER
     attrs = {a.key: a.value for a in by["inflight.v1.Inference/Generate"].attributes}
     assert attrs["gen_ai.operation.name"].string_value == "text_completion"
     assert attrs["gen_ai.request.model"].string_value == "SmolLM2-135M-Instruct"
@@ -124,6 +126,20 @@ def test_without_traceparent_a_new_trace_still_spans_all_processes(traced_stack)
     [trace_id] = fresh
     spans = wait_for_trace(receiver, trace_id, NAMES)
     assert spans["inflight.v1.Inference/Generate"][1].parent_span_id == b""
+
+
+def test_a_trace_the_client_did_not_sample_is_recorded_nowhere(traced_stack):
+    # The default sampler follows the parent: flags 00 means no process records a span,
+    # yet the request is served.
+    stack, receiver = traced_stack
+    unsampled, sampled = "5bf92f3577b34da6a3ce929d0e0e4737", "6bf92f3577b34da6a3ce929d0e0e4738"
+    got = generate(stack, [("traceparent", f"00-{unsampled}-{CLIENT_SPAN}-00")], max_tokens=3)
+    assert sum(len(p.token_ids) for p in got if isinstance(p, pb.Delta)) == 3
+    generate(stack, [("traceparent", f"00-{sampled}-{CLIENT_SPAN}-01")], max_tokens=3)
+    # Each process exports in order, so once the later trace is in from all three, the
+    # earlier one would be too.
+    wait_for_trace(receiver, bytes.fromhex(sampled), NAMES)
+    assert receiver.trace(bytes.fromhex(unsampled)) == []
 
 
 def test_errors_set_span_status_with_the_grpc_code(traced_stack):
