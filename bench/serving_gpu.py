@@ -86,7 +86,7 @@ def summarize(records: list[tuple[float, float, int, int]], wall: float) -> dict
     itl = [(r[1] - r[0]) / (r[2] - 1) for r in records if r[2] > 1]
     tokens = sum(r[2] for r in records)
     out = {"requests": len(records), "tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall,
-           "ttft_ms_by_request": {r[3]: 1000 * r[0] for r in records}}
+           "ttft_ms_by_request": {r[3]: 1000 * r[0] for r in records}, "e2e_ms_by_request": {r[3]: 1000 * r[1] for r in records}}
     for name, xs in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
         for p in (50, 90, 99):
             out[f"{name}_p{p}_ms"] = pct(xs, p)
@@ -179,6 +179,81 @@ def run_served(target: str, reqs, concurrency: int, model: str) -> dict:
     return res
 
 
+def start_stack(model_dir: Path, args, extra_env: dict | None = None) -> tuple[subprocess.Popen, int, Path]:
+    """`inflight serve` on the model; returns it with its port and log file once it serves.
+    OTEL_* variables reach it only through `extra_env`."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env |= {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+            **(extra_env or {})}
+    # The stack logs to a file: a pipe nobody drains would fill and stall the processes.
+    log_path = model_dir.parent / f"stack-{port}.log"
+    with open(log_path, "w") as log_file:
+        stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
+                                  "--device", args.device, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
+                                  "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}"],
+                                 env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while "serving on" not in log_path.read_text():
+        if stack.poll() is not None or time.monotonic() > deadline:
+            stack.kill()
+            sys.exit("the stack did not start:\n" + log_path.read_text()[-3000:])
+        time.sleep(0.5)
+    return stack, port, log_path
+
+
+def stop_stack(stack: subprocess.Popen, log_path: Path) -> None:
+    stack.terminate()
+    stack.wait(60)
+    print(log_path.read_text()[-2000:])
+
+
+def paired_ms(a: dict, b: dict, key: str = "ttft_ms_by_request") -> float:
+    """Median over requests of a's time minus b's for the same request: steadier than the
+    difference of two medians, when both sides ran the same requests."""
+    return statistics.median(a[key][i] - t for i, t in b[key].items())
+
+
+def tracing_cost(args, model_dir: Path, loads: dict) -> None:
+    """--tracing: two stacks on the same GPU, tracing on (exporting to a receiver started
+    here) and off, the same requests through each, alternating which goes first."""
+    from bench.serving_path import run_receiver
+
+    vocab = SHAPES[args.shape]["vocab_size"]
+    receiver_port = free_port()
+    receiver = ctx.Process(target=run_receiver, args=(receiver_port,), daemon=True)
+    receiver.start()
+    otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    stacks = {"off": start_stack(model_dir, args), "on": start_stack(model_dir, args, otel)}
+    got = {c: [] for c in args.concurrency}
+    try:
+        for _, port, _ in stacks.values():
+            run_served(f"127.0.0.1:{port}", workload(8, vocab, seed=99), 8, model_dir.name)  # warm-up
+        for r in range(args.rounds):
+            for c in args.concurrency:
+                order = ("off", "on") if r % 2 == 0 else ("on", "off")
+                res = {k: run_served(f"127.0.0.1:{stacks[k][1]}", loads[c], c, model_dir.name) for k in order}
+                got[c].append(res)
+    finally:
+        for stack, _, log_path in stacks.values():
+            stop_stack(stack, log_path)
+        receiver.terminate()
+    print(f"\ntracing on / off through the served stack, {args.shape} (random weights), {args.rounds} rounds alternating")
+    print(f"{'streams':>7} {'off tok/s':>10} {'on tok/s':>10} {'on/off median':>13} {'range':>13} {'paired TTFT +ms':>15} {'paired e2e +ms':>14}")
+    rows = []
+    for c, rounds in got.items():
+        ratios = sorted(x["on"]["tok_per_s"] / x["off"]["tok_per_s"] for x in rounds)
+        ttft = statistics.median(paired_ms(x["on"], x["off"]) for x in rounds)
+        e2e = statistics.median(paired_ms(x["on"], x["off"], "e2e_ms_by_request") for x in rounds)
+        rows.append({"concurrency": c, "ratio": statistics.median(ratios), "ratios": ratios, "added_ttft_paired_median_ms": ttft,
+                     "added_e2e_paired_median_ms": e2e, "rounds": rounds})
+        print(f"{c:>7} {statistics.median(x['off']['tok_per_s'] for x in rounds):>10.0f} {statistics.median(x['on']['tok_per_s'] for x in rounds):>10.0f} "
+              f"{statistics.median(ratios):>13.3f} {ratios[0]:.3f}-{ratios[-1]:.3f} {ttft:>15.2f} {e2e:>14.2f}")
+    with open(args.out, "w") as f:
+        json.dump({"shape": args.shape, "lengths": LENGTHS, "tracing": True, "rows": rows}, f, indent=2)
+
+
 def main() -> None:
     global LENGTHS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -189,6 +264,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs=4, default=list(LENGTHS), metavar=("PMIN", "PMAX", "OMIN", "OMAX"))
     ap.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run with short --lengths")
     ap.add_argument("--min-requests", type=int, default=16, help="requests per point: this many, or 2 per stream if more")
+    ap.add_argument("--tracing", action="store_true",
+                    help="instead of the engine direct, compare the stack with tracing on (exporting to a local OTLP receiver) against tracing off")
+    ap.add_argument("--rounds", type=int, default=3, help="with --tracing: points per concurrency, alternating which stack goes first")
     ap.add_argument("--out", default="serving_gpu.json")
     args = ap.parse_args()
     LENGTHS = tuple(args.lengths)
@@ -201,6 +279,10 @@ def main() -> None:
     model_dir = make_model_dir(args.shape, args.tokenizer)
     vocab = SHAPES[args.shape]["vocab_size"]
     loads = {c: workload(max(args.min_requests, 2 * c), vocab, seed=c) for c in args.concurrency}
+    if args.tracing:
+        tracing_cost(args, model_dir, loads)
+        shutil.rmtree(model_dir.parent, ignore_errors=True)
+        return
 
     engine = EmbeddedEngine(EngineConfig(model=str(model_dir), device=args.device, kv_cache=KvCacheConfig(max_tokens=args.kv_tokens)))
     run_direct(engine, workload(8, vocab, seed=99), 8)  # warm-up
@@ -209,29 +291,14 @@ def main() -> None:
     if args.device == "cuda":
         torch.cuda.empty_cache()
 
-    port = free_port()
-    env = {**os.environ, "INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    # The stack logs to a file: a pipe nobody drains would fill and stall the processes.
-    log_path = model_dir.parent / "stack.log"
-    with open(log_path, "w") as log_file:
-        stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
-                                  "--device", args.device, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
-                                  "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}"],
-                                 env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 300
-    while "serving on" not in log_path.read_text():
-        if stack.poll() is not None or time.monotonic() > deadline:
-            sys.exit("the stack did not start:\n" + log_path.read_text()[-3000:])
-        time.sleep(0.5)
+    stack, port, log_path = start_stack(model_dir, args)
     served = {}
     try:
         run_served(f"127.0.0.1:{port}", workload(8, vocab, seed=99), 8, model_dir.name)  # warm-up
         for c in args.concurrency:
             served[c] = run_served(f"127.0.0.1:{port}", loads[c], c, model_dir.name)
     finally:
-        stack.terminate()
-        stack.wait(60)
-        print(log_path.read_text()[-2000:])
+        stop_stack(stack, log_path)
 
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\nserving path vs engine direct, {args.shape} (random weights), {device}")
@@ -240,9 +307,7 @@ def main() -> None:
     rows = []
     for c in args.concurrency:
         d, s = direct[c], served[c]
-        # Both sides ran the same requests: the median of each request's own difference
-        # is steadier than the difference of two medians.
-        paired = statistics.median(s["ttft_ms_by_request"][i] - t for i, t in d["ttft_ms_by_request"].items())
+        paired = paired_ms(s, d)
         rows.append({"concurrency": c, "direct": d, "served": s, "ratio": s["tok_per_s"] / d["tok_per_s"],
                      "added_ttft_p50_ms": s["ttft_p50_ms"] - d["ttft_p50_ms"], "added_ttft_paired_median_ms": paired})
         print(f"{c:>7} {d['tok_per_s']:>12.0f} {s['tok_per_s']:>12.0f} {s['tok_per_s'] / d['tok_per_s']:>6.2f} "
