@@ -23,12 +23,13 @@ sys.path.insert(0, ROOT)
 from bench.serving_path import run_receiver  # noqa: E402
 from gateway.telemetry import GatewayMetrics  # noqa: E402
 from scheduler.metrics import SchedulerMetrics  # noqa: E402
+from worker.metrics import WorkerMetrics  # noqa: E402
 from tests.stack import free_port  # noqa: E402
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TOKENS = 128  # per request; the worker's per-token bookkeeping counts too
 # One of each, shared by tracing on and off: Prometheus takes a metric name once.
-GATEWAY_METRICS, SCHEDULER_METRICS = GatewayMetrics(), SchedulerMetrics()
+GATEWAY_METRICS, SCHEDULER_METRICS, WORKER_METRICS = GatewayMetrics(), SchedulerMetrics(), WorkerMetrics()
 
 
 def gateway_requests(tracing: bool):
@@ -69,15 +70,26 @@ def scheduler_requests(tracing: bool):
 
 
 def worker_requests(tracing: bool):
-    from worker.tracing import RequestTrace
+    """The real worker's handling of one request, on the engine double: the Submit, then
+    TOKENS outputs of one token each, as the loop delivers them step by step."""
+    from inflight import schema
+    from inflight.sampling_params import SamplingParams
+    from tests.engine_double import InstantEngine
+    from worker.engine_api import EngineConfig, RequestOutput
+    from worker.main import Worker, WorkerConfig
+
+    worker = Worker(WorkerConfig(scheduler_address="tcp://127.0.0.1:1"), InstantEngine(EngineConfig(model="bench")),
+                    f"bench-{tracing}", WORKER_METRICS, tracing)
+    params = SamplingParams(max_tokens=TOKENS)
 
     def one(i: int) -> None:
-        if not tracing:  # the worker keeps nothing per request then
-            return
-        rt = RequestTrace(TRACEPARENT, "bench", TOKENS)
-        for _ in range(TOKENS):
-            rt.on_output(1, time.time(), 16, 0)
-        rt.finish("w", "length", None)
+        rid = f"g/{i}"
+        out: dict = {}
+        worker.handle(schema.encode(schema.Submit(rid, "bench", [1] * 16, params, traceparent=TRACEPARENT, gateway=b"g")), out)
+        worker.engine.abort(rid)  # the outputs below stand in for its steps
+        now = time.time()
+        for k in range(TOKENS):
+            worker.deliver(RequestOutput(rid, [7], "length" if k == TOKENS - 1 else None, prompt_tokens=16, scheduled_at=now), out)
 
     return one
 

@@ -151,10 +151,13 @@ class Worker:
             lps = [schema.TokenLogprobMsg(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs]
         out.setdefault(gateway, []).append(schema.TokenItem(
             o.request_id, o.new_token_ids, o.finish_reason, o.error_code, o.error_message, o.prompt_tokens, o.cached_tokens, lps))
-        self.metrics.generated_tokens.inc(len(o.new_token_ids))
-        rt = self.traces.get(o.request_id)
-        if rt:
-            rt.on_output(len(o.new_token_ids), o.scheduled_at, o.prompt_tokens, o.cached_tokens)
+        n = len(o.new_token_ids)
+        self.metrics.generated_tokens.inc(n)
+        rt = self.traces.get(o.request_id) if self.tracing else None
+        if rt is not None and n:
+            if rt.first_token_ns is None:
+                rt.first_output(o.scheduled_at, o.prompt_tokens, o.cached_tokens)
+            rt.tokens += n
         if o.finished:
             del self.owner[o.request_id]
             self.deadlines.pop(o.request_id, None)
@@ -163,7 +166,7 @@ class Worker:
             self.metrics.cached_tokens.inc(o.cached_tokens)
             if rt:
                 del self.traces[o.request_id]
-                rt.finish(self.worker_id, o.finish_reason, o.error_code, o.error_message or "")
+                rt.finish(self.worker_id, o.finish_reason, o.error_code, o.error_message or "", o.prompt_tokens, o.cached_tokens)
 
     def step(self) -> list[RequestOutput]:
         try:

@@ -26,17 +26,20 @@ class RequestTrace:
         self.model = model
         self.max_tokens = max_tokens
 
-    def on_output(self, new_tokens: int, scheduled_at: float | None, prompt_tokens: int, cached_tokens: int) -> None:
-        if self.first_token_ns is None and new_tokens:
-            self.first_token_ns = time.time_ns()
-        if self.scheduled_ns is None and scheduled_at is not None:
+    def first_output(self, scheduled_at: float | None, prompt_tokens: int, cached_tokens: int) -> None:
+        """The request's first tokens came. After that the worker loop only adds to
+        `tokens`: this runs for every running request on every step, and the step waits."""
+        self.first_token_ns = time.time_ns()
+        if scheduled_at is not None:
             self.scheduled_ns = int(scheduled_at * 1e9)
-        self.tokens += new_tokens
-        self.prompt_tokens = prompt_tokens or self.prompt_tokens
-        self.cached_tokens = cached_tokens or self.cached_tokens
+        self.prompt_tokens = prompt_tokens
+        self.cached_tokens = cached_tokens
 
-    def finish(self, worker_id: str, finish_reason: str | None, error_code: str | None, error_message: str = "") -> None:
+    def finish(self, worker_id: str, finish_reason: str | None, error_code: str | None, error_message: str = "",
+               prompt_tokens: int = 0, cached_tokens: int = 0) -> None:
         end = time.time_ns()
+        self.prompt_tokens = prompt_tokens or self.prompt_tokens  # the last count holds (a preempted prompt is cached anew)
+        self.cached_tokens = cached_tokens or self.cached_tokens
         attributes = {
             "gen_ai.request.model": self.model,
             "gen_ai.request.max_tokens": self.max_tokens,
