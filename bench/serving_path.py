@@ -101,7 +101,10 @@ def run_bare(port: int) -> None:
 
 # The load generator.
 
-async def load(target: str, concurrency: int, seconds: float, max_tokens: int, started=None) -> dict:
+async def load(target: str, concurrency: int, seconds: float, max_tokens: int, ready=None, go=None) -> dict:
+    """`concurrency` clients for `seconds`; with `ready`/`go` (multiprocessing), says when
+    connected and waits for the word to start. Returns counts, this process's CPU seconds
+    and the TTFTs."""
     from inflight.client import Client
 
     tokens = messages = requests = 0
@@ -131,23 +134,26 @@ async def load(target: str, concurrency: int, seconds: float, max_tokens: int, s
     clients = [Client(target) for _ in range(channels)]
     for c in clients:
         await asyncio.wait_for(c.channel.channel_ready(), 60)
-    if started is not None:
-        started.put("started")
+    if ready is not None:
+        ready.put("ready")
+        await asyncio.get_running_loop().run_in_executor(None, go.wait)
+    cpu0 = time.process_time()
     t0 = time.monotonic()
     stop_at = t0 + seconds
     await asyncio.gather(*(one_client(clients[i % channels], i) for i in range(concurrency)))
     elapsed = time.monotonic() - t0
+    cpu = time.process_time() - cpu0
     for c in clients:
         await c.channel.close()
-    ttfts.sort()
-    return {"tokens_per_s": tokens / elapsed, "events_per_s": messages / elapsed, "requests": requests,
-            "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2] if ttfts else None}
+    return {"tokens": tokens, "messages": messages, "requests": requests, "seconds": elapsed, "cpu_s": cpu, "ttfts": ttfts}
 
 
-def load_process(target, concurrency, seconds, max_tokens, queue):
+def load_process(target, concurrency, seconds, max_tokens, queue, go, cpus):
     import uvloop
 
-    queue.put(uvloop.run(load(target, concurrency, seconds, max_tokens, queue)))
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before gRPC starts its threads, which inherit it
+    queue.put(uvloop.run(load(target, concurrency, seconds, max_tokens, queue, go)))
 
 
 # CPU time per process of a stack, from /proc: which process saturates, and where
@@ -204,28 +210,100 @@ def stack_cpu(root: int) -> dict[str, float]:
     return out
 
 
+# --pin: each gateway (the process that saturates) and the load generators get physical
+# cores of their own, with the cores' other hardware threads left idle; the rest share
+# what remains. A process that lands beside a busy sibling thread runs up to a third
+# slower, which moved whole points by more than tracing costs.
+
+def physical_cores() -> list[list[int]]:
+    """The logical CPUs this process may use, grouped by physical core."""
+    groups: dict[str, list[int]] = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list") as f:
+                key = f.read().strip()
+        except OSError:
+            key = str(cpu)
+        groups.setdefault(key, []).append(cpu)
+    return list(groups.values())
+
+
+def cpu_plan(stacks: int, load_procs: int) -> dict:
+    cores = physical_cores()
+    if len(cores) < stacks + load_procs + 1:
+        sys.exit(f"--pin needs {stacks + load_procs + 1} physical cores; this machine gives {len(cores)}")
+    return {"gateways": [[c[0]] for c in cores[:stacks]], "load": [c[0] for c in cores[stacks:stacks + load_procs]],
+            "rest": [cpu for c in cores[stacks + load_procs:] for cpu in c]}
+
+
+def pin_stack(root: int, gateway_cpus: list[int], rest: list[int]) -> None:
+    """Every thread of every process under `root`: the gateway's on `gateway_cpus`, the
+    others on `rest`."""
+    def walk(pid: int) -> None:
+        cpus = gateway_cpus if _role(pid) == "gateway" else rest
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), cpus)
+            except OSError:
+                pass  # a thread that just ended
+        for child in _children(pid):
+            walk(child)
+
+    walk(root)
+
+
+def wait_serving(port: int, timeout: float = 120) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.2)
+
+
 # grpc does not survive fork: helper processes start fresh.
 ctx = mp.get_context("spawn")
 
 
-def measure(target, concurrency, seconds, max_tokens, stack_pid: int | None = None) -> dict:
-    """One point; with `stack_pid`, also each stack process's CPU use over it: `cpu_util`
-    (CPU seconds per second, 1.0 = one core busy) and `cpu_ms_per_1k_tokens`."""
-    q = ctx.Queue()
-    p = ctx.Process(target=load_process, args=(target, concurrency, seconds, max_tokens, q))
-    p.start()
-    q.get(timeout=120)  # the clients are connected
+def measure(target, concurrency, seconds, max_tokens, stack_pid: int | None = None, load_procs: int = 1,
+            load_cpus: list[int] | None = None) -> dict:
+    """One point, the clients spread over `load_procs` processes; with `stack_pid`, also
+    each stack process's CPU use over it: `cpu_util` (CPU seconds per second, 1.0 = one
+    core busy) and `cpu_ms_per_1k_tokens`. `load_util`: the load generators' cores busy
+    (near 1.0 a process, they and not the stack set the pace)."""
+    q, go = ctx.Queue(), ctx.Event()
+    shares = [concurrency // load_procs + (i < concurrency % load_procs) for i in range(load_procs)]
+    procs = [ctx.Process(target=load_process, args=(target, n, seconds, max_tokens, q, go, load_cpus)) for n in shares if n]
+    for p in procs:
+        p.start()
+    for _ in procs:
+        q.get(timeout=120)  # connected
     before = stack_cpu(stack_pid) if stack_pid else {}
     t0 = time.monotonic()
-    result = q.get(timeout=seconds + 120)
+    go.set()
+    parts = [q.get(timeout=seconds + 120) for _ in procs]
     wall = time.monotonic() - t0
+    for p in procs:
+        p.join()
+    elapsed = max(r["seconds"] for r in parts)
+    tokens = sum(r["tokens"] for r in parts)
+    ttfts = sorted(t for r in parts for t in r["ttfts"])
+    result = {"tokens_per_s": tokens / elapsed, "events_per_s": sum(r["messages"] for r in parts) / elapsed,
+              "requests": sum(r["requests"] for r in parts), "ttft_p50_ms": 1000 * ttfts[len(ttfts) // 2] if ttfts else None,
+              "load_util": [round(r["cpu_s"] / r["seconds"], 3) for r in parts]}
     if stack_pid:
         after = stack_cpu(stack_pid)
         used = {k: after[k] - before.get(k, 0.0) for k in after}
-        tokens = result["tokens_per_s"] * seconds
         result["cpu_util"] = {k: v / wall for k, v in used.items()}
         result["cpu_ms_per_1k_tokens"] = {k: 1e6 * v / tokens for k, v in used.items()} if tokens else {}
-    p.join()
     return result
 
 
@@ -240,8 +318,13 @@ def main() -> None:
                     help="with --tracing: measure every point this many times, alternating which stack goes first; "
                          "the ratio reported is the median (the range is printed too)")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json and tokenizer_config.json (default: the built-in model's)")
+    ap.add_argument("--streams-per-load-process", type=int, default=128,
+                    help="the clients are spread over processes of at most this many streams each")
+    ap.add_argument("--pin", action="store_true", help="with --tracing: each gateway and the load generators on physical cores of their own")
     ap.add_argument("--out", default="serving_path.json")
     args = ap.parse_args()
+    load_procs = lambda c: -(-c // args.streams_per_load_process)  # noqa: E731
+    load_procs_max = max(map(load_procs, args.concurrency))
 
     rows = []
     if args.tracing:
@@ -253,17 +336,28 @@ def main() -> None:
         off_port, on_port = free_port(), free_port()
         off, on = start_stack(off_port, None, args.step_ms, args.tokenizer), start_stack(on_port, otel, args.step_ms, args.tokenizer)
         pids = {off_port: off.pid, on_port: on.pid}
+        plan = None
+        if args.pin:
+            plan = cpu_plan(2, load_procs_max)
+            for i, (port, pid) in enumerate(pids.items()):
+                wait_serving(port)
+                pin_stack(pid, plan["gateways"][i], plan["rest"])
         try:
             rounds = {c: [] for c in args.concurrency}
             for r in range(args.rounds):
                 for c in args.concurrency:  # alternate, so drift in the machine hits both
                     order = (off_port, on_port) if r % 2 == 0 else (on_port, off_port)
-                    got = {port: measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens, pids[port]) for port in order}
+                    got = {port: measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens, pids[port], load_procs(c),
+                                         plan and plan["load"]) for port in order}
                     rounds[c].append((got[on_port], got[off_port]))
             for c, pairs in rounds.items():
                 ratios = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
+                cpu = lambda got, roles=None: sum(v for k, v in got["cpu_ms_per_1k_tokens"].items() if roles is None or k in roles)  # noqa: E731
                 rows.append({"concurrency": c, "tracing_on": pairs[-1][0], "tracing_off": pairs[-1][1], "ratio": statistics.median(ratios),
-                             "ratios": ratios, "rounds": [{"tracing_on": a, "tracing_off": b} for a, b in pairs]})
+                             "ratios": ratios, "rounds": [{"tracing_on": a, "tracing_off": b} for a, b in pairs],
+                             # CPU per token, tracing on over off: the gateway alone (what saturates), and all processes
+                             "gateway_cpu_ratio": statistics.median(cpu(a, ("gateway",)) / cpu(b, ("gateway",)) for a, b in pairs),
+                             "stack_cpu_ratio": statistics.median(cpu(a) / cpu(b) for a, b in pairs)})
         finally:
             stop_stack(off)
             stop_stack(on)
@@ -277,8 +371,8 @@ def main() -> None:
         stack = start_stack(port, None, args.step_ms, args.tokenizer)
         try:
             for c in args.concurrency:
-                ours = measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens, stack.pid)
-                base = measure(f"127.0.0.1:{bare_port}", c, args.seconds, args.max_tokens)
+                ours = measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens, stack.pid, load_procs(c))
+                base = measure(f"127.0.0.1:{bare_port}", c, args.seconds, args.max_tokens, None, load_procs(c))
                 rows.append({"concurrency": c, "inflight": ours, "bare_grpc": base, "ratio": ours["tokens_per_s"] / base["tokens_per_s"]})
         finally:
             stop_stack(stack)
@@ -288,12 +382,14 @@ def main() -> None:
 
     print(f"\nserving path, engine double ({args.step_ms:g} ms steps), {args.max_tokens} tokens per request, "
           f"{args.seconds:.0f}s per point, {os.cpu_count()} cores")
-    print(f"{'streams':>8} {labels[0]:>17} {'msgs/s':>9} {'TTFT p50 ms':>12} {labels[1]:>18} {'ratio':>6} {'range':>13}")
+    print(f"{'streams':>8} {labels[0]:>17} {'msgs/s':>9} {'TTFT p50 ms':>12} {labels[1]:>18} {'ratio':>6} {'range':>13}"
+          + (f" {'gw CPU/tok':>9} {'all CPU/tok':>9}" if args.tracing else ""))
     for r in rows:
         o, b = r[keys[0]], r[keys[1]]
         spread = f"{r['ratios'][0]:.3f}-{r['ratios'][-1]:.3f}" if len(r.get("ratios", ())) > 1 else ""
+        cpu = f"{r['gateway_cpu_ratio']:>9.3f} {r['stack_cpu_ratio']:>9.3f}" if "gateway_cpu_ratio" in r else ""
         print(f"{r['concurrency']:>8} {o['tokens_per_s']:>17.0f} {o['events_per_s']:>9.0f} {o['ttft_p50_ms'] or 0:>12.1f} "
-              f"{b['tokens_per_s']:>18.0f} {r['ratio']:>6.3f} {spread:>13}")
+              f"{b['tokens_per_s']:>18.0f} {r['ratio']:>6.3f} {spread:>13} {cpu}")
     if any("cpu_util" in r[keys[0]] for r in rows):
         print_cpu(rows, keys, labels)
     with open(args.out, "w") as f:
@@ -311,6 +407,7 @@ def print_cpu(rows: list[dict], keys: tuple, labels: tuple) -> None:
                 continue
             cells = "  ".join(f"{role} {got['cpu_ms_per_1k_tokens'][role]:6.1f} ({got['cpu_util'][role]:.2f})"
                               for role in sorted(got["cpu_util"]))
+            cells += f"  load ({' '.join(f'{u:.2f}' for u in got['load_util'])})"
             print(f"{r['concurrency']:>8} {label.split(' tok/s')[0]:>12}  {cells}")
 
 
