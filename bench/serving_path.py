@@ -252,40 +252,27 @@ def pin_stack(root: int, gateway_cpus: list[int], rest: list[int]) -> None:
     walk(root)
 
 
-def wait_serving(port: int, timeout: float = 120) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
-
-
-# grpc does not survive fork: helper processes start fresh.
+# grpc does not survive fork: helper processes start fresh, and this process itself never
+# opens a gRPC channel (its threads' fork handlers can hang the next process started).
 ctx = mp.get_context("spawn")
 
 
 def measure(target, concurrency, seconds, max_tokens, stack_pid: int | None = None, load_procs: int = 1,
-            load_cpus: list[int] | None = None) -> dict:
+            load_cpus: list[int] | None = None, pin: tuple | None = None) -> dict:
     """One point, the clients spread over `load_procs` processes; with `stack_pid`, also
     each stack process's CPU use over it: `cpu_util` (CPU seconds per second, 1.0 = one
     core busy) and `cpu_ms_per_1k_tokens`. `load_util`: the load generators' cores busy
-    (near 1.0 a process, they and not the stack set the pace)."""
+    (near 1.0 a process, they and not the stack set the pace). `pin`: (gateway CPUs, other
+    CPUs) for the stack's processes (pin_stack)."""
     q, go = ctx.Queue(), ctx.Event()
     shares = [concurrency // load_procs + (i < concurrency % load_procs) for i in range(load_procs)]
     procs = [ctx.Process(target=load_process, args=(target, n, seconds, max_tokens, q, go, load_cpus)) for n in shares if n]
     for p in procs:
         p.start()
     for _ in procs:
-        q.get(timeout=120)  # connected
+        q.get(timeout=120)  # connected: the stack serves
+    if pin:
+        pin_stack(stack_pid, *pin)  # every point: threads started since are pinned too
     before = stack_cpu(stack_pid) if stack_pid else {}
     t0 = time.monotonic()
     go.set()
@@ -336,19 +323,15 @@ def main() -> None:
         off_port, on_port = free_port(), free_port()
         off, on = start_stack(off_port, None, args.step_ms, args.tokenizer), start_stack(on_port, otel, args.step_ms, args.tokenizer)
         pids = {off_port: off.pid, on_port: on.pid}
-        plan = None
-        if args.pin:
-            plan = cpu_plan(2, load_procs_max)
-            for i, (port, pid) in enumerate(pids.items()):
-                wait_serving(port)
-                pin_stack(pid, plan["gateways"][i], plan["rest"])
+        plan = cpu_plan(2, load_procs_max) if args.pin else None
+        pins = {port: (plan["gateways"][i], plan["rest"]) if plan else None for i, port in enumerate(pids)}
         try:
             rounds = {c: [] for c in args.concurrency}
             for r in range(args.rounds):
                 for c in args.concurrency:  # alternate, so drift in the machine hits both
                     order = (off_port, on_port) if r % 2 == 0 else (on_port, off_port)
                     got = {port: measure(f"127.0.0.1:{port}", c, args.seconds, args.max_tokens, pids[port], load_procs(c),
-                                         plan and plan["load"]) for port in order}
+                                         plan and plan["load"], pins[port]) for port in order}
                     rounds[c].append((got[on_port], got[off_port]))
             for c, pairs in rounds.items():
                 ratios = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
