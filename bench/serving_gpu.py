@@ -214,9 +214,11 @@ def paired_ms(a: dict, b: dict, key: str = "ttft_ms_by_request") -> float:
     return statistics.median(a[key][i] - t for i, t in b[key].items())
 
 
-def tracing_cost(args, model_dir: Path, loads: dict) -> None:
+def tracing_cost(args, model_dir: Path) -> None:
     """--tracing: two stacks on the same GPU, tracing on (exporting to a receiver started
-    here) and off, the same requests through each, alternating which goes first."""
+    here) and off, the same requests through each, alternating which goes first. Each
+    round has prompts of its own, so no round finds the last one's in the prefix cache,
+    and the first --warm-rounds are not counted (new batch shapes compile in them)."""
     from bench.serving_path import run_receiver
 
     vocab = SHAPES[args.shape]["vocab_size"]
@@ -230,16 +232,19 @@ def tracing_cost(args, model_dir: Path, loads: dict) -> None:
     try:
         for _, port, _ in stacks.values():
             run_served(f"127.0.0.1:{port}", workload(8, vocab, seed=99), 8, model_dir.name)  # warm-up
-        for r in range(args.rounds):
+        for r in range(args.warm_rounds + args.rounds):
             for c in args.concurrency:
+                reqs = workload(max(args.min_requests, 2 * c), vocab, seed=1000 * r + c)
                 order = ("off", "on") if r % 2 == 0 else ("on", "off")
-                res = {k: run_served(f"127.0.0.1:{stacks[k][1]}", loads[c], c, model_dir.name) for k in order}
-                got[c].append(res)
+                res = {k: run_served(f"127.0.0.1:{stacks[k][1]}", reqs, c, model_dir.name) for k in order}
+                if r >= args.warm_rounds:
+                    got[c].append(res)
     finally:
         for stack, _, log_path in stacks.values():
             stop_stack(stack, log_path)
         receiver.terminate()
-    print(f"\ntracing on / off through the served stack, {args.shape} (random weights), {args.rounds} rounds alternating")
+    print(f"\ntracing on / off through the served stack, {args.shape} (random weights), {args.rounds} rounds alternating "
+          f"after {args.warm_rounds} not counted")
     print(f"{'streams':>7} {'off tok/s':>10} {'on tok/s':>10} {'on/off median':>13} {'range':>13} {'paired TTFT +ms':>15} {'paired e2e +ms':>14}")
     rows = []
     for c, rounds in got.items():
@@ -267,6 +272,7 @@ def main() -> None:
     ap.add_argument("--tracing", action="store_true",
                     help="instead of the engine direct, compare the stack with tracing on (exporting to a local OTLP receiver) against tracing off")
     ap.add_argument("--rounds", type=int, default=3, help="with --tracing: points per concurrency, alternating which stack goes first")
+    ap.add_argument("--warm-rounds", type=int, default=1, help="with --tracing: rounds run first and not counted")
     ap.add_argument("--out", default="serving_gpu.json")
     args = ap.parse_args()
     LENGTHS = tuple(args.lengths)
@@ -278,11 +284,11 @@ def main() -> None:
 
     model_dir = make_model_dir(args.shape, args.tokenizer)
     vocab = SHAPES[args.shape]["vocab_size"]
-    loads = {c: workload(max(args.min_requests, 2 * c), vocab, seed=c) for c in args.concurrency}
     if args.tracing:
-        tracing_cost(args, model_dir, loads)
+        tracing_cost(args, model_dir)
         shutil.rmtree(model_dir.parent, ignore_errors=True)
         return
+    loads = {c: workload(max(args.min_requests, 2 * c), vocab, seed=c) for c in args.concurrency}
 
     engine = EmbeddedEngine(EngineConfig(model=str(model_dir), device=args.device, kv_cache=KvCacheConfig(max_tokens=args.kv_tokens)))
     run_direct(engine, workload(8, vocab, seed=99), 8)  # warm-up
