@@ -21,6 +21,7 @@ from gateway.telemetry import GatewayMetrics
 from gateway.tokenizer import TextTokenizer
 from inflight import telemetry
 from inflight.http_endpoints import serve_http
+from inflight.process import settle_gc
 from inflight.v1 import pb, pb_grpc
 
 log = logging.getLogger("inflight.gateway")
@@ -74,6 +75,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     await server.start()
     client.start()
     serve_http("", config.metrics_port, ready=lambda: model_name in client.models)
+    settle_gc()
     log.info("gateway %s listening on %s for model %s (scheduler %s)", gateway_id, config.listen, model_name, config.scheduler_address)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
