@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import gc
+import os
 import signal
+import time
 
 from inflight import telemetry
 
@@ -13,16 +15,45 @@ from inflight import telemetry
 # 20 of them full, each walking every object the process ever kept), and 0.5% after
 # settle_gc. Cyclic garbage just lives a little longer.
 GEN0_THRESHOLD = 10_000
+GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_watching = False
 
 
 def settle_gc() -> None:
     """Once a process has started (model loaded, sockets bound): move everything it holds
     so far out of the collector's sight (gc.freeze; it is long-lived anyway) and collect
-    the young generation less often."""
+    the young generation less often. INFLIGHT_GC_SETTLE=0 leaves Python's defaults.
+    Either way the collector's pauses are measured (inflight_gc_pause_seconds)."""
+    _watch_gc()
+    if os.environ.get("INFLIGHT_GC_SETTLE", "1") == "0":
+        return
     gc.collect()
     gc.freeze()
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
+
+
+def _watch_gc() -> None:
+    """A histogram of this process's collector pauses by generation: a pause stops every
+    stream the process serves, so it shows up in inter-token latency."""
+    global _watching
+    if _watching:
+        return
+    _watching = True
+    import prometheus_client as prom
+
+    hist = prom.Histogram("inflight_gc_pause_seconds", "garbage-collector pauses in this process, by generation",
+                          ["generation"], buckets=GC_BUCKETS)
+    by_generation = [hist.labels(str(g)) for g in range(3)]
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:  # collections never overlap: the GIL holds through one
+        if phase == "start":
+            started[0] = time.perf_counter()
+        else:
+            by_generation[info["generation"]].observe(time.perf_counter() - started[0])
+
+    gc.callbacks.append(on_gc)
 
 
 def run_until_signalled(loop) -> None:

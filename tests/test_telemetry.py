@@ -184,6 +184,16 @@ def test_counters_move_by_exactly_what_was_sent(traced_stack, tokenizer):
     assert after_s["inflight_scheduler_workers_alive{model=SmolLM2-135M-Instruct}"] == 1
 
 
+def test_every_process_reports_its_collector_pauses(traced_stack):
+    # Each process settles its collector once started, with a full collection that the
+    # pause histogram (installed first) has seen.
+    stack, _ = traced_stack
+    for process in ("gateway", "scheduler", 0):
+        metrics = stack.metrics(process)
+        assert metrics["inflight_gc_pause_seconds_count{generation=2}"] >= 1, process
+        assert metrics["inflight_gc_pause_seconds_sum{generation=2}"] > 0, process
+
+
 def test_health_and_ready_on_every_process(traced_stack):
     stack, _ = traced_stack
     for process in ("gateway", "scheduler", 0):
