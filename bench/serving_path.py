@@ -14,10 +14,14 @@ on (every process exporting spans over OTLP/gRPC to a receiver started here):
 
 Tracing's cost is a few percent, and one 10-second point moves by more than that on a
 busy machine, so --rounds repeats every point (alternating which stack goes first) and
-reports the median ratio.
+reports the median ratio. --env compares the same way a stack with some environment
+variables set against one without, e.g. the collector left at Python's defaults:
+
+    python bench/serving_path.py --env INFLIGHT_GC_SETTLE=0 --step-ms 10 --rounds 5 --out gc_settle.json
 
 Each concurrent client holds one Generate stream and sends its next request when the
-last one finished. The load generator runs in its own process.
+last one finished. The load generators run in processes of their own (--pin: on cores
+of their own), and each stack process's CPU time per 1,000 tokens is reported.
 """
 
 from __future__ import annotations
@@ -300,28 +304,36 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--tracing", action="store_true", help="compare tracing on against tracing off instead of bare gRPC")
+    ap.add_argument("--env", nargs="+", metavar="KEY=VALUE",
+                    help="compare a stack with these environment variables against one without (as --tracing does)")
     ap.add_argument("--step-ms", type=float, default=0.0, help="each engine-double step takes this long (0: instant)")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="with --tracing: measure every point this many times, alternating which stack goes first; "
+                    help="with --tracing or --env: measure every point this many times, alternating which stack goes first; "
                          "the ratio reported is the median (the range is printed too)")
     ap.add_argument("--tokenizer", help="folder with tokenizer.json and tokenizer_config.json (default: the built-in model's)")
     ap.add_argument("--streams-per-load-process", type=int, default=128,
                     help="the clients are spread over processes of at most this many streams each")
-    ap.add_argument("--pin", action="store_true", help="with --tracing: each gateway and the load generators on physical cores of their own")
+    ap.add_argument("--pin", action="store_true", help="with --tracing or --env: each gateway and the load generators on physical cores of their own")
     ap.add_argument("--out", default="serving_path.json")
     args = ap.parse_args()
     load_procs = lambda c: -(-c // args.streams_per_load_process)  # noqa: E731
     load_procs_max = max(map(load_procs, args.concurrency))
 
     rows = []
-    if args.tracing:
-        receiver_port = free_port()
-        receiver = ctx.Process(target=run_receiver, args=(receiver_port,), daemon=True)
-        receiver.start()
-        otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+    if args.tracing or args.env:
+        receiver = None
+        if args.tracing:
+            receiver_port = free_port()
+            receiver = ctx.Process(target=run_receiver, args=(receiver_port,), daemon=True)
+            receiver.start()
+            changed = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                       "OTEL_EXPORTER_OTLP_INSECURE": "true"}
+            keys, labels = ("tracing_on", "tracing_off"), ("tracing on tok/s", "tracing off tok/s")
+        else:
+            changed = dict(kv.split("=", 1) for kv in args.env)
+            keys, labels = ("with_env", "without_env"), ("with env tok/s", "without tok/s")
         off_port, on_port = free_port(), free_port()
-        off, on = start_stack(off_port, None, args.step_ms, args.tokenizer), start_stack(on_port, otel, args.step_ms, args.tokenizer)
+        off, on = start_stack(off_port, None, args.step_ms, args.tokenizer), start_stack(on_port, changed, args.step_ms, args.tokenizer)
         pids = {off_port: off.pid, on_port: on.pid}
         plan = cpu_plan(2, load_procs_max) if args.pin else None
         pins = {port: (plan["gateways"][i], plan["rest"]) if plan else None for i, port in enumerate(pids)}
@@ -336,17 +348,16 @@ def main() -> None:
             for c, pairs in rounds.items():
                 ratios = sorted(a["tokens_per_s"] / b["tokens_per_s"] for a, b in pairs)
                 cpu = lambda got, roles=None: sum(v for k, v in got["cpu_ms_per_1k_tokens"].items() if roles is None or k in roles)  # noqa: E731
-                rows.append({"concurrency": c, "tracing_on": pairs[-1][0], "tracing_off": pairs[-1][1], "ratio": statistics.median(ratios),
-                             "ratios": ratios, "rounds": [{"tracing_on": a, "tracing_off": b} for a, b in pairs],
-                             # CPU per token, tracing on over off: the gateway alone (what saturates), and all processes
+                rows.append({"concurrency": c, keys[0]: pairs[-1][0], keys[1]: pairs[-1][1], "ratio": statistics.median(ratios),
+                             "ratios": ratios, "rounds": [{keys[0]: a, keys[1]: b} for a, b in pairs],
+                             # CPU per token, changed over baseline: the gateway alone (what saturates), and all processes
                              "gateway_cpu_ratio": statistics.median(cpu(a, ("gateway",)) / cpu(b, ("gateway",)) for a, b in pairs),
                              "stack_cpu_ratio": statistics.median(cpu(a) / cpu(b) for a, b in pairs)})
         finally:
             stop_stack(off)
             stop_stack(on)
-            receiver.terminate()
-        labels = ("tracing on tok/s", "tracing off tok/s")
-        keys = ("tracing_on", "tracing_off")
+            if receiver is not None:
+                receiver.terminate()
     else:
         bare_port, port = free_port(), free_port()
         bare = ctx.Process(target=run_bare, args=(bare_port,), daemon=True)
@@ -366,7 +377,7 @@ def main() -> None:
     print(f"\nserving path, engine double ({args.step_ms:g} ms steps), {args.max_tokens} tokens per request, "
           f"{args.seconds:.0f}s per point, {os.cpu_count()} cores")
     print(f"{'streams':>8} {labels[0]:>17} {'msgs/s':>9} {'TTFT p50 ms':>12} {labels[1]:>18} {'ratio':>6} {'range':>13}"
-          + (f" {'gw CPU/tok':>9} {'all CPU/tok':>9}" if args.tracing else ""))
+          + (f" {'gw CPU/tok':>9} {'all CPU/tok':>9}" if args.tracing or args.env else ""))
     for r in rows:
         o, b = r[keys[0]], r[keys[1]]
         spread = f"{r['ratios'][0]:.3f}-{r['ratios'][-1]:.3f}" if len(r.get("ratios", ())) > 1 else ""
