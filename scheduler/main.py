@@ -13,7 +13,6 @@ import time
 import msgspec
 import zmq
 
-
 from inflight import errors, schema, telemetry
 from inflight.http_endpoints import serve_http
 from inflight.process import run_until_signalled

@@ -27,8 +27,8 @@ class RequestTrace:
         self.max_tokens = max_tokens
 
     def first_output(self, scheduled_at: float | None, prompt_tokens: int, cached_tokens: int) -> None:
-        """The request's first tokens came. After that the worker loop only adds to
-        `tokens`: this runs for every running request on every step, and the step waits."""
+        """Once, at the request's first tokens. After that the worker loop only adds to
+        `tokens`, since it does so for every running request on every step."""
         self.first_token_ns = time.time_ns()
         if scheduled_at is not None:
             self.scheduled_ns = int(scheduled_at * 1e9)
