@@ -162,11 +162,16 @@ def _load_process(target, reqs, concurrency, model, q):
     q.put(uvloop.run(_load(target, reqs, concurrency, model)))
 
 
-def run_served(target: str, reqs, concurrency: int, model: str) -> dict:
+def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int | None = None) -> dict:
+    """The requests through the stack at `target`; with `stack_pid`, also the CPU time
+    each stack process spent per 1,000 tokens (bench/serving_path.py's accounting)."""
     import queue
+
+    from bench.serving_path import stack_cpu
 
     q = ctx.Queue()
     p = ctx.Process(target=_load_process, args=(target, reqs, concurrency, model, q))
+    before = stack_cpu(stack_pid) if stack_pid else {}
     p.start()
     while True:
         try:
@@ -176,6 +181,9 @@ def run_served(target: str, reqs, concurrency: int, model: str) -> dict:
             if not p.is_alive():
                 raise RuntimeError(f"the load generator died (exit code {p.exitcode})") from None
     p.join()
+    if stack_pid:
+        after = stack_cpu(stack_pid)
+        res["cpu_ms_per_1k_tokens"] = {k: 1e6 * (v - before.get(k, 0.0)) / res["tokens"] for k, v in after.items()}
     return res
 
 
@@ -236,7 +244,7 @@ def tracing_cost(args, model_dir: Path) -> None:
             for c in args.concurrency:
                 reqs = workload(max(args.min_requests, 2 * c), vocab, seed=1000 * r + c)
                 order = ("off", "on") if r % 2 == 0 else ("on", "off")
-                res = {k: run_served(f"127.0.0.1:{stacks[k][1]}", reqs, c, model_dir.name) for k in order}
+                res = {k: run_served(f"127.0.0.1:{stacks[k][1]}", reqs, c, model_dir.name, stacks[k][0].pid) for k in order}
                 if r >= args.warm_rounds:
                     got[c].append(res)
     finally:
@@ -245,16 +253,23 @@ def tracing_cost(args, model_dir: Path) -> None:
         receiver.terminate()
     print(f"\ntracing on / off through the served stack, {args.shape} (random weights), {args.rounds} rounds alternating "
           f"after {args.warm_rounds} not counted")
-    print(f"{'streams':>7} {'off tok/s':>10} {'on tok/s':>10} {'on/off median':>13} {'range':>13} {'paired TTFT +ms':>15} {'paired e2e +ms':>14}")
+    print(f"{'streams':>7} {'off tok/s':>10} {'on tok/s':>10} {'on/off median':>13} {'range':>13} {'paired TTFT +ms':>15} "
+          f"{'paired e2e +ms':>14} {'ITL p50 off/on ms':>17} {'worker CPU/tok':>14} {'gateway CPU/tok':>15}")
     rows = []
+    med = statistics.median
     for c, rounds in got.items():
         ratios = sorted(x["on"]["tok_per_s"] / x["off"]["tok_per_s"] for x in rounds)
-        ttft = statistics.median(paired_ms(x["on"], x["off"]) for x in rounds)
-        e2e = statistics.median(paired_ms(x["on"], x["off"], "e2e_ms_by_request") for x in rounds)
-        rows.append({"concurrency": c, "ratio": statistics.median(ratios), "ratios": ratios, "added_ttft_paired_median_ms": ttft,
-                     "added_e2e_paired_median_ms": e2e, "rounds": rounds})
-        print(f"{c:>7} {statistics.median(x['off']['tok_per_s'] for x in rounds):>10.0f} {statistics.median(x['on']['tok_per_s'] for x in rounds):>10.0f} "
-              f"{statistics.median(ratios):>13.3f} {ratios[0]:.3f}-{ratios[-1]:.3f} {ttft:>15.2f} {e2e:>14.2f}")
+        ttft = med(paired_ms(x["on"], x["off"]) for x in rounds)
+        e2e = med(paired_ms(x["on"], x["off"], "e2e_ms_by_request") for x in rounds)
+        # CPU per token of one process, on over off (the export children not counted)
+        cpu = {role: med(x["on"]["cpu_ms_per_1k_tokens"][role] / x["off"]["cpu_ms_per_1k_tokens"][role] for x in rounds)
+               for role in ("worker", "gateway")}
+        itl = (med(x["off"]["itl_p50_ms"] for x in rounds), med(x["on"]["itl_p50_ms"] for x in rounds))
+        rows.append({"concurrency": c, "ratio": med(ratios), "ratios": ratios, "added_ttft_paired_median_ms": ttft,
+                     "added_e2e_paired_median_ms": e2e, "itl_p50_ms_off_on": itl, "cpu_per_token_ratio": cpu, "rounds": rounds})
+        print(f"{c:>7} {med(x['off']['tok_per_s'] for x in rounds):>10.0f} {med(x['on']['tok_per_s'] for x in rounds):>10.0f} "
+              f"{med(ratios):>13.3f} {ratios[0]:.3f}-{ratios[-1]:.3f} {ttft:>15.2f} {e2e:>14.2f} {itl[0]:>8.2f}/{itl[1]:<8.2f} "
+              f"{cpu['worker']:>14.3f} {cpu['gateway']:>15.3f}")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "lengths": LENGTHS, "tracing": True, "rows": rows}, f, indent=2)
 

@@ -20,8 +20,11 @@ CYCLE = [260, 2365, 6354, 16439, 23428, 690, 260, 16154, 2767, 30]
 class InstantEngine:
     def __init__(self, config: EngineConfig):
         self.config = config
-        # ENGINE_DOUBLE_STEP_MS makes each step take that long, like a GPU decode step.
+        # ENGINE_DOUBLE_STEP_MS makes each step take that long, like a GPU decode step;
+        # with ENGINE_DOUBLE_BUSY=1 the step spins in Python holding the GIL meanwhile, like
+        # a launch-bound step loop, instead of sleeping.
         self.step_seconds = float(os.environ.get("ENGINE_DOUBLE_STEP_MS", "0")) / 1000
+        self.busy = os.environ.get("ENGINE_DOUBLE_BUSY") == "1"
         self.vocab_size = 49152
         self.max_seq_len = config.max_seq_len or 8192
         self.eos_token_ids = (2,)
@@ -41,7 +44,11 @@ class InstantEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
-        if self.step_seconds:
+        if self.step_seconds and self.busy:
+            until = time.perf_counter() + self.step_seconds
+            while time.perf_counter() < until:
+                pass
+        elif self.step_seconds:
             time.sleep(self.step_seconds)
         outputs = []
         for rid, state in list(self.requests.items())[: self.config.max_batch_size]:
