@@ -105,6 +105,15 @@ def record_of(span: ReadableSpan) -> SpanRecord:
     )
 
 
+def record_of_own(span, end: int) -> SpanRecord:
+    """The record of a telemetry.OwnSpan that ended at `end` (unix ns). Its parent, if
+    any, is remote: it came from another process's traceparent."""
+    return SpanRecord(span.scope, span.name, span.trace_id.to_bytes(16, "big"), span.span_id, span.flags, span.trace_state,
+                      span.parent_id, span.parent_id is not None, span.kind, span.start, end, span.attributes,
+                      [EventRecord(name, t, {}) for name, t in span.events], [],
+                      (StatusCode.ERROR if span.error is not None else StatusCode.UNSET).value, span.error)
+
+
 def span_of(r: SpanRecord, resource: Resource, scopes: dict) -> ReadableSpan:
     """The span again, as the exporter reads it (`scopes` caches scope objects). The SDK
     asks users not to make ReadableSpans; this one replays a span the SDK made."""
@@ -157,10 +166,7 @@ class ChildProcessSpanProcessor(SpanProcessor):
 
     def own(self, span, end: int) -> None:
         """An ended telemetry.OwnSpan."""
-        self._queue(SpanRecord(span.scope, span.name, span.trace_id.to_bytes(16, "big"), span.span_id, span.flags, span.trace_state,
-                               span.parent_id, span.parent_id is not None, span.kind, span.start, end, span.attributes,
-                               [EventRecord(name, t, {}) for name, t in span.events], [],
-                               (StatusCode.ERROR if span.error is not None else StatusCode.UNSET).value, span.error))
+        self._queue(record_of_own(span, end))
 
     def build(self, scope: str, traceparent: str | None, sketch: SpanSketch) -> None:
         self._queue(BuildRequest(scope, traceparent, sketch))
