@@ -156,13 +156,16 @@ async def _load(target: str, reqs, concurrency: int, model: str) -> dict:
     return summarize(records, wall)
 
 
-def _load_process(target, reqs, concurrency, model, q):
+def _load_process(target, reqs, concurrency, model, q, cpus=None):
     import uvloop
+
+    if cpus:
+        os.sched_setaffinity(0, cpus)  # before gRPC starts its threads, which inherit it
 
     q.put(uvloop.run(_load(target, reqs, concurrency, model)))
 
 
-def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int | None = None) -> dict:
+def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int | None = None, load_cpus=None) -> dict:
     """The requests through the stack at `target`; with `stack_pid`, also the CPU time
     each stack process spent per 1,000 tokens (bench/serving_path.py's accounting)."""
     import queue
@@ -170,7 +173,7 @@ def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int |
     from bench.serving_path import stack_cpu
 
     q = ctx.Queue()
-    p = ctx.Process(target=_load_process, args=(target, reqs, concurrency, model, q))
+    p = ctx.Process(target=_load_process, args=(target, reqs, concurrency, model, q, load_cpus))
     before = stack_cpu(stack_pid) if stack_pid else {}
     p.start()
     while True:
@@ -227,7 +230,7 @@ def tracing_cost(args, model_dir: Path) -> None:
     here) and off, the same requests through each, alternating which goes first. Each
     round has prompts of its own, so no round finds the last one's in the prefix cache,
     and the first --warm-rounds are not counted (new batch shapes compile in them)."""
-    from bench.serving_path import run_receiver
+    from bench.serving_path import cpu_plan, pin_stack, run_receiver
 
     vocab = SHAPES[args.shape]["vocab_size"]
     receiver_port = free_port()
@@ -237,14 +240,25 @@ def tracing_cost(args, model_dir: Path) -> None:
             "OTEL_EXPORTER_OTLP_INSECURE": "true"}
     stacks = {"off": start_stack(model_dir, args), "on": start_stack(model_dir, args, otel)}
     got = {c: [] for c in args.concurrency}
+    plan = None
+    if args.pin:  # each worker and gateway on cores of its own, the load generator too
+        plan = cpu_plan(2, 1, {"worker": 2, "gateway": 1})
+        plan["by_stack"] = dict(zip(stacks, plan["stacks"]))
+
+    def served(key: str, reqs, c: int) -> dict:
+        stack, port, _ = stacks[key]
+        if plan:
+            pin_stack(stack.pid, plan["by_stack"][key], plan["rest"])
+        return run_served(f"127.0.0.1:{port}", reqs, c, model_dir.name, stack.pid, plan and plan["load"])
+
     try:
-        for _, port, _ in stacks.values():
-            run_served(f"127.0.0.1:{port}", workload(8, vocab, seed=99), 8, model_dir.name)  # warm-up
+        for key in stacks:
+            served(key, workload(8, vocab, seed=99), 8)  # warm-up
         for r in range(args.warm_rounds + args.rounds):
             for c in args.concurrency:
                 reqs = workload(max(args.min_requests, 2 * c), vocab, seed=1000 * r + c)
                 order = ("off", "on") if r % 2 == 0 else ("on", "off")
-                res = {k: run_served(f"127.0.0.1:{stacks[k][1]}", reqs, c, model_dir.name, stacks[k][0].pid) for k in order}
+                res = {k: served(k, reqs, c) for k in order}
                 if r >= args.warm_rounds:
                     got[c].append(res)
     finally:
@@ -288,6 +302,8 @@ def main() -> None:
                     help="instead of the engine direct, compare the stack with tracing on (exporting to a local OTLP receiver) against tracing off")
     ap.add_argument("--rounds", type=int, default=3, help="with --tracing: points per concurrency, alternating which stack goes first")
     ap.add_argument("--warm-rounds", type=int, default=1, help="with --tracing: rounds run first and not counted")
+    ap.add_argument("--pin", action="store_true",
+                    help="with --tracing: each stack's worker (2 cores) and gateway (1), and the load generator, on cores of their own")
     ap.add_argument("--out", default="serving_gpu.json")
     args = ap.parse_args()
     LENGTHS = tuple(args.lengths)

@@ -232,20 +232,33 @@ def physical_cores() -> list[list[int]]:
     return list(groups.values())
 
 
-def cpu_plan(stacks: int, load_procs: int) -> dict:
+def cpu_plan(stacks: int, load_procs: int, dedicated: dict[str, int] | None = None) -> dict:
+    """Cores for `stacks` stacks: in each, every role in `dedicated` (default: the gateway)
+    gets that many physical cores of its own; the load generators one each; the rest of
+    the stacks' processes share what is left. Returns {"stacks": [{role: cpus}], "load":
+    cpus, "rest": cpus}."""
+    dedicated = dedicated or {"gateway": 1}
     cores = physical_cores()
-    if len(cores) < stacks + load_procs + 1:
-        sys.exit(f"--pin needs {stacks + load_procs + 1} physical cores; this machine gives {len(cores)}")
-    return {"gateways": [[c[0]] for c in cores[:stacks]], "load": [c[0] for c in cores[stacks:stacks + load_procs]],
-            "rest": [cpu for c in cores[stacks + load_procs:] for cpu in c]}
+    need = stacks * sum(dedicated.values()) + load_procs + 1
+    if len(cores) < need:
+        sys.exit(f"--pin needs {need} physical cores; this machine gives {len(cores)}")
+    free = iter(cores)
+    plan = {"stacks": [{role: [next(free)[0] for _ in range(n)] for role, n in dedicated.items()} for _ in range(stacks)]}
+    plan["load"] = [next(free)[0] for _ in range(load_procs)]
+    plan["rest"] = [cpu for c in free for cpu in c]
+    return plan
 
 
-def pin_stack(root: int, gateway_cpus: list[int], rest: list[int]) -> None:
-    """Every thread of every process under `root`: the gateway's on `gateway_cpus`, the
-    others on `rest`."""
+def pin_stack(root: int, dedicated: dict[str, list[int]], rest: list[int]) -> None:
+    """Every thread of every process under `root`: those of a role in `dedicated` on its
+    CPUs, the others (span-export children included) on `rest`."""
     def walk(pid: int) -> None:
-        cpus = gateway_cpus if _role(pid) == "gateway" else rest
-        for tid in os.listdir(f"/proc/{pid}/task"):
+        cpus = dedicated.get(_role(pid), rest)
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            return  # the process ended
+        for tid in tids:
             try:
                 os.sched_setaffinity(int(tid), cpus)
             except OSError:
@@ -266,7 +279,7 @@ def measure(target, concurrency, seconds, max_tokens, stack_pid: int | None = No
     """One point, the clients spread over `load_procs` processes; with `stack_pid`, also
     each stack process's CPU use over it: `cpu_util` (CPU seconds per second, 1.0 = one
     core busy) and `cpu_ms_per_1k_tokens`. `load_util`: the load generators' cores busy
-    (near 1.0 a process, they and not the stack set the pace). `pin`: (gateway CPUs, other
+    (near 1.0 a process, they and not the stack set the pace). `pin`: ({role: CPUs}, other
     CPUs) for the stack's processes (pin_stack)."""
     q, go = ctx.Queue(), ctx.Event()
     shares = [concurrency // load_procs + (i < concurrency % load_procs) for i in range(load_procs)]
@@ -336,7 +349,7 @@ def main() -> None:
         off, on = start_stack(off_port, None, args.step_ms, args.tokenizer), start_stack(on_port, changed, args.step_ms, args.tokenizer)
         pids = {off_port: off.pid, on_port: on.pid}
         plan = cpu_plan(2, load_procs_max) if args.pin else None
-        pins = {port: (plan["gateways"][i], plan["rest"]) if plan else None for i, port in enumerate(pids)}
+        pins = {port: (plan["stacks"][i], plan["rest"]) if plan else None for i, port in enumerate(pids)}
         try:
             rounds = {c: [] for c in args.concurrency}
             for r in range(args.rounds):
