@@ -237,3 +237,73 @@ def test_gateway_without_a_worker_is_alive_but_not_ready(model_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+class HttpReceiver(Receiver):
+    """An OTLP/HTTP trace receiver (POST /v1/traces, protobuf), keeping spans as Receiver does."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        super().__init__()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                ok = self.path == "/v1/traces" and self.headers.get("Content-Type") == "application/x-protobuf"
+                if ok:
+                    receiver.Export(trace_service_pb2.ExportTraceServiceRequest.FromString(body), None)
+                self.send_response(200 if ok else 400)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+                self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString() if ok else b"")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def span_export_processes(root: int) -> int:
+    """How many span-export children run under the process `root`."""
+    count = 0
+    try:
+        with open(f"/proc/{root}/task/{root}/children") as f:
+            children = [int(x) for x in f.read().split()]
+        with open(f"/proc/{root}/cmdline", "rb") as f:
+            count += b"inflight.span_export" in f.read()
+    except OSError:
+        return 0
+    return count + sum(span_export_processes(c) for c in children)
+
+
+def test_the_http_protobuf_protocol_reaches_an_otlp_http_receiver():
+    receiver = HttpReceiver()
+    stack = Stack(env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                       "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    try:
+        trace_id = "7bf92f3577b34da6a3ce929d0e0e4739"
+        generate(stack, [("traceparent", f"00-{trace_id}-{CLIENT_SPAN}-01")], max_tokens=3)
+        spans = wait_for_trace(receiver, bytes.fromhex(trace_id), NAMES)
+        assert {svc for svc, _, _ in spans.values()} == {"inflight-gateway", "inflight-scheduler", "inflight-worker"}
+        assert span_export_processes(stack.proc.pid) == 3  # one a process
+    finally:
+        stack.stop()
+        receiver.server.shutdown()
+
+
+def test_otel_sdk_disabled_turns_tracing_off_even_with_an_endpoint():
+    receiver = HttpReceiver()
+    stack = Stack(env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver.port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+                       "OTEL_SDK_DISABLED": "true"})
+    try:
+        got = generate(stack, [("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")], max_tokens=3)
+        assert sum(len(p.token_ids) for p in got if isinstance(p, pb.Delta)) == 3
+        assert span_export_processes(stack.proc.pid) == 0  # nothing to export spans with
+    finally:
+        stack.stop()
+        receiver.server.shutdown()
+    assert receiver.spans == []
