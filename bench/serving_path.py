@@ -164,11 +164,15 @@ def load_process(target, concurrency, seconds, max_tokens, queue, go, cpus):
 # tracing's cost lands (steadier than throughput on a busy machine).
 
 def _children(pid: int) -> list[int]:
+    """A process's children, whichever of its threads started them."""
+    out = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(x) for x in f.read().split()]
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
     except OSError:
-        return []
+        pass
+    return out
 
 
 def _role(pid: int) -> str | None:

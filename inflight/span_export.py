@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import msgspec
 import zmq
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 # queue drops them, rather than a stuck exporter growing the serving process.
 MAX_QUEUED = 65536
 SEND_INTERVAL = 0.05  # seconds between batches sent to the child
+RESTART_INTERVAL = 10.0  # seconds at least between starts of a dying export process
 
 
 class EventRecord(msgspec.Struct, array_like=True):
@@ -153,9 +155,9 @@ class ChildProcessSpanProcessor(SpanProcessor):
         self._pending: collections.deque[SpanRecord | BuildRequest] = collections.deque()
         self._dropped = 0
         resource_json = msgspec.json.encode({"attributes": dict(resource.attributes), "schema_url": resource.schema_url})
-        # Its own session: a Ctrl-C meant for the stack reaches the parent, which then
-        # tells the child to flush and stop.
-        self._child = subprocess.Popen([sys.executable, "-m", __name__, endpoint, resource_json], start_new_session=True)
+        self._child_args = [sys.executable, "-m", __name__, endpoint, resource_json]
+        self._child = self._start_child()
+        self._restart_at = 0.0  # monotonic time before which a dead child is not started again
         self._send_lock = threading.Lock()  # a socket is not thread-safe
         self._stop = threading.Event()
         self._sender = threading.Thread(target=self._send_every, name="span-sender", daemon=True)
@@ -185,11 +187,25 @@ class ChildProcessSpanProcessor(SpanProcessor):
         # One message per interval, not per span: waking ZeroMQ's I/O thread costs more
         # CPU than encoding a span, and the encoding of a batch is one call into C.
         while not self._stop.wait(SEND_INTERVAL):
-            if self._child.poll() is not None:
-                log.error("the span export process exited with code %s; no more spans are exported", self._child.returncode)
-                self._stop.set()
-                return
+            if self._child.poll() is not None and not self._restart():
+                continue  # spans wait in the queue (and past MAX_QUEUED are dropped)
             self.force_flush()
+
+    def _start_child(self) -> subprocess.Popen:
+        # Its own session: a Ctrl-C meant for the stack reaches the parent, which then
+        # tells the child to flush and stop.
+        return subprocess.Popen(self._child_args, start_new_session=True)
+
+    def _restart(self) -> bool:
+        """A dead export process is started again, at most once every RESTART_INTERVAL:
+        tracing comes back by itself, and a child that dies at once does not spin."""
+        now = time.monotonic()
+        if now < self._restart_at:
+            return False
+        log.error("the span export process exited with code %s; starting another (spans it held are lost)", self._child.returncode)
+        self._restart_at = now + RESTART_INTERVAL
+        self._child = self._start_child()
+        return True
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Hand every ended span to the child (which exports on its own schedule)."""

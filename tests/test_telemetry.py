@@ -4,6 +4,7 @@ receiver started here; Prometheus metrics that move by exactly what was sent; pr
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from concurrent import futures
@@ -267,17 +268,35 @@ class HttpReceiver(Receiver):
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def span_export_processes(root: int) -> int:
-    """How many span-export children run under the process `root`."""
-    count = 0
+def children_of(pid: int) -> list[int]:
+    """A process's children, whichever of its threads started them."""
+    out = []
     try:
-        with open(f"/proc/{root}/task/{root}/children") as f:
-            children = [int(x) for x in f.read().split()]
-        with open(f"/proc/{root}/cmdline", "rb") as f:
-            count += b"inflight.span_export" in f.read()
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
     except OSError:
-        return 0
-    return count + sum(span_export_processes(c) for c in children)
+        pass
+    return out
+
+
+def export_children(root: int) -> list[tuple[int, int]]:
+    """(parent pid, pid) of every span-export process under `root`."""
+    out = []
+    for c in children_of(root):
+        try:
+            with open(f"/proc/{c}/cmdline", "rb") as f:
+                if b"inflight.span_export" in f.read():
+                    out.append((root, c))
+        except OSError:
+            continue
+        out.extend(export_children(c))
+    return out
+
+
+def span_export_processes(root: int) -> int:
+    """How many span-export processes run under the process `root`."""
+    return len(export_children(root))
 
 
 def test_the_http_protobuf_protocol_reaches_an_otlp_http_receiver():
@@ -307,3 +326,23 @@ def test_otel_sdk_disabled_turns_tracing_off_even_with_an_endpoint():
         stack.stop()
         receiver.server.shutdown()
     assert receiver.spans == []
+
+
+def test_a_killed_export_process_is_replaced_and_tracing_goes_on(traced_stack):
+    import signal
+
+    stack, receiver = traced_stack
+    before = export_children(stack.proc.pid)
+    assert len(before) == 3
+    for _, pid in before:  # every process's exporter at once
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        after = export_children(stack.proc.pid)
+        if len(after) == 3 and not {pid for _, pid in after} & {pid for _, pid in before}:
+            break
+        time.sleep(0.1)
+    assert sorted(parent for parent, _ in after) == sorted(parent for parent, _ in before)
+    trace_id = "8bf92f3577b34da6a3ce929d0e0e4730"
+    generate(stack, [("traceparent", f"00-{trace_id}-{CLIENT_SPAN}-01")], max_tokens=3)
+    wait_for_trace(receiver, bytes.fromhex(trace_id), NAMES)
