@@ -62,12 +62,12 @@ def traced_stack():
     server.stop(None)
 
 
-def generate(stack, metadata=None, max_tokens=5, text="Hello there"):
+def generate(stack, metadata=None, max_tokens=5, text="Hello there", timeout=60.0):
     async def go():
         async with Client(stack.target, metadata) as client:
             return [p async for p in client.generate(text=text, max_tokens=max_tokens, ignore_eos=True)]
 
-    return asyncio.run(go())
+    return asyncio.run(asyncio.wait_for(go(), timeout))  # a hang fails the test instead of stalling the run
 
 
 def wait_for_trace(receiver, trace_id: bytes, names: set[str], timeout=15.0) -> dict[str, tuple]:
@@ -346,3 +346,17 @@ def test_a_killed_export_process_is_replaced_and_tracing_goes_on(traced_stack):
     trace_id = "8bf92f3577b34da6a3ce929d0e0e4730"
     generate(stack, [("traceparent", f"00-{trace_id}-{CLIENT_SPAN}-01")], max_tokens=3)
     wait_for_trace(receiver, bytes.fromhex(trace_id), NAMES)
+
+
+def test_a_collector_that_is_down_costs_requests_nothing():
+    # Nothing listens on the endpoint: the export processes retry and drop, the serving
+    # processes never wait on them.
+    stack = Stack(env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+                       "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100"})
+    try:
+        for i in range(3):
+            got = generate(stack, [("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")], max_tokens=4, text=f"request {i}")
+            assert sum(len(p.token_ids) for p in got if isinstance(p, pb.Delta)) == 4
+        assert span_export_processes(stack.proc.pid) == 3
+    finally:
+        stack.stop()
