@@ -41,7 +41,7 @@ sys.path.insert(0, ROOT)
 
 from inflight.v1 import pb, pb_grpc  # noqa: E402
 from tests.engine_double import CYCLE  # noqa: E402
-from tests.stack import free_port  # noqa: E402
+from tests.stack import children_of, free_port  # noqa: E402
 
 
 # The bare baseline server.
@@ -163,18 +163,6 @@ def load_process(target, concurrency, seconds, max_tokens, queue, go, cpus):
 # CPU time per process of a stack, from /proc: which process saturates, and where
 # tracing's cost lands (steadier than throughput on a busy machine).
 
-def _children(pid: int) -> list[int]:
-    """A process's children, whichever of its threads started them."""
-    out = []
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    except OSError:
-        pass
-    return out
-
-
 def _role(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -210,7 +198,7 @@ def stack_cpu(root: int) -> dict[str, float]:
             role = f"{parent_role}-export"
         if role:
             out[role] = out.get(role, 0.0) + _cpu_seconds(pid)
-        for child in _children(pid):
+        for child in children_of(pid):
             walk(child, role or parent_role)
 
     walk(root, None)
@@ -267,7 +255,7 @@ def pin_stack(root: int, dedicated: dict[str, list[int]], rest: list[int]) -> No
                 os.sched_setaffinity(int(tid), cpus)
             except OSError:
                 pass  # a thread that just ended
-        for child in _children(pid):
+        for child in children_of(pid):
             walk(child)
 
     walk(root)
