@@ -23,6 +23,7 @@ import os
 import random
 import statistics
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.shapes import SHAPES  # noqa: E402
-from tests.stack import free_port  # noqa: E402
+from tests.stack import free_port, free_port_range  # noqa: E402
 
 ctx = mp.get_context("spawn")  # grpc does not survive fork
 
@@ -165,9 +166,23 @@ def _load_process(target, reqs, concurrency, model, q, cpus=None):
     q.put(uvloop.run(_load(target, reqs, concurrency, model)))
 
 
-def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int | None = None, load_cpus=None) -> dict:
+def engine_steps(metrics_port: int) -> dict[str, float]:
+    """The worker's forward passes so far by mode (graph, eager), from its /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {s.labels["mode"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "inflight_worker_engine_steps_total"}
+
+
+def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int | None = None, load_cpus=None,
+               worker_metrics_port: int | None = None) -> dict:
     """The requests through the stack at `target`; with `stack_pid`, also the CPU time
-    each stack process spent per 1,000 tokens (bench/serving_path.py's accounting)."""
+    each stack process spent per 1,000 tokens (bench/serving_path.py's accounting); with
+    `worker_metrics_port`, the worker's forward passes by mode over the point."""
     import queue
 
     from bench.serving_path import stack_cpu
@@ -175,6 +190,7 @@ def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int |
     q = ctx.Queue()
     p = ctx.Process(target=_load_process, args=(target, reqs, concurrency, model, q, load_cpus))
     before = stack_cpu(stack_pid) if stack_pid else {}
+    steps_before = engine_steps(worker_metrics_port) if worker_metrics_port else {}
     p.start()
     while True:
         try:
@@ -187,13 +203,19 @@ def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int |
     if stack_pid:
         after = stack_cpu(stack_pid)
         res["cpu_ms_per_1k_tokens"] = {k: 1e6 * (v - before.get(k, 0.0)) / res["tokens"] for k, v in after.items()}
+    if worker_metrics_port:
+        time.sleep(0.7)  # engine totals reach /metrics at the worker's next heartbeat (0.5 s)
+        steps = {k: v - steps_before.get(k, 0.0) for k, v in engine_steps(worker_metrics_port).items()}
+        res["engine_steps"] = steps
+        res["eager_step_share"] = steps.get("eager", 0.0) / max(1.0, sum(steps.values()))
     return res
 
 
-def start_stack(model_dir: Path, args, extra_env: dict | None = None) -> tuple[subprocess.Popen, int, Path]:
-    """`inflight serve` on the model; returns it with its port and log file once it serves.
-    OTEL_* variables reach it only through `extra_env`."""
-    port = free_port()
+def start_stack(model_dir: Path, args, extra_env: dict | None = None) -> tuple[subprocess.Popen, int, Path, int]:
+    """`inflight serve` on the model, with its metrics on (as by default); returns it with
+    its port, log file and worker's metrics port once it serves. OTEL_* variables reach it
+    only through `extra_env`."""
+    port, metrics_base = free_port(), free_port_range(3)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     env |= {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             **(extra_env or {})}
@@ -201,7 +223,7 @@ def start_stack(model_dir: Path, args, extra_env: dict | None = None) -> tuple[s
     log_path = model_dir.parent / f"stack-{port}.log"
     with open(log_path, "w") as log_file:
         stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
-                                  "--device", args.device, "--listen", f"127.0.0.1:{port}", "--metrics-port", "0",
+                                  "--device", args.device, "--listen", f"127.0.0.1:{port}", "--metrics-port", str(metrics_base),
                                   "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}"],
                                  env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 300
@@ -210,7 +232,7 @@ def start_stack(model_dir: Path, args, extra_env: dict | None = None) -> tuple[s
             stack.kill()
             sys.exit("the stack did not start:\n" + log_path.read_text()[-3000:])
         time.sleep(0.5)
-    return stack, port, log_path
+    return stack, port, log_path, metrics_base + 2  # the worker's: gateway, scheduler, then workers
 
 
 def stop_stack(stack: subprocess.Popen, log_path: Path) -> None:
@@ -238,18 +260,19 @@ def tracing_cost(args, model_dir: Path) -> None:
     receiver.start()
     otel = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{receiver_port}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
             "OTEL_EXPORTER_OTLP_INSECURE": "true"}
-    stacks = {"off": start_stack(model_dir, args), "on": start_stack(model_dir, args, otel)}
+    # --control: an A/A run, both stacks untraced, to show how far two identical stacks
+    # differ in this run (placement, GPU context, noise): the floor under the A/B ratio.
+    stacks = {"off": start_stack(model_dir, args), "on": start_stack(model_dir, args, None if args.control else otel)}
     got = {c: [] for c in args.concurrency}
     plan = None
     if args.pin:  # each worker and gateway on cores of its own, the load generator too
         plan = cpu_plan(2, 1, {"worker": 2, "gateway": 1})
-        plan["by_stack"] = dict(zip(stacks, plan["stacks"]))
 
-    def served(key: str, reqs, c: int) -> dict:
-        stack, port, _ = stacks[key]
-        if plan:
-            pin_stack(stack.pid, plan["by_stack"][key], plan["rest"])
-        return run_served(f"127.0.0.1:{port}", reqs, c, model_dir.name, stack.pid, plan and plan["load"])
+    def served(key: str, reqs, c: int, r: int = 0) -> dict:
+        stack, port, _, worker_metrics = stacks[key]
+        if plan:  # the stacks swap cores every round, so neither keeps the better ones
+            pin_stack(stack.pid, plan["stacks"][(list(stacks).index(key) + r) % 2], plan["rest"])
+        return run_served(f"127.0.0.1:{port}", reqs, c, model_dir.name, stack.pid, plan and plan["load"], worker_metrics)
 
     try:
         for key in stacks:
@@ -257,18 +280,27 @@ def tracing_cost(args, model_dir: Path) -> None:
         for r in range(args.warm_rounds + args.rounds):
             for c in args.concurrency:
                 reqs = workload(max(args.min_requests, 2 * c), vocab, seed=1000 * r + c)
-                order = ("off", "on") if r % 2 == 0 else ("on", "off")
-                res = {k: served(k, reqs, c) for k in order}
-                if r >= args.warm_rounds:
+                # which stack goes first alternates every other round, the cores every round
+                order = ("off", "on") if r // 2 % 2 == 0 else ("on", "off")
+                res = {k: served(k, reqs, c, r) for k in order}
+                counted = r >= args.warm_rounds
+                if counted:
                     got[c].append(res)
+                    with open(args.out, "w") as f:  # so far, in case the run is cut short
+                        json.dump({"partial": True, "rounds_by_concurrency": got}, f)
+                print(f"round {r}{'' if counted else ' (warm-up)'} {c:>4} streams: " + ", ".join(
+                    f"{k} {res[k]['tok_per_s']:.0f} tok/s ITL p50 {res[k]['itl_p50_ms']:.2f} ms eager steps "
+                    f"{res[k]['eager_step_share']:.1%} worker CPU {res[k]['cpu_ms_per_1k_tokens']['worker']:.0f} ms/1k tok" for k in order),
+                    flush=True)
     finally:
-        for stack, _, log_path in stacks.values():
+        for stack, _, log_path, _ in stacks.values():
             stop_stack(stack, log_path)
         receiver.terminate()
-    print(f"\ntracing on / off through the served stack, {args.shape} (random weights), {args.rounds} rounds alternating "
-          f"after {args.warm_rounds} not counted")
+    what = "A/A control: both stacks untraced, \"on\" is the second" if args.control else "tracing on / off"
+    print(f"\n{what} through the served stack, {args.shape} (random weights), {args.rounds} rounds alternating "
+          f"after {args.warm_rounds} not counted{', cores swapped every round' if plan else ''}")
     print(f"{'streams':>7} {'off tok/s':>10} {'on tok/s':>10} {'on/off median':>13} {'range':>13} {'paired TTFT +ms':>15} "
-          f"{'paired e2e +ms':>14} {'ITL p50 off/on ms':>17} {'worker CPU/tok':>14} {'gateway CPU/tok':>15}")
+          f"{'paired e2e +ms':>14} {'ITL p50 off/on ms':>17} {'worker CPU/tok':>14} {'gateway CPU/tok':>15} {'eager steps off/on':>18}")
     rows = []
     med = statistics.median
     for c, rounds in got.items():
@@ -279,13 +311,18 @@ def tracing_cost(args, model_dir: Path) -> None:
         cpu = {role: med(x["on"]["cpu_ms_per_1k_tokens"][role] / x["off"]["cpu_ms_per_1k_tokens"][role] for x in rounds)
                for role in ("worker", "gateway")}
         itl = (med(x["off"]["itl_p50_ms"] for x in rounds), med(x["on"]["itl_p50_ms"] for x in rounds))
+        # the share of forward passes run eagerly (with prompt tokens): each costs several
+        # decode graphs, so a stack that mixes prefill into more steps runs slower
+        eager = (med(x["off"]["eager_step_share"] for x in rounds), med(x["on"]["eager_step_share"] for x in rounds))
         rows.append({"concurrency": c, "ratio": med(ratios), "ratios": ratios, "added_ttft_paired_median_ms": ttft,
-                     "added_e2e_paired_median_ms": e2e, "itl_p50_ms_off_on": itl, "cpu_per_token_ratio": cpu, "rounds": rounds})
+                     "added_e2e_paired_median_ms": e2e, "itl_p50_ms_off_on": itl, "cpu_per_token_ratio": cpu,
+                     "eager_step_share_off_on": eager, "rounds": rounds})
         print(f"{c:>7} {med(x['off']['tok_per_s'] for x in rounds):>10.0f} {med(x['on']['tok_per_s'] for x in rounds):>10.0f} "
               f"{med(ratios):>13.3f} {ratios[0]:.3f}-{ratios[-1]:.3f} {ttft:>15.2f} {e2e:>14.2f} {itl[0]:>8.2f}/{itl[1]:<8.2f} "
-              f"{cpu['worker']:>14.3f} {cpu['gateway']:>15.3f}")
+              f"{cpu['worker']:>14.3f} {cpu['gateway']:>15.3f} {eager[0]:>9.1%}/{eager[1]:<8.1%}")
     with open(args.out, "w") as f:
-        json.dump({"shape": args.shape, "lengths": LENGTHS, "tracing": True, "rows": rows}, f, indent=2)
+        json.dump({"shape": args.shape, "lengths": LENGTHS, "tracing": not args.control, "control": args.control, "pinned": bool(plan),
+                   "rows": rows}, f, indent=2)
 
 
 def main() -> None:
@@ -303,10 +340,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="with --tracing: points per concurrency, alternating which stack goes first")
     ap.add_argument("--warm-rounds", type=int, default=1, help="with --tracing: rounds run first and not counted")
     ap.add_argument("--pin", action="store_true",
-                    help="with --tracing: each stack's worker (2 cores) and gateway (1), and the load generator, on cores of their own")
+                    help="with --tracing: each stack's worker (2 cores) and gateway (1), and the load generator, on cores of their own; "
+                         "the stacks swap cores every round")
+    ap.add_argument("--control", action="store_true",
+                    help="with --tracing: an A/A run instead, both stacks untraced, to show what two identical stacks differ by")
     ap.add_argument("--out", default="serving_gpu.json")
     args = ap.parse_args()
     LENGTHS = tuple(args.lengths)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` still stops the stacks (finally)
 
     import torch
 
@@ -328,7 +369,7 @@ def main() -> None:
     if args.device == "cuda":
         torch.cuda.empty_cache()
 
-    stack, port, log_path = start_stack(model_dir, args)
+    stack, port, log_path, _ = start_stack(model_dir, args)
     served = {}
     try:
         run_served(f"127.0.0.1:{port}", workload(8, vocab, seed=99), 8, model_dir.name)  # warm-up

@@ -183,6 +183,11 @@ def test_counters_move_by_exactly_what_was_sent(traced_stack, tokenizer):
     ttft = "inflight_gateway_time_to_first_token_seconds_count"
     assert after_gw[ttft] - before.get(ttft, 0) == 3
     assert after_s["inflight_scheduler_workers_alive{model=SmolLM2-135M-Instruct}"] == 1
+    # One request at a time, 7 tokens each: at least 7 forward passes a request, its
+    # prefill eager (engine totals reach the metrics at the next heartbeat).
+    graph, eager = (f"inflight_worker_engine_steps_total{{mode={m}}}" for m in ("graph", "eager"))
+    stack.wait_metric(0, eager, lambda v: v - before.get(eager, 0) >= 3)
+    stack.wait_metric(0, eager, lambda v: v + stack.metrics(0).get(graph, 0) - before.get(eager, 0) - before.get(graph, 0) >= 21)
 
 
 def test_every_process_reports_its_collector_pauses(traced_stack):

@@ -85,6 +85,11 @@ class EngineStats:
     prefix_cache_hit_rate: float  # prompt tokens served from cache / prompt tokens seen
     preemptions: int
     tokens_per_block: int
+    # Forward passes so far by how they ran: a replayed CUDA graph (decode-only batches)
+    # or eagerly (any prompt tokens, or no graphs). A growing eager share means more steps
+    # carry prefill, each costing several graph steps; engines that cannot tell leave 0.
+    steps_graph: int = 0
+    steps_eager: int = 0
 
 
 class Engine(Protocol):

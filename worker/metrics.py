@@ -18,7 +18,9 @@ class WorkerMetrics:
         self.generated_tokens = prom.Counter("inflight_worker_generation_tokens", "tokens generated")
         self.hit_rate = prom.Gauge("inflight_worker_prefix_cache_hit_rate", "prompt tokens served from the prefix cache / prompt tokens")
         self.preemptions = prom.Counter("inflight_worker_preemptions", "requests preempted and later recomputed")
-        self._preemptions_seen = 0
+        self.steps = prom.Counter("inflight_worker_engine_steps", "forward passes by how they ran: a replayed CUDA graph "
+                                  "(decode-only batches) or eager (any prompt tokens, or no graphs)", ["mode"])
+        self._seen = {"preemptions": 0, "graph": 0, "eager": 0}  # engine totals already counted
 
     def update(self, s: EngineStats) -> None:
         self.kv_blocks.labels("total").set(s.kv_blocks_total)
@@ -28,6 +30,12 @@ class WorkerMetrics:
         self.requests.labels("running").set(s.running)
         self.requests.labels("queued").set(s.queued)
         self.hit_rate.set(s.prefix_cache_hit_rate)
-        if s.preemptions > self._preemptions_seen:
-            self.preemptions.inc(s.preemptions - self._preemptions_seen)
-            self._preemptions_seen = s.preemptions
+        self._count(self.preemptions, "preemptions", s.preemptions)
+        self._count(self.steps.labels("graph"), "graph", s.steps_graph)
+        self._count(self.steps.labels("eager"), "eager", s.steps_eager)
+
+    def _count(self, counter, key: str, total: int) -> None:
+        """Move a counter up to an engine's running total."""
+        if total > self._seen[key]:
+            counter.inc(total - self._seen[key])
+            self._seen[key] = total

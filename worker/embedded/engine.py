@@ -302,6 +302,8 @@ class EmbeddedEngine:
             prefix_cache_hit_rate=self.prompt_tokens_cached / self.prompt_tokens_seen if self.prompt_tokens_seen else 0.0,
             preemptions=self.scheduler.preemptions,
             tokens_per_block=pool.tokens_per_block,
+            steps_graph=self.runner.steps_graph,
+            steps_eager=self.runner.steps_eager,
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

@@ -90,6 +90,7 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_seq_len // tokens_per_block)
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}  # batch size -> replay, giving logits
         self.graph_sizes: list[int] = []
+        self.steps_graph = self.steps_eager = 0  # forward passes by how they ran
         if self.fast and device.type == "cuda":
             self._compile_split_variants()
         if cuda_graphs and self.fast:
@@ -122,8 +123,10 @@ class ModelRunner:
         decode_only = chunks[-1].num_tokens == 1
         if decode_only and self.graph_sizes and len(chunks) <= self.graph_sizes[-1]:
             logits = self._replay(chunks)
+            self.steps_graph += 1
         else:
             logits = self._eager(chunks)
+            self.steps_eager += 1
         if not sampled:
             return None, []
         result = sample_async(logits, sampled, eos_token_ids, self.argmax)
