@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import multiprocessing as mp
 import os
@@ -122,16 +123,25 @@ def run_direct(engine, reqs, concurrency: int) -> dict:
     return summarize(records, time.perf_counter() - t0)
 
 
-async def _load(target: str, reqs, concurrency: int, model: str) -> dict:
+async def _load(target: str, reqs, concurrency: int, model: str, q, go, stop) -> dict:
+    """`go`: an event to wait for once connected (after putting "ready" on `q`). `stop`:
+    an event shared with another load run at the same time; the first to finish sets it,
+    and each reports the tokens it had received by then (`window_tokens`)."""
     from inflight.client import Client
 
     queue = list(enumerate(reqs))
     records = []
+    received = 0
+    window = None
     clients = [Client(target) for _ in range(max(1, concurrency // 32))]
     for c in clients:
         await asyncio.wait_for(c.channel.channel_ready(), 60)
+    q.put("ready")
+    while not go.wait(0):
+        await asyncio.sleep(0.001)
 
     async def worker(k: int):
+        nonlocal received
         client = clients[k % len(clients)]
         while queue:
             i, (prompt, n) = queue.pop(0)
@@ -145,25 +155,39 @@ async def _load(target: str, reqs, concurrency: int, model: str) -> dict:
                 if kind == "delta" and ev.delta.token_ids:
                     ttft = ttft if ttft is not None else time.perf_counter() - t
                     tokens += len(ev.delta.token_ids)
+                    received += len(ev.delta.token_ids)
                 elif kind == "error":
                     raise RuntimeError(ev.error.message)
             records.append((ttft, time.perf_counter() - t, tokens, i))
 
+    async def watch():
+        nonlocal window
+        while not stop.wait(0):
+            await asyncio.sleep(0.002)
+        window = (received, time.perf_counter() - t0)
+
     t0 = time.perf_counter()
+    watcher = asyncio.create_task(watch()) if stop is not None else None
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     wall = time.perf_counter() - t0
+    if watcher:
+        stop.set()
+        await watcher
     for c in clients:
         await c.channel.close()
-    return summarize(records, wall)
+    out = summarize(records, wall)
+    if window:
+        out["window_tokens"], out["window_seconds"] = window
+    return out
 
 
-def _load_process(target, reqs, concurrency, model, q, cpus=None):
+def _load_process(target, reqs, concurrency, model, q, go, stop, cpus=None):
     import uvloop
 
     if cpus:
         os.sched_setaffinity(0, cpus)  # before gRPC starts its threads, which inherit it
 
-    q.put(uvloop.run(_load(target, reqs, concurrency, model)))
+    q.put(uvloop.run(_load(target, reqs, concurrency, model, q, go, stop)))
 
 
 def engine_steps(metrics_port: int) -> dict[str, float]:
@@ -178,37 +202,67 @@ def engine_steps(metrics_port: int) -> dict[str, float]:
             if s.name == "inflight_worker_engine_steps_total"}
 
 
-def run_served(target: str, reqs, concurrency: int, model: str, stack_pid: int | None = None, load_cpus=None,
-               worker_metrics_port: int | None = None) -> dict:
-    """The requests through the stack at `target`; with `stack_pid`, also the CPU time
-    each stack process spent per 1,000 tokens (bench/serving_path.py's accounting); with
-    `worker_metrics_port`, the worker's forward passes by mode over the point."""
+@dataclasses.dataclass
+class Target:
+    address: str
+    stack_pid: int | None = None  # to account each stack process's CPU time
+    load_cpus: list[int] | None = None
+    worker_metrics_port: int | None = None  # to count the worker's forward passes
+
+
+def run_served(target: str, reqs, concurrency: int, model: str) -> dict:
+    """The requests through the stack at `target`."""
+    return run_loads({"": Target(target)}, reqs, concurrency, model)[""]
+
+
+def run_loads(targets: dict[str, Target], reqs, concurrency: int, model: str) -> dict[str, dict]:
+    """The same requests through each target at the same time, each from a load process
+    of its own; with several, `tok_per_s` counts only the window in which all ran (until
+    the first finished), so both sides see the same moments of a machine whose speed
+    drifts. Also each stack process's CPU time per 1,000 tokens (bench/serving_path.py's
+    accounting) and the worker's forward passes by mode, where the target says how."""
     import queue
 
     from bench.serving_path import stack_cpu
 
-    q = ctx.Queue()
-    p = ctx.Process(target=_load_process, args=(target, reqs, concurrency, model, q, load_cpus))
-    before = stack_cpu(stack_pid) if stack_pid else {}
-    steps_before = engine_steps(worker_metrics_port) if worker_metrics_port else {}
-    p.start()
-    while True:
-        try:
-            res = q.get(timeout=1)
-            break
-        except queue.Empty:
-            if not p.is_alive():
-                raise RuntimeError(f"the load generator died (exit code {p.exitcode})") from None
-    p.join()
-    if stack_pid:
-        after = stack_cpu(stack_pid)
-        res["cpu_ms_per_1k_tokens"] = {k: 1e6 * (v - before.get(k, 0.0)) / res["tokens"] for k, v in after.items()}
-    if worker_metrics_port:
+    go, stop = ctx.Event(), (ctx.Event() if len(targets) > 1 else None)
+    qs = {k: ctx.Queue() for k in targets}
+    procs = {k: ctx.Process(target=_load_process, args=(t.address, reqs, concurrency, model, qs[k], go, stop, t.load_cpus))
+             for k, t in targets.items()}
+
+    def get(k: str):
+        while True:
+            try:
+                return qs[k].get(timeout=1)
+            except queue.Empty:
+                if not procs[k].is_alive():
+                    raise RuntimeError(f"the load generator died (exit code {procs[k].exitcode})") from None
+
+    for p in procs.values():
+        p.start()
+    for k in targets:
+        assert get(k) == "ready"
+    cpu_before = {k: stack_cpu(t.stack_pid) for k, t in targets.items() if t.stack_pid}
+    steps_before = {k: engine_steps(t.worker_metrics_port) for k, t in targets.items() if t.worker_metrics_port}
+    go.set()
+    out = {k: get(k) for k in targets}
+    for p in procs.values():
+        p.join()
+    if steps_before:
         time.sleep(0.7)  # engine totals reach /metrics at the worker's next heartbeat (0.5 s)
-        steps = {k: v - steps_before.get(k, 0.0) for k, v in engine_steps(worker_metrics_port).items()}
-        res["engine_steps"] = steps
-        res["eager_step_share"] = steps.get("eager", 0.0) / max(1.0, sum(steps.values()))
-    return res
+    for k, t in targets.items():
+        res = out[k]
+        if stop is not None:
+            res["tok_per_s_whole_run"] = res["tok_per_s"]
+            res["tok_per_s"] = res["window_tokens"] / res["window_seconds"]
+        if t.stack_pid:
+            before = cpu_before[k]
+            res["cpu_ms_per_1k_tokens"] = {r: 1e6 * (v - before.get(r, 0.0)) / res["tokens"] for r, v in stack_cpu(t.stack_pid).items()}
+        if t.worker_metrics_port:
+            steps = {m: v - steps_before[k].get(m, 0.0) for m, v in engine_steps(t.worker_metrics_port).items()}
+            res["engine_steps"] = steps
+            res["eager_step_share"] = steps.get("eager", 0.0) / max(1.0, sum(steps.values()))
+    return out
 
 
 def start_stack(model_dir: Path, args, extra_env: dict | None = None) -> tuple[subprocess.Popen, int, Path, int]:
@@ -265,24 +319,29 @@ def tracing_cost(args, model_dir: Path) -> None:
     stacks = {"off": start_stack(model_dir, args), "on": start_stack(model_dir, args, None if args.control else otel)}
     got = {c: [] for c in args.concurrency}
     plan = None
-    if args.pin:  # each worker and gateway on cores of its own, the load generator too
-        plan = cpu_plan(2, 1, {"worker": 2, "gateway": 1})
+    if args.pin:  # each worker and gateway on cores of its own, the load generators too
+        plan = cpu_plan(2, 2 if args.together else 1, {"worker": 2, "gateway": 1})
 
-    def served(key: str, reqs, c: int, r: int = 0) -> dict:
+    def target(key: str, r: int) -> Target:
         stack, port, _, worker_metrics = stacks[key]
+        i = list(stacks).index(key)
         if plan:  # the stacks swap cores every round, so neither keeps the better ones
-            pin_stack(stack.pid, plan["stacks"][(list(stacks).index(key) + r) % 2], plan["rest"])
-        return run_served(f"127.0.0.1:{port}", reqs, c, model_dir.name, stack.pid, plan and plan["load"], worker_metrics)
+            pin_stack(stack.pid, plan["stacks"][(i + r) % 2], plan["rest"])
+        return Target(f"127.0.0.1:{port}", stack.pid, plan and plan["load"][i % len(plan["load"]):][:1], worker_metrics)
+
+    def served(keys, reqs, c: int, r: int = 0) -> dict:
+        if args.together:
+            return run_loads({k: target(k, r) for k in keys}, reqs, c, model_dir.name)
+        return {k: run_loads({k: target(k, r)}, reqs, c, model_dir.name)[k] for k in keys}
 
     try:
-        for key in stacks:
-            served(key, workload(8, vocab, seed=99), 8)  # warm-up
+        served(stacks, workload(8, vocab, seed=99), 8)  # warm-up
         for r in range(args.warm_rounds + args.rounds):
             for c in args.concurrency:
                 reqs = workload(max(args.min_requests, 2 * c), vocab, seed=1000 * r + c)
                 # which stack goes first alternates every other round, the cores every round
                 order = ("off", "on") if r // 2 % 2 == 0 else ("on", "off")
-                res = {k: served(k, reqs, c, r) for k in order}
+                res = served(order, reqs, c, r)
                 counted = r >= args.warm_rounds
                 if counted:
                     got[c].append(res)
@@ -297,8 +356,9 @@ def tracing_cost(args, model_dir: Path) -> None:
             stop_stack(stack, log_path)
         receiver.terminate()
     what = "A/A control: both stacks untraced, \"on\" is the second" if args.control else "tracing on / off"
-    print(f"\n{what} through the served stack, {args.shape} (random weights), {args.rounds} rounds alternating "
-          f"after {args.warm_rounds} not counted{', cores swapped every round' if plan else ''}")
+    how = "both at once, counted until the first finished" if args.together else "one after the other"
+    print(f"\n{what} through the served stack, {args.shape} (random weights), {how}, {args.rounds} rounds after "
+          f"{args.warm_rounds} not counted{', cores swapped every round' if plan else ''}")
     print(f"{'streams':>7} {'off tok/s':>10} {'on tok/s':>10} {'on/off median':>13} {'range':>13} {'paired TTFT +ms':>15} "
           f"{'paired e2e +ms':>14} {'ITL p50 off/on ms':>17} {'worker CPU/tok':>14} {'gateway CPU/tok':>15} {'eager steps off/on':>18}")
     rows = []
@@ -322,7 +382,7 @@ def tracing_cost(args, model_dir: Path) -> None:
               f"{cpu['worker']:>14.3f} {cpu['gateway']:>15.3f} {eager[0]:>9.1%}/{eager[1]:<8.1%}")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "lengths": LENGTHS, "tracing": not args.control, "control": args.control, "pinned": bool(plan),
-                   "rows": rows}, f, indent=2)
+                   "together": args.together, "rows": rows}, f, indent=2)
 
 
 def main() -> None:
@@ -344,6 +404,9 @@ def main() -> None:
                          "the stacks swap cores every round")
     ap.add_argument("--control", action="store_true",
                     help="with --tracing: an A/A run instead, both stacks untraced, to show what two identical stacks differ by")
+    ap.add_argument("--together", action="store_true",
+                    help="with --tracing: load both stacks at the same time (sharing the GPU), counting tokens until the first "
+                         "finishes, so a host whose speed drifts slows both alike; one after the other otherwise")
     ap.add_argument("--out", default="serving_gpu.json")
     args = ap.parse_args()
     LENGTHS = tuple(args.lengths)
