@@ -142,17 +142,18 @@ class Worker:
                 out.setdefault(gateway, []).append(
                     schema.TokenItem(rid, [], error_code=DEADLINE_EXCEEDED, error_message="deadline passed in the worker"))
 
-    def deliver(self, o: RequestOutput, out: dict[bytes, list[schema.TokenItem]]) -> None:
+    def deliver(self, o: RequestOutput, out: dict[bytes, list[schema.TokenItem]]) -> int:
+        """Queue an output for its gateway; returns the tokens it carries (the caller
+        counts a step's tokens in one metric update)."""
         gateway = self.owner.get(o.request_id)
         if gateway is None:
-            return
+            return 0
         lps = None
         if o.logprobs:
             lps = [schema.TokenLogprobMsg(lp.token_id, lp.logprob, lp.top) for lp in o.logprobs]
         out.setdefault(gateway, []).append(schema.TokenItem(
             o.request_id, o.new_token_ids, o.finish_reason, o.error_code, o.error_message, o.prompt_tokens, o.cached_tokens, lps))
         n = len(o.new_token_ids)
-        self.metrics.generated_tokens.inc(n)
         rt = self.traces.get(o.request_id) if self.tracing else None
         if rt is not None and n:
             if rt.first_token_ns is None:
@@ -167,6 +168,7 @@ class Worker:
             if rt:
                 del self.traces[o.request_id]
                 rt.finish(self.worker_id, o.finish_reason, o.error_code, o.error_message or "", o.prompt_tokens, o.cached_tokens)
+        return n
 
     def step(self) -> list[RequestOutput]:
         try:
@@ -194,8 +196,8 @@ class Worker:
                         break
                     self.handle(raw, out)
             if self.engine.has_work():
-                for o in self.step():
-                    self.deliver(o, out)
+                # one counter update a step, not one a request: each takes a lock (0.3-0.5 µs)
+                self.metrics.generated_tokens.inc(sum(self.deliver(o, out) for o in self.step()))
             heartbeat_due = time.monotonic() >= self._next_heartbeat
             if heartbeat_due:
                 self.expire(out)
