@@ -36,21 +36,28 @@ def setup_tracing(service_name: str, **attributes) -> bool:
     global _exporter
     if not enabled_by_env():
         return False
-    from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
 
     from inflight.span_export import ChildProcessSpanProcessor
 
-    attrs = {"service.name": os.environ.get("OTEL_SERVICE_NAME", service_name), "service.version": VERSION}
-    attrs.update({k: v for k, v in attributes.items() if v})
-    resource = Resource.create(attrs)
+    resource = resource_of(service_name, **attributes)
     provider = TracerProvider(resource=resource)  # the sampler comes from OTEL_TRACES_SAMPLER
     _exporter = ChildProcessSpanProcessor(resource)
     provider.add_span_processor(_exporter)
     trace.set_tracer_provider(provider)
     log.info("tracing to %s as %s", os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"),
-             attrs["service.name"])
+             resource.attributes["service.name"])
     return True
+
+
+def resource_of(service_name: str, **attributes):
+    """The process's resource: its service name (OTEL_SERVICE_NAME, when set, wins, as the
+    specification has it), version and `attributes`, over OTEL_RESOURCE_ATTRIBUTES."""
+    from opentelemetry.sdk.resources import Resource
+
+    attrs = {"service.name": os.environ.get("OTEL_SERVICE_NAME") or service_name, "service.version": VERSION}
+    attrs.update({k: v for k, v in attributes.items() if v})
+    return Resource.create(attrs)  # merges OTEL_RESOURCE_ATTRIBUTES under these
 
 
 def shutdown_tracing() -> None:

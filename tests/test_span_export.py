@@ -102,3 +102,15 @@ def test_the_sampler_from_the_environment_decides(monkeypatch):
     span = telemetry.start_span(telemetry.scope_of("t"), "root", None)
     span.end()
     assert not span.recording and exporter.records == []
+
+
+def test_the_resource_follows_the_standard_variables(monkeypatch):
+    monkeypatch.delenv("OTEL_SERVICE_NAME", raising=False)
+    monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=staging,service.name=ignored")
+    attrs = telemetry.resource_of("inflight-worker", **{"inflight.worker_id": "w-3", "unset": ""}).attributes
+    assert attrs["service.name"] == "inflight-worker"  # ours over OTEL_RESOURCE_ATTRIBUTES'
+    assert attrs["deployment.environment"] == "staging"
+    assert attrs["inflight.worker_id"] == "w-3" and "unset" not in attrs
+    assert attrs["service.version"] == telemetry.VERSION
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "llm-fleet")
+    assert telemetry.resource_of("inflight-worker").attributes["service.name"] == "llm-fleet"
