@@ -11,6 +11,15 @@ weights of a real shape, saved with a real tokenizer (--tokenizer: a folder hold
 tokenizer.json and tokenizer_config.json whose vocabulary fits the shape).
 
     python bench/serving_gpu.py --shape smollm2-135m --tokenizer .bench/tok --out serving_gpu.json
+
+With --tracing it compares two stacks instead, tracing on (exporting to an OTLP receiver
+started here) and off, the same requests through each, in rounds; --control makes it an
+A/A run (both untraced) that shows what two identical stacks differ by on this machine,
+--together loads both at once, and --pin gives each stack's worker and gateway cores of
+their own. Each point also reports every stack process's CPU per 1,000 tokens and the
+worker's share of eager forward passes (from its /metrics).
+
+    python bench/serving_gpu.py --tracing --pin --warm-rounds 1 --rounds 5 --min-requests 256 --tokenizer .bench/tok --concurrency 16 64 256
 """
 
 from __future__ import annotations
@@ -327,7 +336,7 @@ def tracing_cost(args, model_dir: Path) -> None:
         i = list(stacks).index(key)
         if plan:  # the stacks swap cores every round, so neither keeps the better ones
             pin_stack(stack.pid, plan["stacks"][(i + r) % 2], plan["rest"])
-        return Target(f"127.0.0.1:{port}", stack.pid, plan and plan["load"][i % len(plan["load"]):][:1], worker_metrics)
+        return Target(f"127.0.0.1:{port}", stack.pid, plan and [plan["load"][i % len(plan["load"])]], worker_metrics)
 
     def served(keys, reqs, c: int, r: int = 0) -> dict:
         if args.together:
@@ -406,7 +415,8 @@ def main() -> None:
                     help="with --tracing: an A/A run instead, both stacks untraced, to show what two identical stacks differ by")
     ap.add_argument("--together", action="store_true",
                     help="with --tracing: load both stacks at the same time (sharing the GPU), counting tokens until the first "
-                         "finishes, so a host whose speed drifts slows both alike; one after the other otherwise")
+                         "finishes, so a host whose speed drifts slows both alike (two stacks need not share one GPU evenly: "
+                         "run --control too); one after the other otherwise")
     ap.add_argument("--out", default="serving_gpu.json")
     args = ap.parse_args()
     LENGTHS = tuple(args.lengths)
