@@ -380,8 +380,8 @@ def tracing_cost(args, model_dir: Path) -> None:
         cpu = {role: med(x["on"]["cpu_ms_per_1k_tokens"][role] / x["off"]["cpu_ms_per_1k_tokens"][role] for x in rounds)
                for role in ("worker", "gateway")}
         itl = (med(x["off"]["itl_p50_ms"] for x in rounds), med(x["on"]["itl_p50_ms"] for x in rounds))
-        # the share of forward passes run eagerly (with prompt tokens): each costs several
-        # decode graphs, so a stack that mixes prefill into more steps runs slower
+        # the share of forward passes run eagerly (with prompt tokens), each slower than a
+        # graph replay: whether the two stacks did the same work, or one mixed in more prefill
         eager = (med(x["off"]["eager_step_share"] for x in rounds), med(x["on"]["eager_step_share"] for x in rounds))
         rows.append({"concurrency": c, "ratio": med(ratios), "ratios": ratios, "added_ttft_paired_median_ms": ttft,
                      "added_e2e_paired_median_ms": e2e, "itl_p50_ms_off_on": itl, "cpu_per_token_ratio": cpu,

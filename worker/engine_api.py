@@ -87,7 +87,7 @@ class EngineStats:
     tokens_per_block: int
     # Forward passes so far by how they ran: a replayed CUDA graph (decode-only batches)
     # or eagerly (any prompt tokens, or no graphs). A growing eager share means more steps
-    # carry prefill, each costing several graph steps; engines that cannot tell leave 0.
+    # carry prefill, each slower than a graph replay; engines that cannot tell leave 0.
     steps_graph: int = 0
     steps_eager: int = 0
 
