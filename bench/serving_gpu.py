@@ -146,8 +146,8 @@ async def _load(target: str, reqs, concurrency: int, model: str, q, go, stop) ->
     for c in clients:
         await asyncio.wait_for(c.channel.channel_ready(), 60)
     q.put("ready")
-    while not go.wait(0):
-        await asyncio.sleep(0.001)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, go.wait)  # as bench/serving_path.py's load does
 
     async def worker(k: int):
         nonlocal received
@@ -171,8 +171,7 @@ async def _load(target: str, reqs, concurrency: int, model: str, q, go, stop) ->
 
     async def watch():
         nonlocal window
-        while not stop.wait(0):
-            await asyncio.sleep(0.002)
+        await loop.run_in_executor(None, stop.wait)
         window = (received, time.perf_counter() - t0)
 
     t0 = time.perf_counter()

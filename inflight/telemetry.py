@@ -195,7 +195,8 @@ def error_description(code: str, message: str) -> str:
 
 
 def scope_of(name: str) -> tuple[str, str, None]:
-    """An instrumentation scope for `start_span`, as `tracer(name)` would have it."""
+    """An instrumentation scope for `start_span`: (name, our version, no schema URL), as
+    the SDK's `get_tracer(name, VERSION)` would make it."""
     return (name, VERSION, None)
 
 
@@ -205,4 +206,4 @@ def tracing() -> bool:
 
 
 __all__ = ["OwnSpan", "SpanKind", "SpanSketch", "Unrecorded", "build_elsewhere", "context_from", "error_description", "now_ns",
-           "scope_of", "setup_tracing", "start_span", "tracing"]
+           "resource_of", "scope_of", "setup_tracing", "start_span", "tracing"]
