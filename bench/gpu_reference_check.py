@@ -20,7 +20,7 @@ import torch
 from inflight.sampling_params import SamplingParams
 from worker.embedded.engine import EmbeddedEngine
 from worker.engine_api import EngineConfig, KvCacheConfig
-from worker.models.config import ModelConfig
+from models.config import ModelConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.shapes import SHAPES  # noqa: E402

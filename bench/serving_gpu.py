@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.shapes import SHAPES  # noqa: E402
-from tests.stack import free_port, free_port_range  # noqa: E402
+from testing.stack import free_port, free_port_range  # noqa: E402
 
 ctx = mp.get_context("spawn")  # grpc does not survive fork
 
@@ -284,7 +284,7 @@ def start_stack(model_dir: Path, args, extra_env: dict | None = None) -> tuple[s
     # The stack logs to a file: a pipe nobody drains would fill and stall the processes.
     log_path = model_dir.parent / f"stack-{port}.log"
     with open(log_path, "w") as log_file:
-        stack = subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
+        stack = subprocess.Popen([sys.executable, "-m", "cli", "--log-level", "WARNING", "serve", "--model", str(model_dir),
                                   "--device", args.device, "--listen", f"127.0.0.1:{port}", "--metrics-port", str(metrics_base),
                                   "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}"],
                                  env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT, text=True)

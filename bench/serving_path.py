@@ -1,5 +1,5 @@
 """Streamed tokens per second through gateway + scheduler + worker, with the model-free
-engine double (tests/engine_double.py) so that only the serving path is measured.
+engine double (testing/engine_double.py) so that only the serving path is measured.
 
 Baseline, in the same run: a bare grpc.aio server with the same API that streams each
 token as its own message straight from the handler (no ZeroMQ, no scheduler, no
@@ -40,8 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from inflight.v1 import pb, pb_grpc  # noqa: E402
-from tests.engine_double import CYCLE  # noqa: E402
-from tests.stack import children_of, free_port  # noqa: E402
+from testing.engine_double import CYCLE  # noqa: E402
+from testing.stack import children_of, free_port  # noqa: E402
 
 
 # The bare baseline server.
@@ -74,12 +74,12 @@ def run_receiver(port: int) -> None:
 
 
 def start_stack(port: int, extra_env: dict | None = None, step_ms: float = 0.0, tokenizer: str | None = None) -> subprocess.Popen:
-    env = {**os.environ, **({"INFLIGHT_MODEL": os.path.abspath(tokenizer)} if tokenizer else {}), "INFLIGHT_BACKEND": "tests.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
+    env = {**os.environ, **({"INFLIGHT_MODEL": os.path.abspath(tokenizer)} if tokenizer else {}), "INFLIGHT_BACKEND": "testing.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
            "ENGINE_DOUBLE_STEP_MS": str(step_ms),
            "INFLIGHT_MAX_BATCH_SIZE": "512", "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])), **(extra_env or {})}
     for k in [k for k in env if k.startswith("OTEL_") and not (extra_env and k in extra_env)]:
         del env[k]
-    return subprocess.Popen([sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--listen", f"127.0.0.1:{port}",
+    return subprocess.Popen([sys.executable, "-m", "cli", "--log-level", "WARNING", "serve", "--listen", f"127.0.0.1:{port}",
                              "--device", "cpu", "--metrics-port", "0", "--gateway-address", f"tcp://127.0.0.1:{free_port()}",
                              "--worker-address", f"tcp://127.0.0.1:{free_port()}"], env=env, cwd=ROOT)
 
@@ -171,7 +171,7 @@ def _role(pid: int) -> str | None:
         return None
     if "inflight.span_export" in argv:
         return "export"
-    if "inflight.cli" in argv:
+    if "cli" in argv:
         for role in ("gateway", "scheduler", "worker", "serve"):
             if role in argv:
                 return role

@@ -24,6 +24,6 @@ SHAPES = {
 
 
 def model_config(name: str):
-    from worker.models.config import ModelConfig
+    from models.config import ModelConfig
 
     return ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[name]}, name=name)

@@ -24,7 +24,7 @@ from bench.serving_path import run_receiver  # noqa: E402
 from gateway.telemetry import GatewayMetrics  # noqa: E402
 from scheduler.metrics import SchedulerMetrics  # noqa: E402
 from worker.metrics import WorkerMetrics  # noqa: E402
-from tests.stack import free_port  # noqa: E402
+from testing.stack import free_port  # noqa: E402
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TOKENS = 128  # per request; the worker's per-token bookkeeping counts too
@@ -74,7 +74,7 @@ def worker_requests(tracing: bool):
     TOKENS outputs of one token each, as the loop delivers them step by step."""
     from inflight import schema
     from inflight.sampling_params import SamplingParams
-    from tests.engine_double import InstantEngine
+    from testing.engine_double import InstantEngine
     from worker.engine_api import EngineConfig, RequestOutput
     from worker.main import Worker, WorkerConfig
 

@@ -23,6 +23,8 @@ from inflight import telemetry
 from inflight.http_endpoints import serve_http
 from inflight.process import settle_gc
 from inflight.v1 import pb, pb_grpc
+from models.config import served_model_name
+from models.locate import locate_model
 
 log = logging.getLogger("inflight.gateway")
 
@@ -40,14 +42,7 @@ class GatewayConfig:
 
 
 def resolve_model(config: GatewayConfig) -> tuple[TextTokenizer, str]:
-    from worker.models.config import served_model_name
-
-    if config.model:
-        model_dir = config.model
-    else:
-        from worker.models.gguf_convert import default_model_dir
-
-        model_dir = default_model_dir()
+    model_dir = locate_model(config.model)
     return TextTokenizer.from_dir(model_dir), config.served_model_name or served_model_name(model_dir)
 
 

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from inflight.errors import invalid
-from worker.models.errors import ModelError
+from models.errors import ModelError
 
 
 def _token_str(value) -> str | None:

@@ -38,7 +38,7 @@ from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
-from inflight.telemetry import VERSION, SpanSketch, context_from
+from inflight.spans import VERSION, SpanSketch, context_from
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,13 @@ import logging
 import os
 import time
 
-import msgspec
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from inflight.spans import VERSION, SpanSketch, context_from
 
 log = logging.getLogger(__name__)
-_propagator = TraceContextTextMapPropagator()
 _exporter = None  # the ChildProcessSpanProcessor while tracing
-
-VERSION = "0.1.0"
 
 
 def enabled_by_env() -> bool:
@@ -66,26 +63,6 @@ def shutdown_tracing() -> None:
     if hasattr(provider, "shutdown"):
         provider.shutdown()
     _exporter = None
-
-
-def context_from(traceparent: str | None):
-    """The parent context a `traceparent` header names (None: start a new trace)."""
-    if not traceparent:
-        return None
-    return _propagator.extract({"traceparent": traceparent})
-
-
-class SpanSketch(msgspec.Struct, array_like=True):
-    """A span described after the fact, from timestamps kept meanwhile: what
-    `build_elsewhere` takes. `error` is the description of an ERROR status."""
-
-    name: str
-    start: int  # unix ns
-    end: int
-    attributes: dict
-    events: list[tuple[str, int]] = []  # name, unix ns
-    error: str | None = None
-    children: list[SpanSketch] = []
 
 
 class Unrecorded:
@@ -185,10 +162,6 @@ def build_elsewhere(scope: str, traceparent: str | None, sketch: SpanSketch) -> 
         _exporter.build(scope, traceparent, sketch)
 
 
-def now_ns() -> int:
-    return time.time_ns()
-
-
 def error_description(code: str, message: str) -> str:
     """An ERROR status's description, for SDK spans and sketches alike."""
     return f"{code}: {message}"
@@ -205,5 +178,5 @@ def tracing() -> bool:
     return _exporter is not None
 
 
-__all__ = ["OwnSpan", "SpanKind", "SpanSketch", "Unrecorded", "build_elsewhere", "context_from", "error_description", "now_ns",
+__all__ = ["OwnSpan", "SpanKind", "SpanSketch", "Unrecorded", "build_elsewhere", "context_from", "error_description",
            "resource_of", "scope_of", "setup_tracing", "start_span", "tracing"]

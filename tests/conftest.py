@@ -12,7 +12,7 @@ from worker.engine_api import EngineConfig, KvCacheConfig, SchedulerConfig
 
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
-    from worker.models.gguf_convert import default_model_dir
+    from models.gguf_convert import default_model_dir
 
     return default_model_dir()
 
@@ -20,8 +20,8 @@ def model_dir() -> Path:
 @pytest.fixture(scope="session")
 def model_weights(model_dir):
     """The model's config and tensors, read once and shared by every engine the tests build."""
-    from worker.models.config import ModelConfig
-    from worker.models.loader import iter_safetensors
+    from models.config import ModelConfig
+    from models.loader import iter_safetensors
 
     return ModelConfig.from_dir(model_dir), dict(iter_safetensors(model_dir))
 

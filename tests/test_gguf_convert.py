@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.models.errors import ModelError
-from worker.models.gguf_convert import MARKER, convert_gguf, default_gguf_path, default_model_dir, is_complete
+from models.errors import ModelError
+from models.gguf_convert import MARKER, convert_gguf, default_gguf_path, default_model_dir, is_complete
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +186,7 @@ def test_missing_package(monkeypatch):
 
 def test_concurrent_first_use_and_repair(tmp_path):
     """Two processes racing on an empty cache convert once; a cache without its marker is rebuilt."""
-    code = "import sys; from pathlib import Path; from worker.models.gguf_convert import default_model_dir; print(default_model_dir(Path(sys.argv[1])))"
+    code = "import sys; from pathlib import Path; from models.gguf_convert import default_model_dir; print(default_model_dir(Path(sys.argv[1])))"
     procs = [
         subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for _ in range(2)
@@ -205,6 +205,6 @@ def test_concurrent_first_use_and_repair(tmp_path):
 
 def test_cli_prints_default_dir(model_dir):
     out = subprocess.run(
-        [sys.executable, "-m", "worker.models.gguf_convert"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-m", "models.gguf_convert"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
     )
     assert Path(out.stdout.strip()) == model_dir

@@ -12,7 +12,7 @@ import pytest
 from inflight.client import Client
 from inflight.sampling_params import SamplingParams
 from inflight.v1 import pb
-from tests.stack import Stack
+from testing.stack import Stack
 
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -271,7 +271,7 @@ def test_serve_stops_every_child_on_sigterm():
     import signal
     import time
 
-    from tests.stack import count_children
+    from testing.stack import count_children
 
     s = Stack(workers=1)
     children = [int(p) for p in os.popen(f"ps -o pid= --ppid {s.proc.pid}").read().split()]

@@ -9,7 +9,7 @@ import grpc
 
 from inflight.client import Client
 from inflight.sampling_params import SamplingParams
-from tests.stack import Stack
+from testing.stack import Stack
 from tests.test_service import chat_session
 
 
@@ -78,10 +78,10 @@ def test_restarted_scheduler_gets_workers_and_gateways_back():
     import sys
     import time
 
-    from tests.stack import free_port
+    from testing.stack import free_port
 
     front, back, port = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
-    cli = [sys.executable, "-m", "inflight.cli", "--log-level", "WARNING"]
+    cli = [sys.executable, "-m", "cli", "--log-level", "WARNING"]
 
     def scheduler():
         return subprocess.Popen(cli + ["scheduler", "--gateway-address", front, "--worker-address", back, "--metrics-port", "0"])

@@ -15,7 +15,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from inflight.client import Client
 from inflight.v1 import pb
-from tests.stack import Stack, children_of, free_port
+from testing.stack import Stack, children_of, free_port
 
 CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CLIENT_SPAN = "00f067aa0ba902b7"
@@ -217,7 +217,7 @@ def test_gateway_without_a_worker_is_alive_but_not_ready(model_dir):
     import urllib.request
 
     http = free_port()
-    cmd = [sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "gateway", "--listen", f"127.0.0.1:{free_port()}",
+    cmd = [sys.executable, "-m", "cli", "--log-level", "WARNING", "gateway", "--listen", f"127.0.0.1:{free_port()}",
            "--scheduler-address", f"tcp://127.0.0.1:{free_port()}", "--metrics-port", str(http), "--model", str(model_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 

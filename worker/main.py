@@ -20,7 +20,7 @@ from inflight.http_endpoints import serve_http
 from inflight.process import run_until_signalled
 from worker.engine_api import Engine, EngineConfig, RequestOutput
 from worker.metrics import WorkerMetrics
-from worker.models.config import served_model_name
+from models.config import served_model_name
 from worker.tracing import RequestTrace
 
 log = logging.getLogger("inflight.worker")

@@ -6,7 +6,6 @@ import dataclasses
 import itertools
 import logging
 import time
-from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -21,8 +20,9 @@ from worker.embedded.sampler import DeviceSample
 from worker.embedded.scheduler import BatchScheduler, ScheduledChunk
 from worker.embedded.sequence import Sequence, SeqStatus
 from worker.engine_api import EngineConfig, EngineStats, RequestOutput, TokenLogprob
-from worker.models.config import ModelConfig
-from worker.models.loader import iter_safetensors
+from models.config import ModelConfig
+from models.loader import iter_safetensors
+from models.locate import locate_model
 
 log = logging.getLogger(__name__)
 
@@ -48,14 +48,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
 
 
-def resolve_model_dir(model: str | None) -> Path:
-    if model:
-        return Path(model)
-    from worker.models.gguf_convert import default_model_dir
-
-    return default_model_dir()
-
-
 class EmbeddedEngine:
     def __init__(
         self,
@@ -70,7 +62,7 @@ class EmbeddedEngine:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if model_config is None:
-            self.model_dir = resolve_model_dir(config.model)
+            self.model_dir = locate_model(config.model)
             model_config = ModelConfig.from_dir(self.model_dir)
             weights = iter_safetensors(self.model_dir)
         else:

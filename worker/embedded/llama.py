@@ -16,7 +16,7 @@ try:
     from worker.embedded.kernels.gemv import MAX_ROWS, gemv, gemv_config
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
-from worker.models.config import ModelConfig
+from models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

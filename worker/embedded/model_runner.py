@@ -16,7 +16,7 @@ from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.sampler import DeviceSample, sample_async
 from worker.embedded.scheduler import ScheduledChunk
 from worker.embedded.sequence import Sequence
-from worker.models.config import ModelConfig
+from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
 

@@ -53,7 +53,7 @@ class Stack:
         self.children: list[tuple[str, subprocess.Popen]] = []
 
     def spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
-        cmd = [sys.executable, "-m", "inflight.cli", *args]
+        cmd = [sys.executable, "-m", "cli", *args]
         proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
         self.children.append((name, proc))
 

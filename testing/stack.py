@@ -61,7 +61,7 @@ class Stack:
         # HTTP endpoints: gateway on base, scheduler on base + 1, worker i on base + 2 + i.
         self.metrics_base = free_port_range(2 + workers)
         self.workers = workers
-        cmd = [sys.executable, "-m", "inflight.cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
+        cmd = [sys.executable, "-m", "cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
                "--listen", self.target, "--device", "cpu",
                "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}",
                "--metrics-port", str(self.metrics_base), *(extra or [])]

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 from safetensors import SafetensorError, safe_open
 
-from worker.models.errors import ModelError
+from models.errors import ModelError
 
 
 def iter_safetensors(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:

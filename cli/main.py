@@ -54,20 +54,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from inflight.serve import ServeConfig, run
+    from cli.serve import ServeConfig, run
 
     return run(config_from_args(ServeConfig, args))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from inflight.chat import run
+    from cli.chat import run
 
     return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from gateway.main import GatewayConfig
-    from inflight.serve import ServeConfig
+    from cli.serve import ServeConfig
     from scheduler.main import SchedulerConfig
     from worker.engine_api import EngineConfig
     from worker.main import WorkerConfig

