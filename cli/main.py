@@ -40,7 +40,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 
 def cmd_scheduler(args: argparse.Namespace) -> int:
-    from scheduler.main import SchedulerConfig, run
+    from scheduler.config import SchedulerConfig
+    from scheduler.main import run
 
     run(config_from_args(SchedulerConfig, args))
     return 0
@@ -68,7 +69,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from gateway.main import GatewayConfig
     from cli.serve import ServeConfig
-    from scheduler.main import SchedulerConfig
+    from scheduler.config import SchedulerConfig
     from worker.engine_api import EngineConfig
     from worker.main import WorkerConfig
 

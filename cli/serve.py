@@ -17,6 +17,8 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from inflight import sockets
+
 
 @dataclasses.dataclass
 class ServeConfig:
@@ -24,8 +26,8 @@ class ServeConfig:
     listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
     model: str | None = dataclasses.field(default=None, metadata={"help": "model directory; unset means the built-in SmolLM2-135M-Instruct"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    gateway_address: str = dataclasses.field(default="tcp://127.0.0.1:5557", metadata={"help": "scheduler address for gateways"})
-    worker_address: str = dataclasses.field(default="tcp://127.0.0.1:5558", metadata={"help": "scheduler address for workers"})
+    gateway_address: str = dataclasses.field(default=sockets.GATEWAY_ADDRESS, metadata={"help": "scheduler address for gateways"})
+    worker_address: str = dataclasses.field(default=sockets.WORKER_ADDRESS, metadata={"help": "scheduler address for workers"})
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
     metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP /metrics, /health, /ready: the gateway on this port, the scheduler on +1, worker i on +2+i; 0 means off"})
     ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})

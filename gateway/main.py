@@ -19,7 +19,7 @@ from gateway.scheduler_client import SchedulerClient
 from gateway.servicer import InferenceServicer
 from gateway.telemetry import GatewayMetrics
 from gateway.tokenizer import TextTokenizer
-from inflight import telemetry
+from inflight import sockets, telemetry
 from inflight.http_endpoints import serve_http
 from inflight.process import settle_gc
 from inflight.v1 import pb, pb_grpc
@@ -34,7 +34,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 @dataclasses.dataclass
 class GatewayConfig:
     listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
-    scheduler_address: str = dataclasses.field(default="tcp://127.0.0.1:5557", metadata={"help": "the scheduler's ZeroMQ address for gateways"})
+    scheduler_address: str = dataclasses.field(default=sockets.GATEWAY_ADDRESS, metadata={"help": "the scheduler's ZeroMQ address for gateways"})
     model: str | None = dataclasses.field(default=None, metadata={"help": "model directory whose tokenizer and chat template to use; unset means the built-in SmolLM2-135M-Instruct"})
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the one the workers derive"})
     gateway_id: str = dataclasses.field(default="", metadata={"help": "identity toward the scheduler; unset means host-pid-random"})

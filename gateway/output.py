@@ -1,30 +1,16 @@
-"""OutputProcessor: turns one request's token batches into text deltas, applying stop
-strings on the text (also across delta boundaries)."""
+"""OutputProcessor: turns one request's outputs into text deltas, applying stop strings
+on the text (also across delta boundaries)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 from gateway.tokenizer import TextTokenizer
-from inflight.schema import TokenItem, TokenLogprobMsg
-
-
-@dataclasses.dataclass
-class Update:
-    token_ids: list[int]
-    text: str
-    logprobs: list[TokenLogprobMsg] | None = None
-    finish_reason: str | None = None  # "stop" | "length" when the request ended well
-    matched_stop: str = ""
-    error_code: str | None = None
-    error_message: str = ""
-
-    @property
-    def terminal(self) -> bool:
-        return self.finish_reason is not None or self.error_code is not None
+from inflight.schema import RequestOutput
 
 
 class OutputProcessor:
+    """One request's text so far. `finish_reason` (and `matched_stop`) are set once the
+    request ended well, whether the engine ended it or a stop string did."""
+
     def __init__(self, tokenizer: TextTokenizer, stop: tuple[str, ...] = ()):
         self.detok = tokenizer.decode_stream()
         self.stop = stop
@@ -34,27 +20,32 @@ class OutputProcessor:
         self.prompt_tokens = 0
         self.cached_tokens = 0
         self.completion_tokens = 0
+        self.finish_reason: str | None = None  # "stop" | "length"
+        self.matched_stop = ""
 
-    def process(self, item: TokenItem) -> Update:
-        self.prompt_tokens = item.prompt_tokens or self.prompt_tokens
-        self.cached_tokens = item.cached_tokens or self.cached_tokens
-        self.completion_tokens += len(item.token_ids)
-        if item.error_code:
-            return Update([], "", error_code=item.error_code, error_message=item.error_message or "")
-        text = self.pending + self.detok.push(item.token_ids)
+    def process(self, out: RequestOutput) -> str:
+        """The text `out` adds (none for an error, which ends the request as it is)."""
+        self.prompt_tokens = out.prompt_tokens or self.prompt_tokens
+        self.cached_tokens = out.cached_tokens or self.cached_tokens
+        self.completion_tokens += len(out.new_token_ids)
+        if out.error_code:
+            return ""
+        text = self.pending + self.detok.push(out.new_token_ids)
         if self.stop:
             cut = self._find_stop(text)
             if cut is not None:
-                index, s = cut
+                index, self.matched_stop = cut
                 self.pending = ""
-                return Update(item.token_ids, text[:index], item.logprobs, "stop", s)
-        if item.finish_reason is not None:
+                self.finish_reason = "stop"
+                return text[:index]
+        if out.finish_reason is not None:
             self.pending = ""
-            return Update(item.token_ids, text, item.logprobs, item.finish_reason)
+            self.finish_reason = out.finish_reason
+            return text
         if self.hold:
             keep = min(self.hold, len(text))
             text, self.pending = text[: len(text) - keep], text[len(text) - keep :]
-        return Update(item.token_ids, text, item.logprobs)
+        return text
 
     def _find_stop(self, text: str) -> tuple[int, str] | None:
         best = None

@@ -10,15 +10,15 @@ import asyncio
 import logging
 from typing import Callable
 
-import msgspec
 import zmq
 import zmq.asyncio
 
-from inflight import schema
+from inflight import schema, sockets
+from inflight.schema import RequestOutput
 
 log = logging.getLogger("inflight.gateway")
 
-Handler = Callable[[schema.TokenItem], None]
+Handler = Callable[[RequestOutput], None]
 
 
 class SchedulerClient:
@@ -26,11 +26,7 @@ class SchedulerClient:
         self.address = address
         self.gateway_id = gateway_id
         self.ctx = zmq.asyncio.Context.instance()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.IDENTITY, gateway_id.encode())
-        self.sock.setsockopt(zmq.LINGER, 0)
-        schema.no_drop(self.sock)
-        self.sock.connect(address)
+        self.sock = sockets.dealer(self.ctx, gateway_id, address)
         self.handlers: dict[str, Handler] = {}
         self.models: dict[str, schema.ModelInfo] = {}
         self.on_models = on_models
@@ -61,10 +57,8 @@ class SchedulerClient:
     async def _read(self) -> None:
         while True:
             raw = await self.sock.recv()
-            try:
-                msg = schema.scheduler_to_gateway.decode(raw)
-            except msgspec.DecodeError as e:
-                log.error("undecodable message from the scheduler: %s", e)
+            msg = sockets.decode_or_log(schema.scheduler_to_gateway, raw, "the scheduler")
+            if msg is None:
                 continue
             if isinstance(msg, schema.ModelsInfo):
                 self.models = {m.name: m for m in msg.models}
@@ -75,7 +69,7 @@ class SchedulerClient:
                 handler = self.handlers.get(item.request_id)
                 if handler is None:
                     continue  # aborted here already
-                if item.finish_reason is not None or item.error_code is not None:
+                if item.finished:
                     del self.handlers[item.request_id]
                 try:
                     handler(item)

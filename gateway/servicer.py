@@ -10,17 +10,18 @@ import time
 
 import grpc
 
+from gateway import validation
 from gateway.output import OutputProcessor
 from gateway.scheduler_client import SchedulerClient
-from gateway.output import Update
 from gateway.stream import GenerateStream, finished_pb, logprobs_pb
 from gateway.telemetry import GatewayMetrics, RequestTelemetry
 from gateway.tokenizer import TextTokenizer
-from gateway import validation
 from inflight import errors, schema, telemetry
 from inflight.errors import RequestError, invalid
 from inflight.sampling_params import SamplingParams
+from inflight.schema import RequestOutput
 from inflight.v1 import pb, pb_grpc
+from inflight.validation import check_request, check_vocab
 
 log = logging.getLogger("inflight.gateway")
 
@@ -72,7 +73,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         return fn(*args)
 
-    async def _prompt_ids(self, msg, oneof: str, info_vocab: int, prefix: str) -> tuple[list[int], str]:
+    async def _prompt_ids(self, msg, oneof: str, prefix: str) -> tuple[list[int], str]:
+        """The prompt's token ids, and the field they came from."""
         kind = msg.WhichOneof(oneof)
         field = f"{prefix}{kind or oneof}"
         if kind == "text":
@@ -83,16 +85,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             messages = validation.chat_messages(msg.chat, field)
             ids = await self._run_tokenizer(self.tokenizer.encode_chat, messages)
         elif kind == "token_ids":
-            ids = validation.token_ids(msg.token_ids.ids, info_vocab, f"{field}.ids")
+            ids, field = list(msg.token_ids.ids), f"{field}.ids"
         else:
             raise invalid(field, "set one of text, chat or token_ids")
         return ids, field
 
     async def _prepare(self, msg, prefix: str) -> tuple[str, list[int], SamplingParams]:
         info = self._model(msg.model, f"{prefix}model")
-        ids, field = await self._prompt_ids(msg, "prompt", info.vocab_size, prefix)
-        validation.check_prompt_length(len(ids), info.max_seq_len, field)
-        params = validation.sampling_params(msg.sampling, info.vocab_size, info.max_seq_len, f"{prefix}sampling")
+        ids, field = await self._prompt_ids(msg, "prompt", prefix)
+        params = validation.sampling_params(msg.sampling)
+        check_request(ids, params, info.vocab_size, info.max_seq_len, field, f"{prefix}sampling")
         return info.name, ids, params
 
     def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler, tm: RequestTelemetry) -> str:
@@ -110,22 +112,24 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             asyncio.get_running_loop().call_later(max(0.0, remaining), self._expire, internal, handler)
         return internal
 
-    def _process(self, item: schema.TokenItem, proc: OutputProcessor, tm: RequestTelemetry) -> Update:
-        """What every request does with a token batch: text and stop strings, upstream abort
-        on a stop string, telemetry."""
-        up = proc.process(item)
-        if up.matched_stop:
-            self.client.abort([item.request_id])
-        tm.on_update(up)
-        if up.terminal:
-            tm.end(up.finish_reason, up.error_code or "OK", up.error_message, proc.prompt_tokens)
-        return up
+    def _process(self, out: RequestOutput, proc: OutputProcessor, tm: RequestTelemetry) -> str:
+        """What every request does with an output: its text, with stop strings applied (a
+        matched one aborts the request upstream), and telemetry. Returns the text."""
+        text = proc.process(out)
+        if proc.matched_stop:
+            self.client.abort([out.request_id])
+        tm.on_tokens(len(out.new_token_ids))
+        if out.error_code:
+            tm.end(None, out.error_code, out.error_message or "", proc.prompt_tokens)
+        elif proc.finish_reason:
+            tm.end(proc.finish_reason, "OK", "", proc.prompt_tokens)
+        return text
 
     def _expire(self, internal: str, handler) -> None:
         if internal not in self.client.handlers:
             return  # already finished
         self.client.abort([internal])
-        handler(schema.TokenItem(internal, [], error_code=errors.DEADLINE_EXCEEDED, error_message="the client's deadline passed"))
+        handler(schema.error_output(internal, errors.DEADLINE_EXCEEDED, "the client's deadline passed"))
 
     # The API.
 
@@ -174,10 +178,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             return stream.error(rid, e.code, e.message)
         proc = OutputProcessor(self.tokenizer, params.stop)
 
-        def on_item(item: schema.TokenItem) -> None:
-            stream.push(rid, self._process(item, proc, tm), proc)
+        def on_output(out: RequestOutput) -> None:
+            stream.push(rid, out, self._process(out, proc, tm), proc)
 
-        internal = self._submit(model, ids, params, context, on_item, tm)
+        internal = self._submit(model, ids, params, context, on_output, tm)
         stream.open[rid] = OpenRequest(internal, tm)
 
     def _cancel(self, rid: str, stream: GenerateStream) -> None:
@@ -202,24 +206,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         tokens: list[int] = []
         lps: list = []
 
-        def on_item(item: schema.TokenItem) -> None:
-            up = self._process(item, proc, tm)
-            text.append(up.text)
-            tokens.extend(up.token_ids)
-            lps.extend(up.logprobs or ())
-            if up.terminal and not done.done():
-                done.set_result(up)
+        def on_output(out: RequestOutput) -> None:
+            text.append(self._process(out, proc, tm))
+            tokens.extend(out.new_token_ids)
+            lps.extend(out.logprobs or ())
+            if (out.error_code or proc.finish_reason) and not done.done():
+                done.set_result(out)
 
-        internal = self._submit(model, ids, params, context, on_item, tm)
+        internal = self._submit(model, ids, params, context, on_output, tm)
         try:
-            up = await done
+            last = await done
         finally:
             if not done.done():  # the client went away or its deadline passed
                 self.client.abort([internal])
                 tm.end(None, errors.CANCELLED, "the call ended before the request")
-        if up.error_code:
-            await context.abort(grpc.StatusCode[up.error_code], up.error_message)
-        return pb.CompleteResponse(text="".join(text), token_ids=tokens, finished=finished_pb(up, proc), logprobs=logprobs_pb(lps))
+        if last.error_code:
+            await context.abort(grpc.StatusCode[last.error_code], last.error_message or "")
+        return pb.CompleteResponse(text="".join(text), token_ids=tokens, finished=finished_pb(proc), logprobs=logprobs_pb(lps))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
@@ -239,7 +242,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         try:
             self._check_model_name(request.model)
             ids = list(request.token_ids)
-            validation.check_vocab(ids, self.tokenizer.vocab_size, "token_ids")
+            check_vocab(ids, self.tokenizer.vocab_size, "token_ids")
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], e.message)
         return pb.DetokenizeResponse(text=self.tokenizer.decode(ids))

@@ -10,7 +10,8 @@ import asyncio
 
 import grpc
 
-from gateway.output import OutputProcessor, Update
+from gateway.output import OutputProcessor
+from inflight.schema import RequestOutput
 from inflight.v1 import pb
 
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
@@ -25,11 +26,11 @@ def logprobs_pb(lps) -> list[pb.TokenLogprob]:
                             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top]) for lp in lps or ()]
 
 
-def finished_pb(up: Update, proc: OutputProcessor) -> pb.Finished:
+def finished_pb(proc: OutputProcessor) -> pb.Finished:
     return pb.Finished(
-        reason=FINISH[up.finish_reason],
+        reason=FINISH[proc.finish_reason],
         usage=pb.Usage(prompt_tokens=proc.prompt_tokens, completion_tokens=proc.completion_tokens, cached_tokens=proc.cached_tokens),
-        stop=up.matched_stop,
+        stop=proc.matched_stop,
     )
 
 
@@ -41,23 +42,24 @@ class GenerateStream:
         self._wake = asyncio.Event()
         self._reader_done = False
 
-    def push(self, request_id: str, up: Update, proc: OutputProcessor) -> None:
-        if up.token_ids or up.text or up.logprobs:
+    def push(self, request_id: str, out: RequestOutput, text: str, proc: OutputProcessor) -> None:
+        """An output and the text it added (OutputProcessor.process)."""
+        if out.new_token_ids or text or out.logprobs:
             delta = self._deltas.get(request_id)
             if delta is None:
                 event = pb.Event(request_id=request_id, delta=pb.Delta())
                 self._events.append(event)
                 delta = self._deltas[request_id] = event.delta
-            delta.token_ids.extend(up.token_ids)
-            delta.text += up.text
-            if up.logprobs:
-                delta.logprobs.extend(logprobs_pb(up.logprobs))
-        if up.error_code:
-            self.error(request_id, up.error_code, up.error_message)
-        elif up.finish_reason:
+            delta.token_ids.extend(out.new_token_ids)
+            delta.text += text
+            if out.logprobs:
+                delta.logprobs.extend(logprobs_pb(out.logprobs))
+        if out.error_code:
+            self.error(request_id, out.error_code, out.error_message or "")
+        elif proc.finish_reason:
             self.open.pop(request_id, None)
             self._deltas.pop(request_id, None)
-            self._events.append(pb.Event(request_id=request_id, finished=finished_pb(up, proc)))
+            self._events.append(pb.Event(request_id=request_id, finished=finished_pb(proc)))
         self._wake.set()
 
     def error(self, request_id: str, code: str, message: str, ends_request: bool = True) -> None:

@@ -8,8 +8,8 @@ from contextlib import contextmanager
 
 import prometheus_client as prom
 
-from gateway.output import Update
 from inflight import telemetry
+from inflight.spans import SpanSketch
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
@@ -60,15 +60,15 @@ class RequestTelemetry:
         finally:
             if self.span.recording:
                 telemetry.build_elsewhere("inflight.gateway", self.traceparent,
-                                          telemetry.SpanSketch("tokenize", start, time.time_ns(), {}, error=error))
+                                          SpanSketch("tokenize", start, time.time_ns(), {}, error=error))
 
     def submitted(self, model: str, prompt_tokens: int, max_tokens: int, temperature: float) -> str | None:
         self.span.set_attributes({"gen_ai.request.model": model, "gen_ai.request.max_tokens": max_tokens,
                                   "gen_ai.request.temperature": temperature, "gen_ai.usage.input_tokens": prompt_tokens})
         return self.traceparent
 
-    def on_update(self, up: Update) -> None:
-        n = len(up.token_ids)
+    def on_tokens(self, n: int) -> None:
+        """`n` tokens reached the client's stream."""
         if not n:
             return
         now = time.monotonic()

@@ -10,10 +10,10 @@ import time
 from inflight import telemetry
 
 # Young objects allocated before a generation-0 collection (Python's default: 700). The
-# serving loops allocate a few objects per token; at the default the gateway, saturated
-# with 256 streams, spent about 7% of its CPU in the collector (2,000 collections in 12 s,
-# 20 of them full, each walking every object the process ever kept), and 0.5% after
-# settle_gc. Cyclic garbage just lives a little longer.
+# serving loops allocate a few objects per token, so at the default a saturated gateway
+# collects thousands of times a minute, some of them full collections walking every
+# object the process ever kept (BENCHMARKS.md, "a settled collector"). Cyclic garbage
+# just lives a little longer.
 GEN0_THRESHOLD = 10_000
 GC_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 _watching = False

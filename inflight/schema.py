@@ -1,10 +1,14 @@
 """Every message between gateway, scheduler and worker (ZeroMQ, msgspec MessagePack).
 
-Sockets: the scheduler binds a ROUTER for gateways and a ROUTER for workers; gateways and
-workers connect DEALERs with their own identity. Read this file to know the protocol.
+Sockets (inflight/sockets.py): the scheduler binds a ROUTER for gateways and a ROUTER for
+workers; gateways and workers connect DEALERs with their own identity. Read this file to
+know the protocol.
 
     gateway  --GatewayHello/Submit/Abort-->  scheduler  --Submit/Abort-->  worker
     gateway  <--ModelsInfo/TokenBatch-----   scheduler  <--WorkerHello/Heartbeat/TokenBatch--  worker
+
+One type per message from where it is made to where it leaves a process: the engine
+itself emits `RequestOutput` and `EngineStats`, which travel as they are.
 """
 
 from __future__ import annotations
@@ -14,23 +18,50 @@ import msgspec
 from inflight.sampling_params import SamplingParams
 
 
-class TokenLogprobMsg(msgspec.Struct, array_like=True):
+class TokenLogprob(msgspec.Struct, array_like=True):
     token_id: int
     logprob: float
-    top: list[tuple[int, float]]
+    top: list[tuple[int, float]]  # the request's top-n alternatives, best first
 
 
-class TokenItem(msgspec.Struct, array_like=True, omit_defaults=True):
-    """New tokens of one request from one engine step, and its end if it ended."""
+class RequestOutput(msgspec.Struct, array_like=True, omit_defaults=True):
+    """What one engine step produced for one request: new tokens, and its end if it ended.
+    Engines emit it; workers send it on in a TokenBatch; the gateway turns it into text."""
 
     request_id: str
-    token_ids: list[int]
+    new_token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length"
-    error_code: str | None = None  # a gRPC status name
+    error_code: str | None = None  # a gRPC status name when the request failed
     error_message: str | None = None
     prompt_tokens: int = 0
-    cached_tokens: int = 0
-    logprobs: list[TokenLogprobMsg] | None = None
+    cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    logprobs: list[TokenLogprob] | None = None
+    scheduled_at: float | None = None  # unix time the engine first ran the request; on its first output only
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error_code is not None
+
+
+class EngineStats(msgspec.Struct):
+    """An engine's counters, as it reports them; workers send them in every heartbeat."""
+
+    running: int
+    queued: int
+    kv_blocks_total: int
+    kv_blocks_free: int  # free or evictable (cached but unreferenced)
+    kv_blocks_in_use: int
+    kv_blocks_cached: int  # blocks holding a reusable prefix
+    blocks_reused: int  # blocks handed to a request straight from the prefix cache
+    blocks_evicted: int
+    prefix_cache_hit_rate: float  # prompt tokens served from cache / prompt tokens seen
+    preemptions: int
+    tokens_per_block: int
+    # Forward passes so far by how they ran: a replayed CUDA graph (decode-only batches)
+    # or eagerly (any prompt tokens, or no graphs). A growing eager share means more steps
+    # carry prefill, each slower than a graph replay; engines that cannot tell leave 0.
+    steps_graph: int = 0
+    steps_eager: int = 0
 
 
 # gateway -> scheduler -> worker
@@ -69,9 +100,9 @@ class ModelsInfo(msgspec.Struct, tag=True):
 
 
 class TokenBatch(msgspec.Struct, tag=True):
-    """One engine step's tokens for the requests of one gateway (or scheduler errors)."""
+    """One engine step's outputs for the requests of one gateway (or scheduler errors)."""
 
-    items: list[TokenItem]
+    items: list[RequestOutput]
     gateway: bytes = b""  # set by the worker so the scheduler knows where to relay
 
 
@@ -88,22 +119,9 @@ class WorkerHello(msgspec.Struct, tag=True):
     max_batch_size: int
 
 
-class WorkerStats(msgspec.Struct):
-    running: int
-    queued: int
-    kv_blocks_total: int
-    kv_blocks_free: int
-    kv_blocks_in_use: int
-    kv_blocks_cached: int
-    blocks_reused: int
-    blocks_evicted: int
-    prefix_cache_hit_rate: float
-    preemptions: int
-
-
 class Heartbeat(msgspec.Struct, tag=True):
     worker_id: str
-    stats: WorkerStats
+    stats: EngineStats
     # Prefix-cache changes since the last heartbeat, for routing by prefix affinity.
     stored_hashes: list[int] = []
     removed_hashes: list[int] = []
@@ -114,19 +132,14 @@ SchedulerToGateway = ModelsInfo | TokenBatch
 SchedulerToWorker = Submit | Abort
 WorkerToScheduler = WorkerHello | Heartbeat | TokenBatch
 
-def no_drop(sock) -> None:
-    """No high-water mark: a ROUTER past it drops messages silently, and a lost token batch
-    or terminal event would leave a stream hanging. Memory stays bounded by what the open
-    requests produce."""
-    import zmq
-
-    sock.setsockopt(zmq.SNDHWM, 0)
-    sock.setsockopt(zmq.RCVHWM, 0)
-
-
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode
 gateway_to_scheduler = msgspec.msgpack.Decoder(GatewayToScheduler)
 scheduler_to_gateway = msgspec.msgpack.Decoder(SchedulerToGateway)
 scheduler_to_worker = msgspec.msgpack.Decoder(SchedulerToWorker)
 worker_to_scheduler = msgspec.msgpack.Decoder(WorkerToScheduler)
+
+
+def error_output(request_id: str, code: str, message: str) -> RequestOutput:
+    """The end of a request that failed, with its gRPC status name."""
+    return RequestOutput(request_id, [], error_code=code, error_message=message)

@@ -1,9 +1,9 @@
 """Span export from a child process, so that no OTLP work runs in a serving process.
 
-The SDK's BatchSpanProcessor encodes spans as OTLP protobuf (70-90 µs a span in Python)
-on a thread of the process that made them. Our processes each move tokens on one Python
-thread, and that export thread takes the GIL from it: most of what tracing cost was
-there. Here an ended span becomes a compact msgspec record (about 10 µs), a thread sends
+The SDK's BatchSpanProcessor encodes spans as OTLP protobuf in Python on a thread of the
+process that made them. Our processes each move tokens on one Python thread, and that
+export thread takes the GIL from it: most of what tracing cost was there (BENCHMARKS.md,
+"Where it went"). Here an ended span becomes a compact msgspec record, a thread sends
 what has gathered as one ZeroMQ message every SEND_INTERVAL (one message per span would
 wake ZeroMQ's I/O thread per span, which costs more than the record), and a child process
 started for it rebuilds the spans and hands them to the standard BatchSpanProcessor and

@@ -93,9 +93,9 @@ class OwnSpan:
     """A span whose id this process needs (other processes' spans are its children), made
     without the SDK's span machinery: its ids come from the SDK's id generator and the
     decision to record it from the SDK's sampler (OTEL_TRACES_SAMPLER), both at start, and
-    at its end one record goes to the export process. An SDK span's start, attributes and
-    end cost the serving loop some 40 µs; this, a few. Its parent is always remote (a
-    traceparent from another process), and it has no links."""
+    at its end one record goes to the export process: a fraction of what an SDK span costs
+    the serving loop (BENCHMARKS.md, "Tracing cost on the serving path"). Its parent is
+    always remote (a traceparent from another process), and it has no links."""
 
     __slots__ = ("scope", "name", "kind", "trace_id", "span_id", "parent_id", "flags", "trace_state", "start",
                  "attributes", "events", "error", "traceparent", "ended")
@@ -157,7 +157,7 @@ def start_span(scope: tuple[str, str, None], name: str, traceparent: str | None,
 def build_elsewhere(scope: str, traceparent: str | None, sketch: SpanSketch) -> None:
     """Have the export process build this span and its children with the SDK (sampler,
     ids and all), under the span `traceparent` names: for spans whose ids nothing in this
-    process needs, which then cost this process a few µs instead of some 40 a span."""
+    process needs, which then cost this process a record instead of an SDK span."""
     if _exporter is not None:
         _exporter.build(scope, traceparent, sketch)
 

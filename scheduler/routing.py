@@ -18,14 +18,13 @@ class WorkerState:
     info: schema.WorkerHello
     capacity: int  # requests it may hold at once (running plus its own queue)
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
-    inflight: set[str] = dataclasses.field(default_factory=set)
+    requests: set[str] = dataclasses.field(default_factory=set)  # ids routed here and not finished
     cached: set[int] = dataclasses.field(default_factory=set)  # prefix block hashes it holds
-    stats: schema.WorkerStats | None = None
     assigned: int = 0  # requests ever routed here; breaks ties so idle workers take turns
 
     @property
     def has_room(self) -> bool:
-        return len(self.inflight) < self.capacity
+        return len(self.requests) < self.capacity
 
     def prefix_match(self, hashes: list[int]) -> int:
         n = 0
@@ -49,10 +48,10 @@ def route_by_prefix(prompt: list[int], workers: list[WorkerState], balance_slack
         if size not in hashes_by_size:
             hashes_by_size[size] = block_hashes(prompt, size)
         matched[w.identity] = w.prefix_match(hashes_by_size[size])
-    least = min(available, key=lambda w: (len(w.inflight), w.assigned))
-    best = max(available, key=lambda w: (matched[w.identity], -len(w.inflight), -w.assigned))
+    least = min(available, key=lambda w: (len(w.requests), w.assigned))
+    best = max(available, key=lambda w: (matched[w.identity], -len(w.requests), -w.assigned))
     cached_share = matched[best.identity] * best.info.tokens_per_block / len(prompt)
-    if cached_share < cache_threshold or len(best.inflight) - len(least.inflight) > balance_slack:
+    if cached_share < cache_threshold or len(best.requests) - len(least.requests) > balance_slack:
         best = least
     # Count the prompt's blocks as cached there now, so followers sharing it come along
     # before the worker's own report arrives.

@@ -10,7 +10,9 @@ from collections import OrderedDict
 
 from inflight.errors import invalid
 from inflight.sampling_params import SamplingParams
-from worker.engine_api import EngineConfig, EngineStats, RequestOutput
+from inflight.schema import EngineStats, RequestOutput
+from inflight.validation import check_request
+from worker.engine_api import EngineConfig
 
 # " the quick brown fox jumps over the lazy dog." in SmolLM2's vocabulary, more or less:
 # any ids in range detokenize to text, which is all the gateway needs.
@@ -34,7 +36,7 @@ class InstantEngine:
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise invalid("request_id", "already in use")
-        params.validate(self.vocab_size)
+        check_request(prompt_token_ids, params, self.vocab_size, self.max_seq_len)
         self.requests[request_id] = [params, 0, len(prompt_token_ids)]
 
     def abort(self, request_id: str) -> bool:

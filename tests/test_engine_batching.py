@@ -151,8 +151,8 @@ def test_max_tokens_min_tokens_and_stop_ids(make_engine, tokenizer, workload, ov
 @pytest.mark.parametrize(
     "prompt,params,field",
     [
-        ([], SamplingParams(), "prompt"),
-        ([1] * 9000, SamplingParams(), "prompt"),
+        ([], SamplingParams(), "prompt_token_ids"),
+        ([1] * 9000, SamplingParams(), "prompt_token_ids"),
         ([1, 2, 10**6], SamplingParams(), "prompt_token_ids"),
         ([1, -3], SamplingParams(), "prompt_token_ids"),
         ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),

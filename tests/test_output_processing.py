@@ -3,19 +3,20 @@
 import random
 
 from gateway.output import OutputProcessor
-from inflight.schema import TokenItem
+from inflight.schema import RequestOutput
 
 
-def feed(proc, ids, sizes, finish="length"):
-    """Push ids in chunks of the given sizes; the last chunk carries the finish reason."""
-    ups, i = [], 0
+def feed(proc, ids, sizes, finish="length") -> list[str]:
+    """Push ids in chunks of the given sizes (the last chunk carries the finish reason)
+    until the request ends; the text of each."""
+    texts, i = [], 0
     for n in sizes:
         chunk = ids[i : i + n]
         i += n
-        ups.append(proc.process(TokenItem("r", chunk, finish if i >= len(ids) else None)))
-        if ups[-1].terminal:
+        texts.append(proc.process(RequestOutput("r", chunk, finish if i >= len(ids) else None)))
+        if proc.finish_reason:
             break
-    return ups
+    return texts
 
 
 def test_deltas_concatenate_to_full_decode_for_any_split(tokenizer):
@@ -28,38 +29,44 @@ def test_deltas_concatenate_to_full_decode_for_any_split(tokenizer):
             n = rng.randint(1, 3)
             sizes.append(min(n, left))
             left -= sizes[-1]
-        ups = feed(OutputProcessor(tokenizer), ids, sizes)
-        assert all("\ufffd" not in u.text for u in ups)
-        assert "".join(u.text for u in ups) == tokenizer.decode(ids) == text
+        texts = feed(OutputProcessor(tokenizer), ids, sizes)
+        assert all("\ufffd" not in t for t in texts)
+        assert "".join(texts) == tokenizer.decode(ids) == text
 
 
 def test_stop_string_split_across_deltas(tokenizer):
     text = "The answer is forty two. END of story and more"
     ids = tokenizer.encode(text)
-    ups = feed(OutputProcessor(tokenizer, ("END",)), ids, [1] * len(ids))
-    assert ups[-1].finish_reason == "stop" and ups[-1].matched_stop == "END"
-    assert "".join(u.text for u in ups) == "The answer is forty two. "
+    proc = OutputProcessor(tokenizer, ("END",))
+    texts = feed(proc, ids, [1] * len(ids))
+    assert proc.finish_reason == "stop" and proc.matched_stop == "END"
+    assert "".join(texts) == "The answer is forty two. "
+    assert len(texts) < len(ids)  # it ended at the stop string, not at the last token
 
 
 def test_earliest_of_several_stops_wins(tokenizer):
     ids = tokenizer.encode("alpha beta gamma delta")
-    ups = feed(OutputProcessor(tokenizer, ("delta", "beta")), ids, [len(ids)])
-    assert ups[-1].matched_stop == "beta" and ups[-1].text == "alpha "
+    proc = OutputProcessor(tokenizer, ("delta", "beta"))
+    texts = feed(proc, ids, [len(ids)])
+    assert proc.matched_stop == "beta" and texts[-1] == "alpha "
 
 
 def test_held_back_text_is_released_at_the_end(tokenizer):
     ids = tokenizer.encode("no stop here at all")
-    ups = feed(OutputProcessor(tokenizer, ("STOPWORD",)), ids, [1] * len(ids))
-    assert ups[-1].finish_reason == "length" and not ups[-1].matched_stop
-    assert "".join(u.text for u in ups) == "no stop here at all"
+    proc = OutputProcessor(tokenizer, ("STOPWORD",))
+    texts = feed(proc, ids, [1] * len(ids))
+    assert proc.finish_reason == "length" and not proc.matched_stop
+    assert "".join(texts) == "no stop here at all"
 
 
 def test_special_tokens_are_not_text(tokenizer):
     ids = tokenizer.encode("Hi") + [2]  # <|im_end|>
-    ups = feed(OutputProcessor(tokenizer), ids, [len(ids)], finish="stop")
-    assert ups[-1].text == "Hi" and ups[-1].token_ids == ids
+    proc = OutputProcessor(tokenizer)
+    assert feed(proc, ids, [len(ids)], finish="stop") == ["Hi"]
+    assert proc.finish_reason == "stop" and proc.completion_tokens == len(ids)
 
 
-def test_error_items_end_the_request(tokenizer):
-    up = OutputProcessor(tokenizer).process(TokenItem("r", [], error_code="UNAVAILABLE", error_message="gone"))
-    assert up.terminal and up.error_code == "UNAVAILABLE"
+def test_errors_add_no_text_and_no_finish_reason(tokenizer):
+    proc = OutputProcessor(tokenizer)
+    assert proc.process(RequestOutput("r", [], error_code="UNAVAILABLE", error_message="gone")) == ""
+    assert proc.finish_reason is None

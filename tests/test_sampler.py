@@ -13,7 +13,7 @@ EOS = (0,)
 def seqs(*params, prompt=(5, 6), outputs=()):
     out = []
     for i, p in enumerate(params):
-        s = Sequence(str(i), list(prompt), p, i)
+        s = Sequence(str(i), list(prompt), p)
         s.output_token_ids = list(outputs)
         out.append(s)
     return out
@@ -74,8 +74,10 @@ def test_penalties_match_the_formula():
     expect[4] = 3.0 / 2.0 - 0.5 - 0.25 * 2  # output twice
     expect[3] = 0.5 / 2.0 - 0.5 - 0.25 * 1
     assert res.token_ids == [int(expect.argmax())]
-    chosen, top = res.logprobs[0]
+    lp = res.logprobs[0]
+    chosen, top = lp.logprob, lp.top
     ref = torch.log_softmax(expect, -1)
+    assert lp.token_id == res.token_ids[0]
     assert dict(top) == pytest.approx({i: ref[i].item() for i in range(7)}, abs=1e-6)
     assert chosen == pytest.approx(ref[res.token_ids[0]].item(), abs=1e-6)
 
@@ -91,6 +93,6 @@ def test_logprobs_of_a_mixed_batch():
     logits = torch.randn(2, 30)
     res = sample(logits.clone(), seqs(SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0)), EOS)
     assert res.logprobs[1] is None
-    _, top = res.logprobs[0]
+    top = res.logprobs[0].top
     assert [t for t, _ in top] == logits[0].topk(3).indices.tolist()
     assert [v for _, v in top] == pytest.approx(torch.log_softmax(logits[0], -1).topk(3).values.tolist(), abs=1e-6)

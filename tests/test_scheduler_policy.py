@@ -44,7 +44,7 @@ def test_prefix_holder_wins_and_is_remembered():
     a, b = worker("a"), worker("b")
     prompt = list(range(40))
     a.cached.update(block_hashes(prompt, 4))
-    a.inflight.update({"y", "z"})  # busier than b, but within the slack
+    a.requests.update({"y", "z"})  # busier than b, but within the slack
     w, matched = route_by_prefix(prompt + [99], [a, b], balance_slack=4)
     assert w is a and matched == 10
     # The first request of a new prefix marks it on its worker at once: followers join it.
@@ -58,7 +58,7 @@ def test_load_beats_prefix_past_the_slack():
     a, b = worker("a", capacity=100), worker("b", capacity=100)
     prompt = list(range(40))
     a.cached.update(block_hashes(prompt, 4))
-    a.inflight.update(str(i) for i in range(20))
+    a.requests.update(str(i) for i in range(20))
     assert route_by_prefix(prompt, [a, b], balance_slack=16)[0] is b
 
 
@@ -66,15 +66,15 @@ def test_short_shared_prefix_does_not_pull():
     a, b = worker("a"), worker("b")
     prompt = list(range(40))
     a.cached.update(block_hashes(prompt[:8], 4))  # 8 of 40 tokens cached: under half
-    a.inflight.add("x")
+    a.requests.add("x")
     assert route_by_prefix(prompt, [a, b], 16)[0] is b
 
 
 def test_full_workers_are_skipped():
     a, b = worker("a", capacity=1), worker("b", capacity=1)
-    a.inflight.add("x")
+    a.requests.add("x")
     assert route_by_prefix([1, 2], [a, b], 16)[0] is b
-    b.inflight.add("y")
+    b.requests.add("y")
     assert route_by_prefix([1, 2], [a, b], 16) == (None, 0)
 
 

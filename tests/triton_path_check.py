@@ -9,7 +9,7 @@ import torch
 
 from inflight.sampling_params import SamplingParams
 from worker.embedded.engine import EmbeddedEngine
-from worker.engine_api import EngineConfig, KvCacheConfig
+from worker.engine_api import EngineConfig, KernelConfig, KvCacheConfig
 
 
 def kernel_checks() -> dict:
@@ -57,7 +57,7 @@ def main() -> None:
     for attention, graphs, overlap in (("reference", False, "off"), ("triton", False, "off"), ("triton", True, "off"),
                                        ("triton", True, "on")):
         # cuda_graphs on the CPU runs the graph path's static buffers eagerly.
-        cfg = EngineConfig(model=model, device="cpu", attention=attention, max_num_tokens=16,  # chunked prefill
+        cfg = EngineConfig(model=model, device="cpu", kernels=KernelConfig(attention=attention), max_num_tokens=16,  # chunked prefill
                            kv_cache=KvCacheConfig(tokens_per_block=4, cpu_bytes=64 * 2**20), cuda_graphs=graphs,
                            max_batch_size=4, max_seq_len=256, overlap_scheduler=overlap)
         engine = EmbeddedEngine(cfg)

@@ -1,6 +1,9 @@
 """The contract every engine serves: the embedded PyTorch engine and TensorRT-LLM's.
 
-The worker loop drives an engine only through `Engine`: submit, abort, step, stats.
+The worker loop drives an engine only through `Engine`: submit, abort, step, stats. An
+engine emits the wire types themselves (`RequestOutput`, `EngineStats` in
+inflight/schema.py), which the worker sends on as they are, and checks what it is given
+with the shared validator (inflight/validation.py).
 Knob names follow TensorRT-LLM (`KvCacheConfig`, `SchedulerConfig`, `max_num_tokens`...)
 so that one `EngineConfig` maps onto both engines.
 """
@@ -11,9 +14,9 @@ import dataclasses
 from typing import Literal, Protocol
 
 from inflight.sampling_params import SamplingParams
+from inflight.schema import EngineStats, RequestOutput
 
 CapacityPolicy = Literal["GUARANTEED_NO_EVICT", "MAX_UTILIZATION"]
-FinishReason = Literal["stop", "length"]
 
 
 @dataclasses.dataclass
@@ -31,6 +34,17 @@ class SchedulerConfig:
 
 
 @dataclasses.dataclass
+class KernelConfig:
+    """The embedded engine's kernel and path choices; BENCHMARKS.md holds what each was
+    measured to buy."""
+
+    attention: Literal["auto", "triton", "reference"] = dataclasses.field(default="auto", metadata={"help": "auto (Triton kernels on CUDA, the PyTorch reference elsewhere), triton or reference"})
+    pdl: bool = dataclasses.field(default=True, metadata={"help": "programmatic dependent launch for small-batch decode kernels on Hopper"})
+    l2_prefetch_bytes: int = dataclasses.field(default=4 * 2**20, metadata={"help": "bytes of each weight the skinny matmul pulls toward L2 before the previous kernel ends (with pdl); 0 = none"})
+    varlen_prefill: bool = dataclasses.field(default=True, metadata={"help": "one varlen flash-attention call for a step's prefills, else SDPA per sequence"})
+
+
+@dataclasses.dataclass
 class EngineConfig:
     model: str | None = dataclasses.field(default=None, metadata={"help": "Hugging Face layout model directory; unset means the built-in SmolLM2-135M-Instruct"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
@@ -40,56 +54,10 @@ class EngineConfig:
     enable_chunked_prefill: bool = dataclasses.field(default=True, metadata={"help": "split long prompts across steps so decodes keep flowing"})
     max_batch_size: int = dataclasses.field(default=256, metadata={"help": "requests running at once"})
     max_num_tokens: int = dataclasses.field(default=8192, metadata={"help": "tokens one engine step computes at most, prefill and decode together"})
-    attention: Literal["auto", "triton", "reference"] = dataclasses.field(default="auto", metadata={"help": "auto (Triton kernels on CUDA, the PyTorch reference elsewhere), triton or reference"})
+    kernels: KernelConfig = dataclasses.field(default_factory=KernelConfig, metadata={"flatten": True})
     overlap_scheduler: Literal["auto", "on", "off"] = dataclasses.field(default="auto", metadata={"help": "prepare and launch step N+1 while the device runs step N: auto turns it on for CUDA (on the CPU nothing runs asynchronously, so it would only delay each token by a step)"})
     cuda_graphs: bool = dataclasses.field(default=True, metadata={"help": "replay decode steps from captured CUDA graphs (CUDA only)"})
     max_seq_len: int | None = dataclasses.field(default=None, metadata={"help": "prompt plus output tokens at most; unset means the model's limit"})
-
-
-@dataclasses.dataclass
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: list[tuple[int, float]]  # the request's top-n alternatives, best first
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """What one step produced for one request: new tokens, and how it ended if it did."""
-
-    request_id: str
-    new_token_ids: list[int]
-    finish_reason: FinishReason | None = None
-    logprobs: list[TokenLogprob] | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    error_code: str | None = None  # a gRPC status name when the request failed
-    error_message: str | None = None
-    scheduled_at: float | None = None  # unix time the engine first ran the request
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None or self.error_code is not None
-
-
-@dataclasses.dataclass
-class EngineStats:
-    running: int
-    queued: int
-    kv_blocks_total: int
-    kv_blocks_free: int  # free or evictable (cached but unreferenced)
-    kv_blocks_in_use: int
-    kv_blocks_cached: int  # blocks holding a reusable prefix
-    blocks_reused: int  # blocks handed to a request straight from the prefix cache
-    blocks_evicted: int
-    prefix_cache_hit_rate: float  # prompt tokens served from cache / prompt tokens seen
-    preemptions: int
-    tokens_per_block: int
-    # Forward passes so far by how they ran: a replayed CUDA graph (decode-only batches)
-    # or eagerly (any prompt tokens, or no graphs). A growing eager share means more steps
-    # carry prefill, each slower than a graph replay; engines that cannot tell leave 0.
-    steps_graph: int = 0
-    steps_eager: int = 0
 
 
 class Engine(Protocol):

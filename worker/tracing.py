@@ -1,8 +1,8 @@
 """The worker's part of a request's trace: one span from submission to the end, with
 child spans for time queued, prefill and decode, and an event at the first token.
 Timestamps are kept meanwhile and the spans described once, when the request ends; the
-export process builds them (nothing here needs their ids), so the worker loop pays a few
-µs a request for them. With tracing off nothing is kept at all."""
+export process builds them (nothing here needs their ids), so the worker loop pays a
+sketch a request for them, not SDK spans. With tracing off nothing is kept at all."""
 
 from __future__ import annotations
 

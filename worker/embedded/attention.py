@@ -3,14 +3,15 @@
 The cache of one layer is [num_blocks, tokens_per_block, num_kv_heads, head_dim] for K
 and V. A step's new tokens arrive flattened ([T, heads, dim]), decodes first.
 
-Two paths compute the same function:
-- the reference path (CPU, and any device without Triton) gathers each sequence's
-  context through its block table and runs one masked SDPA over the padded batch;
-- the GPU path runs our Triton paged-decode kernel for the decode rows, and for the
-  prefill rows one variable-length flash-attention call over the step's fresh K/V
-  (torch.nn.attention.varlen, where this torch has it; else SDPA per sequence). A
-  sequence part of whose context is already cached gets SDPA on its gathered context.
-  Decode-only steps of this path are captured in CUDA graphs.
+Two paths compute the same function (KernelConfig.attention picks one):
+- "reference" (CPU, and any device without Triton) gathers each sequence's context
+  through its block table and runs one masked SDPA over the padded batch;
+- "triton" (the default on CUDA) runs our Triton paged-decode kernel for the decode
+  rows, and for the prefill rows one variable-length flash-attention call over the
+  step's fresh K/V (torch.nn.attention.varlen, where this torch has it and
+  KernelConfig.varlen_prefill is on; else SDPA per sequence). A sequence part of whose
+  context is already cached gets SDPA on its gathered context. Decode-only steps of
+  this path are captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -38,14 +40,14 @@ class PrefillSegment:
 @dataclasses.dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] cache slot (block * tokens_per_block + offset) per new token
+    attention: Literal["triton", "reference"] = "reference"  # which path's fields below are set
     # Reference path.
-    reference: bool = True
     block_tables: torch.Tensor | None = None  # [B, max_blocks] long, padded with 0
     query_index: torch.Tensor | None = None  # [B, max_q] row of each sequence's i-th new token in [T]
     query_valid: torch.Tensor | None = None  # [B, max_q] bool
     attn_mask: torch.Tensor | None = None  # [B, 1, max_q, max_ctx] bool: causal over the paged context
     max_context_len: int = 0
-    # GPU path: rows [0, num_decodes) are one-token decodes.
+    # Triton path: rows [0, num_decodes) are one-token decodes.
     num_decodes: int = 0
     decode_tables: torch.Tensor | None = None  # [num_decodes, W] int32
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32
@@ -69,16 +71,17 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     v_cache.view(-1, *v_cache.shape[2:])[slots] = v
 
 
-def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """q, k, v: this step's new tokens [T, heads, dim], already written to the cache."""
-    if meta.reference:
+def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, pdl: bool) -> torch.Tensor:
+    """q, k, v: this step's new tokens [T, heads, dim], already written to the cache; `pdl`
+    allows the decode kernel programmatic dependent launch (KernelConfig.pdl)."""
+    if meta.attention == "reference":
         return _reference(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
         from worker.embedded.kernels.paged_decode import paged_decode_attention
 
         n = meta.num_decodes
-        paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale, out[:n])
+        paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale, out[:n], pdl=pdl)
     if meta.prefill_cu_seq is not None:  # every segment over its fresh K/V; cached ones redone below
         rows = slice(meta.num_decodes, q.shape[0])
         out[rows] = varlen_prefill(q[rows], k[rows], v[rows], meta.prefill_cu_seq, meta.prefill_max_len, scale)
@@ -135,7 +138,8 @@ def varlen_prefill(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float) ->
 def _prefill_sdpa(q, k, v, scale: float, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One sequence: q [L, Hq, D], k and v [S, Hkv, D]. KV heads are repeated and every
     input made contiguous, so that PyTorch picks its flash or memory-efficient kernels
-    (a strided q or enable_gqa sends it to the slow math path: 4 ms a call, measured)."""
+    (a strided q or enable_gqa sends it to the slow math path: BENCHMARKS.md, kernel
+    choices, 'SDPA inputs')."""
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k = k.repeat_interleave(group, dim=1)

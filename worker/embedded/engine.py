@@ -13,13 +13,15 @@ import torch
 from inflight import errors
 from inflight.errors import RequestError, invalid
 from inflight.sampling_params import SamplingParams
+from inflight.schema import EngineStats, RequestOutput
+from inflight.validation import check_request
 from worker.embedded.block_pool import KvBlockPool
 from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.model_runner import ModelRunner, kv_bytes_per_block
 from worker.embedded.sampler import DeviceSample
 from worker.embedded.scheduler import BatchScheduler, ScheduledChunk
 from worker.embedded.sequence import Sequence, SeqStatus
-from worker.engine_api import EngineConfig, EngineStats, RequestOutput, TokenLogprob
+from worker.engine_api import EngineConfig
 from models.config import ModelConfig
 from models.loader import iter_safetensors
 from models.locate import locate_model
@@ -28,7 +30,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class InflightStep:
+class LaunchedStep:
+    """A step queued on the device whose tokens the host has not read yet."""
+
     sample: DeviceSample | None  # None when no chunk reached its end
     sampled: list[Sequence]  # in the sample's row order
 
@@ -77,7 +81,7 @@ class EmbeddedEngine:
         num_blocks = self._num_kv_blocks()
         self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block,
-                                  self.max_seq_len, config.max_batch_size, config.cuda_graphs, config.attention)
+                                  self.max_seq_len, config.max_batch_size, config.cuda_graphs, config.kernels)
         self.scheduler = BatchScheduler(
             self.pool,
             max_batch_size=config.max_batch_size,
@@ -88,7 +92,7 @@ class EmbeddedEngine:
         )
         self.requests: dict[str, Sequence] = {}
         self.overlap = config.overlap_scheduler == "on" or (config.overlap_scheduler == "auto" and self.device.type == "cuda")
-        self._inflight: InflightStep | None = None  # launched, tokens not yet read
+        self._launched: LaunchedStep | None = None
         self._penalized = 0  # requests with penalties: they turn overlap off while they run
         self._arrivals = itertools.count()
         self.prompt_tokens_seen = 0
@@ -138,20 +142,11 @@ class EmbeddedEngine:
     def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         if request_id in self.requests:
             raise invalid("request_id", f"{request_id!r} is already in use")
-        params.validate(self.vocab_size)
+        check_request(prompt_token_ids, params, self.vocab_size, self.max_seq_len)
         n = len(prompt_token_ids)
-        if n == 0:
-            raise invalid("prompt", "must not be empty")
-        if n >= self.max_seq_len:
-            raise invalid("prompt", f"has {n} tokens; max_seq_len is {self.max_seq_len}, leaving room for at most {self.max_seq_len - 1}")
-        bad = next((t for t in prompt_token_ids if not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise invalid("prompt_token_ids", f"token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if params.max_tokens > self.max_seq_len:
-            raise invalid("max_tokens", f"{params.max_tokens} exceeds max_seq_len {self.max_seq_len}")
         if not self.config.enable_chunked_prefill and n > self.config.max_num_tokens:
-            raise invalid("prompt", f"has {n} tokens, over max_num_tokens {self.config.max_num_tokens} with chunked prefill off")
-        seq = Sequence(request_id, prompt_token_ids, params, next(self._arrivals))
+            raise invalid("prompt_token_ids", f"has {n} tokens, over max_num_tokens {self.config.max_num_tokens} with chunked prefill off")
+        seq = Sequence(request_id, prompt_token_ids, params)
         need = self.scheduler.blocks_for_lifetime(seq)
         if need > self.pool.num_blocks:
             raise RequestError(
@@ -173,8 +168,8 @@ class EmbeddedEngine:
         return True  # later steps that reuse them run after it on the same stream
 
     def has_work(self) -> bool:
-        inflight = self._inflight
-        if inflight is not None and any(s.status is not SeqStatus.FINISHED for s in inflight.sampled):
+        launched = self._launched
+        if launched is not None and any(s.status is not SeqStatus.FINISHED for s in launched.sampled):
             return True
         return self.scheduler.has_work()
 
@@ -190,23 +185,23 @@ class EmbeddedEngine:
         overlap = self.overlap and not self._penalized
         outputs: list[RequestOutput] = []
         try:
-            if self._inflight is not None and not overlap:
-                outputs += self._collect(self._inflight)
-                self._inflight = None
+            if self._launched is not None and not overlap:
+                outputs += self._collect(self._launched)
+                self._launched = None
             chunks = self.scheduler.schedule()
             launched = self._launch(chunks) if chunks else None
-            if self._inflight is not None:
-                outputs += self._collect(self._inflight)
-            self._inflight = launched
+            if self._launched is not None:
+                outputs += self._collect(self._launched)
+            self._launched = launched
             if launched is not None and not overlap:
-                self._inflight = None
+                self._launched = None
                 outputs += self._collect(launched)
         except BaseException:
-            self._inflight = None  # the caller aborts the requests of a failed step
+            self._launched = None  # the caller aborts the requests of a failed step
             raise
         return outputs
 
-    def _launch(self, chunks: list[ScheduledChunk]) -> InflightStep:
+    def _launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep:
         now = time.time()
         for ch in chunks:
             seq = ch.seq
@@ -222,9 +217,9 @@ class EmbeddedEngine:
         for row, seq in enumerate(sampled):
             seq.num_pending += 1
             seq.pending_row = row
-        return InflightStep(sample, sampled)
+        return LaunchedStep(sample, sampled)
 
-    def _collect(self, step: InflightStep) -> list[RequestOutput]:
+    def _collect(self, step: LaunchedStep) -> list[RequestOutput]:
         """Wait for a launched step's tokens and turn them into outputs."""
         if step.sample is None:
             return []
@@ -237,13 +232,12 @@ class EmbeddedEngine:
             token = result.token_ids[i]
             seq.output_token_ids.append(token)
             self._publish(seq)
-            out = RequestOutput(
-                seq.request_id, [token], prompt_tokens=len(seq.prompt_token_ids), cached_tokens=seq.num_cached_prompt,
-                scheduled_at=seq.scheduled_at,
-            )
+            out = RequestOutput(seq.request_id, [token], prompt_tokens=len(seq.prompt_token_ids),
+                                cached_tokens=seq.num_cached_prompt)
+            if len(seq.output_token_ids) == 1:
+                out.scheduled_at = seq.scheduled_at
             if result.logprobs[i] is not None:
-                chosen, top = result.logprobs[i]
-                out.logprobs = [TokenLogprob(token, chosen, top)]
+                out.logprobs = [result.logprobs[i]]
             out.finish_reason = self._finish_reason(seq, token)
             if out.finish_reason:
                 self._forget(seq)

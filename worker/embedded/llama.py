@@ -1,5 +1,7 @@
 """Llama-family decoder (Llama incl. llama3 rope scaling, Mistral, Qwen2, SmolLM) in plain
-PyTorch, over a paged KV cache. q/k/v and gate/up projections are fused at load time."""
+PyTorch, over a paged KV cache. q/k/v and gate/up projections are fused at load time.
+On the Triton path (`use_kernels`) the norms, rotary, SiLU and small-batch projections
+run our Triton kernels, launched as the KernelConfig says."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ try:
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
 from models.config import ModelConfig
+from worker.engine_api import KernelConfig
 
 
 class RMSNorm(nn.Module):
@@ -26,11 +29,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        self.fused = False  # the Triton kernel (set on the GPU path)
+        self.kernels: KernelConfig | None = None  # set on the Triton path: the fused kernel
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.fused:
-            return add_rms_norm(x, self.weight, self.eps, residual)
+        if self.kernels is not None:
+            return add_rms_norm(x, self.weight, self.eps, residual, pdl=self.kernels.pdl)
         if residual is not None:
             x = x + residual
         dtype = x.dtype
@@ -101,33 +104,37 @@ class Attention(nn.Module):
         self.o_proj = SkinnyLinear(self.q_size, cfg.hidden_size, bias=False)
         self.rotary = rotary
         self.scale = cfg.head_dim**-0.5
-        self.fused = False  # the Triton rotary-and-cache kernel (set on the GPU path)
+        self.kernels: KernelConfig | None = None  # set on the Triton path: the rotary-and-cache kernel
 
     def forward(self, x, positions, k_cache, v_cache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.fused:
-            rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache)
+        kernels = self.kernels
+        if kernels is not None:
+            rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
+                           pdl=kernels.pdl)
         else:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, pdl=kernels is not None and kernels.pdl)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class SkinnyLinear(nn.Linear):
-    """nn.Linear that, on the GPU path, runs decode-sized inputs (at most 16 rows, 16-bit)
-    through our skinny-matmul kernel: on an H100 with cold L2 it measured 1.01x-1.12x
-    cuBLAS on Llama-3.2-1B's projections (bench/gemv_tune.py), most on down_proj, where
-    cuBLAS split K and reduced in a second kernel."""
+    """nn.Linear that, on the Triton path, runs decode-sized inputs (at most 16 rows,
+    16-bit) through our skinny-matmul kernel: with cold L2 it measured faster than cuBLAS
+    on each of Llama-3.2-1B's projections, most on down_proj, where cuBLAS split K and
+    reduced in a second kernel (BENCHMARKS.md, decode latency, run 5; bench/gemv_tune.py)."""
 
-    fused = False
+    kernels: KernelConfig | None = None  # set on the Triton path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32:
-            return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape))
+        kernels = self.kernels
+        if kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32:
+            return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
+                        pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
         return super().forward(x)
 
 
@@ -136,11 +143,11 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = SkinnyLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = SkinnyLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.fused = False  # the Triton SiLU-and-multiply kernel (set on the GPU path)
+        self.kernels: KernelConfig | None = None  # set on the Triton path: the SiLU-and-multiply kernel
 
     def forward(self, x):
-        if self.fused:
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        if self.kernels is not None:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x), pdl=self.kernels.pdl))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -188,10 +195,12 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return self.lm_head(x)  # in the model's dtype: the sampler converts what it needs
 
-    def use_fused_kernels(self, on: bool = True) -> None:
+    def use_kernels(self, kernels: KernelConfig | None) -> None:
+        """Run the Triton kernels, launched as `kernels` says; None: plain PyTorch (the
+        reference path)."""
         for m in self.modules():
-            if hasattr(m, "fused"):
-                m.fused = on
+            if isinstance(m, (RMSNorm, Attention, SkinnyLinear, MLP)):
+                m.kernels = kernels
 
     @torch.no_grad()
     def load_hf_weights(self, named_tensors) -> None:

@@ -9,6 +9,7 @@ import functools
 import logging
 from typing import Callable
 
+import numpy as np
 import torch
 
 from worker.embedded.attention import AttentionMetadata, PrefillSegment, build_mask, varlen_available
@@ -16,13 +17,10 @@ from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.sampler import DeviceSample, sample_async
 from worker.embedded.scheduler import ScheduledChunk
 from worker.embedded.sequence import Sequence
+from worker.engine_api import KernelConfig
 from models.config import ModelConfig
 
 log = logging.getLogger(__name__)
-
-# A switch for benchmarks (bench/offline_throughput.py --varlen): prefill attention as one
-# varlen flash-attention call, or SDPA per sequence. Read when an engine is built.
-VARLEN = True
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -52,29 +50,55 @@ def _take_pending(input_ids: torch.Tensor, src: torch.Tensor, token_buf: torch.T
     return torch.where(src >= 0, token_buf[src.clamp(min=0)], input_ids)
 
 
+class GraphInputs:
+    """Every input of the captured decode graphs, as named views into one flat int64
+    buffer: `rows` each of token ids, positions, cache slots, context lengths and pending
+    token rows (see _take_pending), then a rows x width block table. The device buffer and
+    its pinned host twins (numpy views) share this layout, so one copy of the first
+    `used(batch)` values moves a step's inputs."""
+
+    def __init__(self, buf: torch.Tensor | np.ndarray, rows: int, width: int):
+        self.buf, self.rows, self.width = buf, rows, width
+        self.token_ids, self.positions, self.slots, self.context_lens, self.pending_rows = (
+            buf[i * rows : (i + 1) * rows] for i in range(5))
+        self.tables = buf[5 * rows :].reshape(rows, width)
+
+    @staticmethod
+    def size(rows: int, width: int) -> int:
+        return 5 * rows + rows * width
+
+    def used(self, batch: int) -> int:
+        """Values up to the last table row of `batch` sequences: the rest need not travel."""
+        return 5 * self.rows + batch * self.width
+
+
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int,
-                 tokens_per_block: int, max_seq_len: int, max_batch_size: int, cuda_graphs: bool, attention: str = "auto"):
+                 tokens_per_block: int, max_seq_len: int, max_batch_size: int, cuda_graphs: bool, kernels: KernelConfig):
         self.model = model
         self.config = model.config
         self.device = device
         self.dtype = dtype
         self.tokens_per_block = tokens_per_block
-        if attention == "auto":
-            self.fast = device.type == "cuda" and triton_available()
+        self.kernels = kernels
+        # The attention path, resolved: "triton" (our kernels, CUDA graphs) or "reference".
+        if kernels.attention == "auto":
+            self.attention = "triton" if device.type == "cuda" and triton_available() else "reference"
         else:
-            self.fast = attention == "triton"
-        model.use_fused_kernels(self.fast)
+            self.attention = kernels.attention
+        model.use_kernels(kernels if self.attention == "triton" else None)
         # One varlen flash-attention call for a step's prefills (GPU, 16-bit, a torch that has it).
-        self.varlen = self.fast and device.type == "cuda" and VARLEN and varlen_available(dtype)
+        self.varlen = (self.attention == "triton" and device.type == "cuda" and kernels.varlen_prefill
+                       and varlen_available(dtype))
         self.argmax = None
-        if self.fast:
+        if self.attention == "triton":
             from worker.embedded.kernels.argmax import argmax_rows
 
             self.argmax = argmax_rows
         if device.type == "cuda":
-            # cuDNN's SDPA builds a plan on the CPU for every new sequence length (2.8 ms a
-            # prefill, measured); flash and memory-efficient attention need none.
+            # cuDNN's SDPA builds a plan on the CPU for every new sequence length, costly at
+            # every prefill (BENCHMARKS.md, kernel choices, 'cuDNN SDPA off'); flash and
+            # memory-efficient attention need none.
             torch.backends.cuda.enable_cudnn_sdp(False)
         c = self.config
         # One scratch block past the pool's: padding rows of captured graphs write there.
@@ -91,15 +115,16 @@ class ModelRunner:
         self.graphs: dict[int, Callable[[], torch.Tensor]] = {}  # batch size -> replay, giving logits
         self.graph_sizes: list[int] = []
         self.steps_graph = self.steps_eager = 0  # forward passes by how they ran
-        if self.fast and device.type == "cuda":
+        if self.attention == "triton" and device.type == "cuda":
             self._compile_split_variants()
-        if cuda_graphs and self.fast:
+        if cuda_graphs and self.attention == "triton":
             self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_batch_size] or [1])
 
     def _compile_split_variants(self) -> None:
         """Compile the paged-decode kernel for every split count now: eager steps pick one
-        by their decode count, and a first compile inside a step costs about a second.
-        Both launch kinds: small batches launch with PDL, larger ones without (pdl.on)."""
+        by their decode count, and a first compile inside a step stalls it (BENCHMARKS.md,
+        offline throughput, run 5). Both launch kinds: small batches launch with PDL,
+        larger ones without (pdl_on)."""
         from worker.embedded.kernels import pdl
         from worker.embedded.kernels.paged_decode import paged_decode_attention
 
@@ -110,7 +135,7 @@ class ModelRunner:
             table = torch.zeros((batch, 1), dtype=torch.int32, device=dev)
             ctx = torch.ones(batch, dtype=torch.int32, device=dev)
             for splits in (1, 2, 4, 8, 16, 32):
-                paged_decode_attention(q, k_cache, v_cache, table, ctx, 1.0, splits=splits)
+                paged_decode_attention(q, k_cache, v_cache, table, ctx, 1.0, splits=splits, pdl=self.kernels.pdl)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> tuple[DeviceSample | None, list[Sequence]]:
@@ -166,9 +191,8 @@ class ModelRunner:
             ctx_lens.append(start + n)
             if ch.sample:
                 logits_rows.append(len(input_ids) - 1)
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev))
-        if self.fast:
-            meta.reference = False
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, device=dev), attention=self.attention)
+        if self.attention == "triton":
             n_dec = sum(1 for n in q_lens if n == 1)
             meta.num_decodes = n_dec
             if n_dec:
@@ -225,26 +249,25 @@ class ModelRunner:
 
     def _capture(self, sizes: list[int]) -> None:
         G, W, dev = max(sizes), self.max_blocks_per_seq, self.device
-        # Every graph input lives in one int64 device buffer, filled by one copy per step
-        # from a pinned host twin: token ids, positions, slots, context lengths, pending
-        # token rows, tables. Two host twins take turns: with overlap scheduling the host
-        # fills the next step's while the last one's copy may still wait in the stream.
-        self.g_buf = torch.zeros(5 * G + G * W, dtype=torch.long, device=dev)
-        self.h_bufs = [torch.zeros(5 * G + G * W, dtype=torch.long) for _ in range(2)]
+        # The graph inputs are filled by one copy per step from a pinned host twin. Two
+        # host twins take turns: with overlap scheduling the host fills the next step's
+        # while the last one's copy may still wait in the stream.
+        self.g_inputs = GraphInputs(torch.zeros(GraphInputs.size(G, W), dtype=torch.long, device=dev), G, W)
+        h_bufs = [torch.zeros(GraphInputs.size(G, W), dtype=torch.long) for _ in range(2)]
         if dev.type == "cuda":
-            self.h_bufs = [h.pin_memory() for h in self.h_bufs]
+            h_bufs = [h.pin_memory() for h in h_bufs]
+        self.h_twins = [(h, GraphInputs(h.numpy(), G, W)) for h in h_bufs]  # (pinned tensor, its views)
         self.h_turn = 0
-        g_ids, g_pos, g_slots, g_ctx, g_src = (self.g_buf[i * G : (i + 1) * G] for i in range(5))
-        g_tables = self.g_buf[5 * G :].view(G, W)
-        g_slots.fill_(self.scratch_slot)
+        g = self.g_inputs
+        g.slots.fill_(self.scratch_slot)
         pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
         for b in sorted(sizes, reverse=True):
-            meta = AttentionMetadata(slot_mapping=g_slots[:b], reference=False, num_decodes=b,
-                                     decode_tables=g_tables[:b], decode_context_lens=g_ctx[:b])
+            meta = AttentionMetadata(slot_mapping=g.slots[:b], attention="triton", num_decodes=b,
+                                     decode_tables=g.tables[:b], decode_context_lens=g.context_lens[:b])
             # Kept alive by the replay partial: a graph reads its inputs from fixed
             # addresses, so nothing it reads may ever be freed and reused. Every row of a
             # decode graph wants its logits (logits rows None: no gather).
-            args = (g_ids[:b], g_src[:b], g_pos[:b], meta, None)
+            args = (g.token_ids[:b], g.pending_rows[:b], g.positions[:b], meta, None)
             if pool is None:  # no CUDA (Triton's interpreter in tests): run the same buffers eagerly
                 self.graphs[b] = functools.partial(self._graph_body, *args)
                 continue
@@ -256,7 +279,6 @@ class ModelRunner:
                     logits = self._graph_body(*args)
             self.graphs[b] = functools.partial(_replay_graph, graph, logits, args)
         self.graph_sizes = sorted(sizes)
-        self.graph_max = G
         log.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
 
     def _graph_body(self, ids, src, pos, meta, rows) -> torch.Tensor:
@@ -265,25 +287,24 @@ class ModelRunner:
     def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         B = len(chunks)
         G = self.graph_sizes[bisect.bisect_left(self.graph_sizes, B)]
-        bs, Gmax, W = self.tokens_per_block, self.graph_max, self.max_blocks_per_seq
-        h_buf = self.h_bufs[self.h_turn]
+        bs = self.tokens_per_block
+        h_buf, h = self.h_twins[self.h_turn]
         self.h_turn ^= 1
-        h = h_buf.numpy()
-        tables = h[5 * Gmax :].reshape(Gmax, W)
         for i, ch in enumerate(chunks):
             seq = ch.seq
             p = seq.num_computed
             table = seq.block_table
-            h[i], h[4 * Gmax + i] = self._input_token(seq, p)
-            h[Gmax + i] = p
-            h[2 * Gmax + i] = table[p // bs] * bs + p % bs
-            h[3 * Gmax + i] = p + 1
-            tables[i, : len(table)] = table
-        h[B:G] = 0  # padding rows: token 0 at position 0, written to the scratch slot, no context
-        h[Gmax + B : Gmax + G] = 0
-        h[2 * Gmax + B : 2 * Gmax + G] = self.scratch_slot
-        h[3 * Gmax + B : 3 * Gmax + G] = 0
-        h[4 * Gmax + B : 4 * Gmax + G] = -1
-        n = 5 * Gmax + B * W  # only the used table rows travel
-        self.g_buf[:n].copy_(h_buf[:n], non_blocking=True)
+            h.token_ids[i], h.pending_rows[i] = self._input_token(seq, p)
+            h.positions[i] = p
+            h.slots[i] = table[p // bs] * bs + p % bs
+            h.context_lens[i] = p + 1
+            h.tables[i, : len(table)] = table
+        # Padding rows: token 0 at position 0, written to the scratch slot, no context.
+        h.token_ids[B:G] = 0
+        h.positions[B:G] = 0
+        h.slots[B:G] = self.scratch_slot
+        h.context_lens[B:G] = 0
+        h.pending_rows[B:G] = -1
+        n = h.used(B)  # only the used table rows travel
+        self.g_inputs.buf[:n].copy_(h_buf[:n], non_blocking=True)
         return self.graphs[G]()[:B]

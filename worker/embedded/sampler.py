@@ -8,14 +8,14 @@ from typing import Callable
 
 import torch
 
+from inflight.schema import TokenLogprob
 from worker.embedded.sequence import Sequence
 
 
 @dataclasses.dataclass
 class SampleResult:
     token_ids: list[int]
-    # Per row: None, or (sampled logprob, [(token, logprob)...] top-n) when asked for.
-    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+    logprobs: list[TokenLogprob | None]  # per row, where the request asked for them
 
 
 def _pad(rows: list[list[int]], device) -> torch.Tensor:
@@ -75,7 +75,7 @@ class DeviceSample:
             chosen, top_v, top_i = (t.tolist() for t in self.host[1:])
             for i, n in enumerate(self.top_n):
                 if n:
-                    lp_out[i] = (chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
+                    lp_out[i] = TokenLogprob(token_list[i], chosen[i], list(zip(top_i[i][:n], top_v[i][:n])))
         return SampleResult(token_list, lp_out)
 
 

@@ -16,12 +16,11 @@ class SeqStatus(enum.Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, arrival: int):
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
-        self.arrival = arrival
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks published so far
@@ -34,7 +33,6 @@ class Sequence:
         self.counted_prompt = False  # prefix-cache stats counted once, not per preemption
         self.scheduled_at: float | None = None  # unix time of the first step that ran it
         self.generator: torch.Generator | None = None
-        self.logprobs: list | None = [] if params.logprobs else None
 
     @property
     def all_token_ids(self) -> list[int]:

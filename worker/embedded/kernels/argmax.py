@@ -1,8 +1,8 @@
 """Greedy sampling's argmax over the vocabulary, in two passes: chunks of each row in
 parallel, then one program per row over the chunk winners. torch.argmax on one row of
-Llama-3's 128,256 logits ran as a single reduction taking 27 us on an H100, plus 4 us to
-turn bfloat16 logits into float32 first; this reads the logits as they are. Ties go to
-the lowest index, as with torch.argmax."""
+Llama-3's 128,256 logits ran as a single slow reduction, after a copy turning bfloat16
+logits into float32; this reads the logits as they are (BENCHMARKS.md, decode latency,
+run 5). Ties go to the lowest index, as with torch.argmax."""
 
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.embedded.kernels import pdl
-from worker.embedded.kernels.pdl import enter
+from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
+from worker.engine_api import KernelConfig
 
 
 @triton.jit
@@ -35,17 +35,18 @@ def _add_rms_norm(X, R, W, OUT, R_OUT, stride_x, stride_r, stride_o, stride_ro, 
     tl.store(OUT + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=ok)
 
 
-def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 pdl: bool = KernelConfig.pdl):
     """RMSNorm(x + residual) and the new residual (x + residual); without a residual,
     RMSNorm(x) and x."""
     T, N = x.shape
     out = torch.empty_like(x)
     new_res = torch.empty_like(x) if residual is not None else x
-    use_pdl = pdl.on(x.device, T)
+    use_pdl = pdl_on(x.device, T, pdl)
     _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res,
                         x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0), new_res.stride(0),
                         N, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(N), USE_GDC=use_pdl,
-                        num_warps=4, **pdl.launch_options(use_pdl))
+                        num_warps=4, **launch_options(use_pdl))
     return out, new_res
 
 
@@ -89,16 +90,17 @@ def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC,
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+                   positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   pdl: bool = KernelConfig.pdl) -> None:
     """q [T, Hq, D], k and v [T, Hkv, D] (views are fine, last dim contiguous); cos and
     sin [max_pos, D/2] float32. Rotates q and k in place and writes k and v to the cache."""
     T, hq, D = q.shape
     hkv = k.shape[1]
-    use_pdl = pdl.on(q.device, T)
+    use_pdl = pdl_on(q.device, T, pdl)
     _rope_and_cache[(T,)](q, k, v, cos, sin, positions, slots, k_cache, v_cache,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
                           HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
-                          HALF=D // 2, USE_GDC=use_pdl, num_warps=4, **pdl.launch_options(use_pdl))
+                          HALF=D // 2, USE_GDC=use_pdl, num_warps=4, **launch_options(use_pdl))
 
 
 @triton.jit
@@ -114,12 +116,12 @@ def _silu_and_mul(GU, OUT, stride_gu, stride_o, N, BLOCK: tl.constexpr, USE_GDC:
     tl.store(OUT + row * stride_o + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
 
 
-def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(gate_up: torch.Tensor, pdl: bool = KernelConfig.pdl) -> torch.Tensor:
     T, two_n = gate_up.shape
     n = two_n // 2
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
     block = 1024
-    use_pdl = pdl.on(gate_up.device, T)
+    use_pdl = pdl_on(gate_up.device, T, pdl)
     _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
-                                              USE_GDC=use_pdl, num_warps=4, **pdl.launch_options(use_pdl))
+                                              USE_GDC=use_pdl, num_warps=4, **launch_options(use_pdl))
     return out

@@ -1,17 +1,18 @@
 """Skinny matmul for decode: y = x @ W.T with few rows in x (batch <= 16), bfloat16 or
-float16, reading W once. cuBLAS spent 6.6 us on an H100 on each of Llama-3.2-1B's
-qkv (12.6 MB) and o_proj (8.4 MB) at batch 1, about half of the bandwidth floor. One
+float16, reading W once. At batch 1 cuBLAS took about twice the bandwidth floor's time
+on Llama-3.2-1B's qkv and o_proj (BENCHMARKS.md, kernel choices, 'skinny matmul'). One
 program per BLOCK_N output columns streams its rows of W in BLOCK_K steps; x is padded
 to 16 rows in registers so the products run on tensor cores. Float32 accumulation, no
 split-K (an atomic reduction would cost two more launches).
 
 On Hopper the kernel is launched with programmatic dependent launch (pdl.py) and pulls
-the first PREFETCH_BYTES of its weight towards L2 while the kernel before it finishes.
+the first `prefetch_bytes` of its weight (KernelConfig.l2_prefetch_bytes) towards L2
+while the kernel before it finishes.
 
-Tried and measured slower (docs/gpu-run-6.md): folding the RMSNorm into this kernel
-(gain and 1/rms applied to x inside the K loop) made each call ~3-6 us slower, more
-than the 33 norm launches it saved; elementwise work on a dot operand in the loop
-seems to cost the loop its pipelining, as SiLU fused into the down projection did."""
+Tried and measured slower: folding the RMSNorm into this kernel (gain and 1/rms applied
+to x inside the K loop) slowed each call by more than the norm launches it saved;
+elementwise work on a dot operand in the loop seems to cost the loop its pipelining, as
+SiLU fused into the down projection did (BENCHMARKS.md, decode latency, run 6)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.embedded.kernels import pdl
-from worker.embedded.kernels.pdl import enter
+from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
+from worker.engine_api import KernelConfig
 
 MAX_ROWS = 16  # x is padded to this many rows: tl.dot needs at least 16
 
@@ -61,31 +62,31 @@ def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 16, block_k: int = 256,
-         num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
-    """x [M, K] (M <= 16, last dim contiguous) @ w[N, K].T (+ bias) -> [M, N]."""
+         num_warps: int = 4, num_stages: int = 4, pdl: bool = KernelConfig.pdl,
+         prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
+    """x [M, K] (M <= 16, last dim contiguous) @ w[N, K].T (+ bias) -> [M, N]. With PDL,
+    up to `prefetch_bytes` of w (the leading columns of its rows) are pulled towards L2
+    before the previous kernel ends."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    use_pdl = pdl.on(x.device, M)
+    use_pdl = pdl_on(x.device, M, pdl)
     _gemv[(triton.cdiv(N, block_n),)](
         x, w, w if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(N, K, w) if use_pdl else 0,
-        num_warps=num_warps, num_stages=num_stages, **pdl.launch_options(use_pdl),
+        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(N, K, w, prefetch_bytes) if use_pdl else 0,
+        num_warps=num_warps, num_stages=num_stages, **launch_options(use_pdl),
     )
     return y
 
 
-# Of each weight, pulled towards L2 before the previous kernel ends (0: none). On an H100
-# (Llama-3.2-1B, batch 1) 4 MB beat 16 MB and none (docs/gpu-run-6.md).
-PREFETCH_BYTES = 4 * 2**20
-
-
-def prefetch_columns(n: int, k: int, w: torch.Tensor) -> int:
+def prefetch_columns(n: int, k: int, w: torch.Tensor, budget_bytes: int) -> int:
     """The most columns, a power of two of at least one 128-byte line (64 16-bit values)
-    and at most K, whose N rows fit in PREFETCH_BYTES: L2 is 50 MB on an H100, and a
-    prefetch must not evict itself. 0 (none) for other dtypes."""
-    cols = PREFETCH_BYTES // (n * 2)
+    and at most K, whose N rows fit in `budget_bytes`: L2 is 50 MB on an H100, a prefetch
+    must not evict itself, and a large one competes with the previous kernel's own reads
+    (BENCHMARKS.md, kernel choices, 'L2 prefetch').
+    0 (none) for other dtypes or a budget under one line a row."""
+    cols = budget_bytes // (n * 2)
     if w.element_size() != 2 or min(cols, k) < 64:
         return 0
     return 1 << (min(cols, k).bit_length() - 1)

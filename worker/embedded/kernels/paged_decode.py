@@ -9,8 +9,9 @@ of length 0 (a padding row of a captured graph) gets zeros.
 Split-K (flash-decoding): when the batch gives fewer (sequence, KV head) programs than
 the GPU has SMs, each sequence's context is split over SPLITS programs that run side by
 side; each writes its normalized partial output and log-sum-exp, and a second kernel
-combines them. Measured on an H100 at batch 1 (Llama-3.2-1B, ~200 tokens), one program
-per head walked its tiles one after another: 7.9 us a layer for 400 KB of KV."""
+combines them. Without it, at batch 1, one program per head walked its tiles one after
+another, far slower than the layer's KV can be read (BENCHMARKS.md, decode latency,
+run 5)."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.embedded.kernels import pdl
-from worker.embedded.kernels.pdl import enter
+from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
+from worker.engine_api import KernelConfig
 
 
 @triton.jit
@@ -113,6 +114,7 @@ def paged_decode_attention(
     scale: float,
     out: torch.Tensor | None = None,
     splits: int | None = None,  # None: as many as fill the GPU's SMs (a power of two)
+    pdl: bool = KernelConfig.pdl,
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -122,7 +124,7 @@ def paged_decode_attention(
     if splits is None:
         splits = num_splits(B * Hkv, _num_sms(q.device), block_tables.shape[1] * block_size, tile)
     part_o = part_lse = out  # unused when there is one split
-    use_pdl = pdl.on(q.device, B)
+    use_pdl = pdl_on(q.device, B, pdl)
     if splits > 1:
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
@@ -135,11 +137,11 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        num_warps=4, **pdl.launch_options(use_pdl),
+        num_warps=4, **launch_options(use_pdl),
     )
     if splits > 1:
         _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,
-                                 USE_GDC=use_pdl, num_warps=1, **pdl.launch_options(use_pdl))
+                                 USE_GDC=use_pdl, num_warps=1, **launch_options(use_pdl))
     return out
 
 

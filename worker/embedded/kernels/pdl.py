@@ -8,13 +8,11 @@ then `gdc_launch_dependents()` to let the next one in. Ordering stays transitive
 a kernel only lets its successor start after its own wait returned. Captured into CUDA
 graphs as programmatic edges.
 
-Only for small batches (at most MAX_ROWS tokens), where launch latency is what a step is
-made of: on an H100, PDL cut Llama-3.2-1B's batch-1 decode graph from 1.289 to 1.176 ms
-and SmolLM2-135M's from 0.885 to 0.704 ms, but at batch 32, where the big GEMMs are
-cuBLAS's, it added 1.3-1.4% on the SmolLM2 and Llama-3-8B shapes (docs/gpu-run-6.md).
-
-`ENABLED` is a switch for benchmarks (bench/decode_latency.py measures what PDL buys);
-engines read it when they build their graphs."""
+Only for small batches (at most MAX_ROWS tokens): there launch latency is what a step is
+made of, and PDL shortened the decode graph of every model shape measured; at larger
+batches, whose big projections are cuBLAS's, it measured slower (BENCHMARKS.md, decode
+latency, run 6). KernelConfig.pdl turns it off; each kernel takes that switch as its
+`pdl` argument."""
 
 from __future__ import annotations
 
@@ -24,13 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-ENABLED = True
 MAX_ROWS = 16
 
 
-def on(device: torch.device, rows: int) -> bool:
-    """Whether a kernel over `rows` tokens (or sequences) on `device` is launched with PDL."""
-    return ENABLED and rows <= MAX_ROWS and device.type == "cuda" and _supported(device.index)
+def pdl_on(device: torch.device, rows: int, enabled: bool) -> bool:
+    """Whether a kernel over `rows` tokens (or sequences) on `device` is launched with PDL,
+    given the engine's switch (KernelConfig.pdl)."""
+    return enabled and rows <= MAX_ROWS and device.type == "cuda" and _supported(device.index)
 
 
 @functools.cache

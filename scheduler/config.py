@@ -1,0 +1,20 @@
+"""SchedulerConfig: the scheduler process's one config object (flags and INFLIGHT_*
+variables come from its fields)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from inflight import sockets
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    gateway_address: str = dataclasses.field(default=sockets.GATEWAY_ADDRESS, metadata={"help": "ZeroMQ address to bind for gateways"})
+    worker_address: str = dataclasses.field(default=sockets.WORKER_ADDRESS, metadata={"help": "ZeroMQ address to bind for workers"})
+    max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most; more get RESOURCE_EXHAUSTED"})
+    worker_queue_factor: float = dataclasses.field(default=2.0, metadata={"help": "a worker holds up to this many times its max batch size"})
+    worker_timeout: float = dataclasses.field(default=10.0, metadata={"help": "seconds without a heartbeat before a worker counts as dead"})
+    balance_slack: int = dataclasses.field(default=16, metadata={"help": "how many more requests a prefix-holding worker may run than the least busy before load wins"})
+    cache_threshold: float = dataclasses.field(default=0.5, metadata={"help": "route by prefix only when a worker holds at least this share of the prompt"})
+    metrics_port: int = dataclasses.field(default=9401, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})

@@ -1,0 +1,217 @@
+"""RequestLifecycle: every request's life in the scheduler, from a gateway's Submit to its
+end, without sockets or a clock of its own, so that it can be unit-tested.
+
+Admission (queue when no worker has room, RESOURCE_EXHAUSTED when the queue is full),
+routing, worker registration and heartbeats, cancellation, queued deadlines, and failing
+the requests of a worker gone silent. It takes decoded messages (the loop in
+scheduler/main.py decodes) and sends encoded ones through the two functions it is given;
+a worker's TokenBatch goes on to its gateway as the bytes that arrived."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Callable
+
+from inflight import errors, schema, telemetry
+from scheduler.admission import AdmissionQueue
+from scheduler.config import SchedulerConfig
+from scheduler.metrics import SchedulerMetrics
+from scheduler.routing import WorkerState, route_by_prefix
+
+log = logging.getLogger("inflight.scheduler")
+SCOPE = telemetry.scope_of("inflight.scheduler")
+
+Send = Callable[[bytes, bytes], None]  # (the peer's identity, an encoded schema message)
+
+
+@dataclasses.dataclass
+class RequestState:
+    submit: schema.Submit
+    arrived: float  # monotonic
+    worker: bytes | None = None
+    span: telemetry.OwnSpan | telemetry.Unrecorded | None = None
+
+
+class RequestLifecycle:
+    def __init__(self, config: SchedulerConfig, metrics: SchedulerMetrics, tracing: bool,
+                 to_gateway: Send, to_worker: Send, clock: Callable[[], float] = time.monotonic):
+        self.config = config
+        self.metrics = metrics
+        self.tracing = tracing
+        self.to_gateway = to_gateway
+        self.to_worker = to_worker
+        self.clock = clock  # monotonic seconds: arrival, dispatch and last-seen times
+        self.workers: dict[bytes, WorkerState] = {}
+        self.gateways: set[bytes] = set()
+        self.requests: dict[str, RequestState] = {}  # queued and dispatched, until their end
+        self.queue = AdmissionQueue(config.max_queued)
+        self._models_seen: set[str] = set()
+
+    # Messages to gateways.
+
+    def fail(self, submit: schema.Submit, code: str, message: str) -> None:
+        """End a request the scheduler holds, telling its gateway why."""
+        state = self.requests.pop(submit.request_id, None)
+        if state and state.span:
+            state.span.set_error(code, message)
+            state.span.end()
+        self.refuse(submit, code, message)
+
+    def refuse(self, submit: schema.Submit, code: str, message: str) -> None:
+        """Tell a submit's gateway that it ended with `code`."""
+        if code in (errors.RESOURCE_EXHAUSTED, errors.UNAVAILABLE, errors.ALREADY_EXISTS):
+            self.metrics.rejected.labels(code).inc()
+        item = schema.error_output(submit.request_id, code, message)
+        self.to_gateway(submit.gateway, schema.encode(schema.TokenBatch([item])))
+
+    def models_info(self) -> schema.ModelsInfo:
+        models: dict[str, schema.ModelInfo] = {}
+        for w in self.workers.values():
+            m = models.get(w.info.model)
+            if m is None:
+                models[w.info.model] = schema.ModelInfo(w.info.model, w.info.max_seq_len, w.info.vocab_size, 1)
+            else:
+                m.workers += 1
+                m.max_seq_len = min(m.max_seq_len, w.info.max_seq_len)
+        return schema.ModelsInfo(list(models.values()))
+
+    def broadcast_models(self) -> None:
+        raw = schema.encode(self.models_info())
+        for g in self.gateways:
+            self.to_gateway(g, raw)
+
+    # Gateway side.
+
+    def on_gateway_message(self, identity: bytes, msg: schema.GatewayToScheduler) -> None:
+        if isinstance(msg, schema.Submit):
+            msg.gateway = identity
+            self.submit(msg)
+        elif isinstance(msg, schema.Abort):
+            self.abort(msg.request_ids)
+        else:
+            self.gateways.add(identity)
+            self.to_gateway(identity, schema.encode(self.models_info()))
+
+    def submit(self, submit: schema.Submit) -> None:
+        if submit.request_id in self.requests:
+            # The request in flight under that id goes on: only the newcomer is refused.
+            return self.refuse(submit, errors.ALREADY_EXISTS, f"request id {submit.request_id} is already in flight")
+        if not any(w.info.model == submit.model for w in self.workers.values()):
+            return self.fail(submit, errors.UNAVAILABLE, f"no worker serves model {submit.model!r} right now")
+        state = self.requests[submit.request_id] = RequestState(submit, self.clock())
+        if self.tracing:
+            state.span = telemetry.start_span(SCOPE, "inflight.scheduler.schedule", submit.traceparent,
+                                              attributes={"gen_ai.request.model": submit.model})
+        if not len(self.queue) and self.dispatch(submit):
+            return
+        if not self.queue.offer(submit):
+            self.fail(submit, errors.RESOURCE_EXHAUSTED, f"the admission queue is full ({self.config.max_queued} waiting); retry later")
+
+    def dispatch(self, submit: schema.Submit) -> bool:
+        candidates = [w for w in self.workers.values() if w.info.model == submit.model]
+        worker, matched = route_by_prefix(submit.prompt_token_ids, candidates, self.config.balance_slack,
+                                          self.config.cache_threshold)
+        if worker is None:
+            return False
+        worker.requests.add(submit.request_id)
+        state = self.requests[submit.request_id]
+        state.worker = worker.identity
+        waited = self.clock() - state.arrived
+        self.metrics.queue_time.observe(waited)
+        self.metrics.routed.labels("prefix" if matched else "load").inc()
+        if state.span:
+            state.span.set_attributes({"inflight.worker_id": worker.info.worker_id, "inflight.prefix_blocks_matched": matched,
+                                       "inflight.queue_time_s": waited})
+            state.span.end()
+            submit.traceparent = state.span.traceparent
+            state.span = None
+        self.to_worker(worker.identity, schema.encode(submit))
+        log.debug("routed %s to %s (%d prefix blocks cached)", submit.request_id, worker.info.worker_id, matched)
+        return True
+
+    def drain_queue(self) -> None:
+        for submit in self.queue.waiting():
+            if self.dispatch(submit):
+                self.queue.remove(submit.request_id)
+
+    def abort(self, request_ids: list[str]) -> None:
+        by_worker: dict[bytes, list[str]] = {}
+        for rid in request_ids:
+            state = self.requests.pop(rid, None)
+            if state is None:
+                continue
+            self.queue.remove(rid)
+            if state.span:
+                state.span.set_error(errors.CANCELLED, "aborted while queued")
+                state.span.end()
+            if state.worker is not None and state.worker in self.workers:
+                self.workers[state.worker].requests.discard(rid)
+                by_worker.setdefault(state.worker, []).append(rid)
+        for identity, rids in by_worker.items():
+            self.to_worker(identity, schema.encode(schema.Abort(rids)))
+        if by_worker:
+            self.drain_queue()
+
+    # Worker side.
+
+    def on_worker_message(self, identity: bytes, msg: schema.WorkerToScheduler, raw: bytes) -> None:
+        """`raw` is `msg` as it arrived: a TokenBatch goes on to its gateway as it is."""
+        worker = self.workers.get(identity)
+        if isinstance(msg, schema.WorkerHello):
+            if worker is not None:  # the periodic re-announcement of a worker we know
+                worker.last_seen = self.clock()
+                return
+            capacity = max(1, int(msg.max_batch_size * self.config.worker_queue_factor))
+            self.workers[identity] = WorkerState(identity, msg, capacity, last_seen=self.clock())
+            log.info("worker %s joined: %s, %d KV blocks of %d tokens", msg.worker_id, msg.model, msg.kv_blocks_total, msg.tokens_per_block)
+            self.broadcast_models()
+            self.drain_queue()
+            return
+        if worker is None:
+            return  # unknown (declared dead, or we restarted): its next hello registers it
+        worker.last_seen = self.clock()
+        if isinstance(msg, schema.Heartbeat):
+            name = worker.info.worker_id
+            for state_name in ("free", "in_use", "cached"):
+                self.metrics.kv_blocks.labels(name, state_name).set(getattr(msg.stats, f"kv_blocks_{state_name}"))
+            self.metrics.hit_rate.labels(name).set(msg.stats.prefix_cache_hit_rate)
+            worker.cached.difference_update(msg.removed_hashes)
+            worker.cached.update(msg.stored_hashes)
+            return
+        finished = False
+        for item in msg.items:
+            state = self.requests.get(item.request_id)
+            if state is not None and item.finished:
+                del self.requests[item.request_id]
+                worker.requests.discard(item.request_id)
+                finished = True
+        self.to_gateway(msg.gateway, raw)
+        if finished:
+            self.drain_queue()
+
+    def sweep(self, now_monotonic: float, now_unix: float) -> None:
+        """Drop workers silent past the timeout (failing their requests), fail queued
+        requests whose deadline passed, and refresh the gauges."""
+        for identity, w in list(self.workers.items()):
+            if now_monotonic - w.last_seen > self.config.worker_timeout:
+                log.error("worker %s silent for %.0fs; failing its %d requests", w.info.worker_id, now_monotonic - w.last_seen, len(w.requests))
+                del self.workers[identity]
+                for rid in list(w.requests):
+                    state = self.requests.get(rid)
+                    if state:
+                        self.fail(state.submit, errors.UNAVAILABLE, f"worker {w.info.worker_id} stopped responding")
+                self.broadcast_models()
+        for submit in self.queue.expired(now_unix):
+            self.fail(submit, errors.DEADLINE_EXCEEDED, "deadline passed while queued")
+        self.metrics.queued.set(len(self.queue))
+        self.metrics.running.set(len(self.requests) - len(self.queue))
+        alive: dict[str, int] = {}
+        for w in self.workers.values():
+            alive[w.info.model] = alive.get(w.info.model, 0) + 1
+        for model, n in alive.items():
+            self.metrics.workers.labels(model).set(n)
+        for model in self._models_seen - alive.keys():
+            self.metrics.workers.labels(model).set(0)
+        self._models_seen |= alive.keys()
