@@ -17,33 +17,22 @@ Workloads (seeded): "mixed" = the offline workload (prompts uniform in [128, 102
 outputs uniform in [128, 512]); "shared-prefix" = one 512-token system prompt in every
 request, plus 64-256 own prompt tokens, outputs uniform in [128, 512].
 
-    python bench/capacity.py --shape llama-3.2-1b --kv-gib 4 --out capacity.json
+    python -m bench.capacity --shape llama-3.2-1b --kv-gib 4 --out capacity.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
+from bench.shapes import SHAPES, hf_llama, model_config
+from bench.workload import run_offline, shared_prefix_workload, workload
+from worker.embedded.engine import EmbeddedEngine
+from worker.engine_api import EngineConfig, KvCacheConfig, SchedulerConfig
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-from bench.offline_throughput import run_ours, workload  # noqa: E402
-from bench.shapes import SHAPES, model_config  # noqa: E402
-from worker.embedded.engine import EmbeddedEngine  # noqa: E402
-from worker.engine_api import EngineConfig, KvCacheConfig, SchedulerConfig  # noqa: E402
-
-
-def shared_prefix_workload(n: int, vocab: int, seed: int = 1) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    system = [rng.randrange(vocab) for _ in range(512)]
-    return [(system + [rng.randrange(vocab) for _ in range(rng.randint(64, 256))], rng.randint(128, 512)) for _ in range(n)]
 
 
 def kv_bytes_per_token(cfg) -> int:
@@ -66,10 +55,7 @@ def hf_dynamic_batch(reqs, budget_tokens: int) -> int:
 @torch.no_grad()
 def check_hf_rule(shape: str) -> dict:
     """Run transformers' generate once and compare the cache it returns to the rule."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    with torch.device(DEVICE):
-        hf = LlamaForCausalLM(LlamaConfig(**SHAPES[shape])).to(torch.bfloat16).eval()
+    hf = hf_llama(shape, DEVICE, torch.bfloat16)
     lens, new = [100, 300, 37, 250], 20
     width = max(lens)
     ids = torch.zeros((len(lens), width), dtype=torch.long, device=DEVICE)
@@ -117,7 +103,7 @@ def main() -> None:
                 device=DEVICE, dtype="bfloat16", max_seq_len=args.max_seq_len, max_batch_size=1024, cuda_graphs=False,
                 kv_cache=KvCacheConfig(tokens_per_block=32, max_tokens=budget_tokens),
                 scheduler=SchedulerConfig(capacity_scheduler_policy=policy)), cfg)
-            res = run_ours(engine, reqs)
+            res = run_offline(engine, reqs)
             stats = engine.stats()
             rows.append({"workload": name, "policy": policy, "mean_running": res["mean_running_while_waiting"], "peak_running": res["peak_running"],
                          "preemptions": stats.preemptions, "output_tok_per_s": res["output_tok_per_s"],

@@ -9,26 +9,21 @@ device time of the captured decode graph alone (no host work). Baseline
 in the same run: Hugging Face transformers `generate` on the same weights. Random weights
 of a real shape; prints a table and writes JSON.
 
-    python bench/decode_latency.py --shape llama-3.2-1b --batches 1 8 32 --out decode_latency.json
+    python -m bench.decode_latency --shape llama-3.2-1b --batches 1 8 32 --out decode_latency.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from bench.shapes import SHAPES, model_config  # noqa: E402
-from inflight.sampling_params import SamplingParams  # noqa: E402
-from worker.embedded.engine import EmbeddedEngine  # noqa: E402
-from worker.embedded.kernels.gemv import PREFETCH_BYTES as DEFAULT_PREFETCH  # noqa: E402
-from worker.engine_api import EngineConfig, KvCacheConfig  # noqa: E402
+from bench.shapes import SHAPES, hf_llama, model_config
+from inflight.sampling_params import SamplingParams
+from worker.embedded.engine import EmbeddedEngine
+from worker.engine_api import EngineConfig, KernelConfig, KvCacheConfig
 
 
 def copy_bandwidth() -> float:
@@ -114,16 +109,14 @@ MODES = [(True, "on", "all"), (True, "off", "all"), (False, "on", "all"), (False
 ABLATION = [(True, "on", v) for v in ("all", "pdl+prefetch2", "pdl+prefetch8", "pdl", "none")]
 
 
-def apply(variant: str) -> None:
-    """Switch the decode-kernel changes for the next engine built: "all", "none" or a
-    "+"-joined subset of pdl (programmatic dependent launch) and prefetch[MB] (weights
-    pulled into L2 before the previous kernel ends; needs pdl)."""
-    from worker.embedded.kernels import gemv, pdl
-
+def apply(variant: str) -> KernelConfig:
+    """The decode-kernel changes for an engine: "all", "none" or a "+"-joined subset of
+    pdl (programmatic dependent launch) and prefetch[MB] (weights pulled into L2 before
+    the previous kernel ends; needs pdl)."""
     parts = {"pdl", "prefetch"} if variant == "all" else set(variant.split("+")) - {"none"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
-    pdl.ENABLED = "pdl" in parts
-    gemv.PREFETCH_BYTES = (int(mb[0]) * 2**20 if mb[0] else DEFAULT_PREFETCH) if mb else 0
+    return KernelConfig(pdl="pdl" in parts,
+                        l2_prefetch_bytes=(int(mb[0]) * 2**20 if mb[0] else KernelConfig.l2_prefetch_bytes) if mb else 0)
 
 
 def main() -> None:
@@ -145,10 +138,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     rows = []
     for graphs, overlap, variant in ABLATION if args.ablation else MODES:
-        apply(variant)
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096,
                                              max_batch_size=max(args.batches), cuda_graphs=graphs,
-                                             overlap_scheduler=overlap), cfg)
+                                             overlap_scheduler=overlap, kernels=apply(variant)), cfg)
         wbytes = weight_bytes(engine)
         for b in args.batches:
             ms, ctx = time_decode(engine, b, args.prompt_len, args.steps, gen)
@@ -159,14 +151,10 @@ def main() -> None:
                          "graph_gpu_ms": graph_gpu_ms(engine, b) if graphs else None})
         del engine
         torch.cuda.empty_cache()
-    apply("all")
 
     hf_rows = {}
     if args.hf_new_tokens:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        with torch.device("cuda"):
-            hf = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(torch.bfloat16).eval()
+        hf = hf_llama(args.shape, dtype=torch.bfloat16)
         for b in args.batches:
             hf_rows[b] = hf_decode_ms(hf, b, args.prompt_len, args.hf_new_tokens, gen)
         del hf

@@ -5,7 +5,7 @@ weight to overflow the 50 MB L2 cache (inside a model every weight comes from HB
 repeated call on one weight would read it from L2), and checks it against a float64
 reference. Prints a table and writes JSON.
 
-    python bench/gemv_tune.py --out gemv_tune.json
+    python -m bench.gemv_tune --out gemv_tune.json
 """
 
 from __future__ import annotations
@@ -13,16 +13,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn.functional as F
+import triton.testing
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import triton.testing  # noqa: E402
-
-from worker.embedded.kernels.gemv import gemv  # noqa: E402
+from worker.embedded.kernels.gemv import gemv
 
 SHAPES = {  # name: (N, K)
     "1b.qkv": (3072, 2048), "1b.o": (2048, 2048), "1b.gate_up": (16384, 2048), "1b.down": (2048, 8192),

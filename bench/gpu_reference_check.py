@@ -4,26 +4,22 @@ float32: greedy tokens must equal transformers'. bfloat16: first-step log-probab
 of ours and of transformers-bf16 are compared with the float32 reference, and the greedy
 tokens agreeing with it are counted. Prints a table and writes JSON.
 
-    python bench/gpu_reference_check.py --shape llama-3.2-1b --out result.json
+    python -m bench.gpu_reference_check --shape llama-3.2-1b --out result.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import torch
 
+from bench.shapes import SHAPES, hf_llama, model_config
 from inflight.sampling_params import SamplingParams
 from worker.embedded.engine import EmbeddedEngine
 from worker.engine_api import EngineConfig, KvCacheConfig
-from models.config import ModelConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.shapes import SHAPES  # noqa: E402
 
 @torch.no_grad()
 def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], torch.Tensor]:
@@ -64,13 +60,10 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--out", default="gpu_reference_check.json")
     args = ap.parse_args()
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     shape = SHAPES[args.shape]
     torch.manual_seed(0)
-    with torch.device("cuda"):
-        hf = LlamaForCausalLM(LlamaConfig(**shape)).eval()
-    model_config = ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **shape}, name=args.shape)
+    hf = hf_llama(args.shape)
+    config = model_config(args.shape)
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, shape["vocab_size"], (n,), generator=gen).tolist() for n in (7, 64, 301, 1000)]
     n = args.new_tokens
@@ -79,7 +72,7 @@ def main() -> None:
 
     t0 = time.time()
     ref32 = [hf_greedy(hf, p, n) for p in prompts]
-    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="float32", kv_cache=kv, max_seq_len=4096), model_config, hf.state_dict().items())
+    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="float32", kv_cache=kv, max_seq_len=4096), config, hf.state_dict().items())
     tok32, _ = ours(engine, prompts, n)
     result["float32"] = {
         "tokens_equal": [a == b for a, (b, _) in zip(tok32, ref32)],
@@ -90,7 +83,7 @@ def main() -> None:
 
     hf = hf.to(torch.bfloat16)
     ref16 = [hf_greedy(hf, p, n) for p in prompts]
-    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096), model_config, hf.state_dict().items())
+    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096), config, hf.state_dict().items())
     tok16, first16 = ours(engine, prompts, n)
     rows = []
     for i, ((r32_tok, r32_lp), (h16_tok, h16_lp), t16, f16) in enumerate(zip(ref32, ref16, tok16, first16)):

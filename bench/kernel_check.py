@@ -2,7 +2,7 @@
 on fresh random inputs each case, with the output poisoned (NaN) before every run.
 Prints a table and writes JSON.
 
-    python bench/kernel_check.py --out kernel_check.json
+    python -m bench.kernel_check --out kernel_check.json
 """
 
 from __future__ import annotations
@@ -10,14 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import triton.testing
 
-import torch  # noqa: E402
-import triton.testing  # noqa: E402
-
-from worker.embedded.kernels.paged_decode import num_splits, paged_decode_attention, paged_decode_reference  # noqa: E402
+from worker.embedded.kernels.paged_decode import num_splits, paged_decode_attention, paged_decode_reference
 
 CASES = [  # (batch, Hq, Hkv, head_dim, block_size, max_context, dtype)
     (1, 32, 8, 64, 32, 200, torch.bfloat16),  # Llama-3.2-1B, a short chat

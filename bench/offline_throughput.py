@@ -7,51 +7,21 @@ requests at once (in-flight batching). Transformers runs static batches of --hf-
 requests (left-padded; each batch runs to its longest output) over the first
 --hf-requests requests; only the tokens each request asked for count as useful.
 
-    python bench/offline_throughput.py --shape llama-3.2-1b --out offline_throughput.json
+    python -m bench.offline_throughput --shape llama-3.2-1b --out offline_throughput.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from bench.shapes import SHAPES, model_config  # noqa: E402
-from inflight.sampling_params import SamplingParams  # noqa: E402
-from worker.embedded.engine import EmbeddedEngine  # noqa: E402
-from worker.embedded import model_runner  # noqa: E402
-from worker.embedded.kernels import pdl  # noqa: E402
-from worker.engine_api import EngineConfig  # noqa: E402
-
-
-def workload(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
-    rng = random.Random(seed)
-    return [([rng.randrange(vocab) for _ in range(rng.randint(128, 1024))], rng.randint(128, 512)) for _ in range(n)]
-
-
-def run_ours(engine: EmbeddedEngine, reqs) -> dict:
-    t = time.perf_counter()
-    for i, (prompt, out_len) in enumerate(reqs):
-        engine.submit(str(i), prompt, SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
-    produced, steps, running_sum, running_peak, full_steps, full_sum = 0, 0, 0, 0, 0, 0
-    while engine.has_work():
-        produced += sum(len(o.new_token_ids) for o in engine.step())
-        running = len(engine.scheduler.running)
-        steps, running_sum, running_peak = steps + 1, running_sum + running, max(running_peak, running)
-        if engine.scheduler.waiting:  # requests wait for room: the cache is the limit
-            full_steps, full_sum = full_steps + 1, full_sum + running
-    torch.cuda.synchronize()
-    secs = time.perf_counter() - t
-    return {"requests": len(reqs), "output_tokens": produced, "seconds": secs, "output_tok_per_s": produced / secs,
-            "steps": steps, "mean_running": running_sum / max(steps, 1), "peak_running": running_peak,
-            "mean_running_while_waiting": full_sum / max(full_steps, 1)}
+from bench.shapes import SHAPES, hf_llama, model_config
+from bench.workload import run_offline, workload
+from worker.embedded.engine import EmbeddedEngine
+from worker.engine_api import EngineConfig, KernelConfig
 
 
 @torch.no_grad()
@@ -92,12 +62,11 @@ def main() -> None:
     runs = []
     for mbs, overlap, use_pdl, varlen in ((m, o, p, v) for m in args.max_batch_size for o in args.overlap
                                           for p in args.pdl for v in args.varlen):
-        pdl.ENABLED = use_pdl == "on"
-        model_runner.VARLEN = varlen == "on"
+        kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on")
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048, max_batch_size=mbs,
-                                             overlap_scheduler=overlap), cfg)
-        run_ours(engine, reqs[:16])  # warm-up: kernels compiled, allocator settled
-        ours = run_ours(engine, reqs)
+                                             overlap_scheduler=overlap, kernels=kernels), cfg)
+        run_offline(engine, reqs[:16])  # warm-up: kernels compiled, allocator settled
+        ours = run_offline(engine, reqs)
         ours["max_batch_size"] = mbs
         ours["overlap"] = overlap
         ours["pdl"] = use_pdl
@@ -108,10 +77,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     hf_res = None
     if args.hf_requests:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        with torch.device("cuda"):
-            hf = LlamaForCausalLM(LlamaConfig(**SHAPES[args.shape])).to(torch.bfloat16).eval()
+        hf = hf_llama(args.shape, dtype=torch.bfloat16)
         hf_res = run_hf(hf, reqs[: args.hf_requests], args.hf_batch)
     print(f"\noffline throughput, {args.shape}, bf16, {torch.cuda.get_device_name()}")
     print(f"{'engine':>60} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")

@@ -3,7 +3,7 @@ packed rows (torch.nn.attention.varlen) against the engine's per-sequence SDPA l
 the same run, with the float64 result as the reference. Times include the host (each call
 synchronized), since a prefill step in eager mode is launched from Python.
 
-    python bench/prefill_attention.py --out prefill_attention.json
+    python -m bench.prefill_attention --out prefill_attention.json
 """
 
 from __future__ import annotations
@@ -12,13 +12,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
 
-import torch  # noqa: E402
-
-from worker.embedded.attention import _prefill_sdpa, varlen_prefill  # noqa: E402
+from worker.embedded.attention import _prefill_sdpa, varlen_prefill
 
 CASES = [  # (name, sequences, Hq, Hkv, head_dim)
     ("smollm2-135m", 16, 9, 3, 64),

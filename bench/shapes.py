@@ -1,4 +1,12 @@
-"""Real model shapes for benchmarks with random weights (no download needed)."""
+"""Real model shapes for benchmarks with random weights (no download needed): as our
+ModelConfig, as a model directory `inflight serve` can load, and as transformers' Llama."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -27,3 +35,44 @@ def model_config(name: str):
     from models.config import ModelConfig
 
     return ModelConfig.from_dict({"architectures": ["LlamaForCausalLM"], **SHAPES[name]}, name=name)
+
+
+def hf_llama(name: str, device: str = "cuda", dtype=None):
+    """transformers' Llama of the shape, random weights (from torch's global generator), in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device(device):
+        model = LlamaForCausalLM(LlamaConfig(**SHAPES[name]))
+    return (model.to(dtype) if dtype else model).eval()
+
+
+def make_model_dir(shape: str, tokenizer: Path) -> Path:
+    """A model directory of the shape with random bf16 weights (seeded) and the tokenizer
+    (a folder holding tokenizer.json and tokenizer_config.json whose vocabulary fits the
+    shape), in a fresh temporary folder; the caller removes its parent."""
+    import torch
+    from safetensors.torch import save_file
+
+    cfg = {"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **SHAPES[shape]}
+    d = Path(tempfile.mkdtemp(prefix="inflight-bench-")) / shape
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tokenizer / name, d / name)
+    g = torch.Generator().manual_seed(0)
+    h, i, kv = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_key_value_heads"] * cfg["head_dim"]
+    q = cfg["num_attention_heads"] * cfg["head_dim"]
+    rnd = lambda *s: (torch.randn(*s, generator=g) * 0.02).to(torch.bfloat16)  # noqa: E731
+    t = {"model.embed_tokens.weight": rnd(cfg["vocab_size"], h), "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        t |= {p + "self_attn.q_proj.weight": rnd(q, h), p + "self_attn.k_proj.weight": rnd(kv, h),
+              p + "self_attn.v_proj.weight": rnd(kv, h), p + "self_attn.o_proj.weight": rnd(h, q),
+              p + "mlp.gate_proj.weight": rnd(i, h), p + "mlp.up_proj.weight": rnd(i, h), p + "mlp.down_proj.weight": rnd(h, i),
+              p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+              p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)}
+    if not cfg["tie_word_embeddings"]:
+        t["lm_head.weight"] = rnd(cfg["vocab_size"], h)
+    save_file(t, str(d / "model.safetensors"))
+    return d

@@ -5,26 +5,20 @@ process's CPU time, all its threads included, so work that tracing moves into an
 process does not count: that is the point, since the serving loops are what tracing must
 not slow down.
 
-    python bench/tracing_cpu.py --requests 3000 --out tracing_cpu.json
+    python -m bench.tracing_cpu --requests 3000 --out tracing_cpu.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
-import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-from bench.serving_path import run_receiver  # noqa: E402
-from gateway.telemetry import GatewayMetrics  # noqa: E402
-from scheduler.metrics import SchedulerMetrics  # noqa: E402
-from worker.metrics import WorkerMetrics  # noqa: E402
-from testing.stack import free_port  # noqa: E402
+from bench.load import start_trace_receiver
+from gateway.telemetry import GatewayMetrics
+from scheduler.metrics import SchedulerMetrics
+from worker.metrics import WorkerMetrics
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TOKENS = 128  # per request; the worker's per-token bookkeeping counts too
@@ -33,18 +27,15 @@ GATEWAY_METRICS, SCHEDULER_METRICS, WORKER_METRICS = GatewayMetrics(), Scheduler
 
 
 def gateway_requests(tracing: bool):
-    from gateway.output import Update
     from gateway.telemetry import RequestTelemetry
-
-    first, last = Update([1], "a"), Update([1], "a", finish_reason="length")
 
     def one(i: int) -> None:
         tm = RequestTelemetry(GATEWAY_METRICS, "inflight.v1.Inference/Generate", None, "text_completion", tracing)
         with tm.preparing():
             pass
         tm.submitted("bench", 16, TOKENS, 1.0)
-        tm.on_update(first)
-        tm.on_update(last)
+        tm.on_tokens(1)
+        tm.on_tokens(1)
         tm.end("length", "OK", prompt_tokens=16)
 
     return one
@@ -53,13 +44,14 @@ def gateway_requests(tracing: bool):
 def scheduler_requests(tracing: bool):
     from inflight import schema
     from inflight.sampling_params import SamplingParams
-    from scheduler.main import Scheduler, SchedulerConfig
+    from scheduler.config import SchedulerConfig
+    from scheduler.lifecycle import RequestLifecycle
     from scheduler.routing import WorkerState
 
-    sched = Scheduler(SchedulerConfig(gateway_address="tcp://127.0.0.1:*", worker_address="tcp://127.0.0.1:*"),
-                      SCHEDULER_METRICS, tracing)
+    sched = RequestLifecycle(SchedulerConfig(), SCHEDULER_METRICS, tracing,
+                             to_gateway=lambda identity, raw: None, to_worker=lambda identity, raw: None)
     hello = schema.WorkerHello("w", "bench", 8192, 49152, 16, 1024, 512)
-    sched.workers[b"w"] = WorkerState(b"w", hello, 1 << 30)  # a worker that is never there: routed messages drop
+    sched.workers[b"w"] = WorkerState(b"w", hello, 1 << 30)  # what is routed to it goes nowhere
     params = SamplingParams(max_tokens=TOKENS)
 
     def one(i: int) -> None:
@@ -74,22 +66,24 @@ def worker_requests(tracing: bool):
     TOKENS outputs of one token each, as the loop delivers them step by step."""
     from inflight import schema
     from inflight.sampling_params import SamplingParams
+    from inflight.schema import RequestOutput
     from testing.engine_double import InstantEngine
-    from worker.engine_api import EngineConfig, RequestOutput
-    from worker.main import Worker, WorkerConfig
+    from worker.engine_api import EngineConfig
+    from worker.lifecycle import WorkerRequests
 
-    worker = Worker(WorkerConfig(scheduler_address="tcp://127.0.0.1:1"), InstantEngine(EngineConfig(model="bench")),
-                    f"bench-{tracing}", WORKER_METRICS, tracing)
+    worker = WorkerRequests(InstantEngine(EngineConfig(model="bench")), lambda raw: None, f"bench-{tracing}", "bench", 256,
+                            WORKER_METRICS, tracing)
     params = SamplingParams(max_tokens=TOKENS)
 
     def one(i: int) -> None:
         rid = f"g/{i}"
         out: dict = {}
-        worker.handle(schema.encode(schema.Submit(rid, "bench", [1] * 16, params, traceparent=TRACEPARENT, gateway=b"g")), out)
+        worker.handle(schema.Submit(rid, "bench", [1] * 16, params, traceparent=TRACEPARENT, gateway=b"g"), out)
         worker.engine.abort(rid)  # the outputs below stand in for its steps
         now = time.time()
-        for k in range(TOKENS):
-            worker.deliver(RequestOutput(rid, [7], "length" if k == TOKENS - 1 else None, prompt_tokens=16, scheduled_at=now), out)
+        for k in range(TOKENS):  # the engine stamps a request's first output with when it first ran
+            worker.deliver(RequestOutput(rid, [7], "length" if k == TOKENS - 1 else None, prompt_tokens=16,
+                                         scheduled_at=now if k == 0 else None), out)
 
     return one
 
@@ -135,11 +129,9 @@ def main() -> None:
     ap.add_argument("--out", default="tracing_cpu.json")
     args = ap.parse_args()
 
-    port = free_port()
-    receiver = mp.get_context("spawn").Process(target=run_receiver, args=(port,), daemon=True)
-    receiver.start()
+    receiver, endpoint = start_trace_receiver()
     try:
-        rows = run(f"http://127.0.0.1:{port}", args.requests, args.repeat)
+        rows = run(endpoint, args.requests, args.repeat)
     finally:
         receiver.terminate()
     print(f"\nCPU µs per request in the serving process, {args.requests} requests, least of {args.repeat}, alternating")

@@ -1,5 +1,5 @@
 """Starts the real stack (`inflight serve`: scheduler, workers, gateway as processes) on
-free loopback ports for a test, and reads worker metrics over HTTP."""
+free loopback ports, for a test or a benchmark, and reads its processes' metrics over HTTP."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent  # the children import cli/, and testing/ for the engine double
 
 
 def free_port() -> int:
@@ -55,22 +58,37 @@ def free_port_range(n: int) -> int:
 
 
 class Stack:
-    def __init__(self, workers: int = 1, env: dict | None = None, extra: list[str] | None = None):
+    """`inflight serve` as a child process, serving at `.target` once the constructor
+    returns; `.stop()` (or leaving a `with` block) ends it. Its output collects in `.log`.
+
+    `env` is laid over this process's environment, from which OTEL_* variables are dropped:
+    tracing reaches the stack only through `env`. `extra` flags go to `inflight serve`
+    last. Tests use the defaults; the benchmarks pick a model directory, a device, an
+    engine (INFLIGHT_BACKEND in `env`), the 127.0.0.1 host their clients dial, and metrics
+    off (`metrics=False`: no HTTP ports, and no wait for every worker)."""
+
+    def __init__(self, workers: int = 1, env: dict | None = None, extra: list[str] | None = None, *,
+                 model: str | os.PathLike | None = None, device: str = "cpu", host: str = "localhost",
+                 metrics: bool = True, tokens_per_block: int | None = 16, timeout: float = 180):
         self.port = free_port()
-        self.target = f"localhost:{self.port}"
+        self.target = f"{host}:{self.port}"
         # HTTP endpoints: gateway on base, scheduler on base + 1, worker i on base + 2 + i.
-        self.metrics_base = free_port_range(2 + workers)
+        self.metrics_base = free_port_range(2 + workers) if metrics else None
         self.workers = workers
         cmd = [sys.executable, "-m", "cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
-               "--listen", self.target, "--device", "cpu",
+               "--listen", self.target, "--device", device, *(["--model", str(model)] if model else []),
                "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}",
-               "--metrics-port", str(self.metrics_base), *(extra or [])]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, "INFLIGHT_KV_CACHE_TOKENS_PER_BLOCK": "16", **(env or {})})
+               "--metrics-port", str(self.metrics_base or 0), *(extra or [])]
+        base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+        # Small blocks by default so that the tests' short prompts fill whole ones.
+        block = {"INFLIGHT_KV_CACHE_TOKENS_PER_BLOCK": str(tokens_per_block)} if tokens_per_block else {}
+        path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                                     env={**base, **path, **block, **(env or {})})
         self.log: list[str] = []
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not sel.select(timeout=1):
                 continue
@@ -79,14 +97,20 @@ class Stack:
                 break
             self.log.append(line)
             if "serving on" in line:
+                # A drained pipe: one nobody reads would fill and stall the stack.
                 threading.Thread(target=self._drain, daemon=True).start()
                 # The gateway serves once one worker is up; wait for all of them.
-                alive = "inflight_scheduler_workers_alive{model=SmolLM2-135M-Instruct}"
-                while time.monotonic() < deadline and self.metrics("scheduler").get(alive, 0) < workers:
+                while metrics and time.monotonic() < deadline and self.workers_alive() < workers:
                     time.sleep(0.2)
                 return
         self.stop()
         raise RuntimeError("the stack did not start:\n" + "".join(self.log))
+
+    def __enter__(self) -> Stack:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def _drain(self) -> None:
         for line in self.proc.stdout:
@@ -117,6 +141,10 @@ class Stack:
     def worker_metrics(self, i: int = 0) -> dict[str, float]:
         return self.metrics(i)
 
+    def workers_alive(self) -> float:
+        """Workers the scheduler counts as alive, over every model served."""
+        return sum(v for k, v in self.metrics("scheduler").items() if k.startswith("inflight_scheduler_workers_alive{"))
+
     def wait_metric(self, process: str | int, name: str, predicate, timeout: float = 10.0) -> float:
         deadline = time.monotonic() + timeout
         value = None
@@ -127,11 +155,11 @@ class Stack:
             time.sleep(0.1)
         raise AssertionError(f"{name} stayed at {value}")
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(30)
+                self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
