@@ -290,15 +290,16 @@ class ModelRunner:
         bs = self.tokens_per_block
         h_buf, h = self.h_twins[self.h_turn]
         self.h_turn ^= 1
-        for i, ch in enumerate(chunks):
+        ids, pending, positions, slots, ctx, tables = h.token_ids, h.pending_rows, h.positions, h.slots, h.context_lens, h.tables
+        for i, ch in enumerate(chunks):  # per row, every step: locals, not attribute lookups
             seq = ch.seq
             p = seq.num_computed
             table = seq.block_table
-            h.token_ids[i], h.pending_rows[i] = self._input_token(seq, p)
-            h.positions[i] = p
-            h.slots[i] = table[p // bs] * bs + p % bs
-            h.context_lens[i] = p + 1
-            h.tables[i, : len(table)] = table
+            ids[i], pending[i] = self._input_token(seq, p)
+            positions[i] = p
+            slots[i] = table[p // bs] * bs + p % bs
+            ctx[i] = p + 1
+            tables[i, : len(table)] = table
         # Padding rows: token 0 at position 0, written to the scratch slot, no context.
         h.token_ids[B:G] = 0
         h.positions[B:G] = 0
