@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from pathlib import Path
 
@@ -55,6 +56,29 @@ def make_engine(model_weights):
         return EmbeddedEngine(cfg, dataclasses.replace(model_config), tensors.items())
 
     return make
+
+
+@pytest.fixture(scope="session")
+def engine_for(make_engine):
+    """make_engine, but one engine per set of knobs, shared by the tests that ask for the
+    same knobs. A test hands it back idle (every request finished or aborted); one left
+    busy by a failed test is replaced. Its prefix cache and cumulative stats (preemptions,
+    blocks reused, steps) carry over from earlier tests, so tests compare stats before
+    and after; a test that needs a cold cache calls make_engine. The few most recently
+    used are kept (each holds its own weights and KV cache, ~0.8 GB)."""
+    engines: collections.OrderedDict[tuple, object] = collections.OrderedDict()
+
+    def get(**knobs):
+        key = tuple(sorted(knobs.items()))
+        engine = engines.pop(key, None)
+        if engine is None or engine.requests or engine.has_work():
+            engine = make_engine(**knobs)
+        engines[key] = engine
+        while len(engines) > 3:
+            engines.popitem(last=False)
+        return engine
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,8 @@
 """In-flight batching: outputs do not depend on what else runs, how the KV pool is
-sized, or whether requests were preempted; prefix reuse, seeds, aborts and bad input."""
+sized, or whether requests were preempted; prefix reuse, seeds, aborts and bad input.
+
+Engines come from engine_for (conftest.py): one per set of knobs, shared by the tests
+that use the same knobs, each handed back idle; stats are compared before and after."""
 
 from __future__ import annotations
 
@@ -36,9 +39,9 @@ def workload(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def alone(make_engine, workload):
+def alone(engine_for, workload):
     """What each request produces when it is the only one in the engine."""
-    engine = make_engine()
+    engine = engine_for()
     return [engine.generate([p], GREEDY)[0] for p in workload]
 
 
@@ -64,35 +67,38 @@ def as_list(out: dict[str, list[int]], n: int) -> list[list[int]]:
     return [out[str(i)] for i in range(n)]
 
 
-def test_batching_invariance(make_engine, workload, alone, overlap):
-    engine = make_engine(overlap_scheduler=overlap, max_num_tokens=96)  # forces chunked prefill mixed with decodes
+def test_batching_invariance(engine_for, workload, alone, overlap):
+    engine = engine_for(overlap_scheduler=overlap, max_num_tokens=96)  # forces chunked prefill mixed with decodes
     assert as_list(run_staggered(engine, workload), 16) == alone
     stats = engine.stats()
     assert stats.kv_blocks_in_use == 0 and stats.running == 0 and stats.queued == 0
 
 
-def test_preemption_keeps_outputs(make_engine, workload, alone, overlap):
+def test_preemption_keeps_outputs(engine_for, workload, alone, overlap):
     longest = max(len(p) for p in workload) + GREEDY.max_tokens
-    engine = make_engine(overlap_scheduler=overlap, policy="MAX_UTILIZATION", max_tokens=longest * 3, enable_block_reuse=False)
+    engine = engine_for(overlap_scheduler=overlap, policy="MAX_UTILIZATION", max_tokens=longest * 3, enable_block_reuse=False)
+    before = engine.stats().preemptions
     assert as_list(run_staggered(engine, workload), 16) == alone
-    assert engine.stats().preemptions > 0
+    assert engine.stats().preemptions > before
     assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
 
 
-def test_guaranteed_no_evict_small_pool(make_engine, workload, alone, overlap):
+def test_guaranteed_no_evict_small_pool(engine_for, workload, alone, overlap):
     longest = max(len(p) for p in workload) + GREEDY.max_tokens
-    engine = make_engine(overlap_scheduler=overlap, max_tokens=longest * 3)
+    engine = engine_for(overlap_scheduler=overlap, max_tokens=longest * 3)
+    before = engine.stats().preemptions
     assert as_list(run_staggered(engine, workload), 16) == alone
-    assert engine.stats().preemptions == 0
+    assert engine.stats().preemptions == before
 
 
-def test_prefix_reuse_shows_in_stats_and_keeps_outputs(make_engine, tokenizer, overlap):
+def test_prefix_reuse_shows_in_stats_and_keeps_outputs(make_engine, engine_for, tokenizer, overlap):
+    # A fresh engine: the exact counts below need a prefix cache that has seen nothing.
     engine = make_engine(overlap_scheduler=overlap, tokens_per_block=8)
     system = "You are a careful assistant. " * 12
     msgs = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]
     first = tokenizer.encode_chat(msgs("Name a fruit."))
     second = tokenizer.encode_chat(msgs("Name a tree."))
-    fresh = make_engine(overlap_scheduler=overlap, tokens_per_block=8, enable_block_reuse=False).generate([second], GREEDY)[0]
+    fresh = engine_for(overlap_scheduler=overlap, tokens_per_block=8, enable_block_reuse=False).generate([second], GREEDY)[0]
     engine.generate([first], GREEDY)
     assert engine.stats().blocks_reused == 0
     engine.submit("b", second, GREEDY)
@@ -109,8 +115,8 @@ def test_prefix_reuse_shows_in_stats_and_keeps_outputs(make_engine, tokenizer, o
     assert 0 < stats.prefix_cache_hit_rate < 1
 
 
-def test_seeded_sampling_reproduces_in_any_batch(make_engine, workload, overlap):
-    engine = make_engine(overlap_scheduler=overlap)
+def test_seeded_sampling_reproduces_in_any_batch(engine_for, workload, overlap):
+    engine = engine_for(overlap_scheduler=overlap)
     seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     alone = engine.generate([workload[0]], seeded)[0]
     others = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
@@ -120,8 +126,8 @@ def test_seeded_sampling_reproduces_in_any_batch(make_engine, workload, overlap)
     assert other_seed != alone
 
 
-def test_abort_frees_every_block(make_engine, workload, overlap):
-    engine = make_engine(overlap_scheduler=overlap)
+def test_abort_frees_every_block(engine_for, workload, overlap):
+    engine = engine_for(overlap_scheduler=overlap)
     for i, p in enumerate(workload[:6]):
         engine.submit(str(i), p, SamplingParams(max_tokens=100, temperature=0))
     for _ in range(5):
@@ -134,8 +140,8 @@ def test_abort_frees_every_block(make_engine, workload, overlap):
     assert stats.kv_blocks_in_use == 0 and stats.running == 0 and not engine.has_work()
 
 
-def test_max_tokens_min_tokens_and_stop_ids(make_engine, tokenizer, workload, overlap):
-    engine = make_engine(overlap_scheduler=overlap)
+def test_max_tokens_min_tokens_and_stop_ids(engine_for, tokenizer, workload, overlap):
+    engine = engine_for(overlap_scheduler=overlap)
     prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
     full = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0))[0]
     assert full[-1] in engine.eos_token_ids  # the model ends its answer by itself
@@ -148,64 +154,73 @@ def test_max_tokens_min_tokens_and_stop_ids(make_engine, tokenizer, workload, ov
     assert len(engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0]) == 3
 
 
-@pytest.mark.parametrize(
-    "prompt,params,field",
-    [
-        ([], SamplingParams(), "prompt_token_ids"),
-        ([1] * 9000, SamplingParams(), "prompt_token_ids"),
-        ([1, 2, 10**6], SamplingParams(), "prompt_token_ids"),
-        ([1, -3], SamplingParams(), "prompt_token_ids"),
-        ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
-        ([1, 2], SamplingParams(max_tokens=10**9), "max_tokens"),
-        ([1, 2], SamplingParams(temperature=-1), "temperature"),
-        ([1, 2], SamplingParams(temperature=float("nan")), "temperature"),
-        ([1, 2], SamplingParams(top_p=0), "top_p"),
-        ([1, 2], SamplingParams(top_p=1.5), "top_p"),
-        ([1, 2], SamplingParams(stop_token_ids=(10**7,)), "stop_token_ids"),
-        ([1, 2], SamplingParams(logprobs=50), "logprobs"),
-    ],
-)
-def test_bad_input_names_field_and_spares_others(make_engine, workload, alone, prompt, params, field, overlap):
-    engine = make_engine(overlap_scheduler=overlap, max_seq_len=8192)
+BAD = [  # (prompt, params, the field named)
+    ([], SamplingParams(), "prompt_token_ids"),
+    ([1] * 9000, SamplingParams(), "prompt_token_ids"),  # over max_seq_len, the model's 8192
+    ([1, 2, 10**6], SamplingParams(), "prompt_token_ids"),
+    ([1, -3], SamplingParams(), "prompt_token_ids"),
+    ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+    ([1, 2], SamplingParams(max_tokens=10**9), "max_tokens"),
+    ([1, 2], SamplingParams(temperature=-1), "temperature"),
+    ([1, 2], SamplingParams(temperature=float("nan")), "temperature"),
+    ([1, 2], SamplingParams(top_p=0), "top_p"),
+    ([1, 2], SamplingParams(top_p=1.5), "top_p"),
+    ([1, 2], SamplingParams(stop_token_ids=(10**7,)), "stop_token_ids"),
+    ([1, 2], SamplingParams(logprobs=50), "logprobs"),
+]
+
+
+def test_bad_input_names_field_and_spares_others(engine_for, workload, alone, overlap):
+    """Each bad request is refused at submit, between the steps of a good one, naming its
+    field; it leaves nothing behind (the next one reuses its id) and the good request's
+    output is what it is alone."""
+    engine = engine_for(overlap_scheduler=overlap)
+    assert engine.max_seq_len == 8192
     engine.submit("good", workload[0], GREEDY)
     out = [t for o in engine.step() for t in o.new_token_ids]
-    with pytest.raises(RequestError) as e:
-        engine.submit("bad", prompt, params)
-    assert e.value.code == "INVALID_ARGUMENT" and e.value.field == field
+    refused = []
+    for prompt, params, field in BAD:
+        with pytest.raises(RequestError) as e:
+            engine.submit("bad", prompt, params)
+        refused.append((e.value.code, e.value.field))
+        assert list(engine.requests) == ["good"]
+        out += [t for o in engine.step() for t in o.new_token_ids]
+    assert refused == [("INVALID_ARGUMENT", field) for _, _, field in BAD]
     while engine.has_work():
         for o in engine.step():
             out += o.new_token_ids
     assert out == alone[0]
 
 
-def test_duplicate_request_id_refused(make_engine, workload):
-    engine = make_engine()
+def test_duplicate_request_id_refused(engine_for, workload):
+    engine = engine_for()
     engine.submit("x", workload[0], GREEDY)
     with pytest.raises(RequestError) as e:
         engine.submit("x", workload[1], GREEDY)
     assert e.value.field == "request_id"
+    assert engine.abort("x")
 
 
-def test_request_larger_than_pool_refused(make_engine, workload):
-    engine = make_engine(max_tokens=64)
+def test_request_larger_than_pool_refused(engine_for, workload):
+    engine = engine_for(max_tokens=64)
     with pytest.raises(RequestError) as e:
         engine.submit("big", workload[0], SamplingParams(max_tokens=500))
     assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.field == "max_tokens"
 
 
-def test_penalties_turn_overlap_off_while_they_run(make_engine, workload):
+def test_penalties_turn_overlap_off_while_they_run(engine_for, workload):
     """Penalties read every output token, so an overlap engine runs sync steps while a
     request with penalties is in; its outputs and its neighbours' equal the sync engine's."""
     penalized = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, ignore_eos=True)
     params = [GREEDY, penalized, GREEDY]
-    want = make_engine(overlap_scheduler="off").generate(workload[:3], params)
-    engine = make_engine(overlap_scheduler="on")
+    want = engine_for(overlap_scheduler="off").generate(workload[:3], params)
+    engine = engine_for(overlap_scheduler="on")
     assert engine.generate(workload[:3], params) == want
     assert engine._penalized == 0 and engine.generate(workload[:1], GREEDY) == [want[0]]
 
 
-def test_overlap_reads_each_token_one_step_later(make_engine, workload):
-    sync, ahead = make_engine(overlap_scheduler="off"), make_engine(overlap_scheduler="on")
+def test_overlap_reads_each_token_one_step_later(engine_for, workload):
+    sync, ahead = engine_for(overlap_scheduler="off"), engine_for(overlap_scheduler="on")
     for engine in (sync, ahead):
         engine.submit("r", workload[0], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     first_sync, first_ahead = sync.step(), ahead.step()
@@ -213,3 +228,6 @@ def test_overlap_reads_each_token_one_step_later(make_engine, workload):
     # The second step ran with the first token still "on the device".
     assert [o.new_token_ids for o in ahead.step()] == [first_sync[0].new_token_ids]
     assert ahead.requests["r"].num_pending == 1
+    for engine in (sync, ahead):  # back to idle for the next test
+        while engine.has_work():
+            engine.step()

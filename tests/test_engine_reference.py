@@ -32,8 +32,8 @@ def hf_greedy(hf_model, prompt_ids: list[int], n: int) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def engine(make_engine):
-    return make_engine()
+def engine(engine_for):
+    return engine_for()
 
 
 def test_default_model_answers_paris(engine, tokenizer):

@@ -18,10 +18,20 @@ CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def stack():
-    s = Stack(workers=1)
-    yield s
-    s.stop()
+def stacks():
+    held: list[Stack] = []
+    yield held
+    for s in held:
+        s.stop()
+
+
+@pytest.fixture
+def stack(stacks) -> Stack:
+    """One stack for the module; a test that stopped it (SIGTERM below) gets it started
+    again for the tests after it."""
+    if not stacks or stacks[-1].proc.poll() is not None:
+        stacks.append(Stack(workers=1))
+    return stacks[-1]
 
 
 def run(coro):
@@ -59,8 +69,8 @@ async def collect(session, refused_duplicates: set[str] = frozenset()) -> dict[s
     return out
 
 
-def test_chat_streams_the_engines_greedy_answer(stack, make_engine, tokenizer):
-    expected = make_engine().generate([tokenizer.encode_chat(CAPITAL)], SamplingParams(max_tokens=40, temperature=0))[0]
+def test_chat_streams_the_engines_greedy_answer(stack, engine_for, tokenizer):
+    expected = engine_for().generate([tokenizer.encode_chat(CAPITAL)], SamplingParams(max_tokens=40, temperature=0))[0]
 
     async def go():
         async with Client(stack.target) as client:
@@ -100,10 +110,10 @@ def workload(tokenizer, n):
     return [[{"role": "user", "content": f"Count to {i % 7 + 2} and name a colour number {i}."}] for i in range(n)]
 
 
-def test_64_concurrent_requests_on_one_stream_and_on_many_connections(stack, make_engine, tokenizer):
+def test_64_concurrent_requests_on_one_stream_and_on_many_connections(stack, engine_for, tokenizer):
     chats = workload(tokenizer, 64)
     params = SamplingParams(max_tokens=12, temperature=0)
-    expected = make_engine().generate([tokenizer.encode_chat(c) for c in chats], params)
+    expected = engine_for().generate([tokenizer.encode_chat(c) for c in chats], params)
 
     async def one_stream():
         return await chat_session(stack.target, chats, max_tokens=12, temperature=0)
@@ -266,18 +276,32 @@ def test_client_deadline_ends_request_and_frees_the_worker(stack):
     stack.wait_metric(0, "inflight_worker_requests{state=running}", lambda v: v == 0)
 
 
-def test_serve_stops_every_child_on_sigterm():
+def test_serve_stops_every_child_on_sigterm(stack):
+    """SIGTERM to the module's stack, which served the tests above."""
     import os
     import signal
     import time
 
     from testing.stack import count_children
 
-    s = Stack(workers=1)
+    s = stack
     children = [int(p) for p in os.popen(f"ps -o pid= --ppid {s.proc.pid}").read().split()]
     assert len(children) == 3  # scheduler, worker, gateway
     s.proc.send_signal(signal.SIGTERM)
     assert s.proc.wait(30) == 0
-    time.sleep(0.5)
-    alive = [p for p in children if os.path.exists(f"/proc/{p}") and "zombie" not in open(f"/proc/{p}/status").read()]
-    assert alive == [] and count_children(s.proc.pid) == 0
+
+    def alive():
+        out = []
+        for p in children:
+            try:
+                with open(f"/proc/{p}/status") as f:
+                    if "zombie" not in f.read():
+                        out.append(p)
+            except FileNotFoundError:
+                pass
+        return out
+
+    deadline = time.monotonic() + 0.5  # as long as the children had before, looked at as they go
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert alive() == [] and count_children(s.proc.pid) == 0

@@ -13,7 +13,7 @@ from testing.stack import Stack
 from tests.test_service import chat_session
 
 
-def test_full_admission_queue_refuses_overflow_and_serves_the_rest(make_engine, tokenizer):
+def test_full_admission_queue_refuses_overflow_and_serves_the_rest(engine_for, tokenizer):
     # The worker holds 2 requests at once and the scheduler queues 2 more: 4 of a burst fit.
     stack = Stack(env={"INFLIGHT_MAX_BATCH_SIZE": "2", "INFLIGHT_WORKER_QUEUE_FACTOR": "1"}, extra=["--max-queued", "2"])
     try:
@@ -29,7 +29,7 @@ def test_full_admission_queue_refuses_overflow_and_serves_the_rest(make_engine, 
         err = out[str(i)]["end"]
         assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "queue is full" in err.message
         assert out[str(i)]["ids"] == []
-    engine = make_engine()
+    engine = engine_for()
     for i in served:
         expected = engine.generate([tokenizer.encode_chat(chats[i])], SamplingParams(max_tokens=10, temperature=0))[0]
         assert out[str(i)]["ids"] == expected
@@ -104,7 +104,7 @@ def test_restarted_scheduler_gets_workers_and_gateways_back():
             except Exception:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.5)
+                time.sleep(0.1)
 
     try:
         first = served_within(120)

@@ -343,9 +343,11 @@ def test_a_killed_export_process_is_replaced_and_tracing_goes_on(traced_stack):
 
 def test_a_collector_that_is_down_costs_requests_nothing():
     # Nothing listens on the endpoint: the export processes retry and drop, the serving
-    # processes never wait on them.
+    # processes never wait on them. The exporter gives up on a batch after
+    # OTEL_EXPORTER_OTLP_TIMEOUT (seconds in this SDK; 10 by default), which stopping the
+    # stack waits for: 2 still leaves it a retry.
     stack = Stack(env={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
-                       "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100"})
+                       "OTEL_EXPORTER_OTLP_INSECURE": "true", "OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_EXPORTER_OTLP_TIMEOUT": "2"})
     try:
         for i in range(3):
             got = generate(stack, [("traceparent", f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01")], max_tokens=4, text=f"request {i}")

@@ -1,25 +1,31 @@
-"""Run in a subprocess with TRITON_INTERPRET=1 (see test_triton_path.py): the engine's
-GPU attention path (Triton paged-decode kernel, per-sequence prefill, prefix-cached and
-chunked prefill) on the CPU, against the reference path, on the real model. Prints JSON."""
+"""Run in a subprocess with TRITON_INTERPRET=1 (see test_triton_path.py; the interpreter
+must be on before triton is imported). Each Triton kernel on fresh random inputs against a
+float64 PyTorch reference; then the engine's GPU path (Triton kernels, per-sequence,
+prefix-cached and chunked prefill, graph buffers, overlap) against its reference path on
+a model of SmolLM2's layer shape cut to two layers, random weights. Prints JSON: errors
+and outputs, which the test asserts on."""
 
+import dataclasses
 import json
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from inflight.sampling_params import SamplingParams
+from models.config import ModelConfig
 from worker.embedded.engine import EmbeddedEngine
 from worker.engine_api import EngineConfig, KernelConfig, KvCacheConfig
 
 
-def kernel_checks() -> dict:
-    """Fresh random inputs against higher-precision references: the paged-decode kernel
-    with one split and with split-K (incl. a padding row of context 0 and splits that get
-    no tokens), and the greedy argmax (incl. ties, which go to the lowest index)."""
-    from worker.embedded.kernels.argmax import argmax_rows
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def check_paged_decode(gen: torch.Generator) -> dict:
+    """One split and split-K, incl. a padding row of context 0 and splits that get no tokens."""
     from worker.embedded.kernels.paged_decode import paged_decode_attention, paged_decode_reference
 
-    gen = torch.Generator().manual_seed(0)
     B, hq, hkv, d, bs = 3, 6, 2, 16, 4
     ctx = torch.tensor([300, 0, 70], dtype=torch.int32)  # 5 tiles of 64, none, 2
     blocks = -(-300 // bs)
@@ -27,46 +33,165 @@ def kernel_checks() -> dict:
     tables = torch.randperm(B * blocks + 1, generator=gen)[: B * blocks].reshape(B, blocks).int()
     q = torch.randn(B, hq, d, generator=gen)
     ref = paged_decode_reference(q, kc, vc, tables, ctx, d ** -0.5)
-    decode = {}
+    out = {}
     for splits in (1, 2, 8, None):
-        out = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, out, splits)
-        decode[str(splits)] = {"rel_err": ((out.double() - ref).norm() / ref.norm()).item(),
-                               "nan": bool(out.isnan().any()), "zero_row": bool((out[1] == 0).all())}
+        o = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, splits)
+        out[str(splits)] = {"rel_err": rel_err(o, ref), "nan": bool(o.isnan().any()), "zero_row": bool((o[1] == 0).all())}
+    return out
+
+
+def check_argmax(gen: torch.Generator) -> dict:
+    """Greedy argmax, incl. ties (the lowest index wins) within and across chunks."""
+    from worker.embedded.kernels.argmax import argmax_rows
+
     x = torch.randn(5, 10_000, generator=gen)
     x[1, 123] = x[1, 9_000] = x[1].max() + 1  # a tie across chunks
     x[2, 4095] = x[2, 4096] = x[2].max() + 1  # a tie across the chunk border
-    argmax = {dt: argmax_rows(x.to(getattr(torch, dt))).tolist() == x.to(getattr(torch, dt)).float().argmax(-1).tolist()
-              for dt in ("float32", "bfloat16")}
+    x[3, 7] = x[3, 9] = x[3].max() + 1  # a tie inside one chunk
+    return {dt: argmax_rows(x.to(getattr(torch, dt))).tolist() == x.to(getattr(torch, dt)).float().argmax(-1).tolist()
+            for dt in ("float32", "bfloat16")}
+
+
+def check_gemv(gen: torch.Generator) -> float:
+    """Skinny matmul with a bias and a ragged K, and with K a multiple of BLOCK_K."""
     from worker.embedded.kernels.gemv import gemv
 
     x, w, bias = torch.randn(5, 300, generator=gen), torch.randn(70, 300, generator=gen), torch.randn(70, generator=gen)
     want = x.double() @ w.double().T + bias.double()
-    gemv_err = max(((gemv(x, w, bias, bn, bk).double() - want).norm() / want.norm()).item() for bn, bk in ((16, 64), (32, 128)))
-    x, w = torch.randn(3, 256, generator=gen), torch.randn(40, 256, generator=gen)  # K a multiple of BLOCK_K
-    want = x.double() @ w.double().T
-    gemv_err = max(gemv_err, ((gemv(x, w, None, 16, 128).double() - want).norm() / want.norm()).item())
-    return {"paged_decode": decode, "argmax": argmax, "gemv_rel_err": gemv_err}
+    err = max(rel_err(gemv(x, w, bias, bn, bk), want) for bn, bk in ((16, 64), (32, 128)))
+    x, w = torch.randn(3, 256, generator=gen), torch.randn(40, 256, generator=gen)
+    return max(err, rel_err(gemv(x, w, None, 16, 128), x.double() @ w.double().T))
 
 
-def main() -> None:
-    model = sys.argv[1]
-    prompts = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2], [1, 4093, 198, 22464, 17, 2],
-               [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2, 198, 1, 4093, 198, 504, 3575, 282, 4649, 314, 2]]
+def check_add_rms_norm(gen: torch.Generator) -> dict:
+    """Residual add and RMSNorm; N=300 leaves most of the power-of-two block masked."""
+    from worker.embedded.kernels.fused import add_rms_norm
+
+    T, N, eps = 5, 300, 1e-5
+    x, r = torch.randn(T, N, generator=gen), torch.randn(T, N, generator=gen)
+    w = torch.randn(N, generator=gen)
+    x_before = x.clone()
+
+    def norm(h):
+        h = h.double()
+        return w.double() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+
+    out, res = add_rms_norm(x, w, eps, r)
+    plain, same = add_rms_norm(x, w, eps)
+    return {"rel_err": rel_err(out, norm(x + r)), "residual_exact": torch.equal(res, x + r),
+            "rel_err_no_residual": rel_err(plain, norm(x)), "no_residual_is_x": same is x and torch.equal(x, x_before)}
+
+
+def check_rope_and_cache(gen: torch.Generator) -> dict:
+    """Rotary of q and k in place (views into one fused qkv row, SmolLM2's 9 query and 3
+    KV heads: padded head ranges) and k, v into the paged cache at their slots only."""
+    from worker.embedded.kernels.fused import rope_and_cache
+
+    T, hq, hkv, d, bs, nblocks, max_pos = 7, 9, 3, 64, 4, 8, 8192
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=gen)
+    q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    q0, k0, v0 = q.double(), k.double(), v.clone()
+    pos = torch.randint(0, max_pos, (T,), generator=gen)
+    pos[0] = max_pos - 1
+    slots = torch.randperm(nblocks * bs, generator=gen)[:T]
+    inv = 1.0 / (100000.0 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
+    cos, sin = freqs.cos(), freqs.sin()
+
+    def rot(x):
+        c, s = cos[pos].double()[:, None], sin[pos].double()[:, None]
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+    kc = torch.full((nblocks, bs, hkv, d), float("nan"))
+    vc = torch.full_like(kc, float("nan"))
+    rope_and_cache(q, k, v, cos, sin, pos, slots, kc, vc)
+    others = torch.ones(nblocks * bs, dtype=torch.bool)
+    others[slots] = False
+    return {"q_rel_err": rel_err(q, rot(q0)), "k_rel_err": rel_err(k, rot(k0)),
+            "k_cache_is_k": torch.equal(kc.view(-1, hkv, d)[slots], k), "v_cache_is_v": torch.equal(vc.view(-1, hkv, d)[slots], v0),
+            "v_untouched": torch.equal(v, v0), "other_slots_untouched": bool(kc.view(-1, hkv, d)[others].isnan().all()
+                                                                            and vc.view(-1, hkv, d)[others].isnan().all())}
+
+
+def check_silu_and_mul(gen: torch.Generator) -> float:
+    """SiLU(gate) * up over SmolLM2's 1536 columns (a full block of 1024 and a ragged one),
+    from a strided view."""
+    from worker.embedded.kernels.fused import silu_and_mul
+
+    T, n = 5, 1536
+    gate_up = torch.randn(T, 2 * n + 40, generator=gen)[:, : 2 * n]
+    g, u = gate_up.double().chunk(2, dim=-1)
+    return rel_err(silu_and_mul(gate_up), F.silu(g) * u)
+
+
+def kernel_checks() -> dict:
+    gen = torch.Generator().manual_seed(0)
+    return {"paged_decode": check_paged_decode(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
+            "add_rms_norm": check_add_rms_norm(gen), "rope_and_cache": check_rope_and_cache(gen),
+            "silu_and_mul_rel_err": check_silu_and_mul(gen)}
+
+
+PROMPTS = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2], [1, 4093, 198, 22464, 17, 2],
+           [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2, 198, 1, 4093, 198, 504, 3575, 282, 4649, 314, 2]]
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0):
+    """Hugging Face-named random tensors whose outputs depend on the whole context: each
+    projection scaled by its fan-in, so that every layer moves the residual stream. (The
+    engine's own draws, 0.02 everywhere, give a model that repeats one token whatever
+    came before, under which any two paths agree.) The embedding stays small: tied to the
+    LM head, a large one would make each token predict itself."""
+    gen = torch.Generator().manual_seed(seed)
+    h, d = cfg.hidden_size, cfg.head_dim
+
+    def proj(n, k):
+        return torch.randn(n, k, generator=gen) / k ** 0.5
+
+    def gain():
+        return 1 + 0.1 * torch.randn(h, generator=gen)
+
+    yield "model.embed_tokens.weight", 0.02 * torch.randn(cfg.vocab_size, h, generator=gen)
+    for i in range(cfg.num_layers):
+        layer = f"model.layers.{i}."
+        yield layer + "self_attn.q_proj.weight", proj(cfg.num_heads * d, h)
+        yield layer + "self_attn.k_proj.weight", proj(cfg.num_kv_heads * d, h)
+        yield layer + "self_attn.v_proj.weight", proj(cfg.num_kv_heads * d, h)
+        yield layer + "self_attn.o_proj.weight", proj(h, cfg.num_heads * d)
+        yield layer + "mlp.gate_proj.weight", proj(cfg.intermediate_size, h)
+        yield layer + "mlp.up_proj.weight", proj(cfg.intermediate_size, h)
+        yield layer + "mlp.down_proj.weight", proj(h, cfg.intermediate_size)
+        yield layer + "input_layernorm.weight", gain()
+        yield layer + "post_attention_layernorm.weight", gain()
+    yield "model.norm.weight", gain()
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", 0.02 * torch.randn(cfg.vocab_size, h, generator=gen)
+
+
+def engine_paths(model_dir: str) -> dict:
+    # SmolLM2's layer shape (9 query heads over 3 KV heads, 64 wide, its rope) in two
+    # layers: the same code paths as the whole model for a fifteenth of the interpreted work.
+    model = dataclasses.replace(ModelConfig.from_dir(model_dir), num_layers=2)
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     out = {}
     for attention, graphs, overlap in (("reference", False, "off"), ("triton", False, "off"), ("triton", True, "off"),
                                        ("triton", True, "on")):
         # cuda_graphs on the CPU runs the graph path's static buffers eagerly.
-        cfg = EngineConfig(model=model, device="cpu", kernels=KernelConfig(attention=attention), max_num_tokens=16,  # chunked prefill
-                           kv_cache=KvCacheConfig(tokens_per_block=4, cpu_bytes=64 * 2**20), cuda_graphs=graphs,
+        cfg = EngineConfig(device="cpu", kernels=KernelConfig(attention=attention), max_num_tokens=16,  # chunked prefill
+                           kv_cache=KvCacheConfig(tokens_per_block=4, cpu_bytes=16 * 2**20), cuda_graphs=graphs,
                            max_batch_size=4, max_seq_len=256, overlap_scheduler=overlap)
-        engine = EmbeddedEngine(cfg)
-        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-        first = engine.generate(prompts[:2], params)
-        again = engine.generate(prompts, params)  # the third shares a cached prefix with the first
-        out[attention + ("+graphs" if graphs else "") + ("+overlap" if overlap == "on" else "")] = {"first": first, "again": again, "reused": engine.stats().blocks_reused}
-    out["kernels"] = kernel_checks()
-    print(json.dumps(out))
+        engine = EmbeddedEngine(cfg, model, random_weights(model))
+        first = engine.generate(PROMPTS[:2], params)
+        again = engine.generate(PROMPTS, params)  # the third shares a cached prefix with the first
+        stats = engine.stats()
+        out[attention + ("+graphs" if graphs else "") + ("+overlap" if overlap == "on" else "")] = {
+            "first": first, "again": again, "reused": stats.blocks_reused, "steps_graph": stats.steps_graph}
+    return out
+
+
+def main() -> None:
+    print(json.dumps({"kernels": kernel_checks(), "engine": engine_paths(sys.argv[1])}))
 
 
 if __name__ == "__main__":
