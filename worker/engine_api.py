@@ -19,6 +19,10 @@ from inflight.schema import EngineStats, RequestOutput
 CapacityPolicy = Literal["GUARANTEED_NO_EVICT", "MAX_UTILIZATION"]
 
 
+class EngineConfigError(ValueError):
+    """A setting the engine cannot run with here; the message names it."""
+
+
 @dataclasses.dataclass
 class KvCacheConfig:
     free_gpu_memory_fraction: float = dataclasses.field(default=0.9, metadata={"help": "share of the GPU memory left free after loading the weights that the KV cache takes"})

@@ -21,7 +21,7 @@ from worker.embedded.model_runner import ModelRunner, kv_bytes_per_block
 from worker.embedded.sampler import DeviceSample
 from worker.embedded.scheduler import BatchScheduler, ScheduledChunk
 from worker.embedded.sequence import Sequence, SeqStatus
-from worker.engine_api import EngineConfig
+from worker.engine_api import EngineConfig, EngineConfigError
 from models.config import ModelConfig
 from models.loader import iter_safetensors
 from models.locate import locate_model
@@ -49,7 +49,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     try:
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
     except KeyError:
-        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
+        raise EngineConfigError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}") from None
 
 
 class EmbeddedEngine:
@@ -134,7 +134,7 @@ class EmbeddedEngine:
         if kv.max_tokens is not None:
             num = min(num, -(-kv.max_tokens // kv.tokens_per_block))
         if num < 1:
-            raise ValueError(f"no room for a single KV block ({per_block} bytes); raise the KV cache budget")
+            raise EngineConfigError(f"no room for a single KV block ({per_block} bytes); raise the KV cache budget")
         return num
 
     # The Engine contract.

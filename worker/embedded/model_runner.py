@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import functools
 import logging
+import os
 from typing import Callable
 
 import numpy as np
@@ -17,8 +18,8 @@ from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.sampler import DeviceSample, sample_async
 from worker.embedded.scheduler import ScheduledChunk
 from worker.embedded.sequence import Sequence
-from worker.engine_api import KernelConfig
 from models.config import ModelConfig
+from worker.engine_api import EngineConfigError, KernelConfig
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,9 @@ class ModelRunner:
             self.attention = "triton" if device.type == "cuda" and triton_available() else "reference"
         else:
             self.attention = kernels.attention
+        if self.attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise EngineConfigError(f"attention=triton runs on CUDA devices (or in Triton's interpreter, TRITON_INTERPRET=1), "
+                                    f"not on {device}; use attention=reference or auto")
         model.use_kernels(kernels if self.attention == "triton" else None)
         # One varlen flash-attention call for a step's prefills (GPU, 16-bit, a torch that has it).
         self.varlen = (self.attention == "triton" and device.type == "cuda" and kernels.varlen_prefill

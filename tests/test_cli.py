@@ -1,0 +1,23 @@
+"""The `inflight` command as a user meets it: a model or a setting that cannot be used is
+one line naming it, with a nonzero exit and no traceback."""
+
+import subprocess
+import sys
+
+
+def inflight(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_model_is_one_line(tmp_path):
+    res = inflight("worker", "--model", str(tmp_path / "nothing"), "--device", "cpu", "--metrics-port", "0")
+    assert res.returncode == 2
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (f"inflight worker: error: {tmp_path / 'nothing' / 'config.json'}: not found; "
+                                                   "a model directory needs config.json, *.safetensors and tokenizer.json")
+
+
+def test_triton_attention_on_the_cpu_is_refused_by_name():
+    res = inflight("generate", "--attention", "triton", "--device", "cpu", "--max-tokens", "2", "hi")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("inflight generate: error: attention=triton runs on CUDA devices")
