@@ -1,8 +1,12 @@
 """`inflight serve`: the whole stack on one machine as child processes.
 
 Starts the scheduler, N workers and a gateway, waits until the gateway reports SERVING,
-prints where it listens, and stops every child on Ctrl-C or SIGTERM (or when any child
-dies). Settings not named here reach the children through INFLIGHT_* variables."""
+prints where it listens, and stops every child on Ctrl-C or SIGTERM. A child that dies
+once the stack serves is started again (after a pause that doubles while it keeps dying
+soon after each start, up to MAX_BACKOFF): workers rejoin the scheduler by themselves,
+and the scheduler moves a dead worker's requests to the others. A child that dies before
+the stack serves stops it: that is a setting or a model that cannot work. Settings not
+named here reach the children through INFLIGHT_* variables."""
 
 from __future__ import annotations
 
@@ -49,15 +53,34 @@ def _gpu_count() -> int:
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
+MIN_BACKOFF, MAX_BACKOFF = 1.0, 30.0  # seconds before a dead child is started again
+STABLE_AFTER = 30.0  # a child up this long that dies starts again after MIN_BACKOFF
+
+
+class Child:
+    def __init__(self, name: str, args: list[str], env: dict | None):
+        self.name, self.args, self.env = name, args, env or {}
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.backoff = MIN_BACKOFF
+        self.restart_at: float | None = None  # when it died: the time to start it again
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "cli", *self.args]
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
+        self.started = time.monotonic()
+        self.restart_at = None
+
+
 class Stack:
     def __init__(self, config: ServeConfig):
         self.config = config
-        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.children: list[Child] = []
 
     def spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
-        cmd = [sys.executable, "-m", "cli", *args]
-        proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, preexec_fn=_die_with_parent)
-        self.children.append((name, proc))
+        child = Child(name, args, env)
+        child.start()
+        self.children.append(child)
 
     def start(self) -> None:
         c = self.config
@@ -79,10 +102,26 @@ class Stack:
                                "--metrics-port", port(0), *model])
 
     def dead_child(self) -> str | None:
-        for name, proc in self.children:
-            if proc.poll() is not None:
-                return f"{name} exited with code {proc.returncode}"
+        for child in self.children:
+            if child.proc.poll() is not None:
+                return f"{child.name} exited with code {child.proc.returncode}"
         return None
+
+    def restart_dead(self) -> None:
+        """Start again every child that died, each after its backoff."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.proc.poll() is None:
+                continue
+            if child.restart_at is None:
+                if now - child.started >= STABLE_AFTER:
+                    child.backoff = MIN_BACKOFF
+                child.restart_at = now + child.backoff
+                print(f"inflight: {child.name} exited with code {child.proc.returncode}; starting it again in "
+                      f"{child.backoff:.0f}s", file=sys.stderr, flush=True)
+                child.backoff = min(MAX_BACKOFF, child.backoff * 2)
+            elif now >= child.restart_at:
+                child.start()
 
     def wait_ready(self) -> str | None:
         """None once the gateway serves; otherwise why not."""
@@ -102,17 +141,17 @@ class Stack:
         return f"not serving after {self.config.ready_timeout:.0f}s"
 
     def stop(self) -> None:
-        for _, proc in reversed(self.children):  # gateway first, scheduler last
-            if proc.poll() is None:
-                proc.terminate()
+        for child in reversed(self.children):  # gateway first, scheduler last
+            if child.proc.poll() is None:
+                child.proc.terminate()
         deadline = time.monotonic() + 10
-        for name, proc in self.children:
+        for child in self.children:
             try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
+                child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                print(f"inflight: {name} did not stop in time; killing it", file=sys.stderr)
-                proc.kill()
-                proc.wait()
+                print(f"inflight: {child.name} did not stop in time; killing it", file=sys.stderr)
+                child.proc.kill()
+                child.proc.wait()
 
 
 def run(config: ServeConfig) -> int:
@@ -135,10 +174,7 @@ def run(config: ServeConfig) -> int:
             print(f"inflight: serving on {config.listen} with {config.workers} worker(s); "
                   f"try `inflight chat \"Hello\"` (Ctrl-C stops)", flush=True)
         while not stopping:
-            dead = stack.dead_child()
-            if dead:
-                print(f"inflight: {dead}; stopping the stack", file=sys.stderr)
-                return 1
+            stack.restart_dead()
             time.sleep(0.2)
         return 0
     finally:

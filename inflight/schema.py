@@ -79,6 +79,9 @@ class Submit(msgspec.Struct, tag=True, omit_defaults=True):
     traceparent: str | None = None  # W3C trace context
     deadline: float | None = None  # unix time after which nobody wants the answer
     gateway: bytes = b""  # the owning gateway's identity, set by the scheduler
+    # Tokens the client already has, when the scheduler moves a request whose worker died
+    # or stalled: the new worker continues after them.
+    output_token_ids: list[int] = []
 
 
 class Abort(msgspec.Struct, tag=True):
@@ -117,6 +120,7 @@ class WorkerHello(msgspec.Struct, tag=True):
     tokens_per_block: int
     kv_blocks_total: int
     max_batch_size: int
+    incarnation: str = ""  # new at every process start: a worker restarted under the same id is told apart
 
 
 class Heartbeat(msgspec.Struct, tag=True):

@@ -33,9 +33,12 @@ def dealer(ctx: zmq.Context, identity: str, address: str) -> zmq.Socket:
 
 
 def router(ctx: zmq.Context, address: str) -> zmq.Socket:
-    """One of the scheduler's two bound sockets (gateways, workers)."""
+    """One of the scheduler's two bound sockets (gateways, workers). A peer that connects
+    again under its identity (a restarted worker, before its old connection is noticed
+    gone) takes the identity over instead of being ignored."""
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     no_drop(sock)
     sock.bind(address)
     return sock

@@ -14,14 +14,21 @@ MAX_LOGPROBS = 20
 
 
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_seq_len: int,
-                  prompt_field: str = "prompt_token_ids", sampling_field: str = "") -> None:
+                  prompt_field: str = "prompt_token_ids", sampling_field: str = "", output_token_ids=()) -> None:
     """A prompt and its sampling parameters against a model's vocabulary and length;
-    `sampling_field` prefixes the sampling fields' names."""
+    `sampling_field` prefixes the sampling fields' names. `output_token_ids`: what a
+    request moved from a worker that died had produced; room must be left for more."""
     check_prompt(prompt_token_ids, vocab_size, max_seq_len, prompt_field)
     try:
         check_sampling(params, vocab_size, max_seq_len)
     except RequestError as e:
         raise under(sampling_field, e) if sampling_field else e from None
+    if output_token_ids:
+        check_vocab(output_token_ids, vocab_size, "output_token_ids")
+        done = len(output_token_ids)
+        if done >= params.max_tokens or len(prompt_token_ids) + done >= max_seq_len:
+            raise invalid("output_token_ids", f"{done} tokens already leave no room under max_tokens {params.max_tokens} "
+                                              f"and max_seq_len {max_seq_len}")
 
 
 def check_prompt(ids: list[int], vocab_size: int, max_seq_len: int, field: str) -> None:

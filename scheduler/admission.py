@@ -23,6 +23,12 @@ class AdmissionQueue:
         self._items[submit.request_id] = submit
         return True
 
+    def readmit(self, submit: Submit) -> None:
+        """Put a request already admitted back at the head of the queue (its worker died
+        and no other has room): it was let in once, so the bound does not apply."""
+        self._items[submit.request_id] = submit
+        self._items.move_to_end(submit.request_id, last=False)
+
     def remove(self, request_id: str) -> Submit | None:
         return self._items.pop(request_id, None)
 

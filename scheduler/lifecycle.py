@@ -32,6 +32,8 @@ class RequestState:
     arrived: float  # monotonic
     worker: bytes | None = None
     span: telemetry.OwnSpan | telemetry.Unrecorded | None = None
+    dispatched: bool = False
+    delivered: list[int] = dataclasses.field(default_factory=list)  # tokens relayed to the gateway: where another worker goes on
 
 
 class RequestLifecycle:
@@ -115,12 +117,16 @@ class RequestLifecycle:
                                           self.config.cache_threshold)
         if worker is None:
             return False
+        if not worker.requests:
+            worker.last_progress = self.clock()  # its progress deadline runs from its first request
         worker.requests.add(submit.request_id)
         state = self.requests[submit.request_id]
         state.worker = worker.identity
         waited = self.clock() - state.arrived
-        self.metrics.queue_time.observe(waited)
-        self.metrics.routed.labels("prefix" if matched else "load").inc()
+        if not state.dispatched:  # a request moved off a lost worker was counted when it first left
+            state.dispatched = True
+            self.metrics.queue_time.observe(waited)
+            self.metrics.routed.labels("prefix" if matched else "load").inc()
         if state.span:
             state.span.set_attributes({"inflight.worker_id": worker.info.worker_id, "inflight.prefix_blocks_matched": matched,
                                        "inflight.queue_time_s": waited})
@@ -160,12 +166,16 @@ class RequestLifecycle:
         """`raw` is `msg` as it arrived: a TokenBatch goes on to its gateway as it is."""
         worker = self.workers.get(identity)
         if isinstance(msg, schema.WorkerHello):
-            if worker is not None:  # the periodic re-announcement of a worker we know
+            if worker is not None and msg.incarnation == worker.info.incarnation:  # its periodic re-announcement
                 worker.last_seen = self.clock()
                 return
             capacity = max(1, int(msg.max_batch_size * self.config.worker_queue_factor))
-            self.workers[identity] = WorkerState(identity, msg, capacity, last_seen=self.clock())
+            now = self.clock()
+            self.workers[identity] = WorkerState(identity, msg, capacity, last_seen=now, last_progress=now)
             log.info("worker %s joined: %s, %d KV blocks of %d tokens", msg.worker_id, msg.model, msg.kv_blocks_total, msg.tokens_per_block)
+            if worker is not None:  # restarted under the same name: what the old process held goes on here or elsewhere
+                log.error("worker %s restarted; moving the %d requests it held", msg.worker_id, len(worker.requests))
+                self.move_requests(worker, "restarted")
             self.broadcast_models()
             self.drain_queue()
             return
@@ -181,28 +191,69 @@ class RequestLifecycle:
             worker.cached.update(msg.stored_hashes)
             return
         finished = False
+        stale: list[str] = []
         for item in msg.items:
             state = self.requests.get(item.request_id)
-            if state is not None and item.finished:
+            if state is None or state.worker != identity:  # ended, or moved to another worker: not this one's to answer
+                stale.append(item.request_id)
+                continue
+            state.delivered += item.new_token_ids
+            if item.finished:
                 del self.requests[item.request_id]
                 worker.requests.discard(item.request_id)
                 finished = True
-        self.to_gateway(msg.gateway, raw)
+        if len(stale) < len(msg.items):
+            worker.last_progress = self.clock()
+            if stale:  # rare: a worker that came back from a stall; pass on only what is still its own
+                gone = set(stale)
+                raw = schema.encode(schema.TokenBatch([i for i in msg.items if i.request_id not in gone], msg.gateway))
+            self.to_gateway(msg.gateway, raw)
+        if stale:
+            self.to_worker(identity, schema.encode(schema.Abort(stale)))
         if finished:
             self.drain_queue()
+
+    def lose_worker(self, identity: bytes, why: str) -> None:
+        """Take a worker out of rotation and move its requests. A worker that comes back
+        says hello and joins anew; what it still sends for the moved requests is dropped
+        (and aborted)."""
+        w = self.workers.pop(identity)
+        self.broadcast_models()
+        self.move_requests(w, why)
+
+    def move_requests(self, w: WorkerState, why: str) -> None:
+        """Continue each request `w` held on another worker, from its prompt and the tokens
+        already delivered; where no worker serves the model any more, it ends with
+        UNAVAILABLE."""
+        serving = any(o.info.model == w.info.model for o in self.workers.values())
+        for rid in sorted(w.requests, key=lambda r: (self.requests[r].arrived if r in self.requests else 0.0, r)):  # oldest first
+            state = self.requests.get(rid)
+            if state is None:
+                continue
+            state.worker = None
+            if not serving:
+                self.fail(state.submit, errors.UNAVAILABLE, f"worker {w.info.worker_id} stopped responding and no other serves "
+                                                           f"model {w.info.model!r}")
+                continue
+            self.metrics.moved.labels(why).inc()
+            state.submit.output_token_ids = list(state.delivered)
+            if not self.dispatch(state.submit):
+                self.queue.readmit(state.submit)
 
     def sweep(self, now_monotonic: float, now_unix: float) -> None:
         """Drop workers silent past the timeout (failing their requests), fail queued
         requests whose deadline passed, and refresh the gauges."""
         for identity, w in list(self.workers.items()):
-            if now_monotonic - w.last_seen > self.config.worker_timeout:
-                log.error("worker %s silent for %.0fs; failing its %d requests", w.info.worker_id, now_monotonic - w.last_seen, len(w.requests))
-                del self.workers[identity]
-                for rid in list(w.requests):
-                    state = self.requests.get(rid)
-                    if state:
-                        self.fail(state.submit, errors.UNAVAILABLE, f"worker {w.info.worker_id} stopped responding")
-                self.broadcast_models()
+            silent = now_monotonic - w.last_seen
+            stalled = now_monotonic - w.last_progress if w.requests else 0.0
+            if silent > self.config.worker_timeout:
+                log.error("worker %s silent for %.0fs; moving its %d requests", w.info.worker_id, silent, len(w.requests))
+                self.lose_worker(identity, "silent")
+            elif stalled > self.config.progress_timeout:
+                log.error("worker %s made no progress for %.0fs holding %d requests; moving them", w.info.worker_id,
+                          stalled, len(w.requests))
+                self.to_worker(identity, schema.encode(schema.Abort(list(w.requests))))
+                self.lose_worker(identity, "stalled")
         for submit in self.queue.expired(now_unix):
             self.fail(submit, errors.DEADLINE_EXCEEDED, "deadline passed while queued")
         self.metrics.queued.set(len(self.queue))

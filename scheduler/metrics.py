@@ -14,6 +14,7 @@ class SchedulerMetrics:
         self.running = prom.Gauge("inflight_scheduler_requests_running", "requests dispatched to workers and not finished")
         self.workers = prom.Gauge("inflight_scheduler_workers_alive", "workers registered and heartbeating", ["model"])
         self.rejected = prom.Counter("inflight_scheduler_requests_rejected", "requests refused by the scheduler", ["code"])
+        self.moved = prom.Counter("inflight_scheduler_requests_moved", "requests continued on another worker after theirs died or stalled", ["why"])
         self.routed = prom.Counter("inflight_scheduler_requests_routed", "requests dispatched, by whether a cached prefix decided", ["by"])
         self.kv_blocks = prom.Gauge("inflight_scheduler_worker_kv_blocks", "KV blocks per worker as last reported", ["worker", "state"])
         self.hit_rate = prom.Gauge("inflight_scheduler_worker_prefix_cache_hit_rate", "prefix-cache hit rate per worker as last reported", ["worker"])

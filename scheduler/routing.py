@@ -18,6 +18,7 @@ class WorkerState:
     info: schema.WorkerHello
     capacity: int  # requests it may hold at once (running plus its own queue)
     last_seen: float = dataclasses.field(default_factory=time.monotonic)
+    last_progress: float = dataclasses.field(default_factory=time.monotonic)  # last token from it, or its first request
     requests: set[str] = dataclasses.field(default_factory=set)  # ids routed here and not finished
     cached: set[int] = dataclasses.field(default_factory=set)  # prefix block hashes it holds
     assigned: int = 0  # requests ever routed here; breaks ties so idle workers take turns

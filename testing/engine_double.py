@@ -33,11 +33,12 @@ class InstantEngine:
         self.model_dir = None
         self.requests: OrderedDict[str, list] = OrderedDict()  # id -> [params, produced]
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               output_token_ids=()) -> None:
         if request_id in self.requests:
             raise invalid("request_id", "already in use")
-        check_request(prompt_token_ids, params, self.vocab_size, self.max_seq_len)
-        self.requests[request_id] = [params, 0, len(prompt_token_ids)]
+        check_request(prompt_token_ids, params, self.vocab_size, self.max_seq_len, output_token_ids=output_token_ids)
+        self.requests[request_id] = [params, len(output_token_ids), len(prompt_token_ids)]  # goes on from where it was
 
     def abort(self, request_id: str) -> bool:
         return self.requests.pop(request_id, None) is not None

@@ -231,3 +231,32 @@ def test_overlap_reads_each_token_one_step_later(engine_for, workload):
     for engine in (sync, ahead):  # back to idle for the next test
         while engine.has_work():
             engine.step()
+
+
+@pytest.mark.parametrize("params", [GREEDY, SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, seed=11, ignore_eos=True,
+                                                              frequency_penalty=0.4)], ids=["greedy", "seeded-penalized"])
+def test_a_request_resumed_with_its_tokens_so_far_goes_on_as_if_undisturbed(engine_for, workload, params):
+    """What a worker taking over a request from one that died does: the prompt plus the
+    tokens the client already has; the rest equals an undisturbed run's."""
+    engine = engine_for()
+    whole = engine.generate([workload[0]], params)[0]
+    assert len(whole) == params.max_tokens
+    engine.submit("resumed", workload[0], params, whole[:5])
+    rest = []
+    while engine.has_work():
+        for o in engine.step():
+            rest += o.new_token_ids
+            if o.finished:
+                assert o.prompt_tokens == len(workload[0])
+    assert whole[:5] + rest == whole
+
+
+def test_resumed_tokens_are_checked(engine_for, workload):
+    engine = engine_for()
+    with pytest.raises(RequestError) as e:
+        engine.submit("r", workload[0], SamplingParams(max_tokens=4), [1, 2, 3, 4])
+    assert e.value.field == "output_token_ids"
+    with pytest.raises(RequestError) as e:
+        engine.submit("r", workload[0], SamplingParams(max_tokens=8), [1, 10**7])
+    assert e.value.field == "output_token_ids"
+    assert not engine.has_work()

@@ -58,10 +58,33 @@ def test_seed_gives_the_same_draws_whatever_the_batch():
     logits = torch.randn(4, 100)
     p = SamplingParams(temperature=1.0, seed=42)
     a = seqs(p)
-    first = [sample(logits[:1].clone(), a, EOS).token_ids[0] for _ in range(5)]
+    first = []
+    for _ in range(8):
+        first.append(sample(logits[:1].clone(), a, EOS).token_ids[0])
+        a[0].output_token_ids.append(first[-1])
     b = seqs(SamplingParams(temperature=1.0), p, SamplingParams(temperature=0.5), SamplingParams(temperature=1.0))
-    second = [sample(logits[[1, 0, 2, 3]].clone(), b, EOS).token_ids[1] for _ in range(5)]
+    second = []
+    for _ in range(8):
+        second.append(sample(logits[[1, 0, 2, 3]].clone(), b, EOS).token_ids[1])
+        b[1].output_token_ids.append(second[-1])
     assert first == second
+    assert len(set(first)) > 1  # the draws move on with the position
+
+
+def test_a_seeded_request_resumed_mid_way_draws_what_it_would_have():
+    logits = torch.randn(1, 100)
+    p = SamplingParams(temperature=1.0, seed=7)
+    whole = seqs(p)
+    for _ in range(10):
+        whole[0].output_token_ids.append(sample(logits.clone(), whole, EOS).token_ids[0])
+    resumed = seqs(p, outputs=whole[0].output_token_ids[:6])  # as a worker taking over after 6 tokens
+    for _ in range(4):
+        resumed[0].output_token_ids.append(sample(logits.clone(), resumed, EOS).token_ids[0])
+    assert resumed[0].output_token_ids == whole[0].output_token_ids
+    other = seqs(SamplingParams(temperature=1.0, seed=8))
+    for _ in range(10):
+        other[0].output_token_ids.append(sample(logits.clone(), other, EOS).token_ids[0])
+    assert other[0].output_token_ids != whole[0].output_token_ids
 
 
 def test_penalties_match_the_formula():

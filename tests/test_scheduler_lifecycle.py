@@ -68,12 +68,17 @@ def hello(name: str, model: str = "m", max_batch_size: int = 1, max_seq_len: int
     return schema.WorkerHello(name, model, max_seq_len, 100, 4, 100, max_batch_size)
 
 
-def submit(rid: str, model: str = "m", deadline: float | None = None, gateway: bytes = b"") -> schema.Submit:
-    return schema.Submit(rid, model, [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), deadline=deadline, gateway=gateway)
+def submit(rid: str, model: str = "m", deadline: float | None = None, gateway: bytes = b"", output_token_ids=()) -> schema.Submit:
+    return schema.Submit(rid, model, [1, 2, 3, 4, 5], SamplingParams(max_tokens=4), deadline=deadline, gateway=gateway,
+                         output_token_ids=list(output_token_ids))
 
 
 def error_batch(rid: str, code: str, message: str) -> schema.TokenBatch:
     return schema.TokenBatch([schema.error_output(rid, code, message)])
+
+
+def stats() -> schema.EngineStats:
+    return schema.EngineStats(0, 0, 100, 100, 0, 0, 0, 0, 0.0, 0, 4)
 
 
 def models(*infos: tuple) -> schema.ModelsInfo:
@@ -247,7 +252,7 @@ def test_messages_from_an_unknown_worker_are_ignored_until_it_says_hello():
     assert s.core.workers == {} and s.sent() == ([], [])
 
 
-def test_silent_worker_is_dropped_and_its_requests_fail_unavailable():
+def test_silent_only_worker_is_dropped_and_its_requests_fail_unavailable():
     s = Scheduler(worker_timeout=10.0)
     s.gateway_joins(b"g")
     s.worker_joins("w1", max_batch_size=2)
@@ -259,11 +264,75 @@ def test_silent_worker_is_dropped_and_its_requests_fail_unavailable():
     assert s.sent() == ([], []) and b"w1" in s.core.workers
     s.core.sweep(joined + 10.5, 0.0)
     gateways, workers = s.sent()
-    lost = "worker w1 stopped responding"
-    assert sorted(gateways[:2], key=lambda sent: sent[1].items[0].request_id) == [
-        (b"g", error_batch("g/1", errors.UNAVAILABLE, lost)), (b"g", error_batch("g/2", errors.UNAVAILABLE, lost))]
-    assert gateways[2:] == [(b"g", models())]
+    lost = "worker w1 stopped responding and no other serves model 'm'"
+    assert gateways[0] == (b"g", models())
+    assert gateways[1:] == [(b"g", error_batch("g/1", errors.UNAVAILABLE, lost)), (b"g", error_batch("g/2", errors.UNAVAILABLE, lost))]
     assert workers == [] and s.core.workers == {} and s.core.requests == {}
+
+
+def test_a_silent_workers_requests_go_on_elsewhere_from_the_tokens_delivered():
+    s = Scheduler(worker_timeout=10.0)
+    s.worker_joins("w1", max_batch_size=2)
+    s.submit("g/1")  # both idle: w1 takes the first
+    s.submit("g/2")  # and w2 would take the next, but it joins later: w1 again
+    s.worker_joins("w2", max_batch_size=2)
+    s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g/1", [7, 8]), schema.RequestOutput("g/2", [9])], b"g"))
+    s.sent()
+    before = metric("inflight_scheduler_requests_moved_total", why="silent")
+    s.clock.now += 10.5
+    s.core.on_worker_message(b"w2", schema.Heartbeat("w2", stats()), b"")  # w2 stays alive
+    s.core.sweep(s.clock.now, 0.0)
+    gateways, workers = s.sent()
+    assert gateways == []  # no error: the streams go on
+    assert workers == [(b"w2", submit("g/1", gateway=b"g", output_token_ids=[7, 8])),
+                       (b"w2", submit("g/2", gateway=b"g", output_token_ids=[9]))]
+    assert metric("inflight_scheduler_requests_moved_total", why="silent") == before + 2
+    assert s.core.workers[b"w2"].requests == {"g/1", "g/2"} and b"w1" not in s.core.workers
+
+    # w1 comes back (it was stopped, not dead): it joins anew, and what it still sends for
+    # the moved requests reaches nobody but earns it an Abort; w2's tokens go through.
+    s.worker_joins("w1", max_batch_size=2)
+    s.sent()
+    s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g/1", [10])], b"g"))
+    assert s.sent() == ([], [(b"w1", schema.Abort(["g/1"]))])
+    raw = s.worker_sends("w2", schema.TokenBatch([schema.RequestOutput("g/1", [10], finish_reason="length")], b"g"))
+    assert s.raw_to_gateways == [raw]
+    assert s.core.requests["g/2"].delivered == [9] and "g/1" not in s.core.requests
+
+
+def test_a_worker_that_makes_no_progress_is_stalled_and_its_requests_move():
+    s = Scheduler(worker_timeout=10.0, progress_timeout=30.0)
+    s.worker_joins("w1", max_batch_size=1)
+    s.worker_joins("w2", max_batch_size=1)
+    s.submit("g/1")  # to w1
+    s.sent()
+    start = s.clock.now
+    for t in (9.0, 18.0, 27.0, 30.5):  # w1 heartbeats, so it is alive, but sends no tokens
+        s.clock.now = start + t
+        s.core.on_worker_message(b"w1", schema.Heartbeat("w1", stats()), b"")
+        s.core.on_worker_message(b"w2", schema.Heartbeat("w2", stats()), b"")
+        s.core.sweep(s.clock.now, 0.0)
+    gateways, workers = s.sent()
+    assert workers == [(b"w1", schema.Abort(["g/1"])), (b"w2", submit("g/1", gateway=b"g"))]
+    assert b"w1" not in s.core.workers and s.core.workers[b"w2"].requests == {"g/1"}
+
+
+def test_moved_requests_wait_at_the_head_of_the_queue_when_no_worker_has_room():
+    s = Scheduler(worker_timeout=10.0)
+    s.worker_joins("w1", max_batch_size=1)
+    s.worker_joins("w2", max_batch_size=1)
+    s.submit("g/1")  # w1
+    s.submit("g/2")  # w2
+    s.submit("g/3")  # queued
+    s.sent()
+    s.core.on_worker_message(b"w2", schema.Heartbeat("w2", stats()), b"")
+    s.clock.now += 10.5
+    s.core.on_worker_message(b"w2", schema.Heartbeat("w2", stats()), b"")
+    s.core.sweep(s.clock.now, 0.0)  # w1 is lost; w2 is full
+    assert [q.request_id for q in s.core.queue.waiting()] == ["g/1", "g/3"]
+    s.sent()
+    s.worker_sends("w2", schema.TokenBatch([schema.RequestOutput("g/2", [1], finish_reason="length")], b"g"))
+    assert s.sent()[1] == [(b"w2", submit("g/1", gateway=b"g"))]
 
 
 def test_a_heartbeat_keeps_a_worker_alive():
@@ -301,3 +370,20 @@ def test_queue_time_is_measured_on_the_given_clock():
     s.clock.now += 2.5
     s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g/1", [1], finish_reason="stop")], b"g"))
     assert metric("inflight_scheduler_queue_time_seconds_sum") == pytest.approx(before + 2.5)
+
+
+def test_a_worker_restarted_under_its_name_gets_back_what_its_old_process_held():
+    s = Scheduler(worker_timeout=10.0)
+    s.worker_joins("w1", max_batch_size=2)
+    s.submit("g/1")
+    s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g/1", [5, 6])], b"g"))
+    s.sent()
+    again = hello("w1", max_batch_size=2)
+    again.incarnation = "second"
+    s.core.on_worker_message(b"w1", again, b"")  # the same id, a new process: it holds nothing
+    gateways, workers = s.sent()
+    assert workers == [(b"w1", submit("g/1", gateway=b"g", output_token_ids=[5, 6]))]
+    assert not [m for _, m in gateways if isinstance(m, schema.TokenBatch)]  # no error reached the client
+    assert s.core.workers[b"w1"].info.incarnation == "second" and s.core.workers[b"w1"].requests == {"g/1"}
+    s.core.on_worker_message(b"w1", again, b"")  # its periodic hello changes nothing
+    assert s.sent() == ([], [])

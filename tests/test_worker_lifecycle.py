@@ -133,6 +133,7 @@ def test_hello_and_heartbeat_carry_the_engine_and_its_stats():
     w.heartbeat()
     stats = schema.EngineStats(1, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 16)
     assert sent == [schema.WorkerHello("w1", "m", max_seq_len=8192, vocab_size=49152, tokens_per_block=16,
-                                       kv_blocks_total=0, max_batch_size=4),
+                                       kv_blocks_total=0, max_batch_size=4, incarnation=w.incarnation),
                     schema.Heartbeat("w1", stats, [], [])]
+    assert len(w.incarnation) == 12 and worker()[0].incarnation != w.incarnation  # each process start its own
     assert metric("inflight_worker_requests", state="running") == 1

@@ -11,7 +11,7 @@ so that one `EngineConfig` maps onto both engines.
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Protocol
+from typing import Literal, Protocol, Sequence
 
 from inflight.sampling_params import SamplingParams
 from inflight.schema import EngineStats, RequestOutput
@@ -69,8 +69,12 @@ class Engine(Protocol):
     max_seq_len: int
     eos_token_ids: tuple[int, ...]
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request; raises RequestError naming the field when it is invalid."""
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               output_token_ids: Sequence[int] = ()) -> None:
+        """Queue a request; raises RequestError naming the field when it is invalid.
+        `output_token_ids`: tokens it already produced elsewhere (a worker that died); the
+        engine continues after them as if it had made them (max_tokens, penalties, and a
+        seeded request's draws count them)."""
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks; False if the engine does not hold it."""

@@ -10,6 +10,7 @@ given, as encoded schema messages. The loop in worker/main.py decodes, keeps the
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Callable
 
 from inflight import schema
@@ -37,6 +38,7 @@ class WorkerRequests:
         self.owner: dict[str, bytes] = {}  # request id -> owning gateway identity
         self.deadlines: dict[str, float] = {}  # request id -> unix time nobody waits past
         self.traces: dict[str, RequestTrace] = {}
+        self.incarnation = uuid.uuid4().hex[:12]  # this process, told apart from a restart under the same id
 
     def hello(self) -> None:
         """Announce the worker. The loop repeats it every few seconds, so that a restarted
@@ -45,7 +47,7 @@ class WorkerRequests:
         self.send(schema.encode(schema.WorkerHello(
             worker_id=self.worker_id, model=self.model, max_seq_len=self.engine.max_seq_len,
             vocab_size=self.engine.vocab_size, tokens_per_block=stats.tokens_per_block,
-            kv_blocks_total=stats.kv_blocks_total, max_batch_size=self.max_batch_size,
+            kv_blocks_total=stats.kv_blocks_total, max_batch_size=self.max_batch_size, incarnation=self.incarnation,
         )))
 
     def heartbeat(self) -> None:
@@ -57,7 +59,7 @@ class WorkerRequests:
     def handle(self, msg: schema.SchedulerToWorker, out: Outbox) -> None:
         if isinstance(msg, schema.Submit):
             try:
-                self.engine.submit(msg.request_id, msg.prompt_token_ids, msg.params)
+                self.engine.submit(msg.request_id, msg.prompt_token_ids, msg.params, msg.output_token_ids)
             except RequestError as e:
                 out.setdefault(msg.gateway, []).append(error_output(msg.request_id, e.code, e.message))
                 return

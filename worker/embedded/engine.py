@@ -6,7 +6,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import Iterable
+from typing import Iterable, Sequence as Tokens
 
 import torch
 
@@ -139,14 +139,18 @@ class EmbeddedEngine:
 
     # The Engine contract.
 
-    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def submit(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+               output_token_ids: Tokens[int] = ()) -> None:
         if request_id in self.requests:
             raise invalid("request_id", f"{request_id!r} is already in use")
-        check_request(prompt_token_ids, params, self.vocab_size, self.max_seq_len)
-        n = len(prompt_token_ids)
+        check_request(prompt_token_ids, params, self.vocab_size, self.max_seq_len, output_token_ids=output_token_ids)
+        n = len(prompt_token_ids) + len(output_token_ids)
         if not self.config.enable_chunked_prefill and n > self.config.max_num_tokens:
             raise invalid("prompt_token_ids", f"has {n} tokens, over max_num_tokens {self.config.max_num_tokens} with chunked prefill off")
         seq = Sequence(request_id, prompt_token_ids, params)
+        if output_token_ids:
+            seq.output_token_ids = list(output_token_ids)
+            seq.resumed = len(output_token_ids)
         need = self.scheduler.blocks_for_lifetime(seq)
         if need > self.pool.num_blocks:
             raise RequestError(
@@ -234,7 +238,7 @@ class EmbeddedEngine:
             self._publish(seq)
             out = RequestOutput(seq.request_id, [token], prompt_tokens=len(seq.prompt_token_ids),
                                 cached_tokens=seq.num_cached_prompt)
-            if len(seq.output_token_ids) == 1:
+            if len(seq.output_token_ids) == seq.resumed + 1:  # its first output here
                 out.scheduled_at = seq.scheduled_at
             if result.logprobs[i] is not None:
                 out.logprobs = [result.logprobs[i]]

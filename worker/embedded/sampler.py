@@ -115,13 +115,16 @@ def sample_async(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tupl
         if any(s.params.top_k or s.params.top_p < 1.0 or s.params.min_p > 0.0 for s in seqs):
             x = _truncate(x, seqs)
         probs = torch.softmax(x, dim=-1)
-        # Exponential race (argmax p/q, q ~ Exp(1)) draws from probs; seeded rows use their
-        # own generator, so a seed gives the same tokens whatever else is in the batch.
+        # Exponential race (argmax p/q, q ~ Exp(1)) draws from probs. A seeded row draws
+        # from its own generator, seeded by the seed and the token's position, so a seed
+        # gives the same tokens whatever else is in the batch, and a request continued on
+        # another worker (with its tokens so far) draws what it would have drawn here.
         q = torch.empty_like(probs).exponential_()
         for i, s in enumerate(seqs):
             if s.params.seed is not None and not s.params.greedy:
                 if s.generator is None:
-                    s.generator = torch.Generator(device=device).manual_seed(s.params.seed)
+                    s.generator = torch.Generator(device=device)
+                s.generator.manual_seed(token_seed(s.params.seed, s.num_generated))
                 q[i].exponential_(generator=s.generator)
         sampled = (probs / q).argmax(dim=-1)
         greedy = torch.tensor([s.params.greedy for s in seqs], device=device)
@@ -133,6 +136,18 @@ def sample_async(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tupl
         chosen = logprobs_all.gather(1, tokens[:, None])[:, 0]
         lp = (chosen, top_v, top_i)
     return DeviceSample(tokens, lp, top_n)
+
+
+_MASK64 = 2**64 - 1
+
+
+def token_seed(seed: int, position: int) -> int:
+    """The seed of a request's draw for its `position`-th output token (splitmix64 of the
+    two): nearby seeds and positions give unrelated streams."""
+    x = (seed + (position + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) >> 1  # manual_seed takes 63 bits
 
 
 def _truncate(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

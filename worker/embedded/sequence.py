@@ -20,6 +20,7 @@ class Sequence:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
+        self.resumed = 0  # output tokens it arrived with (made by a worker that died)
         self.params = params
         self.status = SeqStatus.WAITING
         self.block_table: list[int] = []

@@ -1,0 +1,136 @@
+"""Faults with real processes: a worker killed mid-stream, workers stopped (alive but
+silent), and `inflight serve` starting a dead worker again. Two workers on the real model;
+the scheduler counts a worker lost after 2 s without a heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import grpc
+import pytest
+
+from inflight.client import Client
+from inflight.sampling_params import SamplingParams
+from testing.stack import Stack, children_of
+
+WORKER_TIMEOUT = 2.0
+CHATS = [[{"role": "user", "content": f"Tell me a short story about a {animal}."}]
+         for animal in ("cat", "dog", "fox", "owl", "bee", "eel")]
+SEEDED = dict(temperature=0.8, top_p=0.95, seed=1234)
+MAX_TOKENS = 40
+
+
+@pytest.fixture(scope="module")
+def stack():
+    s = Stack(workers=2, env={"INFLIGHT_WORKER_TIMEOUT": str(WORKER_TIMEOUT)})
+    yield s
+    s.stop()
+
+
+def worker_pid(stack: Stack, name: str) -> int:
+    for pid in children_of(stack.proc.pid):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        if b"worker" in argv and name.encode() in argv:
+            return pid
+    raise AssertionError(f"no process for {name}")
+
+
+def moved(stack: Stack, why: str) -> float:
+    return stack.metrics("scheduler").get(f"inflight_scheduler_requests_moved_total{{why={why}}}", 0.0)
+
+
+async def run_streams(target: str, after_first_tokens=None) -> dict[str, dict]:
+    """The six greedy chats and one seeded sampled chat on one stream; calls
+    `after_first_tokens()` once every request has had a delta. Per request: ids, text,
+    and how it ended."""
+    async with Client(target) as client:
+        session = client.session()
+        for i, chat in enumerate(CHATS):
+            session.start(f"greedy-{i}", chat=chat, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        session.start("seeded", chat=CHATS[0], max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED)
+        session.close()
+        out: dict[str, dict] = {}
+        fired = after_first_tokens is None
+        async for event in session.events():
+            r = out.setdefault(event.request_id, {"ids": [], "text": "", "end": None, "at": None})
+            kind = event.WhichOneof("kind")
+            if kind == "delta":
+                r["ids"] += event.delta.token_ids
+                r["text"] += event.delta.text
+            else:
+                r["end"], r["at"] = (kind, event.finished if kind == "finished" else event.error), time.monotonic()
+            if not fired and len(out) == len(CHATS) + 1 and all(x["ids"] for x in out.values()):
+                fired = True
+                after_first_tokens()
+        return out
+
+
+def test_a_killed_workers_streams_go_on_elsewhere_with_nothing_lost_and_it_comes_back(stack, engine_for, tokenizer):
+    prompts = [tokenizer.encode_chat(c) for c in CHATS]
+    engine = engine_for()
+    want = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    want_seeded = engine.generate(prompts[:1], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED))[0]
+    before = moved(stack, "silent")
+    victim = worker_pid(stack, "worker-0")
+    killed = []
+
+    def kill():
+        os.kill(victim, signal.SIGKILL)
+        killed.append(time.monotonic())
+
+    out = asyncio.run(run_streams(stack.target, kill))
+    assert killed
+    for i in range(len(CHATS)):
+        r = out[f"greedy-{i}"]
+        assert r["end"][0] == "finished", r["end"]
+        assert r["ids"] == want[i]  # nothing lost, nothing repeated
+        assert r["text"] == tokenizer.decode(want[i])
+    assert out["seeded"]["end"][0] == "finished" and out["seeded"]["ids"] == want_seeded
+    assert moved(stack, "silent") > before  # the killed worker really held some of them
+
+    # `inflight serve` starts it again and it rejoins.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (stack.workers_alive() < 2 or worker_pid_or_none(stack, "worker-0") in (None, victim)):
+        time.sleep(0.2)
+    assert stack.workers_alive() == 2 and worker_pid(stack, "worker-0") != victim
+    again = asyncio.run(run_streams(stack.target))
+    assert [again[f"greedy-{i}"]["ids"] for i in range(len(CHATS))] == want
+
+
+def worker_pid_or_none(stack: Stack, name: str) -> int | None:
+    try:
+        return worker_pid(stack, name)
+    except AssertionError:
+        return None
+
+
+def test_with_every_worker_stopped_requests_end_unavailable_in_time_and_serving_resumes(stack):
+    pids = [worker_pid(stack, f"worker-{i}") for i in range(2)]
+    stopped = []
+
+    def stop_all():
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        stopped.append(time.monotonic())
+
+    try:
+        out = asyncio.run(asyncio.wait_for(run_streams(stack.target, stop_all), 60))
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    for rid, r in out.items():
+        assert r["end"][0] == "error" and r["end"][1].code == grpc.StatusCode.UNAVAILABLE.value[0], (rid, r["end"])
+        assert r["at"] - stopped[0] < WORKER_TIMEOUT + 2.0  # the timeout, a sweep, and the relay
+    # Back from the stop: they rejoin (their next hello), drop what was theirs, and serve.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and stack.workers_alive() < 2:
+        time.sleep(0.2)
+    assert stack.workers_alive() == 2
+    for i in range(2):
+        stack.wait_metric(i, "inflight_worker_requests{state=running}", lambda v: v == 0, timeout=30)
+    again = asyncio.run(run_streams(stack.target))
+    assert all(r["end"][0] == "finished" and len(r["ids"]) == MAX_TOKENS for r in again.values())
