@@ -6,6 +6,7 @@ know the protocol.
 
     gateway  --GatewayHello/Submit/Abort-->  scheduler  --Submit/Abort-->  worker
     gateway  <--ModelsInfo/TokenBatch-----   scheduler  <--WorkerHello/Heartbeat/TokenBatch--  worker
+                                             scheduler  --Reannounce-->  worker
 
 One type per message from where it is made to where it leaves a process: the engine
 itself emits `RequestOutput` and `EngineStats`, which travel as they are.
@@ -88,6 +89,11 @@ class Abort(msgspec.Struct, tag=True):
     request_ids: list[str]
 
 
+class Reannounce(msgspec.Struct, tag=True):
+    """To a worker the scheduler does not know (it restarted, or had taken the worker for
+    lost): say hello now rather than at the next periodic hello."""
+
+
 # scheduler -> gateway
 
 
@@ -99,7 +105,10 @@ class ModelInfo(msgspec.Struct):
 
 
 class ModelsInfo(msgspec.Struct, tag=True):
+    """The scheduler's answer to every gateway hello: also how a gateway knows it is there."""
+
     models: list[ModelInfo]
+    scheduler: str = ""  # new at every scheduler start: a gateway whose requests the new one never knew ends them
 
 
 class TokenBatch(msgspec.Struct, tag=True):
@@ -133,7 +142,7 @@ class Heartbeat(msgspec.Struct, tag=True):
 
 GatewayToScheduler = GatewayHello | Submit | Abort
 SchedulerToGateway = ModelsInfo | TokenBatch
-SchedulerToWorker = Submit | Abort
+SchedulerToWorker = Submit | Abort | Reannounce
 WorkerToScheduler = WorkerHello | Heartbeat | TokenBatch
 
 _encoder = msgspec.msgpack.Encoder()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from typing import Callable
 
 from inflight import errors, schema, telemetry
@@ -50,6 +51,7 @@ class RequestLifecycle:
         self.requests: dict[str, RequestState] = {}  # queued and dispatched, until their end
         self.queue = AdmissionQueue(config.max_queued)
         self._models_seen: set[str] = set()
+        self.incarnation = uuid.uuid4().hex[:12]  # told to gateways, so that they know a restart
 
     # Messages to gateways.
 
@@ -77,7 +79,7 @@ class RequestLifecycle:
             else:
                 m.workers += 1
                 m.max_seq_len = min(m.max_seq_len, w.info.max_seq_len)
-        return schema.ModelsInfo(list(models.values()))
+        return schema.ModelsInfo(list(models.values()), self.incarnation)
 
     def broadcast_models(self) -> None:
         raw = schema.encode(self.models_info())
@@ -179,8 +181,9 @@ class RequestLifecycle:
             self.broadcast_models()
             self.drain_queue()
             return
-        if worker is None:
-            return  # unknown (declared dead, or we restarted): its next hello registers it
+        if worker is None:  # taken for lost, or this scheduler restarted: ask it to join again now
+            self.to_worker(identity, schema.encode(schema.Reannounce()))
+            return
         worker.last_seen = self.clock()
         if isinstance(msg, schema.Heartbeat):
             name = worker.info.worker_id

@@ -35,6 +35,7 @@ class Scheduler:
         self.raw_to_gateways: list[bytes] = []
         self.clock = Clock()
         self.core = RequestLifecycle(SchedulerConfig(**config), METRICS, False, self._to_gateway, self._to_worker, self.clock)
+        self.core.incarnation = INCARNATION
 
     def _to_gateway(self, identity: bytes, payload: bytes) -> None:
         self.raw_to_gateways.append(payload)
@@ -81,8 +82,11 @@ def stats() -> schema.EngineStats:
     return schema.EngineStats(0, 0, 100, 100, 0, 0, 0, 0, 0.0, 0, 4)
 
 
+INCARNATION = "sched-1"
+
+
 def models(*infos: tuple) -> schema.ModelsInfo:
-    return schema.ModelsInfo([schema.ModelInfo(*i) for i in infos])
+    return schema.ModelsInfo([schema.ModelInfo(*i) for i in infos], INCARNATION)
 
 
 def test_gateway_hello_gets_models_info():
@@ -244,12 +248,14 @@ def test_heartbeat_updates_cached_prefixes_and_kv_metrics():
     assert s.sent() == ([], [])
 
 
-def test_messages_from_an_unknown_worker_are_ignored_until_it_says_hello():
+def test_an_unknown_worker_is_asked_to_say_hello_and_nothing_it_sends_is_relayed():
     s = Scheduler()
     stats = schema.EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0, 4)
     s.core.on_worker_message(b"ghost", schema.Heartbeat("ghost", stats), b"")
     s.worker_sends("ghost", schema.TokenBatch([schema.RequestOutput("g/1", [1])], b"g"))
-    assert s.core.workers == {} and s.sent() == ([], [])
+    assert s.core.workers == {} and s.sent() == ([], [(b"ghost", schema.Reannounce()), (b"ghost", schema.Reannounce())])
+    fresh = [RequestLifecycle(SchedulerConfig(), METRICS, False, print, print).incarnation for _ in range(2)]
+    assert fresh[0] != fresh[1]  # each scheduler start tells gateways a new one
 
 
 def test_silent_only_worker_is_dropped_and_its_requests_fail_unavailable():

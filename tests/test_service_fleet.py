@@ -70,14 +70,18 @@ def test_two_workers_share_load_and_prefixes_stick(tokenizer):
 
 
 def test_restarted_scheduler_gets_workers_and_gateways_back():
-    """Scheduler, worker and gateway started one by one (as compose would); the scheduler
-    is stopped and started again, and requests are served again without touching the rest."""
+    """Scheduler, worker and gateway started one by one (as compose would). The scheduler
+    is stopped while a request streams: the request ends with UNAVAILABLE within the
+    gateway's scheduler timeout, not never; restarted, the scheduler gets the worker and the
+    gateway back by themselves and serves. Killed and started again at once, before the
+    gateway could miss it, the new scheduler's answer still ends what the old one held."""
     import os
     import signal
     import subprocess
     import sys
     import time
 
+    from gateway.scheduler_client import SCHEDULER_TIMEOUT
     from testing.stack import free_port
 
     front, back, port = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
@@ -106,12 +110,46 @@ def test_restarted_scheduler_gets_workers_and_gateways_back():
                     raise
                 time.sleep(0.1)
 
+    async def long_request_while(action) -> tuple[object, float]:
+        """A long request; `action()` once its first tokens arrived. Its end, and how long
+        after the action it came."""
+        async with Client(f"127.0.0.1:{port}") as client:
+            session = client.session()
+            session.start("long", chat=chat, max_tokens=2000, ignore_eos=True, temperature=0)
+            session.close()
+            acted = None
+            async for event in session.events():
+                if event.WhichOneof("kind") == "delta" and acted is None:
+                    action()
+                    acted = time.monotonic()
+                elif event.WhichOneof("kind") != "delta":
+                    return event, time.monotonic() - acted
+
     try:
         first = served_within(120)
         assert first.startswith("The capital of France")
-        procs[0].send_signal(signal.SIGTERM)
-        assert procs[0].wait(30) == 0
+
+        def stop_scheduler():
+            procs[0].send_signal(signal.SIGKILL)
+
+        end, after = asyncio.run(asyncio.wait_for(long_request_while(stop_scheduler), 60))
+        assert end.WhichOneof("kind") == "error" and end.error.code == grpc.StatusCode.UNAVAILABLE.value[0], end
+        assert "lost contact with the scheduler" in end.error.message
+        assert after < SCHEDULER_TIMEOUT + 2.0
+        procs[0].wait(30)
         procs[0] = scheduler()
+        t0 = time.monotonic()
+        assert served_within(30) == first
+        assert time.monotonic() - t0 < 10  # the worker joins at once when asked, not at its next periodic hello
+
+        def restart_scheduler():
+            procs[0].send_signal(signal.SIGKILL)
+            procs[0].wait(30)
+            procs[0] = scheduler()
+
+        end, after = asyncio.run(asyncio.wait_for(long_request_while(restart_scheduler), 60))
+        assert end.WhichOneof("kind") == "error" and end.error.code == grpc.StatusCode.UNAVAILABLE.value[0], end
+        assert after < SCHEDULER_TIMEOUT + 5.0
         assert served_within(30) == first
     finally:
         for p in procs:

@@ -137,3 +137,9 @@ def test_hello_and_heartbeat_carry_the_engine_and_its_stats():
                     schema.Heartbeat("w1", stats, [], [])]
     assert len(w.incarnation) == 12 and worker()[0].incarnation != w.incarnation  # each process start its own
     assert metric("inflight_worker_requests", state="running") == 1
+
+
+def test_asked_to_reannounce_the_worker_says_hello_at_once():
+    w, sent = worker()
+    w.handle(schema.Reannounce(), {})
+    assert [type(m) for m in sent] == [schema.WorkerHello] and sent[0].incarnation == w.incarnation

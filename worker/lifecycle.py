@@ -69,6 +69,8 @@ class WorkerRequests:
             if self.tracing:
                 self.traces[msg.request_id] = RequestTrace(msg.traceparent, msg.model, msg.params.max_tokens)
             self.metrics.submitted.inc()
+        elif isinstance(msg, schema.Reannounce):
+            self.hello()
         else:
             for rid in msg.request_ids:
                 self.drop(rid, CANCELLED, "aborted")
