@@ -12,6 +12,10 @@ log = logging.getLogger("inflight.sockets")
 
 GATEWAY_ADDRESS = "tcp://127.0.0.1:5557"  # where the scheduler takes gateways
 WORKER_ADDRESS = "tcp://127.0.0.1:5558"  # where the scheduler takes workers
+# Frames larger than this are refused by ZeroMQ, which drops the peer that sent one. Our
+# largest message, a Submit at the longest prompt a model takes (some 10^5 tokens), is
+# well under a megabyte.
+MAX_FRAME_BYTES = 64 * 2**20
 
 
 def no_drop(sock: zmq.Socket) -> None:
@@ -27,6 +31,7 @@ def dealer(ctx: zmq.Context, identity: str, address: str) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     no_drop(sock)
     sock.connect(address)
     return sock
@@ -39,6 +44,7 @@ def router(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
     no_drop(sock)
     sock.bind(address)
     return sock

@@ -52,10 +52,16 @@ class Scheduler:
             for sock, _ in poller.poll(500):
                 for _ in range(1000):  # bounded, so one side cannot starve the other
                     try:
-                        identity, raw = sock.recv_multipart(zmq.NOBLOCK)
+                        frames = sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                    (self.on_gateway if sock is self.front else self.on_worker)(identity, raw)
+                    if len(frames) != 2:  # identity and one message: anything else is not a peer of ours
+                        log.error("dropped a message of %d frames from %r", len(frames), frames[0])
+                        continue
+                    try:
+                        (self.on_gateway if sock is self.front else self.on_worker)(*frames)
+                    except Exception:  # one bad message must not stop every request
+                        log.exception("handling a message from %r failed; dropped it", frames[0])
             if time.monotonic() >= next_sweep:
                 self.lifecycle.sweep(time.monotonic(), time.time())
                 next_sweep = time.monotonic() + 0.5

@@ -75,9 +75,10 @@ class Stack:
         # HTTP endpoints: gateway on base, scheduler on base + 1, worker i on base + 2 + i.
         self.metrics_base = free_port_range(2 + workers) if metrics else None
         self.workers = workers
+        self.gateway_address, self.worker_address = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"  # the scheduler's
         cmd = [sys.executable, "-m", "cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
                "--listen", self.target, "--device", device, *(["--model", str(model)] if model else []),
-               "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}",
+               "--gateway-address", self.gateway_address, "--worker-address", self.worker_address,
                "--metrics-port", str(self.metrics_base or 0), *(extra or [])]
         base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         # Small blocks by default so that the tests' short prompts fill whole ones.

@@ -134,3 +134,48 @@ def test_with_every_worker_stopped_requests_end_unavailable_in_time_and_serving_
         stack.wait_metric(i, "inflight_worker_requests{state=running}", lambda v: v == 0, timeout=30)
     again = asyncio.run(run_streams(stack.target))
     assert all(r["end"][0] == "finished" and len(r["ids"]) == MAX_TOKENS for r in again.values())
+
+
+def test_garbage_on_the_scheduler_sockets_is_logged_and_dropped(stack):
+    """Bytes that are not our messages, sent to both of the scheduler's sockets the way a
+    confused or hostile peer would: truncated, wrong type, wrong frame count, oversized.
+    Every process lives on and serves."""
+    import msgspec
+    import zmq
+
+    from inflight import schema
+    from inflight.sampling_params import SamplingParams
+    from inflight.sockets import MAX_FRAME_BYTES
+
+    good = schema.encode(schema.Submit("x/1", "m", [1, 2], SamplingParams()))
+    garbage = [
+        b"",
+        b"\x00\xff not msgpack at all",
+        good[: len(good) // 2],  # truncated
+        msgspec.msgpack.encode({"type": "Submit", "request_id": 7}),  # wrong field types
+        msgspec.msgpack.encode({"type": "TokenBatch", "items": [], "gateway": b""}),  # a worker's message, to the gateway side
+        msgspec.msgpack.encode({"type": "WorkerHello", "worker_id": ["no"]}),
+        msgspec.msgpack.encode([1, 2, 3]),
+    ]
+    ctx = zmq.Context()
+    try:
+        for address in (stack.gateway_address, stack.worker_address):
+            peer = ctx.socket(zmq.DEALER)
+            peer.setsockopt(zmq.LINGER, 0)
+            peer.setsockopt(zmq.IDENTITY, b"intruder")
+            peer.connect(address)
+            for raw in garbage:
+                peer.send(raw)
+            peer.send_multipart([b"two", b"frames"])
+            peer.send(b"\x00" * (MAX_FRAME_BYTES + 1))  # refused by ZeroMQ, which drops this peer
+            time.sleep(0.5)
+            peer.close()
+    finally:
+        ctx.term()
+    time.sleep(0.5)
+    assert stack.proc.poll() is None and stack.workers_alive() == 2
+    log = "".join(stack.log)
+    assert "undecodable message from gateway b'intruder'" in log and "undecodable message from worker b'intruder'" in log
+    assert "dropped a message of 3 frames" in log
+    out = asyncio.run(run_streams(stack.target))
+    assert all(r["end"][0] == "finished" for r in out.values())
