@@ -58,10 +58,12 @@ def _watch_gc() -> None:
 
 def run_until_signalled(loop) -> None:
     """Run `loop.run()` until SIGTERM or SIGINT sets `loop.running` to False, then flush
-    any spans still waiting for export."""
+    any spans still waiting for export. Each signal also counts in `loop.signals`, so that
+    a loop that drains before it stops can stop at once on a second one."""
 
     def stop(*_):
         loop.running = False
+        loop.signals = getattr(loop, "signals", 0) + 1
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

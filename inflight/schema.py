@@ -5,7 +5,7 @@ workers; gateways and workers connect DEALERs with their own identity. Read this
 know the protocol.
 
     gateway  --GatewayHello/Submit/Abort-->  scheduler  --Submit/Abort-->  worker
-    gateway  <--ModelsInfo/TokenBatch-----   scheduler  <--WorkerHello/Heartbeat/TokenBatch--  worker
+    gateway  <--ModelsInfo/TokenBatch-----   scheduler  <--WorkerHello/Heartbeat/TokenBatch/Leaving--  worker
                                              scheduler  --Reannounce-->  worker
 
 One type per message from where it is made to where it leaves a process: the engine
@@ -132,6 +132,14 @@ class WorkerHello(msgspec.Struct, tag=True):
     incarnation: str = ""  # new at every process start: a worker restarted under the same id is told apart
 
 
+class Leaving(msgspec.Struct, tag=True):
+    """A worker told to stop: first `gone=False` (route nothing new here; what it holds
+    finishes), then `gone=True` as it exits (move whatever it still held)."""
+
+    worker_id: str
+    gone: bool = False
+
+
 class Heartbeat(msgspec.Struct, tag=True):
     worker_id: str
     stats: EngineStats
@@ -143,7 +151,7 @@ class Heartbeat(msgspec.Struct, tag=True):
 GatewayToScheduler = GatewayHello | Submit | Abort
 SchedulerToGateway = ModelsInfo | TokenBatch
 SchedulerToWorker = Submit | Abort | Reannounce
-WorkerToScheduler = WorkerHello | Heartbeat | TokenBatch
+WorkerToScheduler = WorkerHello | Heartbeat | TokenBatch | Leaving
 
 _encoder = msgspec.msgpack.Encoder()
 encode = _encoder.encode

@@ -70,9 +70,13 @@ class RequestLifecycle:
         item = schema.error_output(submit.request_id, code, message)
         self.to_gateway(submit.gateway, schema.encode(schema.TokenBatch([item])))
 
+    def serving(self) -> list[WorkerState]:
+        """The workers that take new requests: registered and not leaving."""
+        return [w for w in self.workers.values() if not w.leaving]
+
     def models_info(self) -> schema.ModelsInfo:
         models: dict[str, schema.ModelInfo] = {}
-        for w in self.workers.values():
+        for w in self.serving():
             m = models.get(w.info.model)
             if m is None:
                 models[w.info.model] = schema.ModelInfo(w.info.model, w.info.max_seq_len, w.info.vocab_size, 1)
@@ -102,7 +106,7 @@ class RequestLifecycle:
         if submit.request_id in self.requests:
             # The request in flight under that id goes on: only the newcomer is refused.
             return self.refuse(submit, errors.ALREADY_EXISTS, f"request id {submit.request_id} is already in flight")
-        if not any(w.info.model == submit.model for w in self.workers.values()):
+        if not any(w.info.model == submit.model for w in self.serving()):
             return self.fail(submit, errors.UNAVAILABLE, f"no worker serves model {submit.model!r} right now")
         state = self.requests[submit.request_id] = RequestState(submit, self.clock())
         if self.tracing:
@@ -185,6 +189,15 @@ class RequestLifecycle:
             self.to_worker(identity, schema.encode(schema.Reannounce()))
             return
         worker.last_seen = self.clock()
+        if isinstance(msg, schema.Leaving):
+            if msg.gone:
+                log.info("worker %s stopped; moving the %d requests it still held", worker.info.worker_id, len(worker.requests))
+                self.lose_worker(identity, "drained")
+            else:
+                log.info("worker %s is draining its %d requests", worker.info.worker_id, len(worker.requests))
+                worker.leaving = True
+                self.broadcast_models()
+            return
         if isinstance(msg, schema.Heartbeat):
             name = worker.info.worker_id
             for state_name in ("free", "in_use", "cached"):
@@ -228,7 +241,7 @@ class RequestLifecycle:
         """Continue each request `w` held on another worker, from its prompt and the tokens
         already delivered; where no worker serves the model any more, it ends with
         UNAVAILABLE."""
-        serving = any(o.info.model == w.info.model for o in self.workers.values())
+        serving = any(o.info.model == w.info.model for o in self.serving())
         for rid in sorted(w.requests, key=lambda r: (self.requests[r].arrived if r in self.requests else 0.0, r)):  # oldest first
             state = self.requests.get(rid)
             if state is None:

@@ -22,10 +22,11 @@ class WorkerState:
     requests: set[str] = dataclasses.field(default_factory=set)  # ids routed here and not finished
     cached: set[int] = dataclasses.field(default_factory=set)  # prefix block hashes it holds
     assigned: int = 0  # requests ever routed here; breaks ties so idle workers take turns
+    leaving: bool = False  # draining before it stops: nothing new is routed here
 
     @property
     def has_room(self) -> bool:
-        return len(self.requests) < self.capacity
+        return not self.leaving and len(self.requests) < self.capacity
 
     def prefix_match(self, hashes: list[int]) -> int:
         n = 0

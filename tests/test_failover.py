@@ -179,3 +179,30 @@ def test_garbage_on_the_scheduler_sockets_is_logged_and_dropped(stack):
     assert "dropped a message of 3 frames" in log
     out = asyncio.run(run_streams(stack.target))
     assert all(r["end"][0] == "finished" for r in out.values())
+
+
+def test_a_worker_told_to_stop_finishes_its_streams_first(stack, engine_for, tokenizer):
+    """SIGTERM to a worker mid-stream (as an orchestrator stops it): it takes nothing new,
+    finishes what it holds, and leaves; nothing is moved, nothing lost."""
+    prompts = [tokenizer.encode_chat(c) for c in CHATS]
+    want = engine_for().generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    moved_before = {why: moved(stack, why) for why in ("silent", "drained", "stalled", "restarted")}
+    victim = worker_pid(stack, "worker-1")
+    submitted = "inflight_worker_requests_submitted_total"
+    before = stack.metrics(1)[submitted]
+    held = []
+
+    def stop():
+        held.append(stack.metrics(1)[submitted] - before)  # its share of the streams, all started by now
+        os.kill(victim, signal.SIGTERM)
+
+    out = asyncio.run(run_streams(stack.target, stop))
+    assert held[0] > 0
+    for i in range(len(CHATS)):
+        assert out[f"greedy-{i}"]["end"][0] == "finished" and out[f"greedy-{i}"]["ids"] == want[i]
+    assert out["seeded"]["end"][0] == "finished"
+    assert {why: moved(stack, why) for why in moved_before} == moved_before  # it finished them itself
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (worker_pid_or_none(stack, "worker-1") in (None, victim) or stack.workers_alive() < 2):
+        time.sleep(0.2)
+    assert worker_pid(stack, "worker-1") != victim and stack.workers_alive() == 2  # inflight serve started it again

@@ -393,3 +393,40 @@ def test_a_worker_restarted_under_its_name_gets_back_what_its_old_process_held()
     assert s.core.workers[b"w1"].info.incarnation == "second" and s.core.workers[b"w1"].requests == {"g/1"}
     s.core.on_worker_message(b"w1", again, b"")  # its periodic hello changes nothing
     assert s.sent() == ([], [])
+
+
+def test_a_leaving_worker_gets_nothing_new_finishes_what_it_holds_and_the_rest_moves_when_it_goes():
+    s = Scheduler()
+    s.gateway_joins(b"g")
+    s.worker_joins("w1", max_batch_size=2)
+    s.worker_joins("w2", max_batch_size=2)
+    s.submit("g/1")
+    s.submit("g/2")  # both on w1: the same prompt, cached there
+    s.sent()
+    s.core.on_worker_message(b"w1", schema.Leaving("w1"), b"")
+    assert s.sent()[0] == [(b"g", models(("m", 1024, 100, 1)))]  # w1 no longer counts for new requests
+    s.submit("g/3")
+    s.submit("g/4")
+    s.submit("g/5")
+    assert [w for w, _ in s.sent()[1]] == [b"w2", b"w2"]  # g/5 waits: w2 is full, w1 leaving
+    assert [q.request_id for q in s.core.queue.waiting()] == ["g/5"]
+    s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g/1", [4], finish_reason="length")], b"g"))  # it finishes
+    s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g/2", [4])], b"g"))
+    assert s.core.requests.keys() == {"g/2", "g/3", "g/4", "g/5"}  # g/1's end drained the queue, but not onto w1
+    assert [q.request_id for q in s.core.queue.waiting()] == ["g/5"]
+    s.core.on_worker_message(b"w1", schema.Leaving("w1", gone=True), b"")
+    gateways, workers = s.sent()
+    assert b"w1" not in s.core.workers
+    assert not [i for _, m in gateways if isinstance(m, schema.TokenBatch) for i in m.items if i.error_code]  # nobody saw an error
+    assert s.core.requests["g/2"].worker is None and [q.request_id for q in s.core.queue.waiting()] == ["g/2", "g/5"]
+    assert s.core.requests["g/2"].submit.output_token_ids == [4]
+    assert metric("inflight_scheduler_requests_moved_total", why="drained") >= 1
+
+
+def test_with_only_a_leaving_worker_new_requests_are_unavailable():
+    s = Scheduler()
+    s.worker_joins("w1")
+    s.core.on_worker_message(b"w1", schema.Leaving("w1"), b"")
+    s.sent()
+    s.submit("g/1")
+    assert s.sent()[0] == [(b"g", error_batch("g/1", errors.UNAVAILABLE, "no worker serves model 'm' right now"))]

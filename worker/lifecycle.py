@@ -50,6 +50,11 @@ class WorkerRequests:
             kv_blocks_total=stats.kv_blocks_total, max_batch_size=self.max_batch_size, incarnation=self.incarnation,
         )))
 
+    def leaving(self, gone: bool) -> None:
+        """Tell the scheduler the worker is draining (route nothing new here), or, with
+        `gone`, that it stops now (move what it still holds)."""
+        self.send(schema.encode(schema.Leaving(self.worker_id, gone)))
+
     def heartbeat(self) -> None:
         stats = self.engine.stats()
         stored, removed = self.engine.kv_events()

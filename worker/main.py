@@ -37,6 +37,7 @@ class WorkerConfig:
     backend: str = dataclasses.field(default="embedded", metadata={"help": "embedded, or module:Class of another Engine implementation"})
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the model directory's name"})
     heartbeat_interval: float = dataclasses.field(default=0.5, metadata={"help": "seconds between heartbeats with engine stats"})
+    drain_timeout: float = dataclasses.field(default=30.0, metadata={"help": "on SIGTERM, seconds to finish the requests held before stopping (the scheduler moves what is left to other workers; a second signal stops at once)"})
     metrics_port: int = dataclasses.field(default=9402, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig, metadata={"flatten": True})
 
@@ -67,6 +68,7 @@ class Worker:
         self.lifecycle = WorkerRequests(engine, self.sock.send, worker_id, model_name(config, engine),
                                         config.engine.max_batch_size, metrics, tracing)
         self.running = True
+        self.signals = 0  # SIGTERM/SIGINT received (inflight.process)
 
     def run(self) -> None:
         lifecycle, engine, sock = self.lifecycle, self.engine, self.sock
@@ -75,7 +77,15 @@ class Worker:
         next_heartbeat = 0.0
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
-        while self.running:
+        drain_until = None  # set when told to stop: finish what is held, until then
+        while True:
+            if not self.running:
+                if drain_until is None:
+                    drain_until = time.monotonic() + self.config.drain_timeout
+                    log.info("draining %d requests (at most %.0fs)", len(lifecycle.owner), self.config.drain_timeout)
+                    lifecycle.leaving(gone=False)
+                if not engine.has_work() or time.monotonic() >= drain_until or self.signals > 1:
+                    break
             out: dict[bytes, list[RequestOutput]] = {}
             busy = engine.has_work()
             timeout = 0 if busy else max(0, next_heartbeat - time.monotonic()) * 1000
@@ -100,6 +110,8 @@ class Worker:
                 if time.monotonic() >= next_hello:
                     lifecycle.hello()
                     next_hello = time.monotonic() + HELLO_INTERVAL
+        lifecycle.leaving(gone=True)
+        sock.setsockopt(zmq.LINGER, 2000)  # the last outputs and the goodbye still go out
         sock.close()
 
 
