@@ -35,6 +35,7 @@ class ServeConfig:
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
     metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP /metrics, /health, /ready: the gateway on this port, the scheduler on +1, worker i on +2+i; 0 means off"})
     ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})
+    stop_timeout: float = dataclasses.field(default=45.0, metadata={"help": "on Ctrl-C or SIGTERM, seconds each stage (gateway, workers, scheduler) may take to drain and stop before it is killed"})
 
 
 def _die_with_parent() -> None:
@@ -141,17 +142,22 @@ class Stack:
         return f"not serving after {self.config.ready_timeout:.0f}s"
 
     def stop(self) -> None:
-        for child in reversed(self.children):  # gateway first, scheduler last
-            if child.proc.poll() is None:
-                child.proc.terminate()
-        deadline = time.monotonic() + 10
-        for child in self.children:
-            try:
-                child.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"inflight: {child.name} did not stop in time; killing it", file=sys.stderr)
-                child.proc.kill()
-                child.proc.wait()
+        """In order, each stage drained before the next is told: the gateway (it finishes
+        its streams, which needs the workers), then the workers, then the scheduler."""
+        stages = [[c for c in self.children if c.name == "gateway"], [c for c in self.children if c.name.startswith("worker-")],
+                  [c for c in self.children if c.name == "scheduler"]]
+        for stage in stages:
+            for child in stage:
+                if child.proc.poll() is None:
+                    child.proc.terminate()
+            deadline = time.monotonic() + self.config.stop_timeout
+            for child in stage:
+                try:
+                    child.proc.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    print(f"inflight: {child.name} did not stop in time; killing it", file=sys.stderr)
+                    child.proc.kill()
+                    child.proc.wait()
 
 
 def run(config: ServeConfig) -> int:

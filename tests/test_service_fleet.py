@@ -14,21 +14,47 @@ from tests.test_service import chat_session
 
 
 def test_full_admission_queue_refuses_overflow_and_serves_the_rest(engine_for, tokenizer):
-    # The worker holds 2 requests at once and the scheduler queues 2 more: 4 of a burst fit.
-    stack = Stack(env={"INFLIGHT_MAX_BATCH_SIZE": "2", "INFLIGHT_WORKER_QUEUE_FACTOR": "1"}, extra=["--max-queued", "2"])
-    try:
-        chats = [[{"role": "user", "content": f"Say the number {i}."}] for i in range(12)]
+    """Ten times what fits: the worker holds 2 requests at once and the scheduler queues 2
+    more, and a burst of 40 arrives. The 36 refused hear so at once, long before the first
+    admitted one could finish; the 4 admitted complete correctly."""
+    import time
 
-        out = asyncio.run(chat_session(stack.target, chats, max_tokens=10, temperature=0))
+    stack = Stack(env={"INFLIGHT_MAX_BATCH_SIZE": "2", "INFLIGHT_WORKER_QUEUE_FACTOR": "1"}, extra=["--max-queued", "2"])
+    n = 40
+    chats = [[{"role": "user", "content": f"Say the number {i}."}] for i in range(n)]
+    ended: dict[str, float] = {}
+
+    async def burst():
+        async with Client(stack.target) as client:
+            session = client.session()
+            t0 = time.monotonic()
+            for i, c in enumerate(chats):
+                session.start(str(i), chat=c, max_tokens=10, temperature=0)
+            session.close()
+            out = {}
+            async for event in session.events():
+                r = out.setdefault(event.request_id, {"ids": [], "kind": None, "end": None})
+                kind = event.WhichOneof("kind")
+                if kind == "delta":
+                    r["ids"] += event.delta.token_ids
+                else:
+                    r["kind"], r["end"] = kind, event.error if kind == "error" else event.finished
+                    ended[event.request_id] = time.monotonic() - t0
+            return out
+
+    try:
+        out = asyncio.run(burst())
     finally:
         stack.stop()
-    refused = [i for i in range(12) if out[str(i)]["kind"] == "error"]
-    served = [i for i in range(12) if out[str(i)]["kind"] == "finished"]
-    assert len(served) == 4 and len(refused) == 8
+    refused = [i for i in range(n) if out[str(i)]["kind"] == "error"]
+    served = [i for i in range(n) if out[str(i)]["kind"] == "finished"]
+    assert len(served) == 4 and len(refused) == 36
+    first_served = min(ended[str(i)] for i in served)
     for i in refused:
         err = out[str(i)]["end"]
         assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0] and "queue is full" in err.message
         assert out[str(i)]["ids"] == []
+        assert ended[str(i)] < first_served  # at once: none waited for the admitted ones
     engine = engine_for()
     for i in served:
         expected = engine.generate([tokenizer.encode_chat(chats[i])], SamplingParams(max_tokens=10, temperature=0))[0]
