@@ -16,13 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gateway.scheduler_client import SchedulerClient
-from gateway.servicer import InferenceServicer
+from gateway.servicer import InferenceServicer, add_to_server
 from gateway.telemetry import GatewayMetrics
 from gateway.tokenizer import TextTokenizer
 from inflight import sockets, telemetry
 from inflight.http_endpoints import serve_http
 from inflight.process import settle_gc
-from inflight.v1 import pb, pb_grpc
+from inflight.v1 import pb
 from models.config import served_model_name
 from models.locate import locate_model
 
@@ -39,6 +39,12 @@ class GatewayConfig:
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the one the workers derive"})
     gateway_id: str = dataclasses.field(default="", metadata={"help": "identity toward the scheduler; unset means host-pid-random"})
     metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
+    # gRPC's own default, stated: a request within every other limit (1 MiB of prompt text,
+    # max_seq_len token ids) is well under it, and a bigger one is only more bytes to refuse.
+    max_receive_message_bytes: int = dataclasses.field(default=4 << 20, metadata={"help": "largest request message gRPC accepts; a bigger one gets RESOURCE_EXHAUSTED"})
+    # Each open request holds memory here, in the scheduler and on a worker; a client that
+    # needs more concurrency opens more streams, which a load balancer can spread.
+    max_open_requests_per_stream: int = dataclasses.field(default=1024, metadata={"help": "open requests one Generate stream may hold; one more start gets RESOURCE_EXHAUSTED"})
 
 
 def resolve_model(config: GatewayConfig) -> tuple[TextTokenizer, str]:
@@ -58,8 +64,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
             loop.create_task(health_servicer.set(name, status))
 
     client = SchedulerClient(config.scheduler_address, gateway_id, on_models)
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(client, tokenizer, model_name, gateway_id, GatewayMetrics()), server)
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", config.max_receive_message_bytes)])
+    add_to_server(InferenceServicer(client, tokenizer, model_name, gateway_id, GatewayMetrics(), config.max_open_requests_per_stream), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE):

@@ -9,6 +9,7 @@ import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from gateway import validation
 from gateway.output import OutputProcessor
@@ -25,8 +26,9 @@ from inflight.validation import check_request, check_vocab
 
 log = logging.getLogger("inflight.gateway")
 
-# Prompts longer than this (characters) are tokenized off the event loop.
+# Prompts longer than this (characters, or token ids to decode) are tokenized off the event loop.
 OFFLOAD_CHARS = 4096
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"]
 
 
 class OpenRequest:
@@ -42,12 +44,14 @@ def operation(msg) -> str:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, client: SchedulerClient, tokenizer: TextTokenizer, model_name: str, gateway_id: str, metrics: GatewayMetrics):
+    def __init__(self, client: SchedulerClient, tokenizer: TextTokenizer, model_name: str, gateway_id: str, metrics: GatewayMetrics,
+                 max_open_requests_per_stream: int = 1024):
         self.client = client
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.gateway_id = gateway_id
         self.metrics = metrics
+        self.max_open_requests_per_stream = max_open_requests_per_stream
         self._ids = itertools.count()
         self.tracing = telemetry.tracing()
 
@@ -59,7 +63,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _check_model_name(self, name: str, field: str = "model") -> None:
         if name and name != self.model_name:
-            raise RequestError(errors.NOT_FOUND, f"model {name!r} is not served here; this gateway serves {self.model_name!r}", field)
+            raise RequestError(errors.NOT_FOUND, f"model {validation.quoted(name)} is not served here; this gateway serves {self.model_name!r}", field)
 
     def _model(self, name: str, field: str = "model") -> schema.ModelInfo:
         self._check_model_name(name, field)
@@ -68,8 +72,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             raise RequestError(errors.UNAVAILABLE, f"no worker serves model {self.model_name!r} right now")
         return info
 
-    async def _run_tokenizer(self, fn, *args):
-        if sum(len(str(a)) for a in args) > OFFLOAD_CHARS:
+    async def _run_tokenizer(self, size: int, fn, *args):
+        """fn(*args), on a thread when `size` (characters or ids) is over OFFLOAD_CHARS."""
+        if size > OFFLOAD_CHARS:
             return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
         return fn(*args)
 
@@ -80,15 +85,21 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if kind == "text":
             if not msg.text:
                 raise invalid(field, "must not be empty")
-            ids = await self._run_tokenizer(self.tokenizer.encode, msg.text)
+            ids = await self._encode(validation.prompt_text(msg.text, field))
         elif kind == "chat":
-            messages = validation.chat_messages(msg.chat, field)
-            ids = await self._run_tokenizer(self.tokenizer.encode_chat, messages)
+            ids = await self._encode_chat(validation.chat_messages(msg.chat, field), field)
         elif kind == "token_ids":
             ids, field = list(msg.token_ids.ids), f"{field}.ids"
         else:
             raise invalid(field, "set one of text, chat or token_ids")
         return ids, field
+
+    async def _encode(self, text: str) -> list[int]:
+        return await self._run_tokenizer(len(text), self.tokenizer.encode, text)
+
+    async def _encode_chat(self, messages: list[dict], field: str) -> list[int]:
+        size = sum(len(m["content"]) for m in messages)
+        return await self._run_tokenizer(size, self.tokenizer.encode_chat, messages, field)
 
     async def _prepare(self, msg, prefix: str) -> tuple[str, list[int], SamplingParams]:
         info = self._model(msg.model, f"{prefix}model")
@@ -137,8 +148,13 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         stream = GenerateStream()
 
         async def read() -> None:
+            failure = None
             try:
                 async for req in request_iterator:
+                    await stream.room()
+                    if isinstance(req, RequestError):  # bytes that did not parse (_parse)
+                        failure = (req.code, req.message)
+                        break
                     kind = req.WhichOneof("kind")
                     if kind == "start":
                         await self._start(req.start, stream, context)
@@ -147,7 +163,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     else:
                         stream.error("", errors.INVALID_ARGUMENT, "kind: a GenerateRequest needs start or cancel")
             finally:
-                stream.reader_done()
+                stream.reader_done(failure)
 
         reader = asyncio.create_task(read())
         try:
@@ -156,6 +172,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 if events is None:
                     break
                 yield pb.GenerateResponse(events=events)
+            if stream.failure:
+                await context.abort(grpc.StatusCode[stream.failure[0]], stream.failure[1])
         finally:
             reader.cancel()
             for req in stream.open.values():  # closing the stream cancels the rest
@@ -164,11 +182,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _start(self, msg: pb.StartRequest, stream: GenerateStream, context) -> None:
         rid = msg.request_id
-        if not rid:
-            return stream.error("", errors.INVALID_ARGUMENT, "start.request_id: must not be empty")
+        try:
+            validation.request_id(rid, "start.request_id")
+        except RequestError as e:
+            return stream.error("", e.code, e.message)
         if rid in stream.open:
             return stream.error(rid, errors.INVALID_ARGUMENT, f"start.request_id: {rid!r} is already open on this stream",
                                 ends_request=False)
+        if len(stream.open) >= self.max_open_requests_per_stream:
+            return stream.error(rid, errors.RESOURCE_EXHAUSTED,
+                                f"start: this stream has {len(stream.open)} open requests, the most allowed "
+                                f"(--max-open-requests-per-stream {self.max_open_requests_per_stream}); "
+                                "wait for one to finish or open another stream")
         tm = self._telemetry("inflight.v1.Inference/Generate", msg, context)
         try:
             with tm.preparing():
@@ -186,8 +211,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     def _cancel(self, rid: str, stream: GenerateStream) -> None:
         req = stream.open.get(rid)
-        if req is None:
-            return stream.error(rid, errors.INVALID_ARGUMENT, f"cancel.request_id: no open request {rid!r} on this stream")
+        if req is None:  # an id too long to be open is not sent back
+            return stream.error(rid if len(rid) <= validation.MAX_REQUEST_ID_CHARS else "", errors.INVALID_ARGUMENT,
+                                f"cancel.request_id: no open request {validation.quoted(rid)} on this stream")
         self.client.abort([req.internal])
         req.telemetry.end(None, errors.CANCELLED, "cancelled by the client")
         stream.error(rid, errors.CANCELLED, "cancelled by the client")
@@ -229,9 +255,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             self._check_model_name(request.model)
             kind = request.WhichOneof("input")
             if kind == "text":
-                ids = await self._run_tokenizer(self.tokenizer.encode, request.text)
+                ids = await self._encode(validation.prompt_text(request.text, "text"))
             elif kind == "chat":
-                ids = await self._run_tokenizer(self.tokenizer.encode_chat, validation.chat_messages(request.chat, "chat"))
+                ids = await self._encode_chat(validation.chat_messages(request.chat, "chat"), "chat")
             else:
                 raise invalid("input", "set text or chat")
         except RequestError as e:
@@ -241,11 +267,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         try:
             self._check_model_name(request.model)
-            ids = list(request.token_ids)
+            ids = validation.detokenize_ids(request.token_ids, "token_ids")
             check_vocab(ids, self.tokenizer.vocab_size, "token_ids")
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], e.message)
-        return pb.DetokenizeResponse(text=self.tokenizer.decode(ids))
+        return pb.DetokenizeResponse(text=await self._run_tokenizer(len(ids), self.tokenizer.decode, ids))
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[
@@ -253,3 +279,41 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             for m in self.client.models.values()
         ])
 
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """What pb_grpc.add_InferenceServicer_to_server does, except that bytes which do not
+    parse as the method's request are refused with INVALID_ARGUMENT (grpc would answer
+    UNKNOWN): they reach the method as a RequestError, which a unary call is aborted
+    with here and Generate ends its stream with."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request, response = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        behavior = getattr(servicer, method.name)
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif not method.client_streaming and not method.server_streaming:
+            make, behavior = grpc.unary_unary_rpc_method_handler, _refusing_unparsed(behavior)
+        else:
+            raise NotImplementedError(f"{method.full_name}: only unary and bidirectional methods are served")
+        handlers[method.name] = make(behavior, request_deserializer=_parse(request), response_serializer=response.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
+
+
+def _parse(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as e:
+            return invalid("request", f"not a valid {message_type.DESCRIPTOR.full_name}: {e}")
+
+    return parse
+
+
+def _refusing_unparsed(behavior):
+    async def call(request, context):
+        if isinstance(request, RequestError):
+            await context.abort(grpc.StatusCode[request.code], request.message)
+        return await behavior(request, context)
+
+    return call

@@ -2,7 +2,8 @@
 
 Events of several requests go out in one message; a request's deltas that piled up
 while the client was slow are merged into one, so a slow reader gets fewer, larger
-messages rather than a growing backlog."""
+messages rather than a growing backlog. A client that sends without reading stalls its
+own stream: past BACKLOG_EVENTS unsent events the stream reads no more requests."""
 
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ from gateway.output import OutputProcessor
 from inflight.schema import RequestOutput
 from inflight.v1 import pb
 
+# Each refused start adds an event; without a bound a client that never reads could make
+# the gateway hold any number of them.
+BACKLOG_EVENTS = 1024
 FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH}
 
 
@@ -40,7 +44,9 @@ class GenerateStream:
         self._events: list[pb.Event] = []
         self._deltas: dict[str, pb.Delta] = {}  # unsent delta per request, to merge into
         self._wake = asyncio.Event()
+        self._drained = asyncio.Event()
         self._reader_done = False
+        self.failure: tuple[str, str] | None = None  # (code, message) that ends the whole call
 
     def push(self, request_id: str, out: RequestOutput, text: str, proc: OutputProcessor) -> None:
         """An output and the text it added (OutputProcessor.process)."""
@@ -71,17 +77,26 @@ class GenerateStream:
         self._events.append(pb.Event(request_id=request_id, error=pb.Error(code=status_code(code), message=message)))
         self._wake.set()
 
-    def reader_done(self) -> None:
+    def reader_done(self, failure: tuple[str, str] | None = None) -> None:
+        """No more requests; `failure` (code, message) ends the call, open requests or not."""
         self._reader_done = True
+        self.failure = failure
         self._wake.set()
+
+    async def room(self) -> None:
+        """Returns once the client has taken enough events for the stream to read on."""
+        while len(self._events) >= BACKLOG_EVENTS:
+            self._drained.clear()
+            await self._drained.wait()
 
     async def take(self) -> list[pb.Event] | None:
         """Every event ready now (waiting for one); None once the stream is complete."""
         while not self._events:
-            if self._reader_done and not self.open:
+            if self._reader_done and (self.failure or not self.open):
                 return None
             self._wake.clear()
             await self._wake.wait()
         events, self._events = self._events, []
         self._deltas.clear()
+        self._drained.set()
         return events

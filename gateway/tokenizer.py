@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from jinja2.exceptions import TemplateError
@@ -10,8 +11,25 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
+from gateway.validation import quoted
 from inflight.errors import invalid
 from models.errors import ModelError
+
+
+# Roles a chat may use. Many templates (ChatML, SmolLM2's) paste any role into the prompt
+# as it is, so a template's own checks cannot be relied on: a role must be one of these
+# or one the template tests for by name (Llama 3's "ipython"), which it then knows how to render.
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
+# `message['role'] == 'x'`, `message.role != "x"` and `role in ['x', 'y']` in a template.
+_ROLE_IS = re.compile(r"""role['"\]]*\s*[!=]=\s*['"]([\w-]+)['"]""")
+_ROLE_IN = re.compile(r"""role['"\]]*\s+(?:not\s+)?in\s*[\[(]([^\])]*)""")
+_QUOTED = re.compile(r"""['"]([\w-]+)['"]""")
+
+
+def template_roles(template: str) -> frozenset[str]:
+    """The role names a chat template's source compares a role with."""
+    listed = (name for group in _ROLE_IN.findall(template) for name in _QUOTED.findall(group))
+    return frozenset([*_ROLE_IS.findall(template), *listed])
 
 
 def _token_str(value) -> str | None:
@@ -31,6 +49,7 @@ class TextTokenizer:
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.chat_template = template
+        self.chat_roles = CHAT_ROLES | template_roles(template) if template else CHAT_ROLES
         self._template = None
         if template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -58,12 +77,16 @@ class TextTokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, field: str = "chat") -> str:
         if self._template is None:
-            raise invalid("chat", f"the model at {self.source} has no chat template; send text or token_ids")
+            raise invalid(field, f"the model at {self.source} has no chat template; send text or token_ids")
         for i, m in enumerate(messages):
-            if not m.get("role"):
-                raise invalid(f"chat.messages[{i}].role", "must not be empty")
+            role = m.get("role")
+            if not role:
+                raise invalid(f"{field}.messages[{i}].role", "must not be empty")
+            if role not in self.chat_roles:
+                raise invalid(f"{field}.messages[{i}].role", f"{quoted(role)} is not a role this model's chat template takes: "
+                                                             f"one of {', '.join(sorted(self.chat_roles))}")
         try:
             return self._template.render(
                 messages=messages,
@@ -72,11 +95,11 @@ class TextTokenizer:
                 eos_token=self.eos_token or "",
             )
         except TemplateError as e:
-            raise invalid("chat", f"the chat template rejected the messages: {e}") from None
+            raise invalid(field, f"the chat template rejected the messages: {e}") from None
 
-    def encode_chat(self, messages: list[dict]) -> list[int]:
+    def encode_chat(self, messages: list[dict], field: str = "chat") -> list[int]:
         # The template already holds every special token the model expects.
-        return self.encode(self.render_chat(messages), add_special_tokens=False)
+        return self.encode(self.render_chat(messages, field=field), add_special_tokens=False)
 
     def decode_stream(self) -> "IncrementalDetokenizer":
         return IncrementalDetokenizer(self.tokenizer)

@@ -11,6 +11,14 @@ from inflight.errors import RequestError, invalid, under
 from inflight.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
+# Each stop string is searched for in every delta's text, and the longest one holds back
+# that much streamed text: 16 covers a template's end markers plus a caller's own
+# (OpenAI allows 4, vLLM has no limit), 256 characters any marker or sentence.
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+# Every sampled token is looked up among them; a model has a few end tokens, 64 leaves
+# room for a caller's own without letting one request ban half the vocabulary.
+MAX_STOP_TOKEN_IDS = 64
 
 
 def check_request(prompt_token_ids: list[int], params: SamplingParams, vocab_size: int, max_seq_len: int,
@@ -83,9 +91,15 @@ def check_sampling(p: SamplingParams, vocab_size: int, max_seq_len: int) -> None
         raise invalid("frequency_penalty", f"must be in [-2, 2], got {p.frequency_penalty}")
     if not 0 <= p.logprobs <= MAX_LOGPROBS:
         raise invalid("logprobs", f"must be in [0, {MAX_LOGPROBS}], got {p.logprobs}")
-    for s in p.stop:
+    if len(p.stop) > MAX_STOP_STRINGS:
+        raise invalid("stop", f"has {len(p.stop)} stop strings; at most {MAX_STOP_STRINGS}")
+    for i, s in enumerate(p.stop):
         if not s:
-            raise invalid("stop", "stop strings must not be empty")
+            raise invalid(f"stop[{i}]", "stop strings must not be empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise invalid(f"stop[{i}]", f"has {len(s)} characters; at most {MAX_STOP_CHARS}")
+    if len(p.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise invalid("stop_token_ids", f"has {len(p.stop_token_ids)} ids; at most {MAX_STOP_TOKEN_IDS}")
     for t in p.stop_token_ids:
         if not 0 <= t < vocab_size:
             raise invalid("stop_token_ids", f"token id {t} is outside the vocabulary [0, {vocab_size})")
