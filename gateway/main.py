@@ -45,6 +45,7 @@ class GatewayConfig:
     # Each open request holds memory here, in the scheduler and on a worker; a client that
     # needs more concurrency opens more streams, which a load balancer can spread.
     max_open_requests_per_stream: int = dataclasses.field(default=1024, metadata={"help": "open requests one Generate stream may hold; one more start gets RESOURCE_EXHAUSTED"})
+    drain_timeout: float = dataclasses.field(default=30.0, metadata={"help": "on SIGTERM, seconds for the requests in flight to finish (health says NOT_SERVING and new ones get UNAVAILABLE meanwhile) before the rest are cancelled"})
 
 
 def resolve_model(config: GatewayConfig) -> tuple[TextTokenizer, str]:
@@ -59,13 +60,15 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     loop = asyncio.get_running_loop()
 
     def on_models(models) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if model_name in models else health_pb2.HealthCheckResponse.NOT_SERVING
+        serving = model_name in models and not servicer.draining
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE):
             loop.create_task(health_servicer.set(name, status))
 
     client = SchedulerClient(config.scheduler_address, gateway_id, on_models)
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", config.max_receive_message_bytes)])
-    add_to_server(InferenceServicer(client, tokenizer, model_name, gateway_id, GatewayMetrics(), config.max_open_requests_per_stream), server)
+    servicer = InferenceServicer(client, tokenizer, model_name, gateway_id, GatewayMetrics(), config.max_open_requests_per_stream)
+    add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     for name in ("", SERVICE):
@@ -82,8 +85,18 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Drain: say NOT_SERVING (load balancers stop sending), refuse new requests, let the
+    # ones in flight finish; a second signal cuts it short.
+    log.info("gateway draining %d requests in flight (at most %.0fs)", servicer.in_flight(), config.drain_timeout)
+    servicer.drain()
+    for name in ("", SERVICE):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    stop.clear()
+    deadline = loop.time() + config.drain_timeout
+    while servicer.in_flight() and loop.time() < deadline and not stop.is_set():
+        await asyncio.sleep(0.05)
     log.info("gateway shutting down")
-    await server.stop(grace=2.0)
+    await server.stop(grace=1.0)  # the streams send their last events and end
     await client.close()
 
 

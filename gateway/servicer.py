@@ -26,6 +26,7 @@ from inflight.validation import check_request, check_vocab
 
 log = logging.getLogger("inflight.gateway")
 
+DRAINING = "this gateway is shutting down and takes no new requests; retry on another"
 # Prompts longer than this (characters, or token ids to decode) are tokenized off the event loop.
 OFFLOAD_CHARS = 4096
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"]
@@ -52,6 +53,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.gateway_id = gateway_id
         self.metrics = metrics
         self.max_open_requests_per_stream = max_open_requests_per_stream
+        self.draining = False  # stopping: requests in flight finish, nothing new starts
+        self.streams: set[GenerateStream] = set()  # the Generate calls open now
         self._ids = itertools.count()
         self.tracing = telemetry.tracing()
 
@@ -144,8 +147,20 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     # The API.
 
+    def drain(self) -> None:
+        """Stop taking requests; each stream ends once its open requests have."""
+        self.draining = True
+        for stream in self.streams:
+            stream.drain()
+
+    def in_flight(self) -> int:
+        return len(self.client.handlers)
+
     async def Generate(self, request_iterator, context):
         stream = GenerateStream()
+        if self.draining:
+            stream.drain()
+        self.streams.add(stream)
 
         async def read() -> None:
             failure = None
@@ -175,6 +190,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             if stream.failure:
                 await context.abort(grpc.StatusCode[stream.failure[0]], stream.failure[1])
         finally:
+            self.streams.discard(stream)
             reader.cancel()
             for req in stream.open.values():  # closing the stream cancels the rest
                 req.telemetry.end(None, errors.CANCELLED, "the stream closed")
@@ -189,6 +205,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if rid in stream.open:
             return stream.error(rid, errors.INVALID_ARGUMENT, f"start.request_id: {rid!r} is already open on this stream",
                                 ends_request=False)
+        if self.draining:
+            return stream.error(rid, errors.UNAVAILABLE, DRAINING)
         if len(stream.open) >= self.max_open_requests_per_stream:
             return stream.error(rid, errors.RESOURCE_EXHAUSTED,
                                 f"start: this stream has {len(stream.open)} open requests, the most allowed "
@@ -219,6 +237,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         stream.error(rid, errors.CANCELLED, "cancelled by the client")
 
     async def Complete(self, request: pb.CompleteRequest, context) -> pb.CompleteResponse:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         tm = self._telemetry("inflight.v1.Inference/Complete", request, context)
         try:
             with tm.preparing():

@@ -47,6 +47,7 @@ class GenerateStream:
         self._drained = asyncio.Event()
         self._reader_done = False
         self.failure: tuple[str, str] | None = None  # (code, message) that ends the whole call
+        self.draining = False  # the gateway is stopping: the stream ends once nothing is open
 
     def push(self, request_id: str, out: RequestOutput, text: str, proc: OutputProcessor) -> None:
         """An output and the text it added (OutputProcessor.process)."""
@@ -77,6 +78,11 @@ class GenerateStream:
         self._events.append(pb.Event(request_id=request_id, error=pb.Error(code=status_code(code), message=message)))
         self._wake.set()
 
+    def drain(self) -> None:
+        """End the stream as soon as its open requests have ended."""
+        self.draining = True
+        self._wake.set()
+
     def reader_done(self, failure: tuple[str, str] | None = None) -> None:
         """No more requests; `failure` (code, message) ends the call, open requests or not."""
         self._reader_done = True
@@ -92,7 +98,7 @@ class GenerateStream:
     async def take(self) -> list[pb.Event] | None:
         """Every event ready now (waiting for one); None once the stream is complete."""
         while not self._events:
-            if self._reader_done and (self.failure or not self.open):
+            if (self._reader_done or self.draining) and (self.failure or not self.open):
                 return None
             self._wake.clear()
             await self._wake.wait()

@@ -206,3 +206,56 @@ def test_a_worker_told_to_stop_finishes_its_streams_first(stack, engine_for, tok
     while time.monotonic() < deadline and (worker_pid_or_none(stack, "worker-1") in (None, victim) or stack.workers_alive() < 2):
         time.sleep(0.2)
     assert worker_pid(stack, "worker-1") != victim and stack.workers_alive() == 2  # inflight serve started it again
+
+
+def test_a_gateway_told_to_stop_says_not_serving_refuses_new_work_and_finishes_its_streams(stack):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from gateway.servicer import DRAINING
+
+    gateway = [pid for pid in children_of(stack.proc.pid) if b"gateway" in open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")][0]
+
+    def health() -> int | None:
+        try:
+            with grpc.insecure_channel(stack.target) as channel:
+                return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2).status
+        except grpc.RpcError:
+            return None
+
+    async def go():
+        async with Client(stack.target) as client:
+            session = client.session()
+            for i in range(2):
+                session.start(f"long-{i}", chat=CHATS[i], max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+            out: dict[str, dict] = {}
+            told = None
+            statuses = []
+            async for event in session.events():
+                r = out.setdefault(event.request_id, {"ids": [], "end": None})
+                kind = event.WhichOneof("kind")
+                if kind == "delta":
+                    r["ids"] += event.delta.token_ids
+                else:
+                    r["end"] = event.finished if kind == "finished" else event.error
+                if told is None and len(out) == 2:
+                    os.kill(gateway, signal.SIGTERM)
+                    told = time.monotonic()
+                    await asyncio.sleep(0.5)
+                    statuses.append(await asyncio.get_running_loop().run_in_executor(None, health))
+                    session.start("late", chat=CHATS[2], max_tokens=4, temperature=0)
+                    session.close()
+            return out, statuses
+
+    out, statuses = asyncio.run(asyncio.wait_for(go(), 60))  # the stream ended by itself once drained
+    assert statuses == [health_pb2.HealthCheckResponse.NOT_SERVING]
+    from inflight.v1 import pb
+
+    for i in range(2):  # finished in full, not cut off
+        assert isinstance(out[f"long-{i}"]["end"], pb.Finished) and out[f"long-{i}"]["end"].reason == pb.FINISH_REASON_LENGTH
+        assert len(out[f"long-{i}"]["ids"]) == MAX_TOKENS
+    late = out["late"]["end"]
+    assert late.code == grpc.StatusCode.UNAVAILABLE.value[0] and late.message == DRAINING
+    deadline = time.monotonic() + 60  # it exits, and `inflight serve` starts another
+    while time.monotonic() < deadline and health() != health_pb2.HealthCheckResponse.SERVING:
+        time.sleep(0.2)
+    assert health() == health_pb2.HealthCheckResponse.SERVING
