@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from pathlib import Path
 
 from inflight.flags import add_config_flags, config_from_args
 
@@ -60,6 +62,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(config_from_args(ServeConfig, args))
 
 
+def cmd_keys(args: argparse.Namespace) -> int:
+    import zmq.auth
+
+    out = Path(args.dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ["scheduler", *args.names]:
+        if (out / f"{name}.key_secret").exists():
+            print(f"inflight keys: error: {out / name}.key_secret exists; not overwriting it", file=sys.stderr)
+            return 2
+    for name in ["scheduler", *args.names]:
+        _, secret = zmq.auth.create_certificates(out, name)
+        os.chmod(secret, 0o600)  # a key pair is a secret
+    (out / "authorized").mkdir(exist_ok=True)
+    for name in args.names:
+        (out / "authorized" / f"{name}.key").write_bytes((out / f"{name}.key").read_bytes())
+    print(f"key pairs in {out}: scheduler and {', '.join(args.names)}; give each process its *.key_secret, every gateway "
+          f"and worker scheduler.key, and the scheduler the folder {out / 'authorized'}")
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from cli.chat import run
 
@@ -104,6 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_flags(p, cls, name)
         p.set_defaults(func=func)
 
+    keys = sub.add_parser("keys", help="make CURVE key pairs for scheduler links that cross hosts",
+                          description="Writes a key pair for the scheduler and for each NAME (gateways, workers) into DIR, and "
+                                      "DIR/authorized with the public keys the scheduler lets in (--curve-authorized-keys).")
+    keys.add_argument("dir", metavar="DIR")
+    keys.add_argument("names", nargs="*", metavar="NAME", default=["gateway", "worker"],
+                      help="one key pair each (default: gateway worker)")
+    keys.set_defaults(func=cmd_keys)
+
     chat = sub.add_parser("chat", help="send a prompt to a running gateway and stream the reply",
                           description="Sends PROMPT as a user chat message and prints the reply as it arrives.")
     chat.add_argument("prompt", metavar="PROMPT")
@@ -112,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256, help="tokens to generate at most (default: 256)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default: 0)")
     chat.add_argument("--system", default="", help="a system message to send first")
+    from cli.chat import add_connection_flags
+
+    add_connection_flags(chat)
     chat.set_defaults(func=cmd_chat)
     return parser
 

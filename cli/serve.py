@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import http.client
 import os
 import signal
 import subprocess
@@ -34,6 +35,11 @@ class ServeConfig:
     worker_address: str = dataclasses.field(default=sockets.WORKER_ADDRESS, metadata={"help": "scheduler address for workers"})
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
     metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP /metrics, /health, /ready: the gateway on this port, the scheduler on +1, worker i on +2+i; 0 means off"})
+    metrics_host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address every child's /metrics, /health and /ready listen on; 0.0.0.0 for every interface"})
+    tls_cert: str = dataclasses.field(default="", metadata={"help": "the gateway's PEM certificate chain; with --tls-key turns TLS on (unset: plaintext)"})
+    tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    tls_client_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA certificates for mutual TLS: every client must present a certificate they signed"})
+    auth_token_file: str = dataclasses.field(default="", metadata={"help": "file of bearer tokens, one a line, that the gateway requires on every Inference call"})
     ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})
     stop_timeout: float = dataclasses.field(default=45.0, metadata={"help": "on Ctrl-C or SIGTERM, seconds each stage (gateway, workers, scheduler) may take to drain and stop before it is killed"})
 
@@ -88,7 +94,7 @@ class Stack:
         model = ["--model", c.model] if c.model else []
         port = lambda offset: str(c.metrics_port + offset if c.metrics_port else 0)  # noqa: E731
         self.spawn("scheduler", ["scheduler", "--gateway-address", c.gateway_address, "--worker-address", c.worker_address,
-                                 "--max-queued", str(c.max_queued), "--metrics-port", port(1)])
+                                 "--max-queued", str(c.max_queued), "--metrics-port", port(1), "--metrics-host", c.metrics_host])
         gpus = _gpu_count() if c.device in ("auto", "cuda") else 0
         for i in range(c.workers):
             env = {}
@@ -98,9 +104,10 @@ class Stack:
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.workers))
             device = c.device if gpus or c.device != "auto" else "cpu"
             self.spawn(f"worker-{i}", ["worker", "--scheduler-address", c.worker_address, "--worker-id", f"worker-{i}",
-                                       "--device", device, "--metrics-port", port(2 + i), *model], env)
+                                       "--device", device, "--metrics-port", port(2 + i), "--metrics-host", c.metrics_host, *model], env)
         self.spawn("gateway", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address,
-                               "--metrics-port", port(0), *model])
+                               "--metrics-port", port(0), "--metrics-host", c.metrics_host, "--tls-cert", c.tls_cert,
+                               "--tls-key", c.tls_key, "--tls-client-ca", c.tls_client_ca, "--auth-token-file", c.auth_token_file, *model])
 
     def dead_child(self) -> str | None:
         for child in self.children:
@@ -125,21 +132,39 @@ class Stack:
                 child.start()
 
     def wait_ready(self) -> str | None:
-        """None once the gateway serves; otherwise why not."""
+        """None once the gateway serves; otherwise why not. Plaintext: its gRPC health
+        service says SERVING. TLS: its HTTP /ready says ready (the same condition), since a
+        TLS check would need a CA for the server's certificate, a name it holds and, with
+        mutual TLS, a client certificate of our own."""
         deadline = time.monotonic() + self.config.ready_timeout
         with grpc.insecure_channel(self.config.listen) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 dead = self.dead_child()
                 if dead:
                     return dead
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        return None
-                except grpc.RpcError:
-                    pass
+                if self._http_ready() if self.config.tls_cert else self._grpc_serving(health):
+                    return None
                 time.sleep(0.2)
         return f"not serving after {self.config.ready_timeout:.0f}s"
+
+    @staticmethod
+    def _grpc_serving(health: health_pb2_grpc.HealthStub) -> bool:
+        try:
+            return health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def _http_ready(self) -> bool:
+        host = self.config.metrics_host if self.config.metrics_host not in ("", "0.0.0.0") else "127.0.0.1"
+        conn = http.client.HTTPConnection(host, self.config.metrics_port, timeout=1)  # no proxy, unlike urllib
+        try:
+            conn.request("GET", "/ready")
+            return conn.getresponse().status == 200
+        except (OSError, http.client.HTTPException):
+            return False
+        finally:
+            conn.close()
 
     def stop(self) -> None:
         """In order, each stage drained before the next is told: the gateway (it finishes
@@ -161,6 +186,10 @@ class Stack:
 
 
 def run(config: ServeConfig) -> int:
+    if config.tls_cert and not config.metrics_port:
+        print("inflight serve: error: with --tls-cert, serve waits for the gateway's HTTP /ready: "
+              "--metrics-port must not be 0", file=sys.stderr)
+        return 2
     stack = Stack(config)
     stopping = False
 

@@ -29,11 +29,12 @@ SCHEDULER_TIMEOUT = 3.0  # seconds without an answer before the scheduler counts
 
 
 class SchedulerClient:
-    def __init__(self, address: str, gateway_id: str, on_models: Callable[[dict[str, schema.ModelInfo]], None] | None = None):
+    def __init__(self, address: str, gateway_id: str, on_models: Callable[[dict[str, schema.ModelInfo]], None] | None = None,
+                 curve: sockets.CurveClient | None = None):
         self.address = address
         self.gateway_id = gateway_id
         self.ctx = zmq.asyncio.Context.instance()
-        self.sock = sockets.dealer(self.ctx, gateway_id, address)
+        self.sock = sockets.dealer(self.ctx, gateway_id, address, curve)
         self.handlers: dict[str, Handler] = {}
         self.models: dict[str, schema.ModelInfo] = {}
         self.on_models = on_models

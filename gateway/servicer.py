@@ -4,6 +4,7 @@ this edge and nowhere else."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 import time
@@ -298,6 +299,43 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             pb.Model(id=m.name, max_seq_len=m.max_seq_len, vocab_size=m.vocab_size, workers=m.workers)
             for m in self.client.models.values()
         ])
+
+
+class TokenCheck(grpc.aio.ServerInterceptor):
+    """Lets an Inference call through only with metadata `authorization: Bearer <token>`
+    naming one of `tokens`; anything else is refused with UNAUTHENTICATED before the method
+    runs. Health and reflection stay open, so probes need no token."""
+
+    def __init__(self, tokens: list[str]):
+        self.tokens = [t.encode() for t in tokens]
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE.full_name}/"):
+            return handler
+        problem = self.problem(dict(details.invocation_metadata or ()).get("authorization"))
+        if problem is None:
+            return handler  # the method's own handler: nothing added to the call
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+    def problem(self, authorization: str | None) -> str | None:
+        """Why this `authorization` value is refused; None if it names a token."""
+        if authorization is None:
+            return "this gateway needs metadata `authorization: Bearer <token>` on every call"
+        scheme, _, token = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return "authorization: expected `Bearer <token>`"
+        presented = token.strip().encode()
+        matched = False
+        for known in self.tokens:  # every one compared, each in constant time
+            matched |= hmac.compare_digest(presented, known)
+        return None if matched else "authorization: the bearer token is not one this gateway accepts"
 
 
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:

@@ -4,12 +4,16 @@
         async for delta in client.generate(chat=[{"role": "user", "content": "Hi"}], max_tokens=64):
             print(delta.text, end="")
 
-`Client.session()` opens one Generate stream that multiplexes many requests.
+`Client.session()` opens one Generate stream that multiplexes many requests. Against a
+gateway with TLS, mutual TLS and a token:
+
+    Client("gateway.internal:50051", root_ca="ca.pem", cert="me.pem", key="me.key", token=token)
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import AsyncIterator
 
 import grpc
@@ -75,11 +79,30 @@ class Session:
                 yield event
 
 
+def channel_credentials(root_ca: str | None = None, cert: str | None = None, key: str | None = None) -> grpc.ChannelCredentials:
+    """TLS that trusts the PEM CA file `root_ca` (gRPC's own roots if None), presenting the
+    client certificate `cert` with its `key` when the gateway asks for one (mutual TLS)."""
+    if bool(cert) != bool(key):
+        raise ValueError("a client certificate needs both cert and key")
+    return grpc.ssl_channel_credentials(root_certificates=_read(root_ca), private_key=_read(key), certificate_chain=_read(cert))
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
 class Client:
-    def __init__(self, target: str = "localhost:50051", metadata: list[tuple[str, str]] | None = None):
-        self.channel = grpc.aio.insecure_channel(target)
+    """A channel to one gateway: plaintext unless `tls` or any of `root_ca`, `cert`, `key`
+    (PEM file paths) is given; `token` is sent as `authorization: Bearer <token>`."""
+
+    def __init__(self, target: str = "localhost:50051", metadata: list[tuple[str, str]] | None = None, *, tls: bool = False,
+                 root_ca: str | None = None, cert: str | None = None, key: str | None = None, token: str | None = None):
+        if tls or root_ca or cert or key:
+            self.channel = grpc.aio.secure_channel(target, channel_credentials(root_ca, cert, key))
+        else:
+            self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.InferenceStub(self.channel)
-        self.metadata = metadata
+        self.metadata = [*(metadata or ()), ("authorization", f"Bearer {token}")] if token else metadata
 
     async def __aenter__(self) -> "Client":
         return self

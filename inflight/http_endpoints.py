@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def serve_http(host: str, port: int, ready: Callable[[], bool]) -> ThreadingHTTPServer | None:
-    """Start the endpoints on a daemon thread; port 0 means off."""
+    """Start the endpoints on a daemon thread; port 0 means off. `host` is the address to
+    bind: each process's --metrics-host, loopback unless told otherwise ("" is every interface)."""
     if not port:
         return None
 
@@ -45,8 +46,8 @@ def serve_http(host: str, port: int, ready: Callable[[], bool]) -> ThreadingHTTP
     try:
         server = ThreadingHTTPServer((host, port), Handler)
     except OSError as e:
-        raise SystemExit(f"error: cannot serve /metrics, /health and /ready on port {port}: {e.strerror}; "
-                         "choose another with --metrics-port (0 turns them off)") from None
+        raise SystemExit(f"error: cannot serve /metrics, /health and /ready on {host or '0.0.0.0'} port {port}: {e.strerror}; "
+                         "choose another with --metrics-host or --metrics-port (0 turns them off)") from None
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, name="http-endpoints", daemon=True).start()
     log.info("metrics and probes on http://%s:%d/metrics, /health, /ready", host or "0.0.0.0", port)

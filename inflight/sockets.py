@@ -1,9 +1,17 @@
 """ZeroMQ as every process uses it: the scheduler's default addresses, the sockets each
-side opens, and decoding that logs and drops what is not a message."""
+side opens, CURVE encryption and authentication for links that cross hosts, and decoding
+that logs and drops what is not a message.
+
+CURVE (ZeroMQ's own elliptic-curve encryption): the scheduler holds a key pair and a
+folder of the public keys it lets in; each gateway and worker holds its own pair and the
+scheduler's public key. Key files are the ones `zmq.auth.create_certificates` writes
+(`inflight keys DIR` makes a set). Without keys, links are plaintext, for one host."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -26,18 +34,85 @@ def no_drop(sock: zmq.Socket) -> None:
     sock.setsockopt(zmq.RCVHWM, 0)
 
 
-def dealer(ctx: zmq.Context, identity: str, address: str) -> zmq.Socket:
+@dataclasses.dataclass
+class CurveClient:
+    """A gateway's or worker's CURVE keys: its own pair, and the scheduler's public key."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes
+
+    @classmethod
+    def load(cls, secret_file: str, server_public_file: str) -> CurveClient | None:
+        """None when neither file is named (plaintext); both or neither."""
+        if not secret_file and not server_public_file:
+            return None
+        if not (secret_file and server_public_file):
+            raise SystemExit("error: CURVE needs both --curve-secret-key (this process's key pair) and "
+                             "--curve-server-key (the scheduler's public key)")
+        public, secret = _load(secret_file, secret=True)
+        server_public, _ = _load(server_public_file)
+        return cls(public, secret, server_public)
+
+
+@dataclasses.dataclass
+class CurveServer:
+    """The scheduler's CURVE keys, and the folder of the public keys it lets in."""
+
+    public: bytes
+    secret: bytes
+    authorized: Path
+
+    @classmethod
+    def load(cls, secret_file: str, authorized_dir: str) -> CurveServer | None:
+        if not secret_file and not authorized_dir:
+            return None
+        if not (secret_file and authorized_dir):
+            raise SystemExit("error: CURVE needs both --curve-secret-key (the scheduler's key pair) and "
+                             "--curve-authorized-keys (a folder of the public keys of the gateways and workers let in)")
+        public, secret = _load(secret_file, secret=True)
+        path = Path(authorized_dir)
+        if not path.is_dir() or not any(path.glob("*.key")):
+            raise SystemExit(f"error: {path}: no public key files (*.key) to authorize gateways and workers with")
+        return cls(public, secret, path)
+
+    def start_authenticator(self, ctx: zmq.Context):
+        """ZeroMQ's authenticator, on a thread: a peer whose public key is not in the
+        folder is refused before any message of its reaches the scheduler."""
+        from zmq.auth.thread import ThreadAuthenticator
+
+        auth = ThreadAuthenticator(ctx)
+        auth.start()
+        auth.configure_curve(domain="*", location=str(self.authorized))
+        return auth
+
+
+def _load(path: str, secret: bool = False) -> tuple[bytes, bytes | None]:
+    import zmq.auth
+
+    try:
+        public, secret_key = zmq.auth.load_certificate(path)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {path}: not a readable CURVE key file ({e})") from None
+    if secret and not secret_key:
+        raise SystemExit(f"error: {path}: holds a public key only; this needs the key pair (the *.key_secret file)")
+    return public, secret_key
+
+
+def dealer(ctx: zmq.Context, identity: str, address: str, curve: CurveClient | None = None) -> zmq.Socket:
     """A gateway's or worker's one socket to the scheduler, addressed by `identity`."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.IDENTITY, identity.encode())
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    if curve is not None:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = curve.public, curve.secret, curve.server_public
     no_drop(sock)
     sock.connect(address)
     return sock
 
 
-def router(ctx: zmq.Context, address: str) -> zmq.Socket:
+def router(ctx: zmq.Context, address: str, curve: CurveServer | None = None) -> zmq.Socket:
     """One of the scheduler's two bound sockets (gateways, workers). A peer that connects
     again under its identity (a restarted worker, before its old connection is noticed
     gone) takes the identity over instead of being ignored."""
@@ -45,6 +120,8 @@ def router(ctx: zmq.Context, address: str) -> zmq.Socket:
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    if curve is not None:
+        sock.curve_publickey, sock.curve_secretkey, sock.curve_server = curve.public, curve.secret, True
     no_drop(sock)
     sock.bind(address)
     return sock

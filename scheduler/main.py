@@ -26,8 +26,10 @@ log = logging.getLogger("inflight.scheduler")
 class Scheduler:
     def __init__(self, config: SchedulerConfig, metrics: SchedulerMetrics | None = None, tracing: bool = False):
         ctx = zmq.Context.instance()
-        front = self.front = sockets.router(ctx, config.gateway_address)
-        back = self.back = sockets.router(ctx, config.worker_address)
+        curve = sockets.CurveServer.load(config.curve_secret_key, config.curve_authorized_keys)
+        self.authenticator = curve.start_authenticator(ctx) if curve else None
+        front = self.front = sockets.router(ctx, config.gateway_address, curve)
+        back = self.back = sockets.router(ctx, config.worker_address, curve)
         self.lifecycle = RequestLifecycle(config, metrics or SchedulerMetrics(), tracing,
                                           to_gateway=lambda identity, raw: front.send_multipart([identity, raw]),
                                           to_worker=lambda identity, raw: back.send_multipart([identity, raw]))
@@ -67,11 +69,13 @@ class Scheduler:
                 next_sweep = time.monotonic() + 0.5
         self.front.close()
         self.back.close()
+        if self.authenticator:
+            self.authenticator.stop()
 
 
 def run(config: SchedulerConfig) -> None:
     tracing = telemetry.setup_tracing("inflight-scheduler")
     sched = Scheduler(config, SchedulerMetrics(), tracing)
-    serve_http("", config.metrics_port, ready=lambda: True)
+    serve_http(config.metrics_host, config.metrics_port, ready=lambda: True)
     log.info("scheduler: gateways on %s, workers on %s, max %d queued", config.gateway_address, config.worker_address, config.max_queued)
     run_until_signalled(sched)

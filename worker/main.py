@@ -37,7 +37,10 @@ class WorkerConfig:
     backend: str = dataclasses.field(default="embedded", metadata={"help": "embedded, or module:Class of another Engine implementation"})
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the model directory's name"})
     heartbeat_interval: float = dataclasses.field(default=0.5, metadata={"help": "seconds between heartbeats with engine stats"})
+    curve_secret_key: str = dataclasses.field(default="", metadata={"help": "CURVE: this worker's key pair file (*.key_secret), for a scheduler on another host"})
+    curve_server_key: str = dataclasses.field(default="", metadata={"help": "CURVE: the scheduler's public key file (*.key)"})
     drain_timeout: float = dataclasses.field(default=30.0, metadata={"help": "on SIGTERM, seconds to finish the requests held before stopping (the scheduler moves what is left to other workers; a second signal stops at once)"})
+    metrics_host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address /metrics, /health and /ready listen on; 0.0.0.0 for every interface"})
     metrics_port: int = dataclasses.field(default=9402, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
     engine: EngineConfig = dataclasses.field(default_factory=EngineConfig, metadata={"flatten": True})
 
@@ -61,10 +64,11 @@ def model_name(config: WorkerConfig, engine: Engine) -> str:
 
 
 class Worker:
-    def __init__(self, config: WorkerConfig, engine: Engine, worker_id: str, metrics: WorkerMetrics, tracing: bool):
+    def __init__(self, config: WorkerConfig, engine: Engine, worker_id: str, metrics: WorkerMetrics, tracing: bool,
+                 curve: sockets.CurveClient | None = None):
         self.config = config
         self.engine = engine
-        self.sock = sockets.dealer(zmq.Context.instance(), worker_id, config.scheduler_address)
+        self.sock = sockets.dealer(zmq.Context.instance(), worker_id, config.scheduler_address, curve)
         self.lifecycle = WorkerRequests(engine, self.sock.send, worker_id, model_name(config, engine),
                                         config.engine.max_batch_size, metrics, tracing)
         self.running = True
@@ -120,8 +124,9 @@ def run(config: WorkerConfig) -> None:
     tracing = telemetry.setup_tracing("inflight-worker", **{"inflight.worker_id": worker_id})
     metrics = WorkerMetrics()
     worker: Worker | None = None
-    serve_http("", config.metrics_port, ready=lambda: worker is not None)  # /health answers while the model loads
+    curve = sockets.CurveClient.load(config.curve_secret_key, config.curve_server_key)  # before the model: a bad key fails fast
+    serve_http(config.metrics_host, config.metrics_port, ready=lambda: worker is not None)  # /health answers while the model loads
     engine = load_engine(config)
-    worker = Worker(config, engine, worker_id, metrics, tracing)
+    worker = Worker(config, engine, worker_id, metrics, tracing, curve)
     log.info("worker %s serving %s, scheduler at %s", worker_id, worker.lifecycle.model, config.scheduler_address)
     run_until_signalled(worker)

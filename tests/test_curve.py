@@ -1,0 +1,86 @@
+"""Scheduler links that cross hosts: with CURVE keys, gateways and workers whose public
+keys the scheduler holds get in over encrypted links; a plaintext worker, or one whose key
+the scheduler does not hold, never joins. The processes are started one by one, as on
+separate hosts, with DEBUG logs: no prompt or output text appears in any of them."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+from inflight.client import Client
+from testing.stack import free_port
+
+SECRET_WORDS = "zebra-marmalade-quartz"
+
+
+def start(args: list[str], log) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cli", "--log-level", "DEBUG", *args], stdout=log, stderr=subprocess.STDOUT)
+
+
+def test_curve_links_let_in_known_keys_only_and_logs_hold_no_text(tmp_path):
+    keys = tmp_path / "keys"
+    made = subprocess.run([sys.executable, "-m", "cli", "keys", str(keys), "gateway", "worker", "stranger"],
+                          capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    (keys / "authorized" / "stranger.key").unlink()  # made, but not let in
+    front, back, port = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}", free_port()
+    metrics = free_port()
+    log = open(tmp_path / "log", "w")
+    procs = []
+
+    def worker(name: str, *curve: str) -> subprocess.Popen:
+        p = start(["worker", "--scheduler-address", back, "--device", "cpu", "--metrics-port", "0", "--worker-id", name, *curve], log)
+        procs.append(p)
+        return p
+
+    try:
+        procs.append(start(["scheduler", "--gateway-address", front, "--worker-address", back, "--metrics-port", str(metrics),
+                            "--curve-secret-key", str(keys / "scheduler.key_secret"),
+                            "--curve-authorized-keys", str(keys / "authorized")], log))
+        worker("w-known", "--curve-secret-key", str(keys / "worker.key_secret"), "--curve-server-key", str(keys / "scheduler.key"))
+        worker("w-plain")
+        worker("w-stranger", "--curve-secret-key", str(keys / "stranger.key_secret"), "--curve-server-key", str(keys / "scheduler.key"))
+        procs.append(start(["gateway", "--listen", f"127.0.0.1:{port}", "--scheduler-address", front, "--metrics-port", "0",
+                            "--curve-secret-key", str(keys / "gateway.key_secret"),
+                            "--curve-server-key", str(keys / "scheduler.key")], log))
+        chat = [{"role": "user", "content": f"Repeat after me: {SECRET_WORDS}"}]
+
+        async def ask() -> str:
+            async with Client(f"127.0.0.1:{port}") as client:
+                return (await client.complete(chat=chat, max_tokens=12, temperature=0)).text
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                answer = asyncio.run(ask())
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.3)
+        assert answer
+        time.sleep(3)  # the other two workers have had time to try
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        alive = [line for line in text.splitlines() if line.startswith("inflight_scheduler_workers_alive{")]
+        assert alive and all(line.endswith(" 1.0") for line in alive), alive  # only w-known joined
+        assert all(p.poll() is None for p in procs)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        log.close()
+    logged = (tmp_path / "log").read_text()
+    assert "worker w-known joined" in logged and "w-plain joined" not in logged and "w-stranger joined" not in logged
+    assert SECRET_WORDS not in logged  # no prompt
+    if len(answer.strip()) >= 12:
+        assert answer.strip() not in logged  # no output
