@@ -22,6 +22,7 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from gateway.main import TlsConfig
 from inflight import sockets
 
 
@@ -36,9 +37,7 @@ class ServeConfig:
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
     metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP /metrics, /health, /ready: the gateway on this port, the scheduler on +1, worker i on +2+i; 0 means off"})
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address every child's /metrics, /health and /ready listen on; 0.0.0.0 for every interface"})
-    tls_cert: str = dataclasses.field(default="", metadata={"help": "the gateway's PEM certificate chain; with --tls-key turns TLS on (unset: plaintext)"})
-    tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key of --tls-cert"})
-    tls_client_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA certificates for mutual TLS: every client must present a certificate they signed"})
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)  # the gateway's
     auth_token_file: str = dataclasses.field(default="", metadata={"help": "file of bearer tokens, one a line, that the gateway requires on every Inference call"})
     ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})
     stop_timeout: float = dataclasses.field(default=45.0, metadata={"help": "on Ctrl-C or SIGTERM, seconds each stage (gateway, workers, scheduler) may take to drain and stop before it is killed"})
@@ -106,8 +105,8 @@ class Stack:
             self.spawn(f"worker-{i}", ["worker", "--scheduler-address", c.worker_address, "--worker-id", f"worker-{i}",
                                        "--device", device, "--metrics-port", port(2 + i), "--metrics-host", c.metrics_host, *model], env)
         self.spawn("gateway", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address,
-                               "--metrics-port", port(0), "--metrics-host", c.metrics_host, "--tls-cert", c.tls_cert,
-                               "--tls-key", c.tls_key, "--tls-client-ca", c.tls_client_ca, "--auth-token-file", c.auth_token_file, *model])
+                               "--metrics-port", port(0), "--metrics-host", c.metrics_host, "--tls-cert", c.tls.cert,
+                               "--tls-key", c.tls.key, "--tls-client-ca", c.tls.client_ca, "--auth-token-file", c.auth_token_file, *model])
 
     def dead_child(self) -> str | None:
         for child in self.children:
@@ -143,7 +142,7 @@ class Stack:
                 dead = self.dead_child()
                 if dead:
                     return dead
-                if self._http_ready() if self.config.tls_cert else self._grpc_serving(health):
+                if self._http_ready() if self.config.tls.cert else self._grpc_serving(health):
                     return None
                 time.sleep(0.2)
         return f"not serving after {self.config.ready_timeout:.0f}s"
@@ -186,7 +185,7 @@ class Stack:
 
 
 def run(config: ServeConfig) -> int:
-    if config.tls_cert and not config.metrics_port:
+    if config.tls.cert and not config.metrics_port:
         print("inflight serve: error: with --tls-cert, serve waits for the gateway's HTTP /ready: "
               "--metrics-port must not be 0", file=sys.stderr)
         return 2

@@ -34,6 +34,16 @@ SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 
 
 @dataclasses.dataclass
+class TlsConfig:
+    """The gRPC port's TLS (flags --tls-cert, --tls-key, --tls-client-ca); the gateway's and
+    `inflight serve`'s, which hands it on."""
+
+    cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate chain of the gRPC port; with --tls-key turns TLS on (unset: plaintext)"})
+    key: str = dataclasses.field(default="", metadata={"help": "PEM private key of --tls-cert"})
+    client_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA certificates for mutual TLS: every client must present a certificate they signed"})
+
+
+@dataclasses.dataclass
 class GatewayConfig:
     listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
     scheduler_address: str = dataclasses.field(default=sockets.GATEWAY_ADDRESS, metadata={"help": "the scheduler's ZeroMQ address for gateways"})
@@ -42,9 +52,7 @@ class GatewayConfig:
     gateway_id: str = dataclasses.field(default="", metadata={"help": "identity toward the scheduler; unset means host-pid-random"})
     metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address /metrics, /health and /ready listen on; 0.0.0.0 for every interface"})
-    tls_cert: str = dataclasses.field(default="", metadata={"help": "PEM certificate chain of the gRPC port; with --tls-key turns TLS on (unset: plaintext)"})
-    tls_key: str = dataclasses.field(default="", metadata={"help": "PEM private key of --tls-cert"})
-    tls_client_ca: str = dataclasses.field(default="", metadata={"help": "PEM CA certificates for mutual TLS: every client must present a certificate they signed"})
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)
     # A file, not the token itself: a flag's value shows in `ps`.
     auth_token_file: str = dataclasses.field(default="", metadata={"help": "file of bearer tokens, one a line: every Inference call must carry `authorization: Bearer <one of them>` (health and reflection stay open)"})
     # gRPC's own default, stated: a request within every other limit (1 MiB of prompt text,
@@ -65,32 +73,32 @@ def _read(path: str, flag: str) -> bytes:
         raise SystemExit(f"error: {flag} {path}: {e.strerror}") from None
 
 
-def server_credentials(config: GatewayConfig) -> grpc.ServerCredentials | None:
+def server_credentials(tls: TlsConfig) -> grpc.ServerCredentials | None:
     """TLS (mutual with --tls-client-ca) for the gRPC port, its files checked up front; None
     means plaintext."""
-    if not (config.tls_cert or config.tls_key or config.tls_client_ca):
+    if not (tls.cert or tls.key or tls.client_ca):
         return None
-    if not (config.tls_cert and config.tls_key):
+    if not (tls.cert and tls.key):
         raise SystemExit("error: TLS needs both --tls-cert and --tls-key")
-    chain, key = _read(config.tls_cert, "--tls-cert"), _read(config.tls_key, "--tls-key")
+    chain, key = _read(tls.cert, "--tls-cert"), _read(tls.key, "--tls-key")
     if b"-----BEGIN CERTIFICATE-----" not in chain:
-        raise SystemExit(f"error: --tls-cert {config.tls_cert}: no PEM certificate in it")
+        raise SystemExit(f"error: --tls-cert {tls.cert}: no PEM certificate in it")
     if b"PRIVATE KEY-----" not in key:
-        raise SystemExit(f"error: --tls-key {config.tls_key}: no PEM private key in it")
+        raise SystemExit(f"error: --tls-key {tls.key}: no PEM private key in it")
     try:  # gRPC would only fail at each handshake; OpenSSL says now
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(config.tls_cert, config.tls_key, password=lambda: b"")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert, tls.key, password=lambda: b"")
     except ssl.SSLError as e:
         if e.reason == "KEY_VALUES_MISMATCH":
-            raise SystemExit(f"error: --tls-key {config.tls_key} is not the key of the certificate in --tls-cert {config.tls_cert}") from None
-        raise SystemExit(f"error: --tls-cert {config.tls_cert} with --tls-key {config.tls_key}: unusable "
+            raise SystemExit(f"error: --tls-key {tls.key} is not the key of the certificate in --tls-cert {tls.cert}") from None
+        raise SystemExit(f"error: --tls-cert {tls.cert} with --tls-key {tls.key}: unusable "
                          f"({e.reason or e}; an encrypted key is not supported)") from None
     client_ca = None
-    if config.tls_client_ca:
-        client_ca = _read(config.tls_client_ca, "--tls-client-ca")
+    if tls.client_ca:
+        client_ca = _read(tls.client_ca, "--tls-client-ca")
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=client_ca.decode("ascii", "replace"))
         except ssl.SSLError as e:
-            raise SystemExit(f"error: --tls-client-ca {config.tls_client_ca}: no usable PEM CA certificate ({e.reason or e})") from None
+            raise SystemExit(f"error: --tls-client-ca {tls.client_ca}: no usable PEM CA certificate ({e.reason or e})") from None
     return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None)
 
 
@@ -116,7 +124,7 @@ def resolve_model(config: GatewayConfig) -> tuple[TextTokenizer, str]:
 
 
 async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> None:
-    credentials, tokens = server_credentials(config), bearer_tokens(config)
+    credentials, tokens = server_credentials(config.tls), bearer_tokens(config)
     tokenizer, model_name = resolve_model(config)
     gateway_id = config.gateway_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     health_servicer = health.aio.HealthServicer()
@@ -149,7 +157,7 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     await server.start()
     client.start()
     settle_gc()
-    security = ("mutual TLS" if config.tls_client_ca else "TLS" if credentials else "plaintext") + (", bearer token" if tokens else "")
+    security = ("mutual TLS" if config.tls.client_ca else "TLS" if credentials else "plaintext") + (", bearer token" if tokens else "")
     log.info("gateway %s listening on %s (%s) for model %s (scheduler %s)", gateway_id, config.listen, security, model_name,
              config.scheduler_address)
     stop = asyncio.Event()

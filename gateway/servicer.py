@@ -320,8 +320,18 @@ class TokenCheck(grpc.aio.ServerInterceptor):
         async def refuse(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
+        async def refuse_stream(request_iterator, context):  # a stream's handler is a generator, as Generate's is
+            # Take the client's first message before refusing: a status sent while the
+            # client is still writing it reaches the client as INTERNAL, not as the refusal.
+            try:
+                await asyncio.wait_for(anext(request_iterator), 1.0)  # a client that sends nothing is not waited for
+            except (StopAsyncIteration, asyncio.TimeoutError):
+                pass
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+            yield  # never reached
+
         if handler.request_streaming and handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(refuse)
+            return grpc.stream_stream_rpc_method_handler(refuse_stream)
         return grpc.unary_unary_rpc_method_handler(refuse)
 
     def problem(self, authorization: str | None) -> str | None:

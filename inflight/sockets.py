@@ -45,11 +45,9 @@ class CurveClient:
     @classmethod
     def load(cls, secret_file: str, server_public_file: str) -> CurveClient | None:
         """None when neither file is named (plaintext); both or neither."""
-        if not secret_file and not server_public_file:
+        if not _curve_on(secret_file, server_public_file, "--curve-secret-key (this process's key pair) and "
+                                                          "--curve-server-key (the scheduler's public key)"):
             return None
-        if not (secret_file and server_public_file):
-            raise SystemExit("error: CURVE needs both --curve-secret-key (this process's key pair) and "
-                             "--curve-server-key (the scheduler's public key)")
         public, secret = _load(secret_file, secret=True)
         server_public, _ = _load(server_public_file)
         return cls(public, secret, server_public)
@@ -65,11 +63,9 @@ class CurveServer:
 
     @classmethod
     def load(cls, secret_file: str, authorized_dir: str) -> CurveServer | None:
-        if not secret_file and not authorized_dir:
+        if not _curve_on(secret_file, authorized_dir, "--curve-secret-key (the scheduler's key pair) and --curve-authorized-keys "
+                                                      "(a folder of the public keys of the gateways and workers let in)"):
             return None
-        if not (secret_file and authorized_dir):
-            raise SystemExit("error: CURVE needs both --curve-secret-key (the scheduler's key pair) and "
-                             "--curve-authorized-keys (a folder of the public keys of the gateways and workers let in)")
         public, secret = _load(secret_file, secret=True)
         path = Path(authorized_dir)
         if not path.is_dir() or not any(path.glob("*.key")):
@@ -85,6 +81,15 @@ class CurveServer:
         auth.start()
         auth.configure_curve(domain="*", location=str(self.authorized))
         return auth
+
+
+def _curve_on(first: str, second: str, both: str) -> bool:
+    """Whether CURVE is on: both settings given. Neither is plaintext; one alone is an error."""
+    if not first and not second:
+        return False
+    if not (first and second):
+        raise SystemExit(f"error: CURVE needs both {both}")
+    return True
 
 
 def _load(path: str, secret: bool = False) -> tuple[bytes, bytes | None]:

@@ -201,10 +201,10 @@ def test_a_missing_certificate_stops_the_gateway_with_one_line(certs):
     ({"tls_cert": "server.pem", "tls_key": "server.key", "tls_client_ca": "nothing.pem"}, "--tls-client-ca {d}/nothing.pem: No such file"),
 ], ids=["wrong-key", "key-as-cert", "cert-as-key", "no-key", "client-ca-alone", "bad-client-ca", "missing-client-ca"])
 def test_unusable_tls_files_are_named(certs, fields, says):
-    from gateway.main import GatewayConfig, server_credentials
+    from gateway.main import TlsConfig, server_credentials
 
     with pytest.raises(SystemExit) as e:
-        server_credentials(GatewayConfig(**{k: str(certs / v) for k, v in fields.items()}))
+        server_credentials(TlsConfig(**{k.removeprefix("tls_"): str(certs / v) for k, v in fields.items()}))
     assert str(e.value).startswith("error: " + says.format(d=certs))
 
 
