@@ -57,7 +57,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     enable_chunked_prefill: bool = dataclasses.field(default=True, metadata={"help": "split long prompts across steps so decodes keep flowing"})
     max_batch_size: int = dataclasses.field(default=256, metadata={"help": "requests running at once"})
-    max_num_tokens: int = dataclasses.field(default=8192, metadata={"help": "tokens one engine step computes at most, prefill and decode together"})
+    max_num_tokens: int | None = dataclasses.field(default=None, metadata={"help": "tokens one engine step computes at most, prefill and decode together; unset means 8192 on CUDA and 512 on the CPU, where a step of 8192 prompt tokens takes many seconds and holds up every stream and the worker's heartbeats"})
     kernels: KernelConfig = dataclasses.field(default_factory=KernelConfig, metadata={"flatten": True})
     overlap_scheduler: Literal["auto", "on", "off"] = dataclasses.field(default="auto", metadata={"help": "prepare and launch step N+1 while the device runs step N: auto turns it on for CUDA (on the CPU nothing runs asynchronously, so it would only delay each token by a step)"})
     cuda_graphs: bool = dataclasses.field(default=True, metadata={"help": "replay decode steps from captured CUDA graphs (CUDA only)"})

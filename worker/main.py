@@ -28,6 +28,7 @@ from worker.metrics import WorkerMetrics
 log = logging.getLogger("inflight.worker")
 
 HELLO_INTERVAL = 5.0  # seconds between re-announcements to the scheduler
+MAX_INTAKE = 1024  # messages taken between two steps at most
 
 
 @dataclasses.dataclass
@@ -94,7 +95,7 @@ class Worker:
             busy = engine.has_work()
             timeout = 0 if busy else max(0, next_heartbeat - time.monotonic()) * 1000
             if poller.poll(timeout):
-                while True:  # take everything that arrived before this step
+                for _ in range(MAX_INTAKE):  # what arrived before this step, bounded: steps and heartbeats go on under a flood
                     try:
                         raw = sock.recv(zmq.NOBLOCK)
                     except zmq.Again:

@@ -28,6 +28,10 @@ from models.locate import locate_model
 
 log = logging.getLogger(__name__)
 
+# Tokens a step computes at most, where EngineConfig leaves it unset: TensorRT-LLM's default
+# on a GPU; on the CPU a step of that many prompt tokens takes seconds, so less.
+MAX_NUM_TOKENS_CUDA, MAX_NUM_TOKENS_CPU = 8192, 512
+
 
 @dataclasses.dataclass
 class LaunchedStep:
@@ -76,6 +80,7 @@ class EmbeddedEngine:
         self.eos_token_ids = model_config.eos_token_ids
         self.max_seq_len = min(config.max_seq_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
 
+        self.max_num_tokens = config.max_num_tokens or (MAX_NUM_TOKENS_CUDA if self.device.type == "cuda" else MAX_NUM_TOKENS_CPU)
         self.model = self._build_model(weights)
         kv = config.kv_cache
         num_blocks = self._num_kv_blocks()
@@ -85,7 +90,7 @@ class EmbeddedEngine:
         self.scheduler = BatchScheduler(
             self.pool,
             max_batch_size=config.max_batch_size,
-            max_num_tokens=config.max_num_tokens,
+            max_num_tokens=self.max_num_tokens,
             max_seq_len=self.max_seq_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduler.capacity_scheduler_policy,
@@ -145,8 +150,8 @@ class EmbeddedEngine:
             raise invalid("request_id", f"{request_id!r} is already in use")
         check_request(prompt_token_ids, params, self.vocab_size, self.max_seq_len, output_token_ids=output_token_ids)
         n = len(prompt_token_ids) + len(output_token_ids)
-        if not self.config.enable_chunked_prefill and n > self.config.max_num_tokens:
-            raise invalid("prompt_token_ids", f"has {n} tokens, over max_num_tokens {self.config.max_num_tokens} with chunked prefill off")
+        if not self.config.enable_chunked_prefill and n > self.max_num_tokens:
+            raise invalid("prompt_token_ids", f"has {n} tokens, over max_num_tokens {self.max_num_tokens} with chunked prefill off")
         seq = Sequence(request_id, prompt_token_ids, params)
         if output_token_ids:
             seq.output_token_ids = list(output_token_ids)
