@@ -32,6 +32,8 @@ from testing.stack import Stack, children_of
 
 WORDS = ("river", "mountain", "lamp", "violin", "harbour", "comet", "garden", "engine", "winter", "pepper", "castle", "robot")
 OK_OUTCOMES = ("finished", "cancelled", "deadline exceeded", "disconnected")
+# How streams end, in turn: half of them normally, so that any few hundred requests hold every kind.
+KINDS = ("normal", "cancel", "normal", "deadline", "normal", "disconnect")
 STREAM_TIMEOUT = 120.0  # seconds for one stream to end; longer is a hang
 IDLE = {  # (process, metric): every one must read 0 once the soak is over
     ("worker", "inflight_worker_requests{state=running}"): "worker running",
@@ -85,11 +87,10 @@ def prompt(rng: random.Random, n: int) -> dict:
     return {"chat": pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=f"Say something about {words} ({n}).")])}
 
 
-def plan(rng: random.Random, first: int, size: int) -> Plan:
+def plan(rng: random.Random, kind: str, first: int, size: int) -> Plan:
     """A stream of `size` requests, numbered from `first`. Short requests (1 to 4 tokens)
-    complete; long ones (8 to 32 tokens, no end of sequence) are the ones cancelled,
-    dropped or cut by the deadline while they run."""
-    kind = rng.choices(("normal", "cancel", "disconnect", "deadline"), (55, 15, 15, 15))[0]
+    complete; long ones (8 to 32 tokens, no end of sequence; half of those in a stream
+    that is not normal) are the ones cancelled, dropped or cut by the deadline as they run."""
     p = Plan(kind, [])
     for i in range(first, first + size):
         rid = str(i)
@@ -196,16 +197,16 @@ async def drive(target: str, requests: int, streams: int, rng: random.Random, ou
     """`requests` requests over `streams` concurrent stream loops, each opening stream
     after stream (4 to 32 requests each) until none are left. `on_progress(done)` is
     called (in a thread) each time another `every` requests have been answered."""
-    next_id, done, marks = 0, 0, every
+    next_id, done, marks, opened = 0, 0, every, 0
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.InferenceStub(channel)
 
         async def loop() -> None:
-            nonlocal next_id, done, marks
+            nonlocal next_id, done, marks, opened
             while next_id < requests:
                 size = min(rng.randint(4, 32), requests - next_id)
-                p = plan(rng, next_id, size)
-                next_id += size
+                p = plan(rng, KINDS[opened % len(KINDS)], next_id, size)
+                next_id, opened = next_id + size, opened + 1
                 await run_stream(stub, p, outcomes, details)
                 done += size
                 if on_progress and every and done >= marks:

@@ -21,7 +21,7 @@ from inflight.http_endpoints import serve_http
 from inflight.process import run_until_signalled
 from inflight.schema import RequestOutput
 from models.config import served_model_name
-from worker.engine_api import Engine, EngineConfig
+from worker.engine_api import Engine, EngineConfig, EngineConfigError
 from worker.lifecycle import WorkerRequests
 from worker.metrics import WorkerMetrics
 
@@ -35,7 +35,7 @@ MAX_INTAKE = 1024  # messages taken between two steps at most
 class WorkerConfig:
     scheduler_address: str = dataclasses.field(default=sockets.WORKER_ADDRESS, metadata={"help": "the scheduler's ZeroMQ address for workers"})
     worker_id: str = dataclasses.field(default="", metadata={"help": "name in logs, traces and routing; unset means host-pid"})
-    backend: str = dataclasses.field(default="embedded", metadata={"help": "embedded, or module:Class of another Engine implementation"})
+    engine: str = dataclasses.field(default="embedded", metadata={"help": "embedded (ours, PyTorch; also on the CPU), trtllm (TensorRT-LLM's LLM API on NVIDIA GPUs: pip install 'inflight[trtllm]'), or module:Class of another Engine implementation (testing.engine_double:InstantEngine)"})
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the model directory's name"})
     heartbeat_interval: float = dataclasses.field(default=0.5, metadata={"help": "seconds between heartbeats with engine stats"})
     curve_secret_key: str = dataclasses.field(default="", metadata={"help": "CURVE: this worker's key pair file (*.key_secret), for a scheduler on another host"})
@@ -43,24 +43,30 @@ class WorkerConfig:
     drain_timeout: float = dataclasses.field(default=30.0, metadata={"help": "on SIGTERM, seconds to finish the requests held before stopping (the scheduler moves what is left to other workers; a second signal stops at once)"})
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address /metrics, /health and /ready listen on; 0.0.0.0 for every interface"})
     metrics_port: int = dataclasses.field(default=9402, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
-    engine: EngineConfig = dataclasses.field(default_factory=EngineConfig, metadata={"flatten": True})
+    engine_config: EngineConfig = dataclasses.field(default_factory=EngineConfig, metadata={"flatten": True})
 
 
 def load_engine(config: WorkerConfig) -> Engine:
-    if config.backend == "embedded":
+    if config.engine == "embedded":
+        if config.engine_config.tensor_parallel_size != 1:
+            raise EngineConfigError("tensor_parallel_size: the embedded engine runs on one device; --engine trtllm spans several GPUs")
         from worker.embedded.engine import EmbeddedEngine
 
-        return EmbeddedEngine(config.engine)
-    module, _, attr = config.backend.partition(":")
+        return EmbeddedEngine(config.engine_config)
+    if config.engine == "trtllm":
+        from worker.trtllm.engine import TrtllmEngine
+
+        return TrtllmEngine(config.engine_config)
+    module, _, attr = config.engine.partition(":")
     if not attr:
-        raise SystemExit(f"error: --backend must be 'embedded' or module:Class, got {config.backend!r}")
-    return getattr(importlib.import_module(module), attr)(config.engine)
+        raise EngineConfigError(f"--engine must be embedded, trtllm or module:Class, got {config.engine!r}")
+    return getattr(importlib.import_module(module), attr)(config.engine_config)
 
 
 def model_name(config: WorkerConfig, engine: Engine) -> str:
     if config.served_model_name:
         return config.served_model_name
-    model_dir = getattr(engine, "model_dir", None) or config.engine.model
+    model_dir = getattr(engine, "model_dir", None) or config.engine_config.model
     return served_model_name(model_dir) if model_dir else "default"
 
 
@@ -71,7 +77,7 @@ class Worker:
         self.engine = engine
         self.sock = sockets.dealer(zmq.Context.instance(), worker_id, config.scheduler_address, curve)
         self.lifecycle = WorkerRequests(engine, self.sock.send, worker_id, model_name(config, engine),
-                                        config.engine.max_batch_size, metrics, tracing)
+                                        config.engine_config.max_batch_size, metrics, tracing)
         self.running = True
         self.signals = 0  # SIGTERM/SIGINT received (inflight.process)
 
@@ -127,6 +133,10 @@ def run(config: WorkerConfig) -> None:
     worker: Worker | None = None
     curve = sockets.CurveClient.load(config.curve_secret_key, config.curve_server_key)  # before the model: a bad key fails fast
     serve_http(config.metrics_host, config.metrics_port, ready=lambda: worker is not None)  # /health answers while the model loads
+    # OpenMP threads that spin while they wait starve every other process on the cores, this
+    # worker's own event loop and heartbeats among them (RELIABILITY.md, the soak); libgomp
+    # reads this once, when torch loads it, so it is set before the engine is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     engine = load_engine(config)
     worker = Worker(config, engine, worker_id, metrics, tracing, curve)
     log.info("worker %s serving %s, scheduler at %s", worker_id, worker.lifecycle.model, config.scheduler_address)
