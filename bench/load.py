@@ -1,6 +1,7 @@
-"""The client side of the serving benchmarks: concurrent Generate streams against one
-target or several at once, from load processes of their own; request latency summaries;
-and a local OTLP receiver for stacks that export spans.
+"""The client side of the serving benchmarks: Generate streams against one target or
+several at once, closed loop or open loop (requests at set times), from load processes of
+their own; request latency summaries; and a local OTLP receiver for stacks that export
+spans.
 
 grpc does not survive fork: helper processes start fresh (spawn), and the benchmark's own
 process never opens a gRPC channel (its threads' fork handlers can hang the next process
@@ -9,7 +10,9 @@ started)."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
+import itertools
 import multiprocessing as mp
 import os
 import queue
@@ -35,7 +38,8 @@ class Target:
 
 
 def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | None = None, max_tokens: int = 128,
-             requests: list[tuple[list[int], int]] | None = None, model: str = "") -> dict[str, dict]:
+             requests: list[tuple[list[int], int]] | None = None, model: str = "", arrivals: list[float] | None = None,
+             per_stream: int = 1) -> dict[str, dict]:
     """`concurrency` streams against each target, all starting together once every load
     process is connected; each stream sends its next request when the last one finished.
     With `requests` (token-id prompts, output lengths), the streams take those in turn
@@ -44,19 +48,38 @@ def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | N
     count of the others (`window`: tokens and seconds by then), so all of them see the
     same moments of a machine whose speed drifts.
 
+    With `arrivals` (seconds from the start, ascending, one per request) the load is open
+    loop instead: each request starts at its time, however many are still open, and
+    `concurrency` only sets how many connections a load process opens. `per_stream`
+    requests share one Generate stream: in open loop, each run of that many consecutive
+    arrivals; in closed loop, each stream keeps that many open (concurrency / per_stream
+    streams), where with 1 every request opens a stream of its own.
+
     Returns, for each target: tokens, messages (events), seconds (the slowest load
-    process), records [(TTFT s, end-to-end s, tokens, request key)], load_util (each load
+    process, from the start to its last request's end), records [(TTFT s, end-to-end s,
+    tokens, request key, [each delta's gap to the one before over its tokens, s], late s)],
+    latency counted from the arrival time (open loop) or from just before the request's
+    stream opened or the request started on it (closed loop), late: how long after its
+    arrival time the request was sent; errors {status code: count} of requests that
+    failed (open loop only: in closed loop a failure raises); load_util (each load
     process's CPU seconds per second: near 1.0, it and not the stack sets the pace) and
     window; with a stack also cpu_s {role: CPU seconds used} and wall (seconds from the
     start to the last result); with engine_steps also engine_steps {mode: forward passes}."""
-    assert requests is None or all(t.processes == 1 for t in targets.values()), "one load process takes a request list"
     go, stop = spawn.Event(), (spawn.Event() if len(targets) > 1 else None)
+    start = spawn.Value("d", 0.0)  # the common start, on the clock every process shares (perf_counter)
     queues = {k: spawn.Queue() for k in targets}
+    listed = None if requests is None else [(i, p, n, arrivals[i] if arrivals else None) for i, (p, n) in enumerate(requests)]
     procs = {}
     for k, t in targets.items():
-        shares = [concurrency // t.processes + (i < concurrency % t.processes) for i in range(t.processes)]
-        procs[k] = [spawn.Process(target=_load_process, args=(t.address, n, seconds, max_tokens, requests, model,
-                                                              queues[k], go, stop, t.load_cpus)) for n in shares if n]
+        n_procs = t.processes if arrivals else min(t.processes, -(-concurrency // per_stream))  # no stream split between two
+        shares = [concurrency // n_procs + (i < concurrency % n_procs) for i in range(n_procs)]
+        # each load process its own part of the requests: open loop by stream, so a
+        # stream's requests stay together
+        lists = [None if listed is None else [r for r in listed if (r[0] // per_stream if arrivals else r[0]) % n_procs == j]
+                 for j in range(n_procs)]
+        procs[k] = [spawn.Process(target=_load_process, args=(t.address, n, seconds, max_tokens, part, per_stream, model,
+                                                              queues[k], go, start, stop, t.load_cpus))
+                    for n, part in zip(shares, lists) if (part if arrivals else n)]
 
     def get(k: str):
         while True:
@@ -79,6 +102,7 @@ def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | N
     cpu_before = {k: stack_cpu(t.stack.proc.pid) for k, t in targets.items() if t.stack}
     steps_before = {k: engine_steps(t.stack) for k, t in targets.items() if t.engine_steps}
     t0 = time.monotonic()
+    start.value = time.perf_counter() + 0.05  # each load process sees `go` within this
     go.set()
     parts = {k: [get(k) for _ in ps] for k, ps in procs.items()}
     wall = time.monotonic() - t0
@@ -91,9 +115,14 @@ def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | N
     for k, t in targets.items():
         got = parts[k]
         windows = [r["window"] for r in got if r["window"]]
+        errors = collections.Counter()
+        for r in got:
+            errors.update(r["errors"])
+        if errors and not arrivals:
+            raise RuntimeError(f"requests failed: {dict(errors)}")
         res = {"tokens": sum(r["tokens"] for r in got), "messages": sum(r["messages"] for r in got),
                "seconds": max(r["seconds"] for r in got), "records": [x for r in got for x in r["records"]],
-               "load_util": [round(r["cpu_s"] / r["seconds"], 3) for r in got],
+               "errors": dict(errors), "load_util": [round(r["cpu_s"] / r["seconds"], 3) for r in got],
                "window": (sum(w[0] for w in windows), max(w[1] for w in windows)) if windows else None}
         if t.stack:
             before = cpu_before[k]
@@ -105,78 +134,146 @@ def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | N
     return out
 
 
-def _load_process(address, concurrency, seconds, max_tokens, requests, model, results, go, stop, cpus) -> None:
+class Timing:
+    """One request's times as its tokens come: the load processes' and the engine-direct
+    runs' record of it (run_load's records)."""
+
+    __slots__ = ("key", "t", "late", "first", "last", "tokens", "gaps")
+
+    def __init__(self, key, t: float, late: float = 0.0):
+        self.key, self.t, self.late = key, t, late
+        self.first = self.last = None
+        self.tokens, self.gaps = 0, []
+
+    def add(self, n: int, now: float) -> None:
+        """n tokens arrived at `now`."""
+        if not n:
+            return
+        if self.first is None:
+            self.first = now
+        else:
+            self.gaps.append((now - self.last) / n)
+        self.last, self.tokens = now, self.tokens + n
+
+    def record(self, now: float) -> tuple:
+        return (None if self.first is None else self.first - self.t, now - self.t, self.tokens, self.key, self.gaps, self.late)
+
+
+def _load_process(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop, cpus) -> None:
     import uvloop
 
     if cpus:
         os.sched_setaffinity(0, cpus)  # before gRPC starts its threads, which inherit it
-    results.put(uvloop.run(_streams(address, concurrency, seconds, max_tokens, requests, model, results, go, stop)))
+    results.put(uvloop.run(_streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop)))
 
 
-async def _streams(address, concurrency, seconds, max_tokens, requests, model, results, go, stop) -> dict:
+async def _streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop) -> dict:
     """One load process's streams: says "ready" on `results` once connected, starts on
-    `go`; with `stop`, sets it when done, and notes the tokens received when it is set."""
+    `go` at `start`; with `stop`, sets it when done, and notes the tokens received when it
+    is set. `requests`: [(key, prompt, output tokens, arrival s or None)], or None for the
+    timed load."""
     from inflight.client import Client
 
-    pending = list(enumerate(requests)) if requests is not None else None
     records = []
+    errors = collections.Counter()
     tokens = messages = 0
     window = None
-    clients = [Client(address) for _ in range(max(1, concurrency // 32))]  # several connections, as a fleet of callers would
+    # several connections, as a fleet of callers would
+    clients = [Client(address) for _ in range(max(1, concurrency // 32))]
     for c in clients:
         await asyncio.wait_for(c.channel.channel_ready(), 60)
     results.put("ready")
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, go.wait)
+    t0 = start.value
+    stop_at = t0 + (seconds or 0.0)
+    open_loop = bool(requests) and requests[0][3] is not None
+    pending = collections.deque(requests or ())
+    timed = itertools.count()
 
-    def next_request(k: int, n: int):
-        """(request key, Session.start's arguments), or None when the stream is done."""
-        if pending is None:
-            return (f"{k}-{n}", {"text": PROMPT, "max_tokens": max_tokens, "ignore_eos": True}) if time.perf_counter() < stop_at else None
-        if not pending:
+    def take(source: collections.deque | None = None):
+        """The next request from `source` (else the process's list, or the timed load's),
+        as (key, Session.start's arguments, arrival time or None), or None if none is left."""
+        source = pending if source is None else source
+        if requests is None:
+            if time.perf_counter() >= stop_at:
+                return None
+            return next(timed), {"text": PROMPT, "max_tokens": max_tokens, "ignore_eos": True}, None
+        if not source:
             return None
-        i, (prompt, n_out) = pending.pop(0)
-        return i, {"token_ids": prompt, "model": model, "max_tokens": n_out, "temperature": 0.0, "ignore_eos": True}
+        key, prompt, n_out, at = source.popleft()
+        return key, {"token_ids": prompt, "model": model, "max_tokens": n_out, "temperature": 0.0, "ignore_eos": True}, None if at is None else t0 + at
 
-    async def stream(k: int) -> None:
+    async def stream(client, next_request, slots: int) -> None:
+        """One Generate stream with up to `slots` requests open on it: starts those
+        next_request() gives, each at its arrival time or once a slot is free, and closes when it gives
+        None (the server ends the stream when the open ones finish)."""
         nonlocal tokens, messages
-        client = clients[k % len(clients)]
-        n = 0
-        while (req := next_request(k, n)) is not None:
-            key, start = req
-            t = time.perf_counter()
-            session = client.session()
-            session.start(str(key), **start)
+        opened = time.perf_counter()
+        session = client.session()
+        free = asyncio.Semaphore(slots)
+        live: dict[str, Timing] = {}
+
+        async def feed() -> None:
+            first = True
+            while (req := next_request()) is not None:
+                key, args, at = req
+                await free.acquire()
+                if at is not None:
+                    await sleep_until(at)
+                now = time.perf_counter()
+                live[str(key)] = Timing(key, at if at is not None else (opened if first else now), 0.0 if at is None else now - at)
+                first = False
+                session.start(str(key), **args)
             session.close()
-            # The timed load has counted latency from the request sent, the listed one from
-            # before it was built (its prompt is long): as in BENCHMARKS.md.
-            if pending is None:
-                t = time.perf_counter()
-            ttft, got = None, 0
-            async for ev in session.events():
-                messages += 1
-                kind = ev.WhichOneof("kind")
-                if kind == "delta":
-                    n_tokens = len(ev.delta.token_ids)
-                    if n_tokens and ttft is None:
-                        ttft = time.perf_counter() - t
-                    got += n_tokens
-                    tokens += n_tokens
-                elif kind == "error":
-                    raise RuntimeError(ev.error.message)
-            records.append((ttft, time.perf_counter() - t, got, key))
-            n += 1
+
+        feeder = asyncio.create_task(feed())
+        async for ev in session.events():
+            messages += 1
+            kind = ev.WhichOneof("kind")
+            if kind == "delta":
+                n = len(ev.delta.token_ids)
+                live[ev.request_id].add(n, time.perf_counter())
+                tokens += n
+            elif kind == "finished":
+                records.append(live.pop(ev.request_id).record(time.perf_counter()))
+                free.release()
+            else:
+                errors[ev.error.code] += 1
+                live.pop(ev.request_id, None)
+                free.release()
+        await feeder
+
+    async def one_at_a_time(k: int) -> None:
+        """Closed loop, a stream per request."""
+        while (req := take()) is not None:
+            one = [req]
+            await stream(clients[k % len(clients)], lambda: one.pop() if one else None, 1)
+
+    async def arrivals() -> None:
+        """Open loop: a stream for each run of `per_stream` requests, opened at the first one's arrival."""
+        tasks = []
+        for g, i in enumerate(range(0, len(requests), per_stream)):
+            group = collections.deque(requests[i:i + per_stream])
+            await sleep_until(t0 + group[0][3])
+            tasks.append(asyncio.create_task(stream(clients[g % len(clients)], lambda q=group: take(q), per_stream)))
+        await asyncio.gather(*tasks)
 
     async def watch() -> None:
         nonlocal window
         await loop.run_in_executor(None, stop.wait)
         window = (tokens, time.perf_counter() - t0)
 
+    await sleep_until(t0)
     cpu0 = time.process_time()
-    t0 = time.perf_counter()
-    stop_at = t0 + (seconds or 0.0)
     watcher = asyncio.create_task(watch()) if stop is not None else None
-    await asyncio.gather(*(stream(k) for k in range(concurrency)))
+    if open_loop:
+        await arrivals()
+    elif per_stream == 1:
+        await asyncio.gather(*(one_at_a_time(k) for k in range(concurrency)))
+    else:
+        await asyncio.gather(*(stream(clients[s % len(clients)], take, min(per_stream, concurrency - s * per_stream))
+                               for s in range(-(-concurrency // per_stream))))
     elapsed = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
     if watcher:
@@ -184,7 +281,14 @@ async def _streams(address, concurrency, seconds, max_tokens, requests, model, r
         await watcher
     for c in clients:
         await c.channel.close()
-    return {"tokens": tokens, "messages": messages, "seconds": elapsed, "cpu_s": cpu, "records": records, "window": window}
+    return {"tokens": tokens, "messages": messages, "seconds": elapsed, "cpu_s": cpu, "records": records,
+            "errors": dict(errors), "window": window}
+
+
+async def sleep_until(t: float) -> None:
+    """Until perf_counter() reaches t (the event loop's timers round to milliseconds)."""
+    while (d := t - time.perf_counter()) > 0:
+        await asyncio.sleep(d)
 
 
 def engine_steps(stack: Stack, worker: int = 0) -> dict[str, float]:
@@ -200,25 +304,32 @@ def percentile(xs: list[float], p: float) -> float:
     return 1000 * xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
 
 
-def summarize(records: list[tuple[float, float, int, object]], wall: float) -> dict:
-    """Throughput and TTFT, inter-token and end-to-end latency percentiles; records:
-    (TTFT s, end-to-end s, tokens, request key) per request."""
+def summarize(records: list[tuple], wall: float, gaps: bool = False) -> dict:
+    """Throughput and TTFT, inter-token and end-to-end latency percentiles (None where
+    nothing was measured); records: (TTFT s, end-to-end s, tokens, request key, ...) per
+    request. ITL: each request's mean time between tokens after its first, or with
+    `gaps`, every gap between two deltas over the tokens of the later (the records' fifth
+    field, as run_load's)."""
+    records = [r for r in records if r[0] is not None]
     ttft = sorted(r[0] for r in records)
     e2e = sorted(r[1] for r in records)
-    itl = sorted((r[1] - r[0]) / (r[2] - 1) for r in records if r[2] > 1)
+    if gaps:
+        itl = sorted(g for r in records for g in r[4])
+    else:
+        itl = sorted((r[1] - r[0]) / (r[2] - 1) for r in records if r[2] > 1)
     tokens = sum(r[2] for r in records)
     out = {"requests": len(records), "tokens": tokens, "seconds": wall, "tok_per_s": tokens / wall,
            "ttft_ms_by_request": {r[3]: 1000 * r[0] for r in records}, "e2e_ms_by_request": {r[3]: 1000 * r[1] for r in records}}
     for name, xs in (("ttft", ttft), ("itl", itl), ("e2e", e2e)):
         for p in (50, 90, 99):
-            out[f"{name}_p{p}_ms"] = percentile(xs, p)
+            out[f"{name}_p{p}_ms"] = percentile(xs, p) if xs else None
     return out
 
 
 def paired_ms(a: dict, b: dict, key: str = "ttft_ms_by_request") -> float:
     """Median over requests of a's time minus b's for the same request: steadier than the
     difference of two medians, when both sides ran the same requests."""
-    return statistics.median(a[key][i] - t for i, t in b[key].items())
+    return statistics.median(a[key][i] - t for i, t in b[key].items() if i in a[key])
 
 
 # Tracing on: the stacks export spans to a receiver here.

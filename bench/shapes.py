@@ -47,14 +47,17 @@ def hf_llama(name: str, device: str = "cuda", dtype=None):
     return (model.to(dtype) if dtype else model).eval()
 
 
-def make_model_dir(shape: str, tokenizer: Path) -> Path:
+def make_model_dir(shape: str, tokenizer: Path, vocab_size: int | None = None) -> Path:
     """A model directory of the shape with random bf16 weights (seeded) and the tokenizer
     (a folder holding tokenizer.json and tokenizer_config.json whose vocabulary fits the
-    shape), in a fresh temporary folder; the caller removes its parent."""
+    shape, or `vocab_size` in its place), in a fresh temporary folder; the caller removes
+    its parent."""
     import torch
     from safetensors.torch import save_file
 
     cfg = {"architectures": ["LlamaForCausalLM"], "torch_dtype": "bfloat16", **SHAPES[shape]}
+    if vocab_size:
+        cfg["vocab_size"] = vocab_size
     d = Path(tempfile.mkdtemp(prefix="inflight-bench-")) / shape
     d.mkdir()
     (d / "config.json").write_text(json.dumps(cfg))
