@@ -111,9 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(gen, EngineConfig, "engine")
     gen.set_defaults(func=cmd_generate)
 
-    serve = sub.add_parser("serve", help="start the whole local stack: scheduler, workers, gateway",
-                           description="Starts a scheduler, N workers and a gateway as child processes, prints where "
-                                       "clients connect, and stops them all on Ctrl-C or SIGTERM.")
+    serve = sub.add_parser("serve", help="start the whole local stack: scheduler, workers, gateways",
+                           description="Starts a scheduler, N workers (--workers) and M gateways (--gateways) as child "
+                                       "processes, prints where clients connect, restarts a child that dies, and stops them "
+                                       "all on Ctrl-C or SIGTERM. Every gateway listens on the one --listen port "
+                                       "(SO_REUSEPORT): the kernel hands each new connection to one of them, so clients "
+                                       "spread over them by opening several connections (channels).")
     add_config_flags(serve, ServeConfig, "serve")
     serve.set_defaults(func=cmd_serve)
 

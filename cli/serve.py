@@ -1,6 +1,7 @@
 """`inflight serve`: the whole stack on one machine as child processes.
 
-Starts the scheduler, N workers and a gateway, waits until the gateway reports SERVING,
+Starts the scheduler, N workers and M gateways (all on the one gRPC port: SO_REUSEPORT
+lets the kernel spread new connections over them), waits until every gateway is ready,
 prints where it listens, and stops every child on Ctrl-C or SIGTERM. A child that dies
 once the stack serves is started again (after a pause that doubles while it keeps dying
 soon after each start, up to MAX_BACKOFF): workers rejoin the scheduler by themselves,
@@ -29,15 +30,16 @@ from inflight import sockets
 @dataclasses.dataclass
 class ServeConfig:
     workers: int = dataclasses.field(default=1, metadata={"help": "worker processes: one per GPU, or several on the CPU"})
+    gateways: int = dataclasses.field(default=1, metadata={"help": "gateway processes, all on the one --listen port (SO_REUSEPORT: the kernel spreads new connections over them, and a connection stays with its process); one tops out at some 22-28k streamed tokens a second"})
     listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
     model: str | None = dataclasses.field(default=None, metadata={"help": "model directory; unset means the built-in SmolLM2-135M-Instruct"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu or cuda"})
     gateway_address: str = dataclasses.field(default=sockets.GATEWAY_ADDRESS, metadata={"help": "scheduler address for gateways"})
     worker_address: str = dataclasses.field(default=sockets.WORKER_ADDRESS, metadata={"help": "scheduler address for workers"})
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
-    metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP /metrics, /health, /ready: the gateway on this port, the scheduler on +1, worker i on +2+i; 0 means off"})
+    metrics_port: int = dataclasses.field(default=9400, metadata={"help": "HTTP /metrics, /health, /ready: the (first) gateway on this port, the scheduler on +1, worker i on +2+i, gateway j>0 after the last worker (+1+workers+j); 0 means off"})
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address every child's /metrics, /health and /ready listen on; 0.0.0.0 for every interface"})
-    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)  # the gateway's
+    tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)  # every gateway's
     auth_token_file: str = dataclasses.field(default="", metadata={"help": "file of bearer tokens, one a line, that the gateway requires on every Inference call"})
     ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})
     stop_timeout: float = dataclasses.field(default=45.0, metadata={"help": "on Ctrl-C or SIGTERM, seconds each stage (gateway, workers, scheduler) may take to drain and stop before it is killed"})
@@ -57,6 +59,12 @@ def _gpu_count() -> int:
     except (OSError, subprocess.TimeoutExpired):
         return 0
     return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
+
+
+def gateway_metrics_offset(j: int, workers: int) -> int:
+    """Gateway j's HTTP port, from --metrics-port: the first on it (the scheduler is on +1,
+    worker i on +2+i), the others after the last worker."""
+    return 0 if j == 0 else 1 + workers + j
 
 
 MIN_BACKOFF, MAX_BACKOFF = 1.0, 30.0  # seconds before a dead child is started again
@@ -104,9 +112,11 @@ class Stack:
             device = c.device if gpus or c.device != "auto" else "cpu"
             self.spawn(f"worker-{i}", ["worker", "--scheduler-address", c.worker_address, "--worker-id", f"worker-{i}",
                                        "--device", device, "--metrics-port", port(2 + i), "--metrics-host", c.metrics_host, *model], env)
-        self.spawn("gateway", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address,
-                               "--metrics-port", port(0), "--metrics-host", c.metrics_host, "--tls-cert", c.tls.cert,
-                               "--tls-key", c.tls.key, "--tls-client-ca", c.tls.client_ca, "--auth-token-file", c.auth_token_file, *model])
+        for j in range(c.gateways):
+            self.spawn(f"gateway-{j}", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address,
+                                        "--metrics-port", port(gateway_metrics_offset(j, c.workers)), "--metrics-host", c.metrics_host,
+                                        "--tls-cert", c.tls.cert, "--tls-key", c.tls.key, "--tls-client-ca", c.tls.client_ca,
+                                        "--auth-token-file", c.auth_token_file, *model])
 
     def dead_child(self) -> str | None:
         for child in self.children:
@@ -131,21 +141,25 @@ class Stack:
                 child.start()
 
     def wait_ready(self) -> str | None:
-        """None once the gateway serves; otherwise why not. Plaintext: its gRPC health
-        service says SERVING. TLS: its HTTP /ready says ready (the same condition), since a
-        TLS check would need a CA for the server's certificate, a name it holds and, with
-        mutual TLS, a client certificate of our own."""
-        deadline = time.monotonic() + self.config.ready_timeout
-        with grpc.insecure_channel(self.config.listen) as channel:
+        """None once the gateways serve; otherwise why not. With metrics on: every gateway's
+        HTTP /ready says ready (a worker serves its model: the condition of its gRPC health
+        service). With them off (plaintext only): the gRPC health service on the port says
+        SERVING, answered by whichever gateway the connection reached, since a connection
+        cannot pick its process."""
+        c = self.config
+        deadline = time.monotonic() + c.ready_timeout
+        pending = [c.metrics_port + gateway_metrics_offset(j, c.workers) for j in range(c.gateways)] if c.metrics_port else []
+        with grpc.insecure_channel(c.listen) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
                 dead = self.dead_child()
                 if dead:
                     return dead
-                if self._http_ready() if self.config.tls.cert else self._grpc_serving(health):
+                pending = [p for p in pending if not self._http_ready(p)]
+                if (not pending) if c.metrics_port else self._grpc_serving(health):
                     return None
                 time.sleep(0.2)
-        return f"not serving after {self.config.ready_timeout:.0f}s"
+        return f"not serving after {c.ready_timeout:.0f}s"
 
     @staticmethod
     def _grpc_serving(health: health_pb2_grpc.HealthStub) -> bool:
@@ -154,9 +168,9 @@ class Stack:
         except grpc.RpcError:
             return False
 
-    def _http_ready(self) -> bool:
+    def _http_ready(self, port: int) -> bool:
         host = self.config.metrics_host if self.config.metrics_host not in ("", "0.0.0.0") else "127.0.0.1"
-        conn = http.client.HTTPConnection(host, self.config.metrics_port, timeout=1)  # no proxy, unlike urllib
+        conn = http.client.HTTPConnection(host, port, timeout=1)  # no proxy, unlike urllib
         try:
             conn.request("GET", "/ready")
             return conn.getresponse().status == 200
@@ -166,9 +180,9 @@ class Stack:
             conn.close()
 
     def stop(self) -> None:
-        """In order, each stage drained before the next is told: the gateway (it finishes
-        its streams, which needs the workers), then the workers, then the scheduler."""
-        stages = [[c for c in self.children if c.name == "gateway"], [c for c in self.children if c.name.startswith("worker-")],
+        """In order, each stage drained before the next is told: the gateways (they finish
+        their streams, which needs the workers), then the workers, then the scheduler."""
+        stages = [[c for c in self.children if c.name.startswith("gateway-")], [c for c in self.children if c.name.startswith("worker-")],
                   [c for c in self.children if c.name == "scheduler"]]
         for stage in stages:
             for child in stage:
@@ -185,8 +199,11 @@ class Stack:
 
 
 def run(config: ServeConfig) -> int:
+    if config.gateways < 1:
+        print(f"inflight serve: error: --gateways {config.gateways}: at least 1 gateway process is needed", file=sys.stderr)
+        return 2
     if config.tls.cert and not config.metrics_port:
-        print("inflight serve: error: with --tls-cert, serve waits for the gateway's HTTP /ready: "
+        print("inflight serve: error: with --tls-cert, serve waits for the gateways' HTTP /ready: "
               "--metrics-port must not be 0", file=sys.stderr)
         return 2
     stack = Stack(config)
@@ -205,7 +222,7 @@ def run(config: ServeConfig) -> int:
             print(f"inflight: the stack did not start: {problem}", file=sys.stderr)
             return 1
         if not stopping:
-            print(f"inflight: serving on {config.listen} with {config.workers} worker(s); "
+            print(f"inflight: serving on {config.listen} with {config.gateways} gateway process(es) and {config.workers} worker(s); "
                   f"try `inflight chat \"Hello\"` (Ctrl-C stops)", flush=True)
         while not stopping:
             stack.restart_dead()

@@ -17,7 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from gateway.scheduler_client import SchedulerClient
+from gateway.scheduler_client import SCHEDULER_TIMEOUT, SchedulerClient
 from gateway.servicer import InferenceServicer, TokenCheck, add_to_server
 from gateway.telemetry import GatewayMetrics
 from gateway.tokenizer import TextTokenizer
@@ -138,6 +138,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
 
     curve = sockets.CurveClient.load(config.curve_secret_key, config.curve_server_key)
     client = SchedulerClient(config.scheduler_address, gateway_id, on_models, curve)
+    # SO_REUSEPORT (grpc's default on Linux, stated): several gateway processes share --listen
+    # (`inflight serve --gateways N`), the kernel spreading new connections over them.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", config.max_receive_message_bytes)],
                              interceptors=[TokenCheck(tokens)] if tokens else None)
     servicer = InferenceServicer(client, tokenizer, model_name, gateway_id, GatewayMetrics(), config.max_open_requests_per_stream)
@@ -154,8 +156,15 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         port = 0
     if port == 0:
         raise SystemExit(f"error: cannot listen on {config.listen}")
-    await server.start()
+    # The port listens from here on, and beside other gateways on it (SO_REUSEPORT) gets its
+    # share of new connections at once: they wait unanswered until the scheduler has said
+    # what it serves (or for SCHEDULER_TIMEOUT), rather than meet UNAVAILABLE.
     client.start()
+    try:
+        await asyncio.wait_for(client.answered.wait(), SCHEDULER_TIMEOUT)
+    except asyncio.TimeoutError:
+        pass
+    await server.start()
     settle_gc()
     security = ("mutual TLS" if config.tls.client_ca else "TLS" if credentials else "plaintext") + (", bearer token" if tokens else "")
     log.info("gateway %s listening on %s (%s) for model %s (scheduler %s)", gateway_id, config.listen, security, model_name,

@@ -41,6 +41,7 @@ class SchedulerClient:
         self._tasks: list[asyncio.Task] = []
         self.last_heard: float | None = None  # monotonic time of the scheduler's last message
         self.scheduler = ""  # the incarnation of the scheduler last heard
+        self.answered = asyncio.Event()  # set by the scheduler's first answer
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._hello_loop())]
@@ -97,6 +98,7 @@ class SchedulerClient:
                         self.fail_all("the scheduler restarted; the request was lost")
                     self.scheduler = msg.scheduler
                 self._set_models({m.name: m for m in msg.models})
+                self.answered.set()
                 continue
             for item in msg.items:
                 handler = self.handlers.get(item.request_id)

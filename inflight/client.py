@@ -93,14 +93,18 @@ def _read(path: str | None) -> bytes | None:
 
 class Client:
     """A channel to one gateway: plaintext unless `tls` or any of `root_ca`, `cert`, `key`
-    (PEM file paths) is given; `token` is sent as `authorization: Bearer <token>`."""
+    (PEM file paths) is given; `token` is sent as `authorization: Bearer <token>`.
+    `options` are gRPC channel arguments: `[("grpc.use_local_subchannel_pool", 1)]` gives
+    the channel a connection of its own (grpc shares one between a process's channels to
+    the same target), which reaches whichever gateway process the kernel picks."""
 
     def __init__(self, target: str = "localhost:50051", metadata: list[tuple[str, str]] | None = None, *, tls: bool = False,
-                 root_ca: str | None = None, cert: str | None = None, key: str | None = None, token: str | None = None):
+                 root_ca: str | None = None, cert: str | None = None, key: str | None = None, token: str | None = None,
+                 options: list[tuple[str, object]] | None = None):
         if tls or root_ca or cert or key:
-            self.channel = grpc.aio.secure_channel(target, channel_credentials(root_ca, cert, key))
+            self.channel = grpc.aio.secure_channel(target, channel_credentials(root_ca, cert, key), options)
         else:
-            self.channel = grpc.aio.insecure_channel(target)
+            self.channel = grpc.aio.insecure_channel(target, options)
         self.stub = pb_grpc.InferenceStub(self.channel)
         self.metadata = [*(metadata or ()), ("authorization", f"Bearer {token}")] if token else metadata
 

@@ -15,6 +15,7 @@ class SchedulerConfig:
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most; more get RESOURCE_EXHAUSTED"})
     worker_queue_factor: float = dataclasses.field(default=2.0, metadata={"help": "a worker holds up to this many times its max batch size"})
     worker_timeout: float = dataclasses.field(default=10.0, metadata={"help": "seconds without a heartbeat before a worker counts as dead and its requests move to another"})
+    gateway_timeout: float = dataclasses.field(default=10.0, metadata={"help": "seconds without a hello (a gateway sends one a second) before a gateway counts as gone and its requests are aborted"})
     progress_timeout: float = dataclasses.field(default=60.0, metadata={"help": "seconds a worker holding requests may go without producing a token before it counts as stalled and its requests move to another"})
     balance_slack: int = dataclasses.field(default=16, metadata={"help": "how many more requests a prefix-holding worker may run than the least busy before load wins"})
     cache_threshold: float = dataclasses.field(default=0.5, metadata={"help": "route by prefix only when a worker holds at least this share of the prompt"})

@@ -2,10 +2,11 @@
 end, without sockets or a clock of its own, so that it can be unit-tested.
 
 Admission (queue when no worker has room, RESOURCE_EXHAUSTED when the queue is full),
-routing, worker registration and heartbeats, cancellation, queued deadlines, and failing
-the requests of a worker gone silent. It takes decoded messages (the loop in
-scheduler/main.py decodes) and sends encoded ones through the two functions it is given;
-a worker's TokenBatch goes on to its gateway as the bytes that arrived."""
+routing, worker registration and heartbeats, cancellation, queued deadlines, failing
+the requests of a worker gone silent, and aborting those of a gateway gone silent (every
+gateway is its own peer, several behind one port too). It takes decoded messages (the
+loop in scheduler/main.py decodes) and sends encoded ones through the two functions it is
+given; a worker's TokenBatch goes on to its gateway as the bytes that arrived."""
 
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class RequestLifecycle:
         self.to_worker = to_worker
         self.clock = clock  # monotonic seconds: arrival, dispatch and last-seen times
         self.workers: dict[bytes, WorkerState] = {}
-        self.gateways: set[bytes] = set()
+        self.gateways: dict[bytes, float] = {}  # every gateway that said hello: when it was last heard
         self.requests: dict[str, RequestState] = {}  # queued and dispatched, until their end
         self.queue = AdmissionQueue(config.max_queued)
         self._models_seen: set[str] = set()
@@ -93,14 +94,28 @@ class RequestLifecycle:
     # Gateway side.
 
     def on_gateway_message(self, identity: bytes, msg: schema.GatewayToScheduler) -> None:
+        if identity in self.gateways:
+            self.gateways[identity] = self.clock()
         if isinstance(msg, schema.Submit):
             msg.gateway = identity
             self.submit(msg)
         elif isinstance(msg, schema.Abort):
             self.abort(msg.request_ids)
         else:
-            self.gateways.add(identity)
+            self.gateways[identity] = self.clock()
             self.to_gateway(identity, schema.encode(self.models_info()))
+
+    def lose_gateway(self, identity: bytes, silent: float) -> None:
+        """Forget a gateway gone silent and abort its requests, whose tokens would reach
+        nobody; each ends with UNAVAILABLE toward it, which matters only to a gateway that
+        was stopped rather than dead and comes back."""
+        del self.gateways[identity]
+        submits = [s.submit for s in self.requests.values() if s.submit.gateway == identity]
+        log.error("gateway %s silent for %.0fs; aborting its %d requests", identity.decode(errors="replace"), silent, len(submits))
+        self.abort([s.request_id for s in submits])
+        for submit in submits:
+            item = schema.error_output(submit.request_id, errors.UNAVAILABLE, "the scheduler lost contact with this gateway")
+            self.to_gateway(identity, schema.encode(schema.TokenBatch([item])))
 
     def submit(self, submit: schema.Submit) -> None:
         if submit.request_id in self.requests:
@@ -257,8 +272,9 @@ class RequestLifecycle:
                 self.queue.readmit(state.submit)
 
     def sweep(self, now_monotonic: float, now_unix: float) -> None:
-        """Drop workers silent past the timeout (failing their requests), fail queued
-        requests whose deadline passed, and refresh the gauges."""
+        """Drop workers silent past the timeout (moving or failing their requests) and
+        gateways silent past theirs (aborting their requests), fail queued requests whose
+        deadline passed, and refresh the gauges."""
         for identity, w in list(self.workers.items()):
             silent = now_monotonic - w.last_seen
             stalled = now_monotonic - w.last_progress if w.requests else 0.0
@@ -270,6 +286,10 @@ class RequestLifecycle:
                           stalled, len(w.requests))
                 self.to_worker(identity, schema.encode(schema.Abort(list(w.requests))))
                 self.lose_worker(identity, "stalled")
+        for identity, seen in list(self.gateways.items()):
+            if now_monotonic - seen > self.config.gateway_timeout:
+                self.lose_gateway(identity, now_monotonic - seen)
+        self.metrics.gateways.set(len(self.gateways))
         for submit in self.queue.expired(now_unix):
             self.fail(submit, errors.DEADLINE_EXCEEDED, "deadline passed while queued")
         self.metrics.queued.set(len(self.queue))

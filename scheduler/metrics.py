@@ -13,6 +13,7 @@ class SchedulerMetrics:
         self.queued = prom.Gauge("inflight_scheduler_requests_queued", "requests waiting for a worker with room")
         self.running = prom.Gauge("inflight_scheduler_requests_running", "requests dispatched to workers and not finished")
         self.workers = prom.Gauge("inflight_scheduler_workers_alive", "workers registered and heartbeating", ["model"])
+        self.gateways = prom.Gauge("inflight_scheduler_gateways_alive", "gateways heard from within the gateway timeout")
         self.rejected = prom.Counter("inflight_scheduler_requests_rejected", "requests refused by the scheduler", ["code"])
         self.moved = prom.Counter("inflight_scheduler_requests_moved", "requests continued on another worker after theirs died or stalled", ["why"])
         self.routed = prom.Counter("inflight_scheduler_requests_routed", "requests dispatched, by whether a cached prefix decided", ["by"])

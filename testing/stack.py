@@ -63,23 +63,26 @@ class Stack:
 
     `env` is laid over this process's environment, from which OTEL_* variables are dropped:
     tracing reaches the stack only through `env`. `extra` flags go to `inflight serve`
-    last. Tests use the defaults; the benchmarks pick a model directory, a device, an
-    engine (INFLIGHT_BACKEND in `env`), the 127.0.0.1 host their clients dial, and metrics
-    off (`metrics=False`: no HTTP ports, and no wait for every worker)."""
+    last; `gateways` sets `--gateways` (metrics: "gateway" or "gateway-0" is the first,
+    "gateway-j" the others). Tests use the defaults; the benchmarks pick a model
+    directory, a device, an engine (INFLIGHT_BACKEND in `env`), the 127.0.0.1 host their
+    clients dial, and metrics off (`metrics=False`: no HTTP ports, and no wait for every
+    worker)."""
 
-    def __init__(self, workers: int = 1, env: dict | None = None, extra: list[str] | None = None, *,
+    def __init__(self, workers: int = 1, env: dict | None = None, extra: list[str] | None = None, *, gateways: int = 1,
                  model: str | os.PathLike | None = None, device: str = "cpu", host: str = "localhost",
                  metrics: bool = True, tokens_per_block: int | None = 16, timeout: float = 180):
         self.port = free_port()
         self.target = f"{host}:{self.port}"
-        # HTTP endpoints: gateway on base, scheduler on base + 1, worker i on base + 2 + i.
-        self.metrics_base = free_port_range(2 + workers) if metrics else None
-        self.workers = workers
+        # HTTP endpoints: gateway on base, scheduler on base + 1, worker i on base + 2 + i,
+        # gateway j > 0 on base + 1 + workers + j.
+        self.metrics_base = free_port_range(1 + workers + gateways) if metrics else None
+        self.workers, self.gateways = workers, gateways
         self.gateway_address, self.worker_address = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"  # the scheduler's
         cmd = [sys.executable, "-m", "cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
                "--listen", self.target, "--device", device, *(["--model", str(model)] if model else []),
                "--gateway-address", self.gateway_address, "--worker-address", self.worker_address,
-               "--metrics-port", str(self.metrics_base or 0), *(extra or [])]
+               "--metrics-port", str(self.metrics_base or 0), *(["--gateways", str(gateways)] if gateways != 1 else []), *(extra or [])]
         base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
         # Small blocks by default so that the tests' short prompts fill whole ones.
         block = {"INFLIGHT_KV_CACHE_TOKENS_PER_BLOCK": str(tokens_per_block)} if tokens_per_block else {}
@@ -118,8 +121,13 @@ class Stack:
             self.log.append(line)
 
     def http_port(self, process: str | int) -> int:
-        """Port of "gateway", "scheduler" or worker i."""
-        return self.metrics_base + {"gateway": 0, "scheduler": 1}.get(process, 2 + (process if isinstance(process, int) else 0))
+        """Port of "gateway" (the first), "gateway-j", "scheduler" or worker i."""
+        if isinstance(process, int):
+            return self.metrics_base + 2 + process
+        if process.startswith("gateway-"):
+            j = int(process.removeprefix("gateway-"))
+            return self.metrics_base + (0 if j == 0 else 1 + self.workers + j)
+        return self.metrics_base + {"gateway": 0, "scheduler": 1}[process]
 
     def http_get(self, process: str | int, path: str) -> tuple[int, str]:
         try:

@@ -21,3 +21,11 @@ def test_triton_attention_on_the_cpu_is_refused_by_name():
     res = inflight("generate", "--attention", "triton", "--device", "cpu", "--max-tokens", "2", "hi")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip().splitlines()[-1].startswith("inflight generate: error: attention=triton runs on CUDA devices")
+
+
+def test_serve_needs_one_gateway_at_least_and_says_what_several_do():
+    res = inflight("serve", "--gateways", "0")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == "inflight serve: error: --gateways 0: at least 1 gateway process is needed"
+    help_text = " ".join(inflight("serve", "--help").stdout.split())
+    assert "--gateways GATEWAYS gateway processes, all on the one --listen port (SO_REUSEPORT" in help_text

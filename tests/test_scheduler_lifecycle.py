@@ -94,7 +94,7 @@ def test_gateway_hello_gets_models_info():
     s.worker_joins("w1")
     s.gateway_joins(b"g")
     assert s.sent() == ([(b"g", models(("m", 1024, 100, 1)))], [])
-    assert s.core.gateways == {b"g"}
+    assert s.core.gateways.keys() == {b"g"}
 
 
 def test_submit_dispatches_and_relays_the_token_batch_to_its_gateway():
@@ -218,6 +218,40 @@ def test_models_info_counts_workers_per_model_on_join_and_leave():
     assert sorted(gateways, key=lambda sent: sent[0]) == [(b"g1", models(("b", 1024, 100, 1))), (b"g2", models(("b", 1024, 100, 1)))]
     assert metric("inflight_scheduler_workers_alive", model="a") == 0
     assert metric("inflight_scheduler_workers_alive", model="b") == 1
+
+
+def test_several_gateways_each_get_their_own_and_a_silent_one_is_forgotten_with_its_requests():
+    """Two gateways (two processes behind one port): each gets the tokens and answers of its
+    own requests. One goes silent past the gateway timeout: its requests are aborted on
+    the worker (UNAVAILABLE toward it, should it come back), the other's go on; a hello
+    brings it back."""
+    s = Scheduler(gateway_timeout=10.0, worker_timeout=60.0)
+    s.gateway_joins(b"g1")
+    s.gateway_joins(b"g2")
+    s.worker_joins("w1", max_batch_size=4)
+    s.submit("g1/1", gateway=b"g1")
+    s.submit("g2/1", gateway=b"g2")
+    s.submit("g1/2", gateway=b"g1")
+    s.sent()
+    s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g2/1", [7])], b"g2"))
+    s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g1/1", [8])], b"g1"))
+    assert [(g, [i.request_id for i in m.items]) for g, m in s.sent()[0]] == [(b"g2", ["g2/1"]), (b"g1", ["g1/1"])]
+    s.clock.now += 6
+    s.gateway_joins(b"g2")  # its hello each second; g1 has stopped
+    s.sent()
+    s.core.sweep(s.clock.now + 4, 0.0)  # g1 silent for 10 s: not past the timeout yet
+    assert s.sent() == ([], []) and s.core.gateways.keys() == {b"g1", b"g2"}
+    s.core.sweep(s.clock.now + 4.5, 0.0)
+    gateways, workers = s.sent()
+    lost = "the scheduler lost contact with this gateway"
+    assert gateways == [(b"g1", error_batch("g1/1", errors.UNAVAILABLE, lost)), (b"g1", error_batch("g1/2", errors.UNAVAILABLE, lost))]
+    assert workers == [(b"w1", schema.Abort(["g1/1", "g1/2"]))]
+    assert s.core.requests.keys() == {"g2/1"} and s.core.workers[b"w1"].requests == {"g2/1"}
+    assert s.core.gateways.keys() == {b"g2"} and metric("inflight_scheduler_gateways_alive") == 1
+    s.worker_sends("w1", schema.TokenBatch([schema.RequestOutput("g2/1", [9], finish_reason="length")], b"g2"))
+    assert s.sent()[0][0][0] == b"g2"
+    s.gateway_joins(b"g1")
+    assert s.core.gateways.keys() == {b"g1", b"g2"}
 
 
 def test_rehello_of_a_known_worker_only_refreshes_it():

@@ -1,5 +1,6 @@
 """Admission and routing across real processes: a full admission queue answers
-RESOURCE_EXHAUSTED at once; two workers share the load and prefixes stick together."""
+RESOURCE_EXHAUSTED at once; two workers share the load and prefixes stick together; two
+gateway processes share one port and one's death leaves the other's streams alone."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import grpc
 
 from inflight.client import Client
+from inflight.v1 import pb
 from inflight.sampling_params import SamplingParams
 from testing.stack import Stack
 from tests.test_service import chat_session
@@ -186,3 +188,107 @@ def test_restarted_scheduler_gets_workers_and_gateways_back():
                 p.wait(30)
             except subprocess.TimeoutExpired:
                 os.kill(p.pid, signal.SIGKILL)
+
+
+
+def test_two_gateways_share_one_port_and_survive_each_others_death():
+    """`--gateways 2`: new connections (a channel of their own each: grpc shares one between
+    a process's channels) spread over both processes on the one port. SIGKILL to one while
+    every stream has tokens: the other's streams finish in full, the killed one's end with
+    UNAVAILABLE, new connections are all served meanwhile, `inflight serve` starts the dead
+    one again and it takes its share; the scheduler forgets the dead one after
+    --gateway-timeout."""
+    import os
+    import signal
+    import time
+
+    from testing.stack import children_of
+
+    stack = Stack(gateways=2, env={"INFLIGHT_GATEWAY_TIMEOUT": "4"})
+    own = [("grpc.use_local_subchannel_pool", 1)]
+
+    def served(gateway: str) -> float:
+        return sum(v for k, v in stack.metrics(gateway).items() if k.startswith("inflight_gateway_requests_total{"))
+
+    def ready(gateway: str) -> bool:
+        try:
+            return stack.http_get(gateway, "/ready")[0] == 200
+        except OSError:  # not listening (yet)
+            return False
+
+    def wait_until(predicate, what: str, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.1)
+
+    def gateway_pid(name: str) -> int:
+        port = str(stack.http_port(name))
+        for pid in children_of(stack.proc.pid):
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().decode().split("\0")
+            if "gateway" in argv and argv[argv.index("--metrics-port") + 1] == port:
+                return pid
+        raise AssertionError(f"no {name} process")
+
+    async def short_requests(n: int) -> list[int]:
+        """n requests of 2 tokens, a connection each, at once: the tokens each got."""
+        async def one(i):
+            async with Client(stack.target, options=own) as client:
+                parts = [p async for p in client.generate(text=f"Count to {i}.", max_tokens=2, ignore_eos=True)]
+                return sum(len(p.token_ids) for p in parts[:-1])
+        return await asyncio.gather(*[one(i) for i in range(n)])
+
+    async def streams_through_a_kill(n: int, victim: int) -> list[tuple]:
+        """n streams, a connection each; `victim` is killed once every one has tokens. Per
+        stream: how it ended, and its tokens."""
+        streaming = set()
+        all_streaming = asyncio.Event()
+
+        async def one(i):
+            async with Client(stack.target, options=own) as client:
+                tokens = 0
+                try:
+                    async for part in client.generate(text=f"Tell a story about {i}.", max_tokens=12, ignore_eos=True):
+                        if not isinstance(part, pb.Delta):
+                            return "finished", tokens
+                        tokens += len(part.token_ids)
+                        streaming.add(i)
+                        if len(streaming) == n:
+                            all_streaming.set()
+                except grpc.aio.AioRpcError as e:
+                    return e.code(), tokens
+
+        tasks = [asyncio.create_task(one(i)) for i in range(n)]
+        await asyncio.wait_for(all_streaming.wait(), 60)
+        os.kill(victim, signal.SIGKILL)
+        return await asyncio.gather(*tasks)
+
+    try:
+        assert f"serving on {stack.target} with 2 gateway process(es) and 1 worker(s)" in "".join(stack.log)
+        stack.wait_metric("scheduler", "inflight_scheduler_gateways_alive", lambda v: v == 2)
+
+        assert asyncio.run(short_requests(16)) == [2] * 16
+        assert served("gateway-0") > 0 and served("gateway-1") > 0  # both took some
+        assert served("gateway-0") + served("gateway-1") == 16
+
+        victim, before = gateway_pid("gateway-1"), served("gateway-0")
+        ends = asyncio.run(streams_through_a_kill(16, victim))
+        kept = [tokens for how, tokens in ends if how == "finished"]
+        lost = [how for how, _ in ends if how != "finished"]
+        assert kept == [12] * len(kept) and served("gateway-0") - before == len(kept) > 0  # gateway-0's, in full
+        assert lost == [grpc.StatusCode.UNAVAILABLE] * len(lost) and len(lost) > 0  # gateway-1's
+
+        assert asyncio.run(short_requests(8)) == [2] * 8  # while gateway-1 is down or coming back
+
+        wait_until(lambda: ready("gateway-1"), "gateway-1 was not started again")
+        assert gateway_pid("gateway-1") != victim
+        before = served("gateway-0")
+        assert asyncio.run(short_requests(16)) == [2] * 16
+        assert served("gateway-1") > 0 and served("gateway-0") > before  # the new one takes its share
+        forgotten = f"-{victim}-"  # the dead one's id: host-pid-random
+        wait_until(lambda: any(forgotten in line and "silent for" in line for line in stack.log), "the dead gateway stayed known")
+        stack.wait_metric("scheduler", "inflight_scheduler_gateways_alive", lambda v: v == 2)
+        stack.wait_metric("scheduler", "inflight_scheduler_requests_running", lambda v: v == 0)
+    finally:
+        stack.stop()
+    assert "gateway-1 exited with code -9; starting it again" in "".join(stack.log)
