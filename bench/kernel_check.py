@@ -1,4 +1,4 @@
-"""Checks and times the paged-decode Triton kernel on a GPU against a float64 reference,
+"""Checks and times the paged-decode and paged varlen Triton kernels (and the fused ones) on a GPU against a float64 reference,
 on fresh random inputs each case, with the output poisoned (NaN) before every run.
 Prints a table and writes JSON.
 
@@ -94,6 +94,43 @@ def check_fused(dtype: torch.dtype) -> list[dict]:
     return rows
 
 
+VARLEN_CASES = [  # (query lengths, context lengths, Hq, Hkv, head_dim, block_size, dtype): decodes, fresh and cached prefills
+    ([1] * 32 + [512, 300], [700] * 32 + [512, 1800], 32, 8, 64, 32, torch.bfloat16),  # Llama-3.2-1B, a mixed step
+    ([1] * 8 + [1024], [4000] * 8 + [3000], 32, 8, 128, 16, torch.bfloat16),  # Llama-3-8B heads
+    ([17, 1, 64], [17, 90, 200], 9, 3, 64, 32, torch.float16),  # SmolLM2-135M: a padded group
+    ([33, 1], [100, 333], 16, 16, 64, 16, torch.float32),
+]
+
+
+def check_paged_varlen() -> list[dict]:
+    """The paged varlen kernel (mixed steps) against its float64 reference, launched over
+    a tile map sized for twice the used tiles, as a graph of a larger step would."""
+    from worker.embedded.kernels.paged_varlen import block_q, paged_varlen_attention, paged_varlen_reference, tile_map
+
+    rows = []
+    for q_lens, ctx, hq, hkv, d, bs, dtype in VARLEN_CASES:
+        gen = torch.Generator(device="cuda").manual_seed(len(q_lens))
+        S, T = len(q_lens), sum(q_lens)
+        width = -(-max(ctx) // bs)
+        kc, vc = (torch.randn(S * width + 1, bs, hkv, d, generator=gen, device="cuda").to(dtype) for _ in range(2))
+        tables = torch.randperm(S * width + 1, generator=gen, device="cuda")[: S * width].reshape(S, width)
+        q = torch.randn(T, hq, d, generator=gen, device="cuda").to(dtype)
+        bq = block_q(hq // hkv)
+        used = len(tile_map(q_lens, bq)[0])
+        tile_seq, tile_q = (torch.from_numpy(a).cuda() for a in tile_map(q_lens, bq, 2 * used))
+        starts = [sum(q_lens[:i]) for i in range(S)]
+        seq = [torch.tensor(x, device="cuda") for x in (starts, q_lens, ctx)]
+        out = torch.full_like(q, float("nan"))
+        run = lambda: paged_varlen_attention(q, kc, vc, out, tile_seq, tile_q, *seq, tables, d ** -0.5)  # noqa: E731
+        run()
+        ref = paged_varlen_reference(q, kc, vc, *seq, tables, d ** -0.5)
+        ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
+        rows.append({"queries": T, "sequences": S, "heads": f"{hq}/{hkv}", "head_dim": d, "block": bs, "max_ctx": max(ctx),
+                     "dtype": str(dtype).removeprefix("torch."), "rel_err": ((out.double() - ref).norm() / ref.norm()).item(),
+                     "nan": bool(torch.isnan(out).any()), "us": ms * 1000})
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="kernel_check.json")
@@ -126,13 +163,19 @@ def main() -> None:
     for r in rows:
         print(f"{r['batch']:>5} {r['heads']:>6} {r['head_dim']:>4} {r['block']:>4} {r['max_ctx']:>5} {r['splits']:>6} {r['dtype']:>9} "
               f"{r['rel_err']:>9.2e} {str(r['nan']):>4} {r['us']:>8.1f} {r['kv_GBps']:>8.0f}")
+    varlen = check_paged_varlen()
+    print(f"\n{'paged varlen: queries':>21} {'seqs':>4} {'heads':>6} {'dim':>4} {'ctx':>5} {'dtype':>9} {'rel err':>9} {'NaN':>4} {'us':>8}")
+    for r in varlen:
+        print(f"{r['queries']:>21} {r['sequences']:>4} {r['heads']:>6} {r['head_dim']:>4} {r['max_ctx']:>5} {r['dtype']:>9} "
+              f"{r['rel_err']:>9.2e} {str(r['nan']):>4} {r['us']:>8.1f}")
     fused = check_fused(torch.bfloat16) + check_fused(torch.float32)
     print(f"\n{'fused kernel':>24} {'dtype':>9} {'rel err vs torch':>17} {'NaN':>4} {'us':>7}")
     for r in fused:
         print(f"{r['kernel']:>24} {r['dtype']:>9} {r['rel_err_vs_torch']:>17.2e} {str(r['nan']):>4} {r['us']:>7.1f}")
     with open(args.out, "w") as f:
-        json.dump({"paged_decode": rows, "fused": fused}, f, indent=2)
+        json.dump({"paged_decode": rows, "paged_varlen": varlen, "fused": fused}, f, indent=2)
     bad = [r for r in rows if r["nan"] or r["rel_err"] > (1e-2 if r["dtype"] != "float32" else 1e-5)]
+    bad += [r for r in varlen if r["nan"] or r["rel_err"] > (1e-2 if r["dtype"] != "float32" else 1e-5)]
     bad += [r for r in fused if r["nan"] or r["rel_err_vs_torch"] > (1e-2 if r["dtype"] != "float32" else 1e-6)]
     if bad:
         sys.exit(f"kernel check FAILED: {bad}")

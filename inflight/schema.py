@@ -58,11 +58,12 @@ class EngineStats(msgspec.Struct):
     prefix_cache_hit_rate: float  # prompt tokens served from cache / prompt tokens seen
     preemptions: int
     tokens_per_block: int
-    # Forward passes so far by how they ran: a replayed CUDA graph (decode-only batches)
-    # or eagerly (any prompt tokens, or no graphs). A growing eager share means more steps
-    # carry prefill, each slower than a graph replay; engines that cannot tell leave 0.
+    # Forward passes so far by how they ran: a replayed CUDA graph or eagerly (a step
+    # larger than every graph, or no graphs); engines that cannot tell leave 0.
     steps_graph: int = 0
     steps_eager: int = 0
+    # GPU kernels compiled after the engine reported ready, each a step it held up.
+    kernel_compiles_late: int = 0
 
 
 # gateway -> scheduler -> worker

@@ -29,6 +29,11 @@ def test_paged_decode_kernel(checked):
         assert r["rel_err"] < 1e-6 and not r["nan"] and r["zero_row"], (splits, r)
 
 
+def test_paged_varlen_kernel(checked):
+    r = checked["kernels"]["paged_varlen"]
+    assert r["rel_err"] < 1e-6 and not r["nan"] and r["rest_untouched"] and r["padded_tiles"] > 0, r
+
+
 def test_argmax_kernel_breaks_ties_low(checked):
     assert checked["kernels"]["argmax"] == {"float32": True, "bfloat16": True}
 
@@ -59,4 +64,5 @@ def test_engine_path_matches_reference(checked, path):
     assert out["first"] == ref["first"]
     assert out["again"] == ref["again"]
     assert out["reused"] > 0  # the prefix-cached prefill path really ran
-    assert (out["steps_graph"] > 0) == ("graphs" in path)  # decode steps ran the graph path's buffers
+    # With graphs every step, prefill chunks and decodes alike, ran the graph path's buffers.
+    assert (out["steps_graph"] > 0, out["steps_eager"] > 0) == (("graphs" in path), ("graphs" not in path)), out

@@ -41,6 +41,31 @@ def check_paged_decode(gen: torch.Generator) -> dict:
     return out
 
 
+def check_paged_varlen(gen: torch.Generator) -> dict:
+    """Any mix of query lengths: decodes, a fresh prefill, prefills continuing a cached
+    context over several tiles, GQA with a padded group (3 of 4), a map sized for more
+    tiles than used, and rows of no sequence left as they were."""
+    from worker.embedded.kernels.paged_varlen import block_q, max_tiles, paged_varlen_attention, paged_varlen_reference, tile_map
+
+    hq, hkv, d, bs = 9, 3, 16, 4
+    q_lens, ctx = [1, 37, 5, 1, 20], [50, 37, 90, 1, 300]
+    starts = [0, 1, 38, 43, 44]
+    S, T = len(q_lens), sum(q_lens) + 3
+    width = -(-max(ctx) // bs)
+    kc, vc = (torch.randn(S * width + 1, bs, hkv, d, generator=gen) for _ in range(2))
+    tables = torch.randperm(S * width + 1, generator=gen)[: S * width].reshape(S, width)
+    q = torch.randn(T, hq, d, generator=gen)
+    bq = block_q(hq // hkv)
+    tile_seq, tile_q = (torch.from_numpy(a) for a in tile_map(q_lens, bq, max_tiles(T, 8, bq)))
+    seq = [torch.tensor(x) for x in (starts, q_lens, ctx)]
+    ref = paged_varlen_reference(q, kc, vc, *seq, tables, d ** -0.5)
+    o = torch.full_like(q, float("nan"))
+    paged_varlen_attention(q, kc, vc, o, tile_seq, tile_q, *seq, tables, d ** -0.5)
+    n = sum(q_lens)
+    return {"rel_err": rel_err(o[:n], ref[:n]), "nan": bool(o[:n].isnan().any()), "rest_untouched": bool(o[n:].isnan().all()),
+            "padded_tiles": int((tile_seq < 0).sum())}
+
+
 def check_argmax(gen: torch.Generator) -> dict:
     """Greedy argmax, incl. ties (the lowest index wins) within and across chunks."""
     from worker.embedded.kernels.argmax import argmax_rows
@@ -128,7 +153,7 @@ def check_silu_and_mul(gen: torch.Generator) -> float:
 
 def kernel_checks() -> dict:
     gen = torch.Generator().manual_seed(0)
-    return {"paged_decode": check_paged_decode(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
+    return {"paged_decode": check_paged_decode(gen), "paged_varlen": check_paged_varlen(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
             "add_rms_norm": check_add_rms_norm(gen), "rope_and_cache": check_rope_and_cache(gen),
             "silu_and_mul_rel_err": check_silu_and_mul(gen)}
 
@@ -186,7 +211,8 @@ def engine_paths(model_dir: str) -> dict:
         again = engine.generate(PROMPTS, params)  # the third shares a cached prefix with the first
         stats = engine.stats()
         out[attention + ("+graphs" if graphs else "") + ("+overlap" if overlap == "on" else "")] = {
-            "first": first, "again": again, "reused": stats.blocks_reused, "steps_graph": stats.steps_graph}
+            "first": first, "again": again, "reused": stats.blocks_reused, "steps_graph": stats.steps_graph,
+            "steps_eager": stats.steps_eager}
     return out
 
 

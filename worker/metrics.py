@@ -19,8 +19,10 @@ class WorkerMetrics:
         self.hit_rate = prom.Gauge("inflight_worker_prefix_cache_hit_rate", "prompt tokens served from the prefix cache / prompt tokens")
         self.preemptions = prom.Counter("inflight_worker_preemptions", "requests preempted and later recomputed")
         self.steps = prom.Counter("inflight_worker_engine_steps", "forward passes by how they ran: a replayed CUDA graph "
-                                  "(decode-only batches) or eager (any prompt tokens, or no graphs)", ["mode"])
-        self._seen = {"preemptions": 0, "graph": 0, "eager": 0}  # engine totals already counted
+                                  "or eager (a step larger than every graph, or no graphs)", ["mode"])
+        self.late_compiles = prom.Counter("inflight_worker_kernel_compiles_late", "GPU kernels compiled after the engine "
+                                          "reported ready: each held up a step (0 is expected)")
+        self._seen = {"preemptions": 0, "graph": 0, "eager": 0, "late": 0}  # engine totals already counted
 
     def update(self, s: EngineStats) -> None:
         self.kv_blocks.labels("total").set(s.kv_blocks_total)
@@ -33,6 +35,7 @@ class WorkerMetrics:
         self._count(self.preemptions, "preemptions", s.preemptions)
         self._count(self.steps.labels("graph"), "graph", s.steps_graph)
         self._count(self.steps.labels("eager"), "eager", s.steps_eager)
+        self._count(self.late_compiles, "late", s.kernel_compiles_late)
 
     def _count(self, counter, key: str, total: int) -> None:
         """Move a counter up to an engine's running total."""

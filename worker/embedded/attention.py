@@ -6,12 +6,14 @@ and V. A step's new tokens arrive flattened ([T, heads, dim]), decodes first.
 Two paths compute the same function (KernelConfig.attention picks one):
 - "reference" (CPU, and any device without Triton) gathers each sequence's context
   through its block table and runs one masked SDPA over the padded batch;
-- "triton" (the default on CUDA) runs our Triton paged-decode kernel for the decode
-  rows, and for the prefill rows one variable-length flash-attention call over the
-  step's fresh K/V (torch.nn.attention.varlen, where this torch has it and
-  KernelConfig.varlen_prefill is on; else SDPA per sequence). A sequence part of whose
-  context is already cached gets SDPA on its gathered context. Decode-only steps of
-  this path are captured in CUDA graphs.
+- "triton" (the default on CUDA) runs our Triton kernels: in decode-only steps the
+  paged-decode kernel (kernels/paged_decode.py); in mixed steps captured in CUDA graphs
+  the paged varlen kernel (kernels/paged_varlen.py) for every row, whatever its query
+  length; in eager steps (larger than any graph) the paged-decode kernel for the decode
+  rows, and for the prefills one variable-length flash-attention call over the step's
+  fresh K/V (torch.nn.attention.varlen, where this torch has it, KernelConfig.
+  varlen_prefill is on and no prefill continues a cached context), else the paged varlen
+  kernel.
 """
 
 from __future__ import annotations
@@ -30,11 +32,17 @@ logging.getLogger("torch.nn.attention.varlen").setLevel(logging.WARNING)
 
 
 @dataclasses.dataclass
-class PrefillSegment:
-    start: int  # first row of the sequence's new tokens in [T]
-    num_tokens: int
-    context_len: int  # after this step, new tokens included
-    block_table: torch.Tensor  # [blocks] long, on the device
+class Tiles:
+    """The paged varlen kernel's inputs (kernels/paged_varlen.py): its tile map and, per
+    sequence, the first row of its new tokens, how many, its context after the step and
+    its block table."""
+
+    tile_seq: torch.Tensor
+    tile_q: torch.Tensor
+    seq_start: torch.Tensor
+    seq_qlen: torch.Tensor
+    seq_ctx: torch.Tensor
+    tables: torch.Tensor
 
 
 @dataclasses.dataclass
@@ -47,13 +55,14 @@ class AttentionMetadata:
     query_valid: torch.Tensor | None = None  # [B, max_q] bool
     attn_mask: torch.Tensor | None = None  # [B, 1, max_q, max_ctx] bool: causal over the paged context
     max_context_len: int = 0
-    # Triton path: rows [0, num_decodes) are one-token decodes.
+    # Triton path: rows [0, num_decodes) are one-token decodes for the paged-decode kernel;
+    # the sequences of `tiles` go to the paged varlen kernel (a mixed step's graph: all of
+    # them); prefills of nothing cached may instead go to one varlen flash-attention call
+    # over their rows from num_decodes on: [P + 1] int32 row offsets, and the longest.
     num_decodes: int = 0
     decode_tables: torch.Tensor | None = None  # [num_decodes, W] int32
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32
-    prefills: list[PrefillSegment] = dataclasses.field(default_factory=list)
-    # Varlen prefill: [P + 1] int32 row offsets of the prefill segments (from row
-    # num_decodes), and the longest; None where SDPA runs per sequence.
+    tiles: Tiles | None = None
     prefill_cu_seq: torch.Tensor | None = None
     prefill_max_len: int = 0
 
@@ -82,21 +91,15 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
         n = meta.num_decodes
         paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale, out[:n], pdl=pdl)
-    if meta.prefill_cu_seq is not None:  # every segment over its fresh K/V; cached ones redone below
+    if meta.prefill_cu_seq is not None:
         rows = slice(meta.num_decodes, q.shape[0])
         out[rows] = varlen_prefill(q[rows], k[rows], v[rows], meta.prefill_cu_seq, meta.prefill_max_len, scale)
-    for seg in meta.prefills:
-        rows = slice(seg.start, seg.start + seg.num_tokens)
-        if seg.context_len == seg.num_tokens:  # nothing cached before: the fresh K/V are the context
-            if meta.prefill_cu_seq is None:
-                out[rows] = _prefill_sdpa(q[rows], k[rows], v[rows], scale, causal=True)
-        else:
-            ctx = seg.context_len
-            ks = k_cache[seg.block_table].flatten(0, 1)[:ctx]
-            vs = v_cache[seg.block_table].flatten(0, 1)[:ctx]
-            i = torch.arange(seg.num_tokens, device=q.device)[:, None]
-            j = torch.arange(ctx, device=q.device)[None, :]
-            out[rows] = _prefill_sdpa(q[rows], ks, vs, scale, mask=j <= i + (ctx - seg.num_tokens))
+    if meta.tiles is not None:
+        from worker.embedded.kernels.paged_varlen import paged_varlen_attention
+
+        t = meta.tiles
+        paged_varlen_attention(q, k_cache, v_cache, out, t.tile_seq, t.tile_q, t.seq_start, t.seq_qlen, t.seq_ctx,
+                               t.tables, scale)
     return out
 
 
@@ -133,20 +136,6 @@ def varlen_prefill(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float) ->
     elif abs(scale - q.shape[-1] ** -0.5) > 1e-12:  # older torch: the default 1/sqrt(D) only
         raise ValueError("this torch's varlen_attn takes no scale")
     return varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **options)
-
-
-def _prefill_sdpa(q, k, v, scale: float, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One sequence: q [L, Hq, D], k and v [S, Hkv, D]. KV heads are repeated and every
-    input made contiguous, so that PyTorch picks its flash or memory-efficient kernels
-    (a strided q or enable_gqa sends it to the slow math path: BENCHMARKS.md, kernel
-    choices, 'SDPA inputs')."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-    qs, ks, vs = (t.transpose(0, 1).unsqueeze(0).contiguous() for t in (q, k, v))
-    o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=causal, scale=scale)
-    return o[0].transpose(0, 1)
 
 
 def _reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:

@@ -86,7 +86,8 @@ class EmbeddedEngine:
         num_blocks = self._num_kv_blocks()
         self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block,
-                                  self.max_seq_len, config.max_batch_size, config.cuda_graphs, config.kernels)
+                                  self.max_seq_len, config.max_batch_size, self.max_num_tokens, config.cuda_graphs,
+                                  config.kernels)
         self.scheduler = BatchScheduler(
             self.pool,
             max_batch_size=config.max_batch_size,
@@ -299,6 +300,7 @@ class EmbeddedEngine:
             tokens_per_block=pool.tokens_per_block,
             steps_graph=self.runner.steps_graph,
             steps_eager=self.runner.steps_eager,
+            kernel_compiles_late=self.runner.late_compiles(),
         )
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

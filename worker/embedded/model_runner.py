@@ -8,12 +8,14 @@ import bisect
 import functools
 import logging
 import os
+import time
 from typing import Callable
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from worker.embedded.attention import AttentionMetadata, PrefillSegment, build_mask, varlen_available
+from worker.embedded.attention import AttentionMetadata, Tiles, build_mask, varlen_available
 from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.sampler import DeviceSample, sample_async
 from worker.embedded.scheduler import ScheduledChunk
@@ -24,6 +26,13 @@ from worker.engine_api import EngineConfigError, KernelConfig
 log = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
+# Mixed (prefill and decode) steps: a graph for each of these token counts up to the
+# engine's max_num_tokens, and one of max_num_tokens itself, so that every step replays one.
+MIXED_GRAPH_TOKENS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048, 3072, 4096, 5120, 6144, 7168, 8192)
+
+
+def mixed_graph_sizes(max_num_tokens: int) -> list[int]:
+    return sorted({t for t in MIXED_GRAPH_TOKENS if t < max_num_tokens} | {max_num_tokens})
 
 
 def kv_bytes_per_block(cfg: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:
@@ -52,30 +61,44 @@ def _take_pending(input_ids: torch.Tensor, src: torch.Tensor, token_buf: torch.T
 
 
 class GraphInputs:
-    """Every input of the captured decode graphs, as named views into one flat int64
-    buffer: `rows` each of token ids, positions, cache slots, context lengths and pending
-    token rows (see _take_pending), then a rows x width block table. The device buffer and
-    its pinned host twins (numpy views) share this layout, so one copy of the first
-    `used(batch)` values moves a step's inputs."""
+    """Every input of one captured graph, as named views into one flat int64 buffer: the
+    vectors `lengths` names, in order, then a rows x width block table. The device buffer
+    and its pinned host twins (numpy views) share this layout, so one copy of the first
+    `used(n)` values moves a step's inputs. Graphs of different sizes lay their inputs
+    over the same buffers, each in its own layout: a step fills its graph's whole layout
+    before the copy."""
 
-    def __init__(self, buf: torch.Tensor | np.ndarray, rows: int, width: int):
-        self.buf, self.rows, self.width = buf, rows, width
-        self.token_ids, self.positions, self.slots, self.context_lens, self.pending_rows = (
-            buf[i * rows : (i + 1) * rows] for i in range(5))
-        self.tables = buf[5 * rows :].reshape(rows, width)
+    def __init__(self, buf: torch.Tensor | np.ndarray, lengths: dict[str, int], rows: int, width: int):
+        self.buf, self.width = buf, width
+        at = 0
+        for name, n in lengths.items():
+            setattr(self, name, buf[at : at + n])
+            at += n
+        self.head = at
+        self.tables = buf[at : at + rows * width].reshape(rows, width)
 
     @staticmethod
-    def size(rows: int, width: int) -> int:
-        return 5 * rows + rows * width
+    def size(lengths: dict[str, int], rows: int, width: int) -> int:
+        return sum(lengths.values()) + rows * width
 
-    def used(self, batch: int) -> int:
-        """Values up to the last table row of `batch` sequences: the rest need not travel."""
-        return 5 * self.rows + batch * self.width
+    def used(self, table_rows: int) -> int:
+        """Values up to the last of the first `table_rows` table rows: the rest need not travel."""
+        return self.head + table_rows * self.width
+
+
+def decode_layout(batch: int) -> dict[str, int]:
+    return dict.fromkeys(("token_ids", "positions", "slots", "context_lens", "pending_rows"), batch)
+
+
+def mixed_layout(tokens: int, seqs: int, tiles: int) -> dict[str, int]:
+    return {**dict.fromkeys(("token_ids", "positions", "slots", "pending_rows"), tokens), "logits_rows": seqs,
+            **dict.fromkeys(("tile_seq", "tile_q"), tiles), **dict.fromkeys(("seq_start", "seq_qlen", "seq_ctx"), seqs)}
 
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int,
-                 tokens_per_block: int, max_seq_len: int, max_batch_size: int, cuda_graphs: bool, kernels: KernelConfig):
+                 tokens_per_block: int, max_seq_len: int, max_batch_size: int, max_num_tokens: int, cuda_graphs: bool,
+                 kernels: KernelConfig):
         self.model = model
         self.config = model.config
         self.device = device
@@ -116,13 +139,30 @@ class ModelRunner:
         # them as inputs before the host has seen them (overlap scheduling).
         self.token_buf = torch.zeros(max(max_batch_size, 1), dtype=torch.long, device=device)
         self.max_blocks_per_seq = -(-max_seq_len // tokens_per_block)
-        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}  # batch size -> replay, giving logits
+        self.max_batch_size = max(max_batch_size, 1)
+        self.graphs: dict[int, Callable[[], torch.Tensor]] = {}  # decode batch size -> replay, giving logits
         self.graph_sizes: list[int] = []
+        self.mixed_graphs: dict[int, Callable[[], torch.Tensor]] = {}  # step tokens -> replay, giving logits
+        self.mixed_sizes: list[int] = []
         self.steps_graph = self.steps_eager = 0  # forward passes by how they ran
         if self.attention == "triton" and device.type == "cuda":
             self._compile_split_variants()
+        if self.argmax is not None:  # compiled now, not in the first step
+            self.argmax(torch.zeros((2, self.config.vocab_size), dtype=dtype, device=device))
         if cuda_graphs and self.attention == "triton":
-            self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_batch_size] or [1])
+            self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_batch_size] or [1], mixed_graph_sizes(max_num_tokens))
+        self._variants_at_ready = self._compiled_variants()
+
+    def _compiled_variants(self) -> int:
+        if self.attention != "triton":
+            return 0
+        from worker.embedded.kernels import compiled_variants
+
+        return compiled_variants()
+
+    def late_compiles(self) -> int:
+        """Triton kernels compiled since start-up (the engine reports ready after it)."""
+        return self._compiled_variants() - self._variants_at_ready
 
     def _compile_split_variants(self) -> None:
         """Compile the paged-decode kernel for every split count now: eager steps pick one
@@ -152,6 +192,9 @@ class ModelRunner:
         decode_only = chunks[-1].num_tokens == 1
         if decode_only and self.graph_sizes and len(chunks) <= self.graph_sizes[-1]:
             logits = self._replay(chunks)
+            self.steps_graph += 1
+        elif not decode_only and self.mixed_sizes and sum(ch.num_tokens for ch in chunks) <= self.mixed_sizes[-1]:
+            logits = self._replay_mixed(chunks)
             self.steps_graph += 1
         else:
             logits = self._eager(chunks)
@@ -206,15 +249,23 @@ class ModelRunner:
                     tables[i, : len(ch.seq.block_table)] = torch.tensor(ch.seq.block_table, dtype=torch.int32)
                 meta.decode_tables = tables.to(dev, non_blocking=True)
                 meta.decode_context_lens = torch.tensor(ctx_lens[:n_dec], dtype=torch.int32, device=dev)
-            row = n_dec
-            for ch, n, ctx in zip(chunks[n_dec:], q_lens[n_dec:], ctx_lens[n_dec:]):
-                table = torch.tensor(ch.seq.block_table[: -(-ctx // bs)], device=dev)
-                meta.prefills.append(PrefillSegment(row, n, ctx, table))
-                row += n
-            if meta.prefills and self.varlen:
-                offsets = [seg.start - n_dec for seg in meta.prefills] + [row - n_dec]
+            prefills = chunks[n_dec:]
+            if prefills and self.varlen and all(ch.seq.num_computed == 0 for ch in prefills):
+                offsets = np.cumsum([0] + q_lens[n_dec:])
                 meta.prefill_cu_seq = torch.tensor(offsets, dtype=torch.int32, device=dev)
                 meta.prefill_max_len = max(q_lens[n_dec:])
+            elif prefills:  # the paged varlen kernel, over the prefills' rows only
+                from worker.embedded.kernels.paged_varlen import block_q, tile_map
+
+                lens = q_lens[n_dec:]
+                tile_seq, tile_q = tile_map(lens, block_q(self.config.num_heads // self.config.num_kv_heads))
+                width = max(len(ch.seq.block_table) for ch in prefills)
+                tables = np.zeros((len(prefills), width), dtype=np.int64)
+                for i, ch in enumerate(prefills):
+                    tables[i, : len(ch.seq.block_table)] = ch.seq.block_table
+                host = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(dev)  # noqa: E731
+                meta.tiles = Tiles(host(tile_seq), host(tile_q), host(n_dec + np.cumsum([0] + lens[:-1])), host(lens),
+                                   host(ctx_lens[n_dec:]), host(tables))
         else:
             self._reference_meta(meta, chunks, q_lens, ctx_lens)
         ids = torch.tensor(input_ids, device=dev)
@@ -249,31 +300,51 @@ class ModelRunner:
         meta.attn_mask = build_mask(q_lens_t, ctx_lens_t, max_q, max_ctx)
         meta.max_context_len = max_ctx
 
-    # CUDA graphs for decode-only steps.
+    # CUDA graphs: decode-only steps by batch size, mixed steps by token count.
 
-    def _capture(self, sizes: list[int]) -> None:
-        G, W, dev = max(sizes), self.max_blocks_per_seq, self.device
+    def _capture(self, sizes: list[int], mixed: list[int]) -> None:
+        W, dev = self.max_blocks_per_seq, self.device
+        group = self.config.num_heads // self.config.num_kv_heads
+        from worker.embedded.kernels.paged_varlen import block_q, max_tiles, tile_map
+
+        self.block_q, self.tile_map = block_q(group), tile_map
+        layouts = {("decode", b): (decode_layout(b), b) for b in sizes}
+        for t in mixed:
+            seqs = min(t, self.max_batch_size)
+            layouts["mixed", t] = (mixed_layout(t, seqs, max_tiles(t, seqs, self.block_q)), seqs)
+        size = max(GraphInputs.size(lengths, rows, W) for lengths, rows in layouts.values())
         # The graph inputs are filled by one copy per step from a pinned host twin. Two
         # host twins take turns: with overlap scheduling the host fills the next step's
         # while the last one's copy may still wait in the stream.
-        self.g_inputs = GraphInputs(torch.zeros(GraphInputs.size(G, W), dtype=torch.long, device=dev), G, W)
-        h_bufs = [torch.zeros(GraphInputs.size(G, W), dtype=torch.long) for _ in range(2)]
+        self.g_buf = torch.zeros(size, dtype=torch.long, device=dev)
+        h_bufs = [torch.zeros(size, dtype=torch.long) for _ in range(2)]
         if dev.type == "cuda":
             h_bufs = [h.pin_memory() for h in h_bufs]
-        self.h_twins = [(h, GraphInputs(h.numpy(), G, W)) for h in h_bufs]  # (pinned tensor, its views)
-        self.h_turn = 0
-        g = self.g_inputs
-        g.slots.fill_(self.scratch_slot)
+        self.h_bufs, self.h_turn = h_bufs, 0
+        # Per graph: its device views, and its views of each host twin.
+        self.layouts = {key: (GraphInputs(self.g_buf, lengths, rows, W), [GraphInputs(h.numpy(), lengths, rows, W) for h in h_bufs])
+                        for key, (lengths, rows) in layouts.items()}
         pool = torch.cuda.graph_pool_handle() if dev.type == "cuda" else None
-        for b in sorted(sizes, reverse=True):
-            meta = AttentionMetadata(slot_mapping=g.slots[:b], attention="triton", num_decodes=b,
-                                     decode_tables=g.tables[:b], decode_context_lens=g.context_lens[:b])
+        # Largest first: the smaller graphs fit in the memory the first one took.
+        todo = sorted(layouts, key=lambda key: key[1], reverse=True)
+        t0 = time.monotonic()
+        for kind, n in tqdm(todo, desc="Capturing CUDA graphs", unit="graph", disable=None if pool is not None else True):
+            g = self.layouts[kind, n][0]
+            if kind == "decode":
+                meta = AttentionMetadata(slot_mapping=g.slots, attention="triton", num_decodes=n,
+                                         decode_tables=g.tables, decode_context_lens=g.context_lens)
+                rows = None  # every row of a decode graph wants its logits: no gather
+            else:
+                meta = AttentionMetadata(slot_mapping=g.slots, attention="triton",
+                                         tiles=Tiles(g.tile_seq, g.tile_q, g.seq_start, g.seq_qlen, g.seq_ctx, g.tables))
+                rows = g.logits_rows
+            self._blank(g, kind)
             # Kept alive by the replay partial: a graph reads its inputs from fixed
-            # addresses, so nothing it reads may ever be freed and reused. Every row of a
-            # decode graph wants its logits (logits rows None: no gather).
-            args = (g.token_ids[:b], g.pending_rows[:b], g.positions[:b], meta, None)
+            # addresses, so nothing it reads may ever be freed and reused.
+            args = (g.token_ids, g.pending_rows, g.positions, meta, rows)
+            graphs = self.graphs if kind == "decode" else self.mixed_graphs
             if pool is None:  # no CUDA (Triton's interpreter in tests): run the same buffers eagerly
-                self.graphs[b] = functools.partial(self._graph_body, *args)
+                graphs[n] = functools.partial(self._graph_body, *args)
                 continue
             with torch.inference_mode():
                 self._graph_body(*args)  # compiles the kernels outside the capture
@@ -281,19 +352,34 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
                     logits = self._graph_body(*args)
-            self.graphs[b] = functools.partial(_replay_graph, graph, logits, args)
-        self.graph_sizes = sorted(sizes)
-        log.info("captured CUDA graphs for decode batch sizes %s", self.graph_sizes)
+            graphs[n] = functools.partial(_replay_graph, graph, logits, args)
+        self.graph_sizes, self.mixed_sizes = sorted(sizes), sorted(mixed)
+        log.info("captured %d CUDA graphs in %.1f s: decode batch sizes %s, mixed steps of %s tokens", len(todo),
+                 time.monotonic() - t0, self.graph_sizes, self.mixed_sizes)
+
+    def _blank(self, g: GraphInputs, kind: str) -> None:
+        """Inputs that are all padding: a capture runs on them."""
+        g.buf.zero_()
+        g.slots.fill_(self.scratch_slot)
+        g.pending_rows.fill_(-1)
+        if kind == "mixed":
+            g.tile_seq.fill_(-1)
 
     def _graph_body(self, ids, src, pos, meta, rows) -> torch.Tensor:
         return self.model(_take_pending(ids, src, self.token_buf), pos, self.kv_caches, meta, rows)
+
+    def _host_views(self, kind: str, n: int) -> tuple[torch.Tensor, GraphInputs, GraphInputs]:
+        """The next host twin, its views for graph (kind, n), and the device views."""
+        g, twins = self.layouts[kind, n]
+        turn = self.h_turn
+        self.h_turn ^= 1
+        return self.h_bufs[turn], twins[turn], g
 
     def _replay(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         B = len(chunks)
         G = self.graph_sizes[bisect.bisect_left(self.graph_sizes, B)]
         bs = self.tokens_per_block
-        h_buf, h = self.h_twins[self.h_turn]
-        self.h_turn ^= 1
+        h_buf, h, g = self._host_views("decode", G)
         ids, pending, positions, slots, ctx, tables = h.token_ids, h.pending_rows, h.positions, h.slots, h.context_lens, h.tables
         for i, ch in enumerate(chunks):  # per row, every step: locals, not attribute lookups
             seq = ch.seq
@@ -311,5 +397,41 @@ class ModelRunner:
         h.context_lens[B:G] = 0
         h.pending_rows[B:G] = -1
         n = h.used(B)  # only the used table rows travel
-        self.g_inputs.buf[:n].copy_(h_buf[:n], non_blocking=True)
+        g.buf[:n].copy_(h_buf[:n], non_blocking=True)
         return self.graphs[G]()[:B]
+
+    def _replay_mixed(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """A step with prefill chunks, decodes first, from the graph of the next token count up."""
+        total = sum(ch.num_tokens for ch in chunks)
+        T = self.mixed_sizes[bisect.bisect_left(self.mixed_sizes, total)]
+        bs = self.tokens_per_block
+        h_buf, h, g = self._host_views("mixed", T)
+        row = 0
+        n_sampled = 0
+        for i, ch in enumerate(chunks):
+            seq, n = ch.seq, ch.num_tokens
+            p = seq.num_computed
+            table = np.asarray(seq.block_table, dtype=np.int64)
+            if n == 1:
+                h.token_ids[row], h.pending_rows[row] = self._input_token(seq, p)
+            else:  # a prefill chunk: every token is known
+                h.token_ids[row : row + n] = seq.all_token_ids[p : p + n]
+                h.pending_rows[row : row + n] = -1
+            pos = np.arange(p, p + n)
+            h.positions[row : row + n] = pos
+            h.slots[row : row + n] = table[pos // bs] * bs + pos % bs
+            h.seq_start[i], h.seq_qlen[i], h.seq_ctx[i] = row, n, p + n
+            h.tables[i, : len(table)] = table
+            row += n
+            if ch.sample:
+                h.logits_rows[n_sampled] = row - 1
+                n_sampled += 1
+        h.token_ids[row:T] = 0
+        h.positions[row:T] = 0
+        h.slots[row:T] = self.scratch_slot
+        h.pending_rows[row:T] = -1
+        h.logits_rows[n_sampled:] = 0
+        h.tile_seq[:], h.tile_q[:] = self.tile_map([ch.num_tokens for ch in chunks], self.block_q, len(h.tile_seq))
+        n = h.used(len(chunks))
+        g.buf[:n].copy_(h_buf[:n], non_blocking=True)
+        return self.mixed_graphs[T]()[:n_sampled]
