@@ -65,7 +65,7 @@ def run_bare(port: int) -> None:
 
 def start_stack(env: dict | None, step_ms: float, tokenizer: str | None) -> Stack:
     """The stack on the engine double, metrics off."""
-    return Stack(env={"INFLIGHT_BACKEND": "testing.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
+    return Stack(env={"INFLIGHT_ENGINE": "testing.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "bench",
                       "ENGINE_DOUBLE_STEP_MS": str(step_ms), "INFLIGHT_MAX_BATCH_SIZE": "512", **(env or {})},
                  model=os.path.abspath(tokenizer) if tokenizer else None, host="127.0.0.1", metrics=False, tokens_per_block=None)
 

@@ -65,7 +65,7 @@ class Stack:
     tracing reaches the stack only through `env`. `extra` flags go to `inflight serve`
     last; `gateways` sets `--gateways` (metrics: "gateway" or "gateway-0" is the first,
     "gateway-j" the others). Tests use the defaults; the benchmarks pick a model
-    directory, a device, an engine (INFLIGHT_BACKEND in `env`), the 127.0.0.1 host their
+    directory, a device, an engine (INFLIGHT_ENGINE in `env`), the 127.0.0.1 host their
     clients dial, and metrics off (`metrics=False`: no HTTP ports, and no wait for every
     worker)."""
 

@@ -25,7 +25,7 @@ from inflight.client import Client, channel_credentials
 from inflight.v1 import pb
 from testing.stack import ROOT, Stack
 
-DOUBLE = {"INFLIGHT_BACKEND": "testing.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "double"}
+DOUBLE = {"INFLIGHT_ENGINE": "testing.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "double"}
 TOKENS = ["first-token-3f9a", "second-token-77c1"]
 
 

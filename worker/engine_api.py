@@ -1,6 +1,7 @@
 """The contract every engine serves: the embedded PyTorch engine and TensorRT-LLM's.
 
-The worker loop drives an engine only through `Engine`: submit, abort, step, stats. An
+The worker loop drives an engine only through `Engine`: submit, abort, step, stats. Two
+implement it: worker/embedded/ (ours) and worker/trtllm/ (TensorRT-LLM's LLM API). An
 engine emits the wire types themselves (`RequestOutput`, `EngineStats` in
 inflight/schema.py), which the worker sends on as they are, and checks what it is given
 with the shared validator (inflight/validation.py).
@@ -62,6 +63,7 @@ class EngineConfig:
     overlap_scheduler: Literal["auto", "on", "off"] = dataclasses.field(default="auto", metadata={"help": "prepare and launch step N+1 while the device runs step N: auto turns it on for CUDA (on the CPU nothing runs asynchronously, so it would only delay each token by a step)"})
     cuda_graphs: bool = dataclasses.field(default=True, metadata={"help": "replay decode steps from captured CUDA graphs (CUDA only)"})
     max_seq_len: int | None = dataclasses.field(default=None, metadata={"help": "prompt plus output tokens at most; unset means the model's limit"})
+    tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "GPUs one worker spans, the model split across them (--engine trtllm; the embedded engine runs on one device)"})
 
 
 class Engine(Protocol):
@@ -77,10 +79,14 @@ class Engine(Protocol):
         seeded request's draws count them)."""
 
     def abort(self, request_id: str) -> bool:
-        """Drop a request and free its KV blocks; False if the engine does not hold it."""
+        """Drop a request and free its KV blocks (an engine that iterates on its own thread,
+        as TensorRT-LLM does, frees them at its next iteration); nothing more of it is
+        returned. False if the engine does not hold it."""
 
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; every request that produced tokens or ended appears once."""
+        """Run one iteration, or, for an engine that iterates on its own thread, collect
+        what it produced since the last call, waiting briefly for something; every request
+        that produced tokens or ended appears once."""
 
     def has_work(self) -> bool: ...
 
