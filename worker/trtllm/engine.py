@@ -177,7 +177,8 @@ class TrtllmEngine:
         try:
             self._call(self._start(stream, [*prompt_token_ids, *output_token_ids], sp), SUBMIT_TIMEOUT)
         except TimeoutError:
-            stream.aborted = True  # should it start after all, it is cancelled at once
+            stream.aborted = True  # should it have started after all, it is cancelled
+            self._loop.call_soon_threadsafe(self._cancel, stream)
             raise RequestError(errors.UNAVAILABLE, f"TensorRT-LLM did not take the request within {SUBMIT_TIMEOUT:.0f}s") from None
         except (ValueError, TypeError) as e:  # generate_async's own checks
             raise RequestError(errors.INVALID_ARGUMENT, f"TensorRT-LLM refused it: {e}") from None
