@@ -229,6 +229,8 @@ def main() -> None:
                     help="with --shape: a folder holding tokenizer.json and tokenizer_config.json (default: the built-in SmolLM2's)")
     ap.add_argument("--device", default="auto", help="auto (cuda where there is one), cuda or cpu; the stack and the direct engine alike")
     ap.add_argument("--kv-tokens", type=int, default=400_000, help="KV cache size in tokens, the same on both sides")
+    ap.add_argument("--max-num-tokens", type=int, default=None,
+                    help="the engine's step budget in tokens, the same on both sides (default: the engine's)")
     ap.add_argument("--warmup", type=int, default=0,
                     help="requests run through each side before the points, not counted (0: the first point meets a fresh stack)")
     ap.add_argument("--load-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
@@ -257,7 +259,7 @@ def main() -> None:
         model_dir = make_model_dir(args.shape, args.tokenizer or default_model_dir(), args.vocab)
     try:
         config = EngineConfig(model=str(model_dir) if model_dir else None, device=args.device,
-                              kv_cache=KvCacheConfig(max_tokens=args.kv_tokens))
+                              kv_cache=KvCacheConfig(max_tokens=args.kv_tokens), max_num_tokens=args.max_num_tokens)
         engine = EmbeddedEngine(config)
         settle_gc()  # as the worker does once its model is loaded
         cuda = engine.device.type == "cuda"
@@ -276,7 +278,10 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
-        stack = Stack(env={"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens)}, extra=shlex.split(args.serve_flags),
+        env = {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens)}
+        if args.max_num_tokens:
+            env["INFLIGHT_MAX_NUM_TOKENS"] = str(args.max_num_tokens)
+        stack = Stack(env=env, extra=shlex.split(args.serve_flags),
                       model=model_dir, device=args.device, host="127.0.0.1", tokens_per_block=None, timeout=900)
         served = []
         try:

@@ -58,7 +58,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     enable_chunked_prefill: bool = dataclasses.field(default=True, metadata={"help": "split long prompts across steps so decodes keep flowing"})
     max_batch_size: int = dataclasses.field(default=256, metadata={"help": "requests running at once"})
-    max_num_tokens: int | None = dataclasses.field(default=None, metadata={"help": "tokens one engine step computes at most, prefill and decode together; unset means 8192 on CUDA and 512 on the CPU, where a step of 8192 prompt tokens takes many seconds and holds up every stream and the worker's heartbeats"})
+    max_num_tokens: int | None = dataclasses.field(default=None, metadata={"help": "tokens one engine step computes at most, prefill and decode together; unset means 2048 on CUDA (each step then replays a CUDA graph, and the longest wait between a stream's tokens is one such step; more favours prompt throughput over that wait) and 512 on the CPU, where a step of 2048 prompt tokens takes seconds and holds up every stream and the worker's heartbeats"})
     kernels: KernelConfig = dataclasses.field(default_factory=KernelConfig, metadata={"flatten": True})
     overlap_scheduler: Literal["auto", "on", "off"] = dataclasses.field(default="auto", metadata={"help": "prepare and launch step N+1 while the device runs step N: auto turns it on for CUDA (on the CPU nothing runs asynchronously, so it would only delay each token by a step)"})
     cuda_graphs: bool = dataclasses.field(default=True, metadata={"help": "replay decode steps from captured CUDA graphs (CUDA only)"})

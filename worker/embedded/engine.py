@@ -28,9 +28,11 @@ from models.locate import locate_model
 
 log = logging.getLogger(__name__)
 
-# Tokens a step computes at most, where EngineConfig leaves it unset: TensorRT-LLM's default
-# on a GPU; on the CPU a step of that many prompt tokens takes seconds, so less.
-MAX_NUM_TOKENS_CUDA, MAX_NUM_TOKENS_CPU = 8192, 512
+# Tokens a step computes at most, where EngineConfig leaves it unset. On a GPU, vLLM's
+# default for online serving: the largest step (and with it the longest wait between two
+# tokens of a running stream) stays bounded, and every step replays a CUDA graph. On the
+# CPU a step of that many prompt tokens takes seconds, so less.
+MAX_NUM_TOKENS_CUDA, MAX_NUM_TOKENS_CPU = 2048, 512
 
 
 @dataclasses.dataclass

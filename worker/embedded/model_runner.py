@@ -27,12 +27,16 @@ log = logging.getLogger(__name__)
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 # Mixed (prefill and decode) steps: a graph for each of these token counts up to the
-# engine's max_num_tokens, and one of max_num_tokens itself, so that every step replays one.
-MIXED_GRAPH_TOKENS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1280, 1536, 1792, 2048, 3072, 4096, 5120, 6144, 7168, 8192)
+# engine's max_num_tokens (and one of max_num_tokens itself, where it is smaller). Close
+# steps, so that padding a step up to its graph costs little: a step of 2,064 tokens padded
+# to 3,072 took 1.4 times as long as eagerly (BENCHMARKS.md, mixed steps). Steps larger
+# than MIXED_GRAPH_MAX run eagerly: their GPU time hides the launches.
+MIXED_GRAPH_MAX = 2048
+MIXED_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, *range(384, 1025, 128), *range(1280, MIXED_GRAPH_MAX + 1, 256))
 
 
 def mixed_graph_sizes(max_num_tokens: int) -> list[int]:
-    return sorted({t for t in MIXED_GRAPH_TOKENS if t < max_num_tokens} | {max_num_tokens})
+    return sorted({t for t in MIXED_GRAPH_TOKENS if t < max_num_tokens} | {min(max_num_tokens, MIXED_GRAPH_MAX)})
 
 
 def kv_bytes_per_block(cfg: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:
