@@ -41,7 +41,7 @@ IDLE = {  # (process, metric): every one must read 0 once the soak is over
     ("worker", "inflight_worker_kv_blocks{state=in_use}"): "worker KV blocks in use",
     ("scheduler", "inflight_scheduler_requests_queued"): "scheduler queued",
     ("scheduler", "inflight_scheduler_requests_running"): "scheduler running",
-    ("gateway", "inflight_gateway_requests_running"): "gateway running",
+    ("gateway", "inflight_gateway_requests_running{protocol=grpc}"): "gateway running",
 }
 
 

@@ -1,8 +1,8 @@
 """`inflight serve`: the whole stack on one machine as child processes.
 
-Starts the scheduler, N workers and M gateways (all on the one gRPC port: SO_REUSEPORT
-lets the kernel spread new connections over them), waits until every gateway is ready,
-prints where it listens, and stops every child on Ctrl-C or SIGTERM. A child that dies
+Starts the scheduler, N workers and M gateways (all on the one gRPC port and the one HTTP
+port: SO_REUSEPORT lets the kernel spread new connections over them), waits until every
+gateway is ready, prints where it listens, and stops every child on Ctrl-C or SIGTERM. A child that dies
 once the stack serves is started again (after a pause that doubles while it keeps dying
 soon after each start, up to MAX_BACKOFF): workers rejoin the scheduler by themselves,
 and the scheduler moves a dead worker's requests to the others. A child that dies before
@@ -32,6 +32,7 @@ class ServeConfig:
     workers: int = dataclasses.field(default=1, metadata={"help": "worker processes: one per GPU, or several on the CPU"})
     gateways: int = dataclasses.field(default=1, metadata={"help": "gateway processes, all on the one --listen port (SO_REUSEPORT: the kernel spreads new connections over them, and a connection stays with its process); one tops out at some 22-28k streamed tokens a second"})
     listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
+    http_listen: str = dataclasses.field(default="localhost:8000", metadata={"help": "host:port for the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models; server-sent events), served by every gateway process on the one port like --listen; empty turns it off"})
     model: str | None = dataclasses.field(default=None, metadata={"help": "model directory; unset means the built-in SmolLM2-135M-Instruct"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu or cuda"})
     gateway_address: str = dataclasses.field(default=sockets.GATEWAY_ADDRESS, metadata={"help": "scheduler address for gateways"})
@@ -113,7 +114,7 @@ class Stack:
             self.spawn(f"worker-{i}", ["worker", "--scheduler-address", c.worker_address, "--worker-id", f"worker-{i}",
                                        "--device", device, "--metrics-port", port(2 + i), "--metrics-host", c.metrics_host, *model], env)
         for j in range(c.gateways):
-            self.spawn(f"gateway-{j}", ["gateway", "--listen", c.listen, "--scheduler-address", c.gateway_address,
+            self.spawn(f"gateway-{j}", ["gateway", "--listen", c.listen, "--http-listen", c.http_listen, "--scheduler-address", c.gateway_address,
                                         "--metrics-port", port(gateway_metrics_offset(j, c.workers)), "--metrics-host", c.metrics_host,
                                         "--tls-cert", c.tls.cert, "--tls-key", c.tls.key, "--tls-client-ca", c.tls.client_ca,
                                         "--auth-token-file", c.auth_token_file, *model])
@@ -222,8 +223,9 @@ def run(config: ServeConfig) -> int:
             print(f"inflight: the stack did not start: {problem}", file=sys.stderr)
             return 1
         if not stopping:
-            print(f"inflight: serving on {config.listen} with {config.gateways} gateway process(es) and {config.workers} worker(s); "
-                  f"try `inflight chat \"Hello\"` (Ctrl-C stops)", flush=True)
+            http = f"; OpenAI HTTP API at http{'s' if config.tls.cert else ''}://{config.http_listen}/v1" if config.http_listen else ""
+            print(f"inflight: serving on {config.listen} with {config.gateways} gateway process(es) and {config.workers} worker(s)"
+                  f"{http}; try `inflight chat \"Hello\"` (Ctrl-C stops)", flush=True)
         while not stopping:
             stack.restart_dead()
             time.sleep(0.2)

@@ -17,6 +17,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from gateway.openai_api import HttpServer, OpenAIApi
+from gateway.request_path import RequestPath
 from gateway.scheduler_client import SCHEDULER_TIMEOUT, SchedulerClient
 from gateway.servicer import InferenceServicer, TokenCheck, add_to_server
 from gateway.telemetry import GatewayMetrics
@@ -46,6 +48,7 @@ class TlsConfig:
 @dataclasses.dataclass
 class GatewayConfig:
     listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
+    http_listen: str = dataclasses.field(default="localhost:8000", metadata={"help": "host:port for the OpenAI-compatible HTTP API (POST /v1/chat/completions, POST /v1/completions, GET /v1/models; server-sent events with stream: true), served beside gRPC by the same process with the same TLS and bearer tokens; several gateway processes share it (SO_REUSEPORT); empty turns it off"})
     scheduler_address: str = dataclasses.field(default=sockets.GATEWAY_ADDRESS, metadata={"help": "the scheduler's ZeroMQ address for gateways"})
     model: str | None = dataclasses.field(default=None, metadata={"help": "model directory whose tokenizer and chat template to use; unset means the built-in SmolLM2-135M-Instruct"})
     served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model; unset means the one the workers derive"})
@@ -57,7 +60,7 @@ class GatewayConfig:
     auth_token_file: str = dataclasses.field(default="", metadata={"help": "file of bearer tokens, one a line: every Inference call must carry `authorization: Bearer <one of them>` (health and reflection stay open)"})
     # gRPC's own default, stated: a request within every other limit (1 MiB of prompt text,
     # max_seq_len token ids) is well under it, and a bigger one is only more bytes to refuse.
-    max_receive_message_bytes: int = dataclasses.field(default=4 << 20, metadata={"help": "largest request message gRPC accepts; a bigger one gets RESOURCE_EXHAUSTED"})
+    max_receive_message_bytes: int = dataclasses.field(default=4 << 20, metadata={"help": "largest request message gRPC accepts (a bigger one gets RESOURCE_EXHAUSTED), and largest HTTP request body (413)"})
     # Each open request holds memory here, in the scheduler and on a worker; a client that
     # needs more concurrency opens more streams, which a load balancer can spread.
     max_open_requests_per_stream: int = dataclasses.field(default=1024, metadata={"help": "open requests one Generate stream may hold; one more start gets RESOURCE_EXHAUSTED"})
@@ -142,7 +145,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     # (`inflight serve --gateways N`), the kernel spreading new connections over them.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", config.max_receive_message_bytes)],
                              interceptors=[TokenCheck(tokens)] if tokens else None)
-    servicer = InferenceServicer(client, tokenizer, model_name, gateway_id, GatewayMetrics(), config.max_open_requests_per_stream)
+    path = RequestPath(client, tokenizer, model_name, gateway_id, GatewayMetrics())
+    servicer = InferenceServicer(path, config.max_open_requests_per_stream)
     add_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -156,6 +160,10 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
         port = 0
     if port == 0:
         raise SystemExit(f"error: cannot listen on {config.listen}")
+    http = None
+    if config.http_listen:  # one process, one loop: uvicorn beside grpc.aio
+        api = OpenAIApi(path, config.max_receive_message_bytes, TokenCheck(tokens).problem if tokens else None)
+        http = HttpServer(api.app, config.http_listen, *((config.tls.cert, config.tls.key, config.tls.client_ca) if credentials else ()))
     # The port listens from here on, and beside other gateways on it (SO_REUSEPORT) gets its
     # share of new connections at once: they wait unanswered until the scheduler has said
     # what it serves (or for SCHEDULER_TIMEOUT), rather than meet UNAVAILABLE.
@@ -165,10 +173,12 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     except asyncio.TimeoutError:
         pass
     await server.start()
+    if http is not None:
+        await http.start()
     settle_gc()
     security = ("mutual TLS" if config.tls.client_ca else "TLS" if credentials else "plaintext") + (", bearer token" if tokens else "")
-    log.info("gateway %s listening on %s (%s) for model %s (scheduler %s)", gateway_id, config.listen, security, model_name,
-             config.scheduler_address)
+    log.info("gateway %s listening on %s (gRPC) and %s (HTTP) (%s) for model %s (scheduler %s)", gateway_id, config.listen,
+             config.http_listen or "nothing", security, model_name, config.scheduler_address)
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -184,6 +194,8 @@ async def serve(config: GatewayConfig, ready: asyncio.Event | None = None) -> No
     while servicer.in_flight() and loop.time() < deadline and not stop.is_set():
         await asyncio.sleep(0.05)
     log.info("gateway shutting down")
+    if http is not None:
+        await http.stop()
     await server.stop(grace=1.0)  # the streams send their last events and end
     await client.close()
 

@@ -5,157 +5,79 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import logging
-import time
 
 import grpc
 from google.protobuf.message import DecodeError
 
 from gateway import validation
-from gateway.output import OutputProcessor
-from gateway.scheduler_client import SchedulerClient
+from gateway.request_path import DRAINING, Generation, Prompt, RequestPath
 from gateway.stream import GenerateStream, finished_pb, logprobs_pb
-from gateway.telemetry import GatewayMetrics, RequestTelemetry
-from gateway.tokenizer import TextTokenizer
-from inflight import errors, schema, telemetry
+from gateway.telemetry import RequestTelemetry
+from inflight import errors
 from inflight.errors import RequestError, invalid
 from inflight.sampling_params import SamplingParams
 from inflight.schema import RequestOutput
 from inflight.v1 import pb, pb_grpc
-from inflight.validation import check_request, check_vocab
+from inflight.validation import check_vocab
 
 log = logging.getLogger("inflight.gateway")
 
-DRAINING = "this gateway is shutting down and takes no new requests; retry on another"
-# Prompts longer than this (characters, or token ids to decode) are tokenized off the event loop.
-OFFLOAD_CHARS = 4096
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"]
-
-
-class OpenRequest:
-    __slots__ = ("internal", "telemetry")
-
-    def __init__(self, internal: str, telemetry: RequestTelemetry):
-        self.internal = internal
-        self.telemetry = telemetry
 
 
 def operation(msg) -> str:
     return "chat" if msg.WhichOneof("prompt") == "chat" else "text_completion"
 
 
+def prompt_of(msg, prefix: str) -> Prompt:
+    """A StartRequest's or CompleteRequest's prompt, its field named under `prefix`."""
+    kind = msg.WhichOneof("prompt")
+    field = f"{prefix}{kind or 'prompt'}"
+    if kind == "text":
+        if not msg.text:
+            raise invalid(field, "must not be empty")
+        return Prompt(field, text=validation.prompt_text(msg.text, field))
+    if kind == "chat":
+        return Prompt(f"{field}.messages", chat=validation.chat_messages(msg.chat, field))
+    if kind == "token_ids":
+        return Prompt(f"{field}.ids", token_ids=list(msg.token_ids.ids))
+    raise invalid(field, "set one of text, chat or token_ids")
+
+
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, client: SchedulerClient, tokenizer: TextTokenizer, model_name: str, gateway_id: str, metrics: GatewayMetrics,
-                 max_open_requests_per_stream: int = 1024):
-        self.client = client
-        self.tokenizer = tokenizer
-        self.model_name = model_name
-        self.gateway_id = gateway_id
-        self.metrics = metrics
+    """The gRPC edge over the RequestPath that the HTTP API shares."""
+
+    def __init__(self, path: RequestPath, max_open_requests_per_stream: int = 1024):
+        self.path = path
+        self.client = path.client
         self.max_open_requests_per_stream = max_open_requests_per_stream
-        self.draining = False  # stopping: requests in flight finish, nothing new starts
         self.streams: set[GenerateStream] = set()  # the Generate calls open now
-        self._ids = itertools.count()
-        self.tracing = telemetry.tracing()
 
     def _telemetry(self, name: str, msg, context) -> RequestTelemetry:
         traceparent = dict(context.invocation_metadata() or ()).get("traceparent")
-        return RequestTelemetry(self.metrics, name, traceparent, operation(msg), self.tracing)
+        return self.path.telemetry(name, operation(msg), traceparent, "grpc")
 
-    # Shared request preparation.
-
-    def _check_model_name(self, name: str, field: str = "model") -> None:
-        if name and name != self.model_name:
-            raise RequestError(errors.NOT_FOUND, f"model {validation.quoted(name)} is not served here; this gateway serves {self.model_name!r}", field)
-
-    def _model(self, name: str, field: str = "model") -> schema.ModelInfo:
-        self._check_model_name(name, field)
-        info = self.client.models.get(self.model_name)
-        if info is None:
-            raise RequestError(errors.UNAVAILABLE, f"no worker serves model {self.model_name!r} right now")
-        return info
-
-    async def _run_tokenizer(self, size: int, fn, *args):
-        """fn(*args), on a thread when `size` (characters or ids) is over OFFLOAD_CHARS."""
-        if size > OFFLOAD_CHARS:
-            return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
-        return fn(*args)
-
-    async def _prompt_ids(self, msg, oneof: str, prefix: str) -> tuple[list[int], str]:
-        """The prompt's token ids, and the field they came from."""
-        kind = msg.WhichOneof(oneof)
-        field = f"{prefix}{kind or oneof}"
-        if kind == "text":
-            if not msg.text:
-                raise invalid(field, "must not be empty")
-            ids = await self._encode(validation.prompt_text(msg.text, field))
-        elif kind == "chat":
-            ids = await self._encode_chat(validation.chat_messages(msg.chat, field), field)
-        elif kind == "token_ids":
-            ids, field = list(msg.token_ids.ids), f"{field}.ids"
-        else:
-            raise invalid(field, "set one of text, chat or token_ids")
-        return ids, field
-
-    async def _encode(self, text: str) -> list[int]:
-        return await self._run_tokenizer(len(text), self.tokenizer.encode, text)
-
-    async def _encode_chat(self, messages: list[dict], field: str) -> list[int]:
-        size = sum(len(m["content"]) for m in messages)
-        return await self._run_tokenizer(size, self.tokenizer.encode_chat, messages, field)
-
-    async def _prepare(self, msg, prefix: str) -> tuple[str, list[int], SamplingParams]:
-        info = self._model(msg.model, f"{prefix}model")
-        ids, field = await self._prompt_ids(msg, "prompt", prefix)
+    async def _prepare(self, msg, prefix: str, tm: RequestTelemetry) -> tuple[str, list[int], SamplingParams]:
+        prompt = prompt_of(msg, prefix)
         params = validation.sampling_params(msg.sampling)
-        check_request(ids, params, info.vocab_size, info.max_seq_len, field, f"{prefix}sampling")
-        return info.name, ids, params
-
-    def _submit(self, model: str, ids: list[int], params: SamplingParams, context, handler, tm: RequestTelemetry) -> str:
-        internal = f"{self.gateway_id}/{next(self._ids)}"
-        remaining = context.time_remaining()
-        traceparent = tm.submitted(model, len(ids), params.max_tokens, params.temperature)
-        self.client.submit(
-            schema.Submit(internal, model, ids, params, traceparent=traceparent,
-                          deadline=time.time() + remaining if remaining is not None else None),
-            handler,
-        )
-        if remaining is not None:
-            # Our own timer: the request ends with DEADLINE_EXCEEDED and leaves the worker
-            # whether or not gRPC tells this handler in time.
-            asyncio.get_running_loop().call_later(max(0.0, remaining), self._expire, internal, handler)
-        return internal
-
-    def _process(self, out: RequestOutput, proc: OutputProcessor, tm: RequestTelemetry) -> str:
-        """What every request does with an output: its text, with stop strings applied (a
-        matched one aborts the request upstream), and telemetry. Returns the text."""
-        text = proc.process(out)
-        if proc.matched_stop:
-            self.client.abort([out.request_id])
-        tm.on_tokens(len(out.new_token_ids))
-        if out.error_code:
-            tm.end(None, out.error_code, out.error_message or "", proc.prompt_tokens)
-        elif proc.finish_reason:
-            tm.end(proc.finish_reason, "OK", "", proc.prompt_tokens)
-        return text
-
-    def _expire(self, internal: str, handler) -> None:
-        if internal not in self.client.handlers:
-            return  # already finished
-        self.client.abort([internal])
-        handler(schema.error_output(internal, errors.DEADLINE_EXCEEDED, "the client's deadline passed"))
+        model, ids = await self.path.prepare(msg.model, prompt, params, tm, f"{prefix}model", f"{prefix}sampling")
+        return model, ids, params
 
     # The API.
 
+    @property
+    def draining(self) -> bool:
+        return self.path.draining
+
     def drain(self) -> None:
         """Stop taking requests; each stream ends once its open requests have."""
-        self.draining = True
+        self.path.draining = True
         for stream in self.streams:
             stream.drain()
 
     def in_flight(self) -> int:
-        return len(self.client.handlers)
+        return self.path.in_flight()
 
     async def Generate(self, request_iterator, context):
         stream = GenerateStream()
@@ -193,9 +115,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         finally:
             self.streams.discard(stream)
             reader.cancel()
-            for req in stream.open.values():  # closing the stream cancels the rest
-                req.telemetry.end(None, errors.CANCELLED, "the stream closed")
-            self.client.abort([req.internal for req in stream.open.values()])
+            self.path.abort(stream.open.values(), errors.CANCELLED, "the stream closed")  # closing the stream cancels the rest
 
     async def _start(self, msg: pb.StartRequest, stream: GenerateStream, context) -> None:
         rid = msg.request_id
@@ -215,70 +135,63 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                                 "wait for one to finish or open another stream")
         tm = self._telemetry("inflight.v1.Inference/Generate", msg, context)
         try:
-            with tm.preparing():
-                model, ids, params = await self._prepare(msg, "start.")
+            model, ids, params = await self._prepare(msg, "start.", tm)
         except RequestError as e:
             tm.end(None, e.code, e.message)
             return stream.error(rid, e.code, e.message)
-        proc = OutputProcessor(self.tokenizer, params.stop)
 
-        def on_output(out: RequestOutput) -> None:
-            stream.push(rid, out, self._process(out, proc, tm), proc)
+        def on_output(gen: Generation, out: RequestOutput, text: str) -> None:
+            stream.push(rid, out, text, gen.proc)
 
-        internal = self._submit(model, ids, params, context, on_output, tm)
-        stream.open[rid] = OpenRequest(internal, tm)
+        stream.open[rid] = self.path.start(model, ids, params, tm, on_output, context.time_remaining())
 
     def _cancel(self, rid: str, stream: GenerateStream) -> None:
         req = stream.open.get(rid)
         if req is None:  # an id too long to be open is not sent back
             return stream.error(rid if len(rid) <= validation.MAX_REQUEST_ID_CHARS else "", errors.INVALID_ARGUMENT,
                                 f"cancel.request_id: no open request {validation.quoted(rid)} on this stream")
-        self.client.abort([req.internal])
-        req.telemetry.end(None, errors.CANCELLED, "cancelled by the client")
+        self.path.abort([req], errors.CANCELLED, "cancelled by the client")
         stream.error(rid, errors.CANCELLED, "cancelled by the client")
 
     async def Complete(self, request: pb.CompleteRequest, context) -> pb.CompleteResponse:
-        if self.draining:
+        if self.path.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, DRAINING)
         tm = self._telemetry("inflight.v1.Inference/Complete", request, context)
         try:
-            with tm.preparing():
-                model, ids, params = await self._prepare(request, "")
+            model, ids, params = await self._prepare(request, "", tm)
         except RequestError as e:
             tm.end(None, e.code, e.message)
             await context.abort(grpc.StatusCode[e.code], e.message)
-        proc = OutputProcessor(self.tokenizer, params.stop)
         done = asyncio.get_running_loop().create_future()
         text: list[str] = []
         tokens: list[int] = []
         lps: list = []
 
-        def on_output(out: RequestOutput) -> None:
-            text.append(self._process(out, proc, tm))
+        def on_output(gen: Generation, out: RequestOutput, delta: str) -> None:
+            text.append(delta)
             tokens.extend(out.new_token_ids)
             lps.extend(out.logprobs or ())
-            if (out.error_code or proc.finish_reason) and not done.done():
+            if (out.error_code or gen.proc.finish_reason) and not done.done():
                 done.set_result(out)
 
-        internal = self._submit(model, ids, params, context, on_output, tm)
+        gen = self.path.start(model, ids, params, tm, on_output, context.time_remaining())
         try:
             last = await done
         finally:
             if not done.done():  # the client went away or its deadline passed
-                self.client.abort([internal])
-                tm.end(None, errors.CANCELLED, "the call ended before the request")
+                self.path.abort([gen], errors.CANCELLED, "the call ended before the request")
         if last.error_code:
             await context.abort(grpc.StatusCode[last.error_code], last.error_message or "")
-        return pb.CompleteResponse(text="".join(text), token_ids=tokens, finished=finished_pb(proc), logprobs=logprobs_pb(lps))
+        return pb.CompleteResponse(text="".join(text), token_ids=tokens, finished=finished_pb(gen.proc), logprobs=logprobs_pb(lps))
 
     async def Tokenize(self, request: pb.TokenizeRequest, context) -> pb.TokenizeResponse:
         try:
-            self._check_model_name(request.model)
+            self.path.check_model_name(request.model)
             kind = request.WhichOneof("input")
             if kind == "text":
-                ids = await self._encode(validation.prompt_text(request.text, "text"))
+                ids = await self.path.encode(validation.prompt_text(request.text, "text"))
             elif kind == "chat":
-                ids = await self._encode_chat(validation.chat_messages(request.chat, "chat"), "chat")
+                ids = await self.path.encode_chat(validation.chat_messages(request.chat, "chat"), "chat.messages")
             else:
                 raise invalid("input", "set text or chat")
         except RequestError as e:
@@ -287,12 +200,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def Detokenize(self, request: pb.DetokenizeRequest, context) -> pb.DetokenizeResponse:
         try:
-            self._check_model_name(request.model)
+            self.path.check_model_name(request.model)
             ids = validation.detokenize_ids(request.token_ids, "token_ids")
-            check_vocab(ids, self.tokenizer.vocab_size, "token_ids")
+            check_vocab(ids, self.path.tokenizer.vocab_size, "token_ids")
         except RequestError as e:
             await context.abort(grpc.StatusCode[e.code], e.message)
-        return pb.DetokenizeResponse(text=await self._run_tokenizer(len(ids), self.tokenizer.decode, ids))
+        return pb.DetokenizeResponse(text=await self.path.decode(ids))
 
     async def ListModels(self, request, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=[

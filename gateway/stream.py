@@ -40,7 +40,7 @@ def finished_pb(proc: OutputProcessor) -> pb.Finished:
 
 class GenerateStream:
     def __init__(self):
-        self.open: dict = {}  # client request id -> the servicer's OpenRequest
+        self.open: dict = {}  # client request id -> its Generation (request_path.py)
         self._events: list[pb.Event] = []
         self._deltas: dict[str, pb.Delta] = {}  # unsent delta per request, to merge into
         self._wake = asyncio.Event()

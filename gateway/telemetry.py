@@ -15,34 +15,60 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 TOKEN_BUCKETS = (1, 8, 32, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 SCOPE = telemetry.scope_of("inflight.gateway")
+PROTOCOL_ATTRIBUTES = {"grpc": {"rpc.system": "grpc"}, "http": {"http.request.method": "POST"}}
+
+
+PROTOCOLS = ("grpc", "http")
 
 
 class GatewayMetrics:
+    """Every metric labelled by the protocol the request came in on (`grpc`, `http`), both
+    present from the start so that a dashboard sees zeros rather than nothing."""
+
     def __init__(self):
-        self.ttft = prom.Histogram("inflight_gateway_time_to_first_token_seconds", "from request arrival to its first token", buckets=LATENCY_BUCKETS)
-        self.itl = prom.Histogram("inflight_gateway_inter_token_latency_seconds", "time between tokens after the first, per token", buckets=ITL_BUCKETS)
-        self.e2e = prom.Histogram("inflight_gateway_request_duration_seconds", "from request arrival to its end", buckets=LATENCY_BUCKETS)
-        self.prompt_len = prom.Histogram("inflight_gateway_prompt_length_tokens", "prompt tokens per request", buckets=TOKEN_BUCKETS)
-        self.gen_len = prom.Histogram("inflight_gateway_generation_length_tokens", "generated tokens per request", buckets=TOKEN_BUCKETS)
-        self.requests = prom.Counter("inflight_gateway_requests", "requests ended, by finish reason and gRPC status", ["finish_reason", "code"])
-        self.prompt_tokens = prom.Counter("inflight_gateway_prompt_tokens", "prompt tokens of ended requests")
-        self.generation_tokens = prom.Counter("inflight_gateway_generation_tokens", "tokens streamed to clients")
-        self.running = prom.Gauge("inflight_gateway_requests_running", "requests open on this gateway")
+        by = ["protocol"]
+        self.ttft = prom.Histogram("inflight_gateway_time_to_first_token_seconds", "from request arrival to its first token", by, buckets=LATENCY_BUCKETS)
+        self.itl = prom.Histogram("inflight_gateway_inter_token_latency_seconds", "time between tokens after the first, per token", by, buckets=ITL_BUCKETS)
+        self.e2e = prom.Histogram("inflight_gateway_request_duration_seconds", "from request arrival to its end", by, buckets=LATENCY_BUCKETS)
+        self.prompt_len = prom.Histogram("inflight_gateway_prompt_length_tokens", "prompt tokens per request", by, buckets=TOKEN_BUCKETS)
+        self.gen_len = prom.Histogram("inflight_gateway_generation_length_tokens", "generated tokens per request", by, buckets=TOKEN_BUCKETS)
+        self.requests = prom.Counter("inflight_gateway_requests", "requests ended, by protocol, finish reason and gRPC status", ["protocol", "finish_reason", "code"])
+        self.prompt_tokens = prom.Counter("inflight_gateway_prompt_tokens", "prompt tokens of ended requests", by)
+        self.generation_tokens = prom.Counter("inflight_gateway_generation_tokens", "tokens streamed to clients", by)
+        self.running = prom.Gauge("inflight_gateway_requests_running", "requests open on this gateway", by)
+        self.protocols = {p: ProtocolMetrics(self, p) for p in PROTOCOLS}
+
+
+class ProtocolMetrics:
+    """GatewayMetrics' children for one protocol, looked up once rather than per token."""
+
+    def __init__(self, m: GatewayMetrics, protocol: str):
+        self.protocol = protocol
+        self.ttft, self.itl, self.e2e = m.ttft.labels(protocol), m.itl.labels(protocol), m.e2e.labels(protocol)
+        self.prompt_len, self.gen_len = m.prompt_len.labels(protocol), m.gen_len.labels(protocol)
+        self.prompt_tokens, self.generation_tokens = m.prompt_tokens.labels(protocol), m.generation_tokens.labels(protocol)
+        self.running = m.running.labels(protocol)
+        self._requests = m.requests
+
+    def requests(self, finish_reason: str, code: str):
+        return self._requests.labels(self.protocol, finish_reason, code)
 
 
 class RequestTelemetry:
-    """One request's span and timings. `operation` is "chat" or "text_completion"; with
-    `tracing` off, the client's traceparent (if any) is passed on as it came."""
+    """One request's span and timings. `operation` is "chat" or "text_completion",
+    `protocol` "grpc" or "http"; with `tracing` off, the client's traceparent (if any) is
+    passed on as it came."""
 
     __slots__ = ("metrics", "span", "traceparent", "start", "last", "tokens", "ended")
 
-    def __init__(self, metrics: GatewayMetrics, name: str, traceparent: str | None, operation: str, tracing: bool):
-        self.metrics = metrics
+    def __init__(self, metrics: GatewayMetrics, name: str, traceparent: str | None, operation: str, tracing: bool,
+                 protocol: str = "grpc"):
+        self.metrics = metrics = metrics.protocols[protocol]
         self.start = self.last = time.monotonic()
         self.tokens = 0
         self.ended = False
         self.span = telemetry.start_span(SCOPE, name, traceparent, telemetry.SpanKind.SERVER,
-                                         {"gen_ai.operation.name": operation, "rpc.system": "grpc"}) if tracing else telemetry.Unrecorded(traceparent)
+                                         {"gen_ai.operation.name": operation, **PROTOCOL_ATTRIBUTES[protocol]}) if tracing else telemetry.Unrecorded(traceparent)
         self.traceparent = self.span.traceparent  # for the scheduler and the tokenize span
         metrics.running.inc()
 
@@ -87,7 +113,7 @@ class RequestTelemetry:
         self.ended = True
         m = self.metrics
         m.running.dec()
-        m.requests.labels(finish_reason or "none", code).inc()
+        m.requests(finish_reason or "none", code).inc()
         m.e2e.observe(time.monotonic() - self.start)
         if prompt_tokens:
             m.prompt_len.observe(prompt_tokens)

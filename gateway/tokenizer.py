@@ -9,7 +9,7 @@ from pathlib import Path
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
-from tokenizers.decoders import DecodeStream
+from tokenizers.decoders import ByteLevel, DecodeStream
 
 from gateway.validation import quoted
 from inflight.errors import invalid
@@ -32,6 +32,22 @@ def template_roles(template: str) -> frozenset[str]:
     return frozenset([*_ROLE_IS.findall(template), *listed])
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character each byte is written as, inverted."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_OF = _byte_level_alphabet()
+
+
 def _token_str(value) -> str | None:
     if isinstance(value, dict):  # {"content": "<s>", ...} in older tokenizer_config files
         return value.get("content")
@@ -50,6 +66,8 @@ class TextTokenizer:
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
         self.chat_template = template
         self.chat_roles = CHAT_ROLES | template_roles(template) if template else CHAT_ROLES
+        self._byte_level = isinstance(tokenizer.decoder, ByteLevel)
+        self._token_bytes: dict[int, bytes] = {}
         self._template = None
         if template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -77,15 +95,28 @@ class TextTokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, field: str = "chat") -> str:
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's own bytes (a byte-level token can hold part of a character)."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            piece = self.tokenizer.id_to_token(token_id) or ""
+            if self._byte_level and all(c in BYTE_OF for c in piece):
+                raw = bytes(BYTE_OF[c] for c in piece)
+            else:
+                raw = self.decode([token_id], skip_special_tokens=False).encode()
+            self._token_bytes[token_id] = raw  # at most the vocabulary
+        return raw
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, field: str = "messages") -> str:
+        """`field` names the message list in errors ("start.chat.messages", "messages")."""
         if self._template is None:
             raise invalid(field, f"the model at {self.source} has no chat template; send text or token_ids")
         for i, m in enumerate(messages):
             role = m.get("role")
             if not role:
-                raise invalid(f"{field}.messages[{i}].role", "must not be empty")
+                raise invalid(f"{field}[{i}].role", "must not be empty")
             if role not in self.chat_roles:
-                raise invalid(f"{field}.messages[{i}].role", f"{quoted(role)} is not a role this model's chat template takes: "
+                raise invalid(f"{field}[{i}].role", f"{quoted(role)} is not a role this model's chat template takes: "
                                                              f"one of {', '.join(sorted(self.chat_roles))}")
         try:
             return self._template.render(
@@ -97,7 +128,7 @@ class TextTokenizer:
         except TemplateError as e:
             raise invalid(field, f"the chat template rejected the messages: {e}") from None
 
-    def encode_chat(self, messages: list[dict], field: str = "chat") -> list[int]:
+    def encode_chat(self, messages: list[dict], field: str = "messages") -> list[int]:
         # The template already holds every special token the model expects.
         return self.encode(self.render_chat(messages, field=field), add_special_tokens=False)
 

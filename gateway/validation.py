@@ -1,5 +1,6 @@
 """From protobuf requests to our own types, with the limits on what only the gateway sees
-(prompt text before tokenizing, chat messages, request ids, ids to detokenize). The
+(prompt text before tokenizing, chat messages, request ids, ids to detokenize), which the
+OpenAI HTTP API's translation (openai_protocol.py) applies too. The
 values themselves are checked by the shared validator (inflight/validation.py), with
 fields named as the client sent them."""
 
@@ -54,16 +55,19 @@ def prompt_text(text: str, field: str) -> str:
 def chat_messages(msg: pb.ChatMessages, field: str) -> list[dict]:
     """The messages as the chat template takes them; their roles are the template's to
     check (TextTokenizer.render_chat)."""
-    n = len(msg.messages)
+    check_chat_size(len(msg.messages), [m.content for m in msg.messages], f"{field}.messages")
+    return [{"role": m.role, "content": m.content} for m in msg.messages]
+
+
+def check_chat_size(n: int, contents: list[str], field: str) -> None:
+    """A chat's limits, whichever protocol brought it; `field` names its message list."""
     if not n:
-        raise invalid(f"{field}.messages", "must hold at least one message")
+        raise invalid(field, "must hold at least one message")
     if n > MAX_CHAT_MESSAGES:
-        raise invalid(f"{field}.messages", f"has {n} messages; at most {MAX_CHAT_MESSAGES}")
-    messages = [{"role": m.role, "content": m.content} for m in msg.messages]
-    total = _utf8_over([m["content"] for m in messages], MAX_PROMPT_BYTES)
+        raise invalid(field, f"has {n} messages; at most {MAX_CHAT_MESSAGES}")
+    total = _utf8_over(contents, MAX_PROMPT_BYTES)
     if total is not None:
-        raise invalid(f"{field}.messages", f"contents have {total} bytes together; at most {MAX_PROMPT_BYTES}")
-    return messages
+        raise invalid(field, f"contents have {total} bytes together; at most {MAX_PROMPT_BYTES}")
 
 
 def detokenize_ids(ids, field: str) -> list[int]:

@@ -74,13 +74,15 @@ class Stack:
                  metrics: bool = True, tokens_per_block: int | None = 16, timeout: float = 180):
         self.port = free_port()
         self.target = f"{host}:{self.port}"
+        self.http_target = f"{host}:{free_port()}"  # the OpenAI HTTP API
+        self.base_url = f"http://{self.http_target}/v1"
         # HTTP endpoints: gateway on base, scheduler on base + 1, worker i on base + 2 + i,
         # gateway j > 0 on base + 1 + workers + j.
         self.metrics_base = free_port_range(1 + workers + gateways) if metrics else None
         self.workers, self.gateways = workers, gateways
         self.gateway_address, self.worker_address = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"  # the scheduler's
         cmd = [sys.executable, "-m", "cli", "--log-level", "WARNING", "serve", "--workers", str(workers),
-               "--listen", self.target, "--device", device, *(["--model", str(model)] if model else []),
+               "--listen", self.target, "--http-listen", self.http_target, "--device", device, *(["--model", str(model)] if model else []),
                "--gateway-address", self.gateway_address, "--worker-address", self.worker_address,
                "--metrics-port", str(self.metrics_base or 0), *(["--gateways", str(gateways)] if gateways != 1 else []), *(extra or [])]
         base = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}

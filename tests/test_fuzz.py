@@ -463,5 +463,5 @@ def test_after_all_of_it_the_service_is_healthy_and_idle(stack):
     stack.wait_metric(0, "inflight_worker_kv_blocks{state=in_use}", lambda v: v == 0)
     stack.wait_metric("scheduler", "inflight_scheduler_requests_running", lambda v: v == 0)
     stack.wait_metric("scheduler", "inflight_scheduler_requests_queued", lambda v: v == 0)
-    stack.wait_metric("gateway", "inflight_gateway_requests_running", lambda v: v == 0)
+    stack.wait_metric("gateway", "inflight_gateway_requests_running{protocol=grpc}", lambda v: v == 0)
     assert stack.proc.poll() is None

@@ -161,9 +161,9 @@ def test_errors_set_span_status_with_the_grpc_code(traced_stack):
 
 def test_counters_move_by_exactly_what_was_sent(traced_stack, tokenizer):
     stack, _ = traced_stack
-    ok = "inflight_gateway_requests_total{code=OK,finish_reason=length}"
-    gen = "inflight_gateway_generation_tokens_total"
-    prompt = "inflight_gateway_prompt_tokens_total"
+    ok = "inflight_gateway_requests_total{code=OK,finish_reason=length,protocol=grpc}"
+    gen = "inflight_gateway_generation_tokens_total{protocol=grpc}"
+    prompt = "inflight_gateway_prompt_tokens_total{protocol=grpc}"
     wgen = "inflight_worker_generation_tokens_total"
     wdone = "inflight_worker_requests_finished_total{finish_reason=length}"
     routed = "inflight_scheduler_requests_routed_total{by=load}"
@@ -180,7 +180,7 @@ def test_counters_move_by_exactly_what_was_sent(traced_stack, tokenizer):
     assert after_w[wgen] - before.get(wgen, 0) == 21
     assert after_w[wdone] - before.get(wdone, 0) == 3
     assert after_s[routed] - before.get(routed, 0) == 3
-    ttft = "inflight_gateway_time_to_first_token_seconds_count"
+    ttft = "inflight_gateway_time_to_first_token_seconds_count{protocol=grpc}"
     assert after_gw[ttft] - before.get(ttft, 0) == 3
     assert after_s["inflight_scheduler_workers_alive{model=SmolLM2-135M-Instruct}"] == 1
     # One request at a time, 7 tokens each: at least 7 forward passes a request, its
