@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 import sys
 import time
 
@@ -18,6 +20,7 @@ from inflight.errors import RequestError
 from inflight.sampling_params import SamplingParams
 from models.errors import ModelError
 from testing import fake_tensorrt_llm as fake
+from testing.stack import ROOT
 from worker.engine_api import EngineConfig, EngineConfigError, KvCacheConfig, SchedulerConfig
 from worker.trtllm import translate
 from worker.trtllm.model_dir import read_model_dir
@@ -346,8 +349,7 @@ def test_without_a_gpu_or_enough_of_them_one_error(monkeypatch, hf_dir):
     assert fake.LLM.created == []
 
 
-def test_the_worker_chooses_its_engine(monkeypatch, hf_dir, capsys):
-    from cli.main import main
+def test_the_worker_chooses_its_engine(monkeypatch, hf_dir, tmp_path):
     from testing.engine_double import InstantEngine
     from worker.main import WorkerConfig, load_engine
     from worker.trtllm.engine import TrtllmEngine
@@ -357,10 +359,17 @@ def test_the_worker_chooses_its_engine(monkeypatch, hf_dir, capsys):
         load_engine(WorkerConfig(engine="tensorrt"))
     with pytest.raises(EngineConfigError, match="tensor_parallel_size"):
         load_engine(WorkerConfig(engine="embedded", engine_config=EngineConfig(tensor_parallel_size=2)))
-    monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
-    assert main(["worker", "--engine", "trtllm", "--model", str(hf_dir), "--metrics-port", "0"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("inflight worker: error: --engine trtllm needs TensorRT-LLM")
+    # A worker process where tensorrt_llm cannot be imported (a package that refuses, first on
+    # its path): one line, exit 2. A process of its own: the worker registers its metrics.
+    shadow = tmp_path / "shadow" / "tensorrt_llm"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), str(ROOT)])}
+    res = subprocess.run([sys.executable, "-m", "cli", "worker", "--engine", "trtllm", "--model", str(hf_dir),
+                          "--metrics-port", "0"], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert [line for line in res.stderr.splitlines() if line.startswith("inflight worker: error: --engine trtllm needs TensorRT-LLM")]
     fake.install(monkeypatch)
     monkeypatch.setattr("worker.trtllm.engine.visible_gpus", lambda: 1)
     engine = load_engine(WorkerConfig(engine="trtllm", engine_config=EngineConfig(model=str(hf_dir))))
