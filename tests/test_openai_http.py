@@ -152,6 +152,8 @@ def test_sse_framing_and_plain_http_errors(stack):
     assert bad_json.status == 400 and json.loads(bad_json.read())["error"]["param"] == "body"
     nowhere = raw(stack, "GET", "/v1/nowhere")
     assert nowhere.status == 404 and "/v1/chat/completions" in json.loads(nowhere.read())["error"]["message"]
+    too_big = raw(stack, "POST", "/v1/completions", b"{}", {"Content-Length": str(64 << 20)})
+    assert too_big.status == 413 and json.loads(too_big.read())["error"]["code"] == "request_too_large"
     wrong_method = raw(stack, "GET", "/v1/completions")
     assert wrong_method.status == 405 and "error" in json.loads(wrong_method.read())
     # Served by the same RequestPath as gRPC, counted under its own protocol.

@@ -270,6 +270,18 @@ def test_two_gateways_share_one_port_and_survive_each_others_death():
         assert asyncio.run(short_requests(16)) == [2] * 16
         assert served("gateway-0") > 0 and served("gateway-1") > 0  # both took some
         assert served("gateway-0") + served("gateway-1") == 16
+        # The OpenAI HTTP port is shared the same way: a connection each, both take some.
+        import json
+        import urllib.request
+
+        body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "Count to 3.", "max_tokens": 2, "ignore_eos": True}).encode()
+        for _ in range(16):
+            req = urllib.request.Request(f"{stack.base_url}/completions", body, {"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                assert json.loads(r.read())["usage"]["completion_tokens"] == 2
+        over_http = [stack.metrics(g)["inflight_gateway_requests_total{code=OK,finish_reason=length,protocol=http}"]
+                     for g in ("gateway-0", "gateway-1")]
+        assert sum(over_http) == 16 and min(over_http) > 0
 
         victim, before = gateway_pid("gateway-1"), served("gateway-0")
         ends = asyncio.run(streams_through_a_kill(16, victim))

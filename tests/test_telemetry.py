@@ -355,3 +355,25 @@ def test_a_collector_that_is_down_costs_requests_nothing():
         assert span_export_processes(stack.proc.pid) == 3
     finally:
         stack.stop()
+
+
+def test_http_requests_continue_the_clients_trace_too(traced_stack):
+    """The OpenAI HTTP API's `traceparent` header, as the gRPC metadata: one trace across
+    the three processes under the client's span."""
+    import json
+    import urllib.request
+
+    stack, receiver = traced_stack
+    trace_id = "9999aaaabbbbccccddddeeeeffff0000"
+    body = json.dumps({"model": "SmolLM2-135M-Instruct", "prompt": "Hello there", "max_tokens": 3}).encode()
+    req = urllib.request.Request(f"{stack.base_url}/completions", body, {"Content-Type": "application/json",
+                                                                          "traceparent": f"00-{trace_id}-{CLIENT_SPAN}-01"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        assert json.loads(r.read())["usage"]["completion_tokens"] >= 1
+    name = "POST /v1/completions"
+    spans = wait_for_trace(receiver, bytes.fromhex(trace_id), {name, "tokenize", "inflight.scheduler.schedule", "inflight.worker.request"})
+    by = {n: s for n, (_, s, _) in spans.items()}
+    assert by[name].parent_span_id == bytes.fromhex(CLIENT_SPAN)
+    assert by["inflight.scheduler.schedule"].parent_span_id == by[name].span_id
+    attrs = {a.key: a.value for a in by[name].attributes}
+    assert attrs["http.request.method"].string_value == "POST" and attrs["gen_ai.operation.name"].string_value == "text_completion"
