@@ -218,3 +218,34 @@ def test_unusable_token_files_are_named(tmp_path, text, says):
     with pytest.raises(SystemExit) as e:
         bearer_tokens(GatewayConfig(auth_token_file=str(tmp_path / "tokens")))
     assert str(e.value).startswith(f"error: --auth-token-file {tmp_path}/tokens: {says}")
+
+
+def test_the_openai_http_api_has_the_same_tls_tokens_and_client_certificates(stacks, certs):
+    import ssl
+
+    import openai
+
+    def client(stack, token="unused", cert: str | None = None, ca="server-ca.pem") -> openai.OpenAI:
+        ctx = ssl.create_default_context(cafile=str(certs / ca))
+        if cert:
+            ctx.load_cert_chain(str(certs / f"{cert}.pem"), str(certs / f"{cert}.key"))
+        return openai.OpenAI(base_url=f"https://{stack.http_target}/v1", api_key=token, max_retries=0, timeout=20,
+                             http_client=openai.DefaultHttpxClient(verify=ctx))
+
+    def complete(c: openai.OpenAI) -> int:
+        return c.completions.create(model="double", prompt="Hi", max_tokens=2).usage.completion_tokens
+
+    tls = stacks["tls_token"]
+    for token in TOKENS:
+        assert complete(client(tls, token)) == 2
+    for token in ("unused", "not-" + TOKENS[0]):
+        with pytest.raises(openai.AuthenticationError) as e:
+            complete(client(tls, token))
+        assert e.value.status_code == 401 and "bearer token" in e.value.body["message"]
+    with pytest.raises(openai.APIConnectionError):  # a client that trusts another CA
+        complete(client(tls, TOKENS[0], ca="other-ca.pem"))
+    mtls = stacks["mtls"]
+    assert complete(client(mtls, cert="alice")) == 2
+    for cert in (None, "mallory"):
+        with pytest.raises(openai.APIConnectionError):
+            complete(client(mtls, cert=cert))
