@@ -9,12 +9,13 @@ posting /v1/completions with `stream: true` (a raw asyncio client that reads the
 SSE body, so that the load generator costs little next to the gateway). The points
 alternate between the protocols, each measured from load processes of its own.
 
-    python -m bench.http_vs_grpc --seconds 10 --out http_vs_grpc.json            # engine double, CPU
-    python -m bench.http_vs_grpc --model /models/llama-1b --device cuda ...      # a real engine on a GPU
+    python -m bench.http_vs_grpc --seconds 10 --out http_vs_grpc.json                      # engine double, CPU
+    python -m bench.http_vs_grpc --shape llama-3.2-1b --vocab 49152 --device cuda ...      # the embedded engine on a GPU
 
 By default the worker runs the model-free engine double (testing/engine_double.py), so
 the numbers are the serving path's ceiling per protocol; `--step-ms` gives each step a
-GPU-like duration; `--model` runs the embedded engine on that model instead."""
+GPU-like duration; `--shape` (random weights of that shape, bench/shapes.py) or `--model`
+runs the embedded engine instead."""
 
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import time
 
 from bench.load import PROMPT, Target, percentile, run_load, spawn
+from bench.shapes import SHAPES, make_model_dir
 from bench.stack_cpu import stack_cpu
 from testing.stack import Stack
 
@@ -136,11 +139,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--step-ms", type=float, default=0.0, help="engine double: each step takes this long (0: instant)")
     ap.add_argument("--model", help="run the embedded engine on this model directory instead of the engine double")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="run the embedded engine on random weights of this shape (the built-in tokenizer)")
+    ap.add_argument("--vocab", type=int, help="with --shape: the vocabulary size instead of the shape's, to fit the tokenizer (49152)")
     ap.add_argument("--device", default="cpu", help="with --model: cpu or cuda")
     ap.add_argument("--rounds", type=int, default=1, help="measure every point this many times, alternating which protocol goes first")
     ap.add_argument("--streams-per-load-process", type=int, default=128)
     ap.add_argument("--out", default="http_vs_grpc.json")
     args = ap.parse_args()
+    if args.shape:
+        from models.gguf_convert import default_model_dir
+
+        args.model = str(make_model_dir(args.shape, default_model_dir(), args.vocab))
     model = "bench" if args.model is None else ""
     stack = start_stack(args.step_ms, args.model, args.device)
     if not model:
@@ -157,6 +166,8 @@ def main() -> None:
                 rows.append({"concurrency": c, "round": r, **got, "ratio": got["http"]["tokens_per_s"] / got["grpc"]["tokens_per_s"]})
     finally:
         stack.stop()
+        if args.shape:
+            shutil.rmtree(os.path.dirname(args.model), ignore_errors=True)
     engine = f"model {args.model} on {args.device}" if args.model else f"engine double ({args.step_ms:g} ms steps)"
     print(f"\nHTTP/SSE against gRPC, one gateway process, {engine}, {args.max_tokens} tokens per request, "
           f"{args.seconds:.0f}s per point, {os.cpu_count()} cores")
