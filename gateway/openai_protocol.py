@@ -215,7 +215,7 @@ def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
     if chat:
         on = bool(_bool(body, "logprobs"))
         top = _int(body, "top_logprobs")
-        if top is not None and not on:
+        if top and not on:
             raise invalid("top_logprobs", "needs logprobs: true")
         top = top or 0
         field = "top_logprobs"

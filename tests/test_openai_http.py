@@ -181,3 +181,33 @@ def test_disconnect_aborts_the_request_and_frees_kv(stack):
         stack.wait_metric(0, "inflight_worker_requests{state=running}", lambda v: v == 0)
         assert time.monotonic() - started < 5
     stack.wait_metric("gateway", "inflight_gateway_requests_running{protocol=http}", lambda v: v == 0)
+
+
+def refusal(body: dict, chat: bool = True) -> str | None:
+    try:
+        openai_protocol.parse_request({"model": MODEL, **body}, chat)
+    except errors.RequestError as e:
+        return e.field
+    return None
+
+
+def test_request_translation_names_each_parameter_as_sent():
+    chat = {"messages": CAPITAL}
+    assert refusal(chat) is None
+    assert refusal({"messages": [{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}) is None
+    req = openai_protocol.parse_request({"model": MODEL, "messages": [{"role": "developer", "content": [{"type": "text", "text": "a"},
+                                                                                                         {"type": "text", "text": "b"}]}]}, True)
+    assert req.prompts[0].chat == [{"role": "system", "content": "a\nb"}]
+    assert refusal({**chat, "stop": 5}) == "stop" and refusal({**chat, "stop": ["a", 1]}) == "stop[1]"
+    assert refusal({**chat, "seed": 1.5}) == "seed" and refusal({**chat, "n": True}) == "n"
+    assert refusal({**chat, "stream": True, "stream_options": {"include_usage": True, "x": 1}}) == "stream_options.x"
+    assert refusal({**chat, "messages": [{"role": "user", "content": "hi", "tool_calls": []}]}) == "messages[0].tool_calls"
+    assert refusal({**chat, "response_format": {"type": "text"}, "logit_bias": None, "top_logprobs": 0}) is None
+    assert refusal({"messages": CAPITAL, "model": ""}) == "model"
+    assert refusal({"prompt": ["fine", ""]}, chat=False) == "prompt[1]"
+    assert refusal({"prompt": [[1, 2], [3, "x"]]}, chat=False) == "prompt[1][1]"
+    assert refusal({"prompt": ["a"] * 5, "n": 4}, chat=False) == "n"  # 20 choices
+    assert refusal({"prompt": "a", "echo": True}, chat=False) == "echo"
+    assert refusal({"prompt": "a", "logprobs": 21}, chat=False) == "logprobs"
+    req = openai_protocol.parse_request({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 7, "top_k": 3, "stop": "x"}, False)
+    assert req.prompts[0].token_ids == [1, 2, 3] and (req.params.max_tokens, req.params.top_k, req.params.stop) == (7, 3, ("x",))
