@@ -234,6 +234,14 @@ class CompletionResponse(Response):
 
     async def _stream(self, send) -> None:
         c = self.choices
+        # The headers wait for the first output: a request refused before any token (queue
+        # full, no worker) gets its own status (429, 503), as a whole response would.
+        await c.settled()
+        if c.disconnected:
+            return
+        if c.error is not None and not any(out.new_token_ids for _, out, _ in c.pending):
+            await _send_json(send, *oa.error_body(*c.error))
+            return
         await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         first = c.first_chunks()
         while True:

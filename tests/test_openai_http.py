@@ -211,3 +211,34 @@ def test_request_translation_names_each_parameter_as_sent():
     assert refusal({"prompt": "a", "logprobs": 21}, chat=False) == "logprobs"
     req = openai_protocol.parse_request({"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 7, "top_k": 3, "stop": "x"}, False)
     assert req.prompts[0].token_ids == [1, 2, 3] and (req.params.max_tokens, req.params.top_k, req.params.stop) == (7, 3, ("x",))
+
+
+def test_on_sigterm_a_stream_finishes_in_full_and_new_requests_get_503(stack):
+    """Last: it stops the module's stack. The gateway drains HTTP as it does gRPC."""
+    import signal
+    import threading
+
+    host, port = stack.http_target.rsplit(":", 1)
+    long = raw(stack, "POST", "/v1/completions", {"model": MODEL, "prompt": "Tell me a story.", "max_tokens": 40,
+                                                  "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}})
+    assert long.status == 200
+    assert long.readline().startswith(b"data: ")  # streaming
+    body = {}
+    reader = threading.Thread(target=lambda: body.setdefault("text", long.read().decode()))
+    reader.start()
+    stack.proc.send_signal(signal.SIGTERM)
+    refused = None
+    deadline = time.monotonic() + 20
+    while refused is None and reader.is_alive() and time.monotonic() < deadline:
+        probe = raw(stack, "POST", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+        if probe.status == 503:
+            refused = json.loads(probe.read())["error"]
+        else:
+            assert probe.status == 200
+            probe.read()
+    reader.join(30)
+    assert refused is not None and refused["code"] == "service_unavailable" and "shutting down" in refused["message"]
+    events = body["text"].split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    assert json.loads(events[-3][len("data: "):])["usage"]["completion_tokens"] == 40
+    assert stack.proc.wait(30) == 0
