@@ -61,7 +61,7 @@ class EngineConfig:
     max_num_tokens: int | None = dataclasses.field(default=None, metadata={"help": "tokens one engine step computes at most, prefill and decode together; unset means 2048 on CUDA (each step then replays a CUDA graph, and the longest wait between a stream's tokens is one such step; more favours prompt throughput over that wait) and 512 on the CPU, where a step of 2048 prompt tokens takes seconds and holds up every stream and the worker's heartbeats"})
     kernels: KernelConfig = dataclasses.field(default_factory=KernelConfig, metadata={"flatten": True})
     overlap_scheduler: Literal["auto", "on", "off"] = dataclasses.field(default="auto", metadata={"help": "prepare and launch step N+1 while the device runs step N: auto turns it on for CUDA (on the CPU nothing runs asynchronously, so it would only delay each token by a step)"})
-    cuda_graphs: bool = dataclasses.field(default=True, metadata={"help": "replay decode steps from captured CUDA graphs (CUDA only)"})
+    cuda_graphs: bool = dataclasses.field(default=True, metadata={"help": "replay every step of up to 2048 tokens, decode-only or with prompt tokens, from CUDA graphs captured at start-up (CUDA only)"})
     max_seq_len: int | None = dataclasses.field(default=None, metadata={"help": "prompt plus output tokens at most; unset means the model's limit"})
     tensor_parallel_size: int = dataclasses.field(default=1, metadata={"help": "GPUs one worker spans, the model split across them (--engine trtllm; the embedded engine runs on one device)"})
 

@@ -1,6 +1,6 @@
 """ModelRunner: owns the model and its paged KV cache on one device, turns a step's
-scheduled chunks into tensors, runs the model (replaying a CUDA graph for decode-only
-steps on the GPU) and samples."""
+scheduled chunks into tensors, runs the model (on the GPU replaying a CUDA graph: decode-
+only steps by batch size, steps with prompt tokens by token count) and samples."""
 
 from __future__ import annotations
 
