@@ -213,6 +213,32 @@ def test_request_translation_names_each_parameter_as_sent():
     assert req.prompts[0].token_ids == [1, 2, 3] and (req.params.max_tokens, req.params.top_k, req.params.stop) == (7, 3, ("x",))
 
 
+def test_a_full_admission_queue_is_429_streamed_or_not():
+    """A worker that holds one request and a queue of one (the engine double, 20 ms steps):
+    a third request is refused at once with 429, before any stream begins."""
+    env = {"INFLIGHT_ENGINE": "testing.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "double",
+           "ENGINE_DOUBLE_STEP_MS": "20", "INFLIGHT_MAX_BATCH_SIZE": "1", "INFLIGHT_WORKER_QUEUE_FACTOR": "1"}
+    with Stack(env=env, extra=["--max-queued", "1"]) as small:
+        host, port = small.http_target.rsplit(":", 1)
+        body = json.dumps({"model": "double", "prompt": "Hi", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
+        holders = []
+        for _ in range(2):  # one running on the worker, one queued in the scheduler
+            sock = socket.create_connection((host, int(port)))
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+            holders.append(sock)
+        small.wait_metric("scheduler", "inflight_scheduler_requests_queued", lambda v: v == 1)
+        with openai.OpenAI(base_url=small.base_url, api_key="unused", max_retries=0, timeout=30) as c:
+            for stream in (False, True):
+                with pytest.raises(openai.RateLimitError) as e:
+                    got = c.completions.create(model="double", prompt="Hi", max_tokens=2, stream=stream)
+                    list(got) if stream else got
+                assert e.value.status_code == 429 and e.value.body["code"] == "rate_limit_exceeded"
+        for sock in holders:
+            sock.close()
+        small.wait_metric("scheduler", "inflight_scheduler_requests_running", lambda v: v == 0)
+
+
 def test_on_sigterm_a_stream_finishes_in_full_and_new_requests_get_503(stack):
     """Last: it stops the module's stack. The gateway drains HTTP as it does gRPC."""
     import signal
