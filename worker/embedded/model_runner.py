@@ -155,14 +155,20 @@ class ModelRunner:
             self.argmax(torch.zeros((2, self.config.vocab_size), dtype=dtype, device=device))
         if cuda_graphs and self.attention == "triton":
             self._capture([b for b in GRAPH_BATCH_SIZES if b <= max_batch_size] or [1], mixed_graph_sizes(max_num_tokens))
+        # Looked up once: late_compiles runs at every heartbeat.
+        self._kernels = []
+        if self.attention == "triton":
+            from worker.embedded.kernels import jit_functions
+
+            self._kernels = jit_functions()
         self._variants_at_ready = self._compiled_variants()
 
     def _compiled_variants(self) -> int:
-        if self.attention != "triton":
+        if not self._kernels:
             return 0
         from worker.embedded.kernels import compiled_variants
 
-        return compiled_variants()
+        return compiled_variants(self._kernels)
 
     def late_compiles(self) -> int:
         """Triton kernels compiled since start-up (the engine reports ready after it)."""

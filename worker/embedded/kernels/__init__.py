@@ -3,21 +3,27 @@ that bench/kernel_check.py compares it with on fresh random inputs."""
 
 from __future__ import annotations
 
-import sys
+import importlib
+import pkgutil
 
 
-def compiled_variants() -> int:
-    """Compiled variants of every Triton kernel of this package loaded so far. The engine
-    builds all it needs before it reports ready: one more after that is a compile that
-    stalled a step (EngineStats.kernel_compiles_late)."""
+def jit_functions() -> list:
+    """Every Triton kernel of this package (its modules imported)."""
     from triton.runtime.jit import JITFunction
 
+    found = []
+    for info in pkgutil.iter_modules(__path__):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found += [obj for obj in vars(module).values() if isinstance(obj, JITFunction)]
+    return found
+
+
+def compiled_variants(kernels: list) -> int:
+    """Compiled variants of `kernels` (from jit_functions) so far. The engine builds all it
+    needs before it reports ready: one more after that is a compile that stalled a step
+    (EngineStats.kernel_compiles_late)."""
     total = 0
-    for name, module in list(sys.modules.items()):
-        if not name.startswith(__name__ + ".") or module is None:
-            continue
-        for obj in vars(module).values():
-            if isinstance(obj, JITFunction):
-                for cache in getattr(obj, "device_caches", {}).values():  # device -> (kernels by key, ...)
-                    total += len(cache[0] if isinstance(cache, tuple) else cache)
+    for fn in kernels:
+        for cache in getattr(fn, "device_caches", {}).values():  # device -> (kernels by key, ...)
+            total += len(cache[0] if isinstance(cache, tuple) else cache)
     return total
