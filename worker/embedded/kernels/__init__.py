@@ -11,11 +11,11 @@ def jit_functions() -> list:
     """Every Triton kernel of this package (its modules imported)."""
     from triton.runtime.jit import JITFunction
 
-    found = []
+    found = {}  # by id: a helper such as pdl.enter is imported into several modules
     for info in pkgutil.iter_modules(__path__):
         module = importlib.import_module(f"{__name__}.{info.name}")
-        found += [obj for obj in vars(module).values() if isinstance(obj, JITFunction)]
-    return found
+        found.update((id(obj), obj) for obj in vars(module).values() if isinstance(obj, JITFunction))
+    return list(found.values())
 
 
 def compiled_variants(kernels: list) -> int:
