@@ -231,6 +231,8 @@ def main() -> None:
     ap.add_argument("--kv-tokens", type=int, default=400_000, help="KV cache size in tokens, the same on both sides")
     ap.add_argument("--max-num-tokens", type=int, default=None,
                     help="the engine's step budget in tokens, the same on both sides (default: the engine's)")
+    ap.add_argument("--step-time-target-ms", type=float, default=None,
+                    help="the engine's step_time_target_ms, the same on both sides (default: the engine's; 0: off)")
     ap.add_argument("--warmup", type=int, default=0,
                     help="requests run through each side before the points, not counted (0: the first point meets a fresh stack)")
     ap.add_argument("--load-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
@@ -260,6 +262,8 @@ def main() -> None:
     try:
         config = EngineConfig(model=str(model_dir) if model_dir else None, device=args.device,
                               kv_cache=KvCacheConfig(max_tokens=args.kv_tokens), max_num_tokens=args.max_num_tokens)
+        if args.step_time_target_ms is not None:
+            config.step_time_target_ms = args.step_time_target_ms
         engine = EmbeddedEngine(config)
         settle_gc()  # as the worker does once its model is loaded
         cuda = engine.device.type == "cuda"
@@ -281,6 +285,8 @@ def main() -> None:
         env = {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens)}
         if args.max_num_tokens:
             env["INFLIGHT_MAX_NUM_TOKENS"] = str(args.max_num_tokens)
+        if args.step_time_target_ms is not None:
+            env["INFLIGHT_STEP_TIME_TARGET_MS"] = str(args.step_time_target_ms)
         stack = Stack(env=env, extra=shlex.split(args.serve_flags),
                       model=model_dir, device=args.device, host="127.0.0.1", tokens_per_block=None, timeout=900)
         served = []

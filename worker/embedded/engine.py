@@ -83,6 +83,8 @@ class EmbeddedEngine:
         self.max_seq_len = min(config.max_seq_len or model_config.max_position_embeddings, model_config.max_position_embeddings)
 
         self.max_num_tokens = config.max_num_tokens or (MAX_NUM_TOKENS_CUDA if self.device.type == "cuda" else MAX_NUM_TOKENS_CPU)
+        if not config.step_time_target_ms >= 0:  # NaN too
+            raise EngineConfigError(f"step_time_target_ms must be >= 0 (0 turns it off), got {config.step_time_target_ms}")
         self.model = self._build_model(weights)
         kv = config.kv_cache
         num_blocks = self._num_kv_blocks()
@@ -97,6 +99,7 @@ class EmbeddedEngine:
             max_seq_len=self.max_seq_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduler.capacity_scheduler_policy,
+            token_budget=self._token_budget if config.step_time_target_ms and self.runner.mixed_ms else None,
         )
         self.requests: dict[str, Sequence] = {}
         self.overlap = config.overlap_scheduler == "on" or (config.overlap_scheduler == "auto" and self.device.type == "cuda")
@@ -144,6 +147,11 @@ class EmbeddedEngine:
         if num < 1:
             raise EngineConfigError(f"no room for a single KV block ({per_block} bytes); raise the KV cache budget")
         return num
+
+    def _token_budget(self, decodes: int, context: int) -> int:
+        """While requests decode: the tokens a step may take and still be predicted to end
+        within step_time_target_ms, from the graph timings taken at start-up."""
+        return self.runner.tokens_within(self.config.step_time_target_ms, context)
 
     # The Engine contract.
 

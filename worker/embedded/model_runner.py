@@ -149,6 +149,10 @@ class ModelRunner:
         self.mixed_graphs: dict[int, Callable[[], torch.Tensor]] = {}  # step tokens -> replay, giving logits
         self.mixed_sizes: list[int] = []
         self.steps_graph = self.steps_eager = 0  # forward passes by how they ran
+        # What a mixed step's graph takes (ms, by mixed_sizes), and what each token of
+        # context its sequences read adds: timed at start-up (step_ms).
+        self.mixed_ms: list[float] = []
+        self.context_ms_per_token = 0.0
         if self.attention == "triton" and device.type == "cuda":
             self._compile_split_variants()
         if self.argmax is not None:  # compiled now, not in the first step
@@ -366,6 +370,76 @@ class ModelRunner:
         self.graph_sizes, self.mixed_sizes = sorted(sizes), sorted(mixed)
         log.info("captured %d CUDA graphs in %.1f s: decode batch sizes %s, mixed steps of %s tokens", len(todo),
                  time.monotonic() - t0, self.graph_sizes, self.mixed_sizes)
+        if pool is not None and self.mixed_sizes:
+            self._time_mixed_graphs()
+
+    def _time_mixed_graphs(self) -> None:
+        """Time every mixed graph on blank inputs (the projections, norms and sampling
+        rows: what grows with the step's tokens), then one with decodes over a real
+        context, for what each context token adds (the attention's KV reads). The
+        engine sizes steps from these (step_ms)."""
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def timed(replay) -> float:
+            replay()  # warm
+            times = []
+            for _ in range(3):
+                start.record()
+                replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            return sorted(times)[1]
+
+        t0 = time.monotonic()
+        for T in self.mixed_sizes:
+            self._blank(self.layouts["mixed", T][0], "mixed")
+            self.mixed_ms.append(timed(self.mixed_graphs[T]))
+        # Decodes, each reading its own blocks (a shared block would sit in L2): 64 (or
+        # what the smallest graph of at least that many takes), over up to 1,024 tokens
+        # each, as the pool allows.
+        i = next((i for i, t in enumerate(self.mixed_sizes) if t >= 64), len(self.mixed_sizes) - 1)
+        T = self.mixed_sizes[i]
+        D = min(T, 64, self.max_batch_size)
+        per_seq = min(1024 // self.tokens_per_block, (self.scratch_slot // self.tokens_per_block) // D,
+                      self.max_blocks_per_seq)
+        if per_seq >= 2:
+            g = self.layouts["mixed", T][0]
+            ctx = per_seq * self.tokens_per_block
+            dev = self.device
+            self._blank(g, "mixed")
+            g.positions[:D] = ctx - 1
+            g.seq_start[:D] = torch.arange(D, device=dev)
+            g.seq_qlen[:D] = 1
+            g.seq_ctx[:D] = ctx
+            g.logits_rows[:D] = torch.arange(D, device=dev)
+            g.tables[:D, :per_seq] = torch.arange(D * per_seq, device=dev).view(D, per_seq)
+            tile_seq, tile_q = self.tile_map([1] * D, self.block_q, len(g.tile_seq))
+            g.tile_seq.copy_(torch.as_tensor(tile_seq))
+            g.tile_q.copy_(torch.as_tensor(tile_q))
+            self.context_ms_per_token = max(0.0, timed(self.mixed_graphs[T]) - self.mixed_ms[i]) / (D * ctx)
+            self._blank(g, "mixed")
+        log.info("timed the mixed-step graphs in %.1f s: %s ms for %s tokens, %.2f us a context token",
+                 time.monotonic() - t0, [round(ms, 2) for ms in self.mixed_ms], self.mixed_sizes,
+                 self.context_ms_per_token * 1000)
+
+    def step_ms(self, tokens: int, context: int) -> float | None:
+        """The predicted time of a mixed step of `tokens` tokens whose sequences read
+        `context` tokens of KV; None where steps are not timed (no graphs) or the step is
+        larger than any graph."""
+        if not self.mixed_ms or tokens > self.mixed_sizes[-1]:
+            return None
+        return self.mixed_ms[bisect.bisect_left(self.mixed_sizes, tokens)] + context * self.context_ms_per_token
+
+    def tokens_within(self, target_ms: float, context: int) -> int:
+        """The most tokens a mixed step can take, its decodes reading `context` tokens of
+        KV, and be predicted to end within target_ms: a graph size, or 0 if none fits."""
+        best = 0
+        extra = context * self.context_ms_per_token
+        for T, ms in zip(self.mixed_sizes, self.mixed_ms):
+            if ms + extra <= target_ms:
+                best = T
+        return best
 
     def _blank(self, g: GraphInputs, kind: str) -> None:
         """Inputs that are all padding: a capture runs on them."""

@@ -1,8 +1,10 @@
 """Iteration-level scheduling: which requests run in the next engine step, and how far.
 
-Each step has a token budget (`max_num_tokens`). Running requests go first, in the order
-they were admitted (a decode costs one token, an unfinished prefill continues in chunks),
-then waiting requests are admitted first come, first served. Capacity policies as
+Each step has a token budget: `max_num_tokens`, or, while requests are decoding, what the
+engine's `token_budget(decodes, context)` allows (a step's time grows with its tokens, and
+every decoding stream waits for the whole step). Running requests go first: decodes (a token
+each), then unfinished prefills in the order they were admitted, continuing in chunks; then
+waiting requests are admitted first come, first served. Capacity policies as
 TensorRT-LLM names them:
 - GUARANTEED_NO_EVICT admits a request only if its whole future (prompt + max_tokens)
   fits beside what running requests may still claim, so nobody is ever preempted;
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import deque
+from typing import Callable
 
 from worker.embedded.block_pool import KvBlockPool
 from worker.embedded.sequence import Sequence, SeqStatus
@@ -26,6 +29,11 @@ class ScheduledChunk:
     sample: bool  # the chunk reaches the sequence's end, so a token is sampled
 
 
+# While requests decode, prompts still get this many tokens a step, however long the
+# decodes alone take: new requests always make progress.
+MIN_PREFILL_TOKENS = 128
+
+
 class BatchScheduler:
     def __init__(
         self,
@@ -36,8 +44,12 @@ class BatchScheduler:
         max_seq_len: int,
         enable_chunked_prefill: bool,
         policy: str,
+        token_budget: Callable[[int, int], int] | None = None,
     ):
+        """token_budget(decodes, context tokens they read) -> the step's token budget while
+        requests decode (at most max_num_tokens); None: max_num_tokens always."""
         self.pool = pool
+        self.token_budget = token_budget
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.max_seq_len = max_seq_len
@@ -66,37 +78,56 @@ class BatchScheduler:
         return self.pool.blocks_needed(seq.final_length(self.max_seq_len))
 
     def schedule(self) -> list[ScheduledChunk]:
-        budget = self.max_num_tokens
-        chunks: list[ScheduledChunk] = []
-        finishing = 0
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        decodes, prefills, finishing = [], [], 0
+        for seq in self.running:
             if seq.done_by_length(self.max_seq_len):  # its last token is still on the device
                 finishing += 1
-                i += 1
+            elif seq.num_uncomputed == 1:
+                decodes.append(seq)
+            else:
+                prefills.append(seq)
+        budget = self.max_num_tokens
+        if decodes and self.token_budget is not None:
+            context = sum(seq.num_computed + 1 for seq in decodes)
+            budget = min(budget, max(self.token_budget(len(decodes), context), len(decodes) + MIN_PREFILL_TOKENS))
+        chunks: dict[Sequence, ScheduledChunk] = {}
+        # Decodes first, so that a long prefill never holds a stream's next token back.
+        for seq in decodes:
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:  # preempted by an earlier _grow
+                continue
+            if not self._grow(seq, seq.num_computed + 1, chunks):
+                continue
+            chunks[seq] = ScheduledChunk(seq, 1, True)
+            budget -= 1
+        for seq in prefills:
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
                 continue
             n = seq.num_uncomputed
             if n > budget:
                 if not self.chunked:
-                    i += 1
                     continue
                 n = budget
-            if not self._grow(seq, seq.num_computed + n):
-                break  # seq itself was preempted; everything after it too
-            chunks.append(ScheduledChunk(seq, n, seq.num_computed + n == len(seq)))
+            if not self._grow(seq, seq.num_computed + n, chunks):
+                continue
+            chunks[seq] = ScheduledChunk(seq, n, seq.num_computed + n == len(seq))
             budget -= n
-            i += 1
-        if len(chunks) + finishing == len(self.running):
-            budget = self._admit(chunks, budget)
-        return chunks
+        scheduled = list(chunks.values())
+        if len(scheduled) + finishing == len(self.running):
+            budget = self._admit(scheduled, budget)
+        return scheduled
 
-    def _grow(self, seq: Sequence, num_tokens: int) -> bool:
-        """Give seq blocks for num_tokens, preempting newer requests if needed."""
+    def _grow(self, seq: Sequence, num_tokens: int, chunks: dict[Sequence, ScheduledChunk]) -> bool:
+        """Give seq blocks for num_tokens, preempting the newest requests if needed (and
+        dropping what this step had scheduled for them)."""
         need = self.pool.blocks_needed(num_tokens) - len(seq.block_table)
         while self.pool.num_free < need:
             victim = self.running[-1]
             self._preempt(victim)
+            chunks.pop(victim, None)
             if victim is seq:
                 return False
         for _ in range(need):
