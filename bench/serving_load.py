@@ -269,6 +269,11 @@ def main() -> None:
         cuda = engine.device.type == "cuda"
         device = torch.cuda.get_device_name(engine.device) if cuda else "cpu"
         model = engine.model_config.name
+        runner = engine.runner
+        step_times = {"mixed_sizes": runner.mixed_sizes, "mixed_ms": runner.mixed_ms,
+                      "context_us_per_token": runner.context_ms_per_token * 1000,
+                      "step_time_target_ms": engine.config.step_time_target_ms}
+        print(f"step times at start-up: {step_times}", flush=True)
         points = make_points(args, engine.vocab_size)
         warmup = workload(args.warmup, engine.vocab_size, seed=99, lengths=tuple(args.lengths))
         if warmup:
@@ -321,7 +326,7 @@ def main() -> None:
                       f"SLO TTFT <= {args.slo_ttft_ms:g} ms, mean ITL <= {args.slo_itl_ms:g} ms")
     with open(args.out, "w") as f:
         json.dump({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "model": model,
-                   "device": device, "rows": rows}, f, indent=1)
+                   "device": device, "step_times": step_times, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
 
 
