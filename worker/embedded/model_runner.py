@@ -29,10 +29,13 @@ GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256
 # Mixed (prefill and decode) steps: a graph for each of these token counts up to the
 # engine's max_num_tokens (and one of max_num_tokens itself, where it is smaller). Close
 # steps, so that padding a step up to its graph costs little: a step of 2,064 tokens padded
-# to 3,072 took 1.4 times as long as eagerly (BENCHMARKS.md, mixed steps). Steps larger
-# than MIXED_GRAPH_MAX run eagerly: their GPU time hides the launches.
+# to 3,072 took 1.4 times as long as eagerly (BENCHMARKS.md, mixed steps). Closest where
+# steps sized by time (step_time_target_ms) land on a large model, where each 128 tokens
+# more cost milliseconds (BENCHMARKS.md, steps sized by time). Steps larger than
+# MIXED_GRAPH_MAX run eagerly: their GPU time hides the launches.
 MIXED_GRAPH_MAX = 2048
-MIXED_GRAPH_TOKENS = (16, 32, 64, 128, 192, 256, *range(384, 1025, 128), *range(1280, MIXED_GRAPH_MAX + 1, 256))
+MIXED_GRAPH_TOKENS = (16, 32, 64, 128, 192, *range(256, 513, 64), *range(640, 1025, 128),
+                      *range(1280, MIXED_GRAPH_MAX + 1, 256))
 
 
 def mixed_graph_sizes(max_num_tokens: int) -> list[int]:
