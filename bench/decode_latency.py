@@ -129,6 +129,10 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true",
                     help="instead of graphs/overlap on and off, take away one decode-kernel change at a time "
                          "(programmatic dependent launch, weight prefetch into L2)")
+    ap.add_argument("--quantization", nargs="+", default=["none"],
+                    choices=["none", "fp8", "fp8-upcast", "int8-weight-only", "int8-smoothquant"],
+                    help="projection weights, one run each (fp8-upcast: fp8 with --fp8-skinny-matmul upcast); "
+                         "the modes other than none run with graphs and overlap on only")
     ap.add_argument("--out", default="decode_latency.json")
     args = ap.parse_args()
 
@@ -137,16 +141,21 @@ def main() -> None:
     kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + 5 * args.steps + 64) + 4096)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for graphs, overlap, variant in ABLATION if args.ablation else MODES:
+    runs = [(q, *m) for q in args.quantization for m in (ABLATION if args.ablation else MODES if q == "none" else MODES[:1])]
+    for quant, graphs, overlap, variant in runs:
+        kernels = apply(variant)
+        if quant == "fp8-upcast":
+            kernels.fp8_skinny_matmul = "upcast"
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096,
                                              max_batch_size=max(args.batches), cuda_graphs=graphs,
-                                             overlap_scheduler=overlap, kernels=apply(variant)), cfg)
+                                             overlap_scheduler=overlap, kernels=kernels,
+                                             quantization=quant.removesuffix("-upcast")), cfg)
         wbytes = weight_bytes(engine)
         for b in args.batches:
             ms, ctx = time_decode(engine, b, args.prompt_len, args.steps, gen)
             kv_bytes = b * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
             floor_ms = 1000 * (wbytes + kv_bytes) / bw
-            rows.append({"variant": variant, "cuda_graphs": graphs, "overlap": overlap, "batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
+            rows.append({"quantization": quant, "weight_bytes": wbytes, "variant": variant, "cuda_graphs": graphs, "overlap": overlap, "batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
                          "of_floor": floor_ms / ms, "tok_per_s": b * 1000 / ms,
                          "graph_gpu_ms": graph_gpu_ms(engine, b) if graphs else None})
         del engine
@@ -160,18 +169,18 @@ def main() -> None:
         del hf
 
     print(f"\n{args.shape} decode on {torch.cuda.get_device_name()}, bf16, prompt {args.prompt_len}, "
-          f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {wbytes / 1e9:.2f} GB")
-    print(f"{'variant':>11} {'graphs':>6} {'overlap':>7} {'batch':>5} {'ms/step':>8} {'graph GPU ms':>12} {'floor ms':>9} {'of floor':>9} "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print(f"{'quantization':>16} {'weights GB':>10} {'variant':>11} {'graphs':>6} {'overlap':>7} {'batch':>5} {'ms/step':>8} {'graph GPU ms':>12} {'floor ms':>9} {'of floor':>9} "
           f"{'tok/s':>8} {'HF ms/tok':>10} {'vs HF':>6}")
     for r in rows:
         h = hf_rows.get(r["batch"])
         r["hf_ms_per_step"] = h
         g = r["graph_gpu_ms"]
-        print(f"{r['variant']:>11} {str(r['cuda_graphs']):>6} {r['overlap']:>7} {r['batch']:>5} {r['ms_per_step']:>8.3f} {(f'{g:.3f}' if g else '-'):>12} "
+        print(f"{r['quantization']:>16} {r['weight_bytes'] / 1e9:>10.2f} {r['variant']:>11} {str(r['cuda_graphs']):>6} {r['overlap']:>7} {r['batch']:>5} {r['ms_per_step']:>8.3f} {(f'{g:.3f}' if g else '-'):>12} "
               f"{r['floor_ms']:>9.3f} {r['of_floor']:>9.1%} {r['tok_per_s']:>8.0f} {h or 0:>10.2f} {(h / r['ms_per_step']) if h else 0:>5.1f}x")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(), "copy_bandwidth": bw,
-                   "weight_bytes": wbytes, "rows": rows}, f, indent=2)
+                   "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":

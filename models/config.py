@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from models.errors import ModelError
+from models.quantized_checkpoint import CheckpointQuantization, read_quantization
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM",
@@ -34,6 +35,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...]
     bos_token_id: int | None
     name: str = "model"
+    quantization: CheckpointQuantization | None = None  # a checkpoint shipped already quantized
 
     @classmethod
     def from_dict(cls, cfg: dict, name: str = "model") -> "ModelConfig":
@@ -80,6 +82,7 @@ class ModelConfig:
             config = cls.from_dict(cfg, name=Path(model_dir).name)
         except KeyError as e:
             raise ModelError(f"{path}: missing key {e}") from None
+        config.quantization = read_quantization(model_dir, cfg)
         gen = Path(model_dir) / "generation_config.json"
         if gen.exists():  # generation_config's eos list (e.g. Llama 3's) wins over config.json
             try:

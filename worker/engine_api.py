@@ -47,6 +47,7 @@ class KernelConfig:
     pdl: bool = dataclasses.field(default=True, metadata={"help": "programmatic dependent launch for small-batch decode kernels on Hopper"})
     l2_prefetch_bytes: int = dataclasses.field(default=4 * 2**20, metadata={"help": "bytes of each weight the skinny matmul pulls toward L2 before the previous kernel ends (with pdl); 0 = none"})
     varlen_prefill: bool = dataclasses.field(default=True, metadata={"help": "one varlen flash-attention call for a step's prefills, else SDPA per sequence"})
+    fp8_skinny_matmul: Literal["fp8", "upcast"] = dataclasses.field(default="fp8", metadata={"help": "with --quantization fp8, steps of at most 16 tokens: fp8 (activations quantized per token, FP8 tensor-core dot) or upcast (the FP8 weight converted to 16-bit in the kernel, activations not quantized)"})
 
 
 @dataclasses.dataclass
@@ -54,6 +55,7 @@ class EngineConfig:
     model: str | None = dataclasses.field(default=None, metadata={"help": "Hugging Face layout model directory; unset means the built-in SmolLM2-135M-Instruct"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     dtype: str = dataclasses.field(default="auto", metadata={"help": "auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16 or float16"})
+    quantization: Literal["none", "fp8", "int8-weight-only", "int8-smoothquant"] = dataclasses.field(default="none", metadata={"help": "8-bit weights of the layers' projections, quantized at load with one scale per output channel: fp8 (E4M3 weights, activations quantized per token, FP8 tensor cores; compute capability 8.9+), int8-weight-only (W8A16) or int8-smoothquant (W8A8 after SmoothQuant smoothing from built-in calibration prompts); none keeps the checkpoint's own (16-bit, or the scheme of a checkpoint already quantized by compressed-tensors or Model Optimizer)"})
     kv_cache: KvCacheConfig = dataclasses.field(default_factory=KvCacheConfig)
     scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
     enable_chunked_prefill: bool = dataclasses.field(default=True, metadata={"help": "split long prompts across steps so decodes keep flowing"})

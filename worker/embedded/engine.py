@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import logging
 import time
+from pathlib import Path
 from typing import Iterable, Sequence as Tokens
 
 import torch
@@ -15,15 +16,18 @@ from inflight.errors import RequestError, invalid
 from inflight.sampling_params import SamplingParams
 from inflight.schema import EngineStats, RequestOutput
 from inflight.validation import check_request
+from worker.embedded import quant
 from worker.embedded.block_pool import KvBlockPool
 from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.model_runner import ModelRunner, kv_bytes_per_block
 from worker.embedded.sampler import DeviceSample
 from worker.embedded.scheduler import BatchScheduler, ScheduledChunk
 from worker.embedded.sequence import Sequence, SeqStatus
+from worker.embedded.smoothquant import calibration_token_ids, smooth_model
 from worker.engine_api import EngineConfig, EngineConfigError
 from models.config import ModelConfig
 from models.loader import iter_safetensors
+from models.quantized_checkpoint import CheckpointQuantization, quantized_tensors
 from models.locate import locate_model
 
 log = logging.getLogger(__name__)
@@ -64,11 +68,14 @@ class EmbeddedEngine:
         config: EngineConfig,
         model_config: ModelConfig | None = None,
         weights: Iterable[tuple[str, torch.Tensor]] | None = None,
+        tokenizer_file: Path | None = None,
     ):
         """Load the model named by config.model, or build it from model_config and
-        weights (random weights when weights is None: benchmarks of real shapes)."""
+        weights (random weights when weights is None: benchmarks of real shapes);
+        `tokenizer_file` then tokenizes int8-smoothquant's calibration prompts."""
         t0 = time.monotonic()
         self.config = config
+        self.tokenizer_file = tokenizer_file
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         if model_config is None:
@@ -109,9 +116,9 @@ class EmbeddedEngine:
         self.prompt_tokens_seen = 0
         self.prompt_tokens_cached = 0
         log.info(
-            "engine ready in %.1fs: %s on %s/%s, %d KV blocks of %d tokens",
+            "engine ready in %.1fs: %s on %s/%s, projections %s, %d KV blocks of %d tokens",
             time.monotonic() - t0, model_config.name, self.device, str(self.dtype).removeprefix("torch."),
-            num_blocks, kv.tokens_per_block,
+            self.quantization, num_blocks, kv.tokens_per_block,
         )
 
     def _build_model(self, weights) -> LlamaForCausalLM:
@@ -121,7 +128,12 @@ class EmbeddedEngine:
         if self.model_config.tie_word_embeddings:  # to_empty unties shared parameters
             model.lm_head.weight = model.embed_tokens.weight
         model.rotary.build()  # to_empty left its tables uninitialized
-        if weights is None:  # drawn on the device: an 8B shape takes seconds, not minutes
+        scheme, shipped = self._quantization()
+        self.quantization = scheme.name if scheme else "16-bit"
+        if shipped is not None:  # its projections arrive 8-bit, with their scales
+            quant.replace_with_empty(model, scheme)
+            model.load_hf_weights(quantized_tensors(weights, shipped, self.dtype))
+        elif weights is None:  # drawn on the device: an 8B shape takes seconds, not minutes
             gen = torch.Generator(device=self.device).manual_seed(0)
             with torch.no_grad():
                 for name, p in model.named_parameters():
@@ -131,7 +143,25 @@ class EmbeddedEngine:
                         p.normal_(0.0, 0.02, generator=gen)
         else:
             model.load_hf_weights((n, t.to(self.dtype)) for n, t in weights)
+        if scheme is not None and shipped is None:
+            if scheme.name == "int8-smoothquant":
+                tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
+                smooth_model(model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+            quant.quantize_model(model, scheme)
         return model.eval()
+
+    def _quantization(self) -> tuple[quant.QuantScheme | None, CheckpointQuantization | None]:
+        """The scheme the projections run in, and the checkpoint's if it ships quantized."""
+        shipped = self.model_config.quantization
+        scheme = quant.scheme_for(self.config.quantization)
+        if shipped is not None:
+            if scheme is not None and scheme.name != shipped.scheme:
+                raise EngineConfigError(f"--quantization {scheme.name}: the checkpoint is already quantized "
+                                        f"({shipped.format}, {shipped.scheme}); leave --quantization none")
+            scheme = quant.scheme_for(shipped.scheme)
+        if scheme is not None:
+            quant.check_device(scheme, self.device)
+        return scheme, shipped
 
     def _num_kv_blocks(self) -> int:
         kv = self.config.kv_cache

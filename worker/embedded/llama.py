@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.embedded.attention import AttentionMetadata, paged_attention, write_kv
+from worker.embedded.quant import QuantLinear
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
@@ -199,7 +200,7 @@ class LlamaForCausalLM(nn.Module):
         """Run the Triton kernels, launched as `kernels` says; None: plain PyTorch (the
         reference path)."""
         for m in self.modules():
-            if isinstance(m, (RMSNorm, Attention, SkinnyLinear, MLP)):
+            if isinstance(m, (RMSNorm, Attention, SkinnyLinear, QuantLinear, MLP)):
                 m.kernels = kernels
 
     @torch.no_grad()

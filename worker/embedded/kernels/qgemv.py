@@ -1,0 +1,129 @@
+"""Quantized projections' kernels: per-token activation quantization, and the skinny
+matmul (at most 16 rows) over 8-bit weights with per-output-channel scales.
+
+`quantize_rows` scales each row of x by its amax (to 448 for float8 E4M3, to 127 for
+int8) in one program per row, and writes the 8-bit row and its float32 scale: the
+activation half of FP8 and SmoothQuant W8A8 matmuls (torch._scaled_mm, torch._int_mm).
+
+`qgemv` is kernels/gemv.py's loop over an 8-bit weight (half the bytes to stream), in one
+of two ways:
+- x quantized (`x_scale` given, x of the weight's 8-bit dtype): 8-bit tl.dot (float32
+  accumulation for float8, int32 for int8); both scales applied once in the epilogue;
+- x 16-bit (`x_scale` None): the weight tile converted to x's dtype before a 16-bit dot,
+  its scale applied in the epilogue (W8A16).
+Which of the two FP8 decode uses is KernelConfig.fp8_skinny_matmul (BENCHMARKS.md,
+'FP8 and INT8 projections')."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from worker.embedded.kernels.gemv import _prefetch_l2
+from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
+from worker.engine_api import KernelConfig
+
+MAX_ROWS = 16
+
+
+def qmax(dtype: torch.dtype) -> float:
+    """The largest magnitude a quantized value of `dtype` takes."""
+    return 127.0 if dtype == torch.int8 else torch.finfo(dtype).max
+
+
+@triton.jit
+def _quantize_rows(X, Q, S, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    k = tl.arange(0, BLOCK)
+    x = tl.load(X + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
+    q = x / scale
+    if IS_INT:  # round half away from zero (the cast truncates)
+        q = tl.where(q >= 0, q + 0.5, q - 0.5)
+    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    tl.store(Q + row * stride_qm + k, q.to(Q.dtype.element_ty), mask=k < K)
+    tl.store(S + row, scale)
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] (last dim contiguous) -> (q [M, K] of `dtype`, scale [M, 1] float32) with
+    x ~= q * scale, each row scaled by its own amax."""
+    M, K = x.shape
+    q = torch.empty((M, K), dtype=dtype, device=x.device)
+    s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
+    block = triton.next_power_of_2(K)
+    _quantize_rows[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=qmax(dtype), IS_INT=dtype == torch.int8,
+                         BLOCK=block, num_warps=max(1, min(16, block // 512)))
+    return q, s
+
+
+@triton.jit
+def _qgemv(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+           X_QUANT: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr):
+    pid = tl.program_id(0)
+    m = tl.arange(0, 16)  # MAX_ROWS
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    m_ok = m < M
+    n_ok = n < N
+    if PREFETCH_K > 0:  # one address per 128-byte line of 8-bit values
+        lines = tl.arange(0, PREFETCH_K // 128) * 128
+        _prefetch_l2(W + tl.minimum(n, N - 1)[:, None] * stride_wn + lines[None, :])
+    enter(USE_GDC)
+    acc = tl.zeros([16, BLOCK_N], tl.int32 if INT_ACC else tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
+        w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
+        w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
+        if X_QUANT:
+            acc += tl.dot(x, tl.trans(w))
+        else:
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    out = acc.to(tl.float32) * tl.load(SW + n, mask=n_ok, other=0.0)[None, :]
+    if X_QUANT:
+        out = out * tl.load(SX + m, mask=m_ok, other=0.0)[:, None]
+    if HAS_BIAS:
+        out += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], out.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def qgemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+          x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int = 32,
+          block_k: int = 256, num_warps: int = 4, num_stages: int = 4, pdl: bool = KernelConfig.pdl,
+          prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
+    """x [M, K] (M <= 16, last dim contiguous) @ (w [N, K] * w_scale[N, None]).T (+ bias).
+    With `x_scale` [M, 1], x holds 8-bit values of w's dtype and stands for x * x_scale;
+    without, x is 16-bit. Output in `out_dtype` (default x's dtype)."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    use_pdl = pdl_on(x.device, M, pdl)
+    cols = prefetch_bytes // N
+    prefetch_k = 0 if not use_pdl or min(cols, K) < 128 else 1 << (min(cols, K).bit_length() - 1)
+    _qgemv[(triton.cdiv(N, block_n),)](
+        x, w_scale if x_scale is None else x_scale, w, w_scale, w_scale if bias is None else bias, y, M, N, K,
+        x.stride(0), w.stride(0), y.stride(0),
+        X_QUANT=x_scale is not None, INT_ACC=x_scale is not None and w.dtype == torch.int8,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        USE_GDC=use_pdl, PREFETCH_K=prefetch_k, num_warps=num_warps, num_stages=num_stages,
+        **launch_options(use_pdl),
+    )
+    return y
+
+
+def qgemv_config(n: int, k: int, x_bytes: int) -> tuple[int, int, int, int]:
+    """(block_n, block_k, warps, stages) for an 8-bit weight of [n, k] and x of `x_bytes`
+    an element: gemv_config's tiles, twice as deep in K for 8-bit x (the same bytes a
+    step), with fewer stages where the pipelined tiles would not fit in shared memory."""
+    from worker.embedded.kernels.gemv import gemv_config
+
+    bn, bk, nw, ns = gemv_config(n, k)
+    if x_bytes == 1:
+        bk = min(2 * bk, 1024)
+    while ns > 2 and (16 * x_bytes + bn) * bk * ns > 200_000:
+        ns -= 1
+    return bn, bk, nw, ns

@@ -1,0 +1,222 @@
+"""Quantized projections (EngineConfig.quantization): the fused qkv, o, gate_up and down
+projections of every layer hold 8-bit weights with one float32 scale per output channel
+(w ~= q * scale); embeddings, norms and lm_head stay in the model's dtype.
+
+Schemes:
+- fp8: float8 E4M3 weights (scale amax/448 per channel); activations quantized to E4M3
+  per token at run time; the matmul runs on FP8 tensor cores.
+- int8-weight-only (W8A16): int8 weights (scale amax/127 per channel, symmetric);
+  activations stay 16-bit.
+- int8-smoothquant (W8A8): int8 weights and per-token int8 activations, after the
+  SmoothQuant smoothing (smoothquant.py, run first by the engine) moved activation
+  outliers into the weights.
+
+Where each runs:
+- CUDA: up to 16 rows on the Triton path, kernels/qgemv.py; more rows, torch._scaled_mm
+  with row-wise scales (fp8), torch._int_mm (W8A8), or the weight converted to 16-bit
+  before F.linear (W8A16).
+- elsewhere (the CPU the tests run on): an emulation computing the same function, the
+  dequantized weight (kept in the compute dtype, so memory does not shrink there) times
+  the activation rounded per token to the 8-bit grid and back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.engine_api import EngineConfigError, KernelConfig
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # module names, in every layer
+SKINNY_ROWS = 16  # kernels/qgemv.py's most rows
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantScheme:
+    name: str
+    weight: torch.dtype  # FP8 or torch.int8
+    activation: torch.dtype | None  # the weight's dtype (per-token quantized) or None (16-bit)
+
+
+SCHEMES = {
+    "fp8": QuantScheme("fp8", FP8, FP8),
+    "int8-weight-only": QuantScheme("int8-weight-only", torch.int8, None),
+    "int8-smoothquant": QuantScheme("int8-smoothquant", torch.int8, torch.int8),
+}
+
+
+def scheme_for(name: str) -> QuantScheme | None:
+    """The scheme of an EngineConfig.quantization value; None for "none"."""
+    if name == "none":
+        return None
+    try:
+        return SCHEMES[name]
+    except KeyError:
+        raise EngineConfigError(f"--quantization must be one of none, {', '.join(SCHEMES)}; got {name!r}") from None
+
+
+def check_device(scheme: QuantScheme, device: torch.device) -> None:
+    """FP8 matmuls need FP8 tensor cores (compute capability 8.9: Ada, Hopper and later)."""
+    if scheme.activation == FP8 and device.type == "cuda":
+        cap = torch.cuda.get_device_capability(device)
+        if cap < (8, 9):
+            raise EngineConfigError(f"--quantization fp8 needs a GPU of compute capability 8.9 or later; "
+                                    f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]} (int8 schemes run there)")
+
+
+def qmax(dtype: torch.dtype) -> float:
+    return 127.0 if dtype == torch.int8 else torch.finfo(dtype).max
+
+
+def quantize_rows(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric quantization of each row of t [R, C] to `dtype` (FP8 or int8): (q [R, C],
+    scale [R] float32) with t ~= q * scale[:, None], scale = amax(row) / qmax."""
+    t = t.float()
+    scale = (t.abs().amax(dim=-1) / qmax(dtype)).clamp(min=1e-12)
+    q = t / scale[:, None]
+    if dtype == torch.int8:
+        q = q.round()
+    return q.clamp(-qmax(dtype), qmax(dtype)).to(dtype), scale
+
+
+def fake_quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x rounded per row to `dtype`'s grid and back, in x's dtype: what a per-token
+    quantized activation stands for."""
+    q, scale = quantize_rows(x, dtype)
+    return (q.float() * scale[:, None]).to(x.dtype)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ (weight * weight_scale[:, None]).T + bias, weight 8-bit [out, in]."""
+
+    kernels: KernelConfig | None = None  # set on the Triton path (LlamaForCausalLM.use_kernels)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.scheme = in_features, out_features, scheme
+        self.weight = nn.Parameter(torch.empty((out_features, in_features), dtype=scheme.weight, device=device),
+                                   requires_grad=False)
+        self.weight_scale = nn.Parameter(torch.empty(out_features, dtype=torch.float32, device=device), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self._dequantized: tuple | None = None  # the emulation's weight: (version, dtype, tensor)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
+        w = linear.weight
+        m = cls(w.shape[1], w.shape[0], linear.bias is not None, scheme, w.device, w.dtype)
+        q, s = quantize_rows(w, scheme.weight)
+        m.weight.copy_(q)
+        m.weight_scale.copy_(s)
+        if linear.bias is not None:
+            m.bias.copy_(linear.bias)
+        return m
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cuda":
+            return self._cuda(x)
+        return self._emulate(x)
+
+    def _emulate(self, x: torch.Tensor) -> torch.Tensor:
+        cached = self._dequantized
+        if cached is None or cached[0] != self.weight._version or cached[1] != x.dtype:
+            w = (self.weight.float() * self.weight_scale[:, None]).to(x.dtype)
+            cached = self._dequantized = (self.weight._version, x.dtype, w)
+        if self.scheme.activation is not None:
+            x = fake_quantize_rows(x.reshape(-1, x.shape[-1]), self.scheme.activation).reshape(x.shape)
+        return F.linear(x, cached[2], self.bias)
+
+    def _cuda(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        M = x.shape[0]
+        act, kernels = self.scheme.activation, self.kernels
+        if kernels is not None and M <= SKINNY_ROWS:
+            return self._skinny(x, kernels).reshape(*shape[:-1], -1)
+        if act is None:  # W8A16: the 16-bit weight is made for the call (many rows: compute-bound)
+            y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
+        else:
+            xq, xs = quantize_activation(x, act, triton=kernels is not None)
+            if act == FP8:
+                y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale[None, :],
+                                     out_dtype=x.dtype)
+            else:
+                if M <= 16:  # torch._int_mm takes more than 16 rows
+                    xq = F.pad(xq, (0, 0, 0, 17 - M))
+                y = (torch._int_mm(xq, self.weight.t())[:M].float() * xs * self.weight_scale[None, :]).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], -1)
+
+    def _skinny(self, x: torch.Tensor, kernels: KernelConfig) -> torch.Tensor:
+        from worker.embedded.kernels.qgemv import qgemv, qgemv_config
+
+        act = self.scheme.activation
+        if act == FP8 and kernels.fp8_skinny_matmul == "upcast":
+            act = None  # the FP8 weight converted to 16-bit in the kernel, x unquantized
+        if act is None:
+            cfg = qgemv_config(self.out_features, self.in_features, x.element_size())
+            return qgemv(x, self.weight, self.weight_scale, self.bias, None, None, *cfg,
+                         pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+        xq, xs = quantize_activation(x, act, True)
+        cfg = qgemv_config(self.out_features, self.in_features, 1)
+        return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, x.dtype, *cfg,
+                     pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+
+
+def quantize_activation(x: torch.Tensor, dtype: torch.dtype, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization of x [M, K]: (q [M, K], scale [M, 1] float32)."""
+    if triton:
+        from worker.embedded.kernels.qgemv import quantize_rows as quantize_rows_kernel
+
+        return quantize_rows_kernel(x.contiguous(), dtype)
+    q, s = quantize_rows(x, dtype)
+    return q, s[:, None]
+
+
+def projections(model: nn.Module):
+    """(parent module, attribute name, module) of every quantizable projection."""
+    for layer in model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in PROJECTIONS:
+                if hasattr(parent, name):
+                    yield parent, name, getattr(parent, name)
+
+
+def replace_with_empty(model: nn.Module, scheme: QuantScheme) -> None:
+    """Projections become QuantLinear modules of the same shapes, to be loaded with an
+    already-quantized checkpoint's tensors."""
+    for parent, name, linear in projections(model):
+        q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
+                        linear.weight.device, linear.weight.dtype)
+        setattr(parent, name, q)
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, scheme: QuantScheme) -> None:
+    """Quantize the loaded 16/32-bit projections in place (int8-smoothquant: after
+    smoothquant.smooth_model), one projection's 16-bit copy freed at a time."""
+    for parent, name, linear in list(projections(model)):
+        setattr(parent, name, QuantLinear.from_linear(linear, scheme))
+        del linear
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter (a tied embedding counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total

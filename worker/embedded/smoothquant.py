@@ -1,0 +1,125 @@
+"""SmoothQuant (Xiao et al., 2023) for int8-smoothquant: per input channel j of a
+projection, s_j = max|X_j|^alpha / max|W_j|^(1 - alpha) (alpha 0.5), X_j divided by s_j
+and W's column j multiplied by it, so that per-token int8 activations lose less to the
+few channels with outliers. The division is folded into whatever produces X, so it costs
+nothing at run time and the model computes the same function before quantization:
+- qkv_proj: the input RMSNorm's weight; gate_up_proj: the post-attention RMSNorm's;
+- down_proj: the up half of gate_up's rows (silu(gate) * up is linear in up);
+- o_proj: v_proj's rows (attention output is linear in v); with grouped-query attention
+  a v channel feeds one channel of every query head of its group, so the group shares
+  one factor (from the group's largest |X| and |W|).
+max|X_j| comes from running the 16-bit model over calibration prompts
+(calibration_token_ids) before it is quantized."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from worker.embedded.attention import AttentionMetadata, build_mask
+
+ALPHA = 0.5
+
+# A small fixed calibration set: chat-like text in the languages and kinds the tests ask.
+CALIBRATION_TEXTS = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nThe capital of France is Paris.",
+    "The history of the Roman Empire spans more than a thousand years, from the founding of the city "
+    "to the fall of Constantinople in 1453. Its roads, laws and language shaped Europe.",
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "print([fibonacci(i) for i in range(10)])",
+    "<|im_start|>user\n请用中文介绍一下长城的历史。<|im_end|>\n<|im_start|>assistant\n"
+    "长城是中国古代的军事防御工程，始建于春秋战国时期，秦朝统一后连接成万里长城。",
+    "Photosynthesis converts light energy into chemical energy: plants take in carbon dioxide and water "
+    "and, using sunlight, produce glucose and oxygen. 1 + 1 = 2, 12 * 12 = 144.",
+    "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
+    "The sea is wide, the sea is deep,\nIt sings the sailors off to sleep.",
+)
+
+
+def calibration_token_ids(tokenizer_file: Path | None, vocab_size: int) -> list[list[int]]:
+    """CALIBRATION_TEXTS tokenized with the model's tokenizer.json; without one (random
+    weights), seeded random ids of the same lengths: any input calibrates random weights."""
+    if tokenizer_file is not None and Path(tokenizer_file).exists():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_file))
+        return [tok.encode(t, add_special_tokens=False).ids for t in CALIBRATION_TEXTS]
+    gen = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (64,), generator=gen).tolist() for _ in CALIBRATION_TEXTS]
+
+
+@torch.no_grad()
+def forward_prompt(model: nn.Module, ids: list[int], every_position: bool = False) -> torch.Tensor:
+    """The model over one prompt, on the reference attention path with a KV cache of one
+    block that holds it: the last position's logits [1, V], or every position's [T, V]."""
+    p = next(model.parameters())
+    cfg, T = model.config, len(ids)
+    caches = [(torch.zeros((1, T, cfg.num_kv_heads, cfg.head_dim), dtype=p.dtype, device=p.device),
+               torch.zeros((1, T, cfg.num_kv_heads, cfg.head_dim), dtype=p.dtype, device=p.device))
+              for _ in range(cfg.num_layers)]
+    rows = torch.arange(T, device=p.device)
+    lens = torch.tensor([T], device=p.device)
+    meta = AttentionMetadata(slot_mapping=rows, attention="reference",
+                             block_tables=torch.zeros((1, 1), dtype=torch.long, device=p.device),
+                             query_index=rows[None], query_valid=torch.ones((1, T), dtype=torch.bool, device=p.device),
+                             attn_mask=build_mask(lens, lens, T, T), max_context_len=T)
+    return model(torch.tensor(ids, device=p.device), rows, caches, meta, None if every_position else rows[-1:])
+
+
+@torch.no_grad()
+def activation_maxima(model: nn.Module, prompts: list[list[int]]) -> dict[nn.Module, torch.Tensor]:
+    """max |X_j| over every calibration token, per input channel of every projection."""
+    maxima: dict[nn.Module, torch.Tensor] = {}
+
+    def record(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+        maxima[module] = torch.maximum(maxima[module], x) if module in maxima else x
+
+    hooks = [linear.register_forward_pre_hook(record) for layer in model.layers
+             for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    try:
+        for ids in prompts:
+            forward_prompt(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return maxima
+
+
+def smoothing_factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
+    """s_j = x_max_j^alpha / w_max_j^(1 - alpha); 1 where a channel never saw input."""
+    s = x_max.clamp(min=1e-5).pow(alpha) / w_max.float().clamp(min=1e-5).pow(1 - alpha)
+    return torch.where(x_max > 0, s, torch.ones_like(s)).clamp(min=1e-5)
+
+
+@torch.no_grad()
+def smooth_model(model: nn.Module, prompts: list[list[int]], alpha: float = ALPHA) -> None:
+    """Smooth every layer's four projections in place (module docstring)."""
+    maxima = activation_maxima(model, prompts)
+    cfg = model.config
+    q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    group = cfg.num_heads // cfg.num_kv_heads
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for norm, proj in ((layer.input_layernorm, attn.qkv_proj), (layer.post_attention_layernorm, mlp.gate_up_proj)):
+            s = smoothing_factors(maxima[proj], proj.weight.abs().amax(0), alpha)
+            norm.weight.div_(s.to(norm.weight.dtype))
+            proj.weight.mul_(s.to(proj.weight.dtype))
+        # down_proj, folded into up's rows.
+        down, inter = mlp.down_proj, cfg.intermediate_size
+        s = smoothing_factors(maxima[down], down.weight.abs().amax(0), alpha)
+        mlp.gate_up_proj.weight[inter:].div_(s[:, None].to(down.weight.dtype))
+        down.weight.mul_(s.to(down.weight.dtype))
+        # o_proj, folded into v's rows; one factor per v channel, shared by its query heads.
+        o = attn.o_proj
+        per_head = lambda t: t.view(cfg.num_kv_heads, group, cfg.head_dim).amax(1).reshape(-1)  # noqa: E731
+        s_v = smoothing_factors(per_head(maxima[o]), per_head(o.weight.abs().amax(0)), alpha)
+        s_o = s_v.view(cfg.num_kv_heads, 1, cfg.head_dim).expand(-1, group, -1).reshape(-1)
+        v_rows = slice(q_size + kv_size, q_size + 2 * kv_size)
+        attn.qkv_proj.weight[v_rows].div_(s_v[:, None].to(o.weight.dtype))
+        if attn.qkv_proj.bias is not None:
+            attn.qkv_proj.bias[v_rows].div_(s_v.to(o.weight.dtype))
+        o.weight.mul_(s_o.to(o.weight.dtype))
