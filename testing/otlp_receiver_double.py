@@ -10,6 +10,8 @@ It forwards nothing. Runs with only the packages the inflight image has (grpcio,
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -63,6 +65,8 @@ def main() -> None:
     server.add_insecure_port("0.0.0.0:4317")
     server.start()
     print("OTLP receiver double: gRPC :4317, spans at :13133/spans", flush=True)
+    # As a container's PID 1 it has no default SIGTERM action: stop at once on `podman stop`.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     ThreadingHTTPServer(("0.0.0.0", 13133), Http).serve_forever()
 
 
