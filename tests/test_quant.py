@@ -131,6 +131,13 @@ def test_invalid_quantization_names_the_flag():
     assert scheme_for("none") is None
 
 
+def test_tensorrt_llm_engine_refuses_the_flag():
+    from worker.trtllm.engine import TrtllmEngine
+
+    with pytest.raises(EngineConfigError, match="--quantization fp8 is the embedded engine's"):
+        TrtllmEngine(EngineConfig(quantization="fp8"))
+
+
 # The real default model, quantized at load. Top-1 agreement with the unquantized model
 # over these prompts and 32 greedy tokens each, measured: fp8 0.876, int8-weight-only
 # 0.986, int8-smoothquant 0.954 (bench/quant_accuracy.py has the larger set).

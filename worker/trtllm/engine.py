@@ -116,6 +116,9 @@ class _Delta:
 
 class TrtllmEngine:
     def __init__(self, config: EngineConfig):
+        if config.quantization != "none":  # the LLM API quantizes through a checkpoint, not a flag
+            raise EngineConfigError(f"--quantization {config.quantization} is the embedded engine's; TensorRT-LLM serves "
+                                    "a checkpoint quantized beforehand (Model Optimizer, compressed-tensors) as it is")
         llmapi = import_llmapi()
         check_devices(config)
         self.config = config
