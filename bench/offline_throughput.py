@@ -55,22 +55,31 @@ def main() -> None:
                     help="programmatic dependent launch for small-batch kernels (several: one run each)")
     ap.add_argument("--varlen", nargs="+", default=["on"], choices=["on", "off"],
                     help="prefill attention as one varlen flash-attention call, or SDPA per sequence (several: one run each)")
+    ap.add_argument("--quantization", nargs="+", default=["none"],
+                    choices=["none", "fp8", "int8-weight-only", "int8-smoothquant"], help="projection weights (several: one run each)")
+    ap.add_argument("--lengths", type=int, nargs=2, metavar=("IN", "OUT"),
+                    help="every request IN prompt tokens and OUT output tokens, as trtllm-bench runs them "
+                         "(default: the mixed workload)")
     ap.add_argument("--out", default="offline_throughput.json")
     args = ap.parse_args()
     cfg = model_config(args.shape)
-    reqs = workload(args.requests, cfg.vocab_size)
+    lengths = (*args.lengths[:1] * 2, *args.lengths[1:] * 2) if args.lengths else None
+    reqs = workload(args.requests, cfg.vocab_size, **({"lengths": lengths} if lengths else {}))
+    max_seq_len = max(2048, sum(args.lengths or ()))
     runs = []
-    for mbs, overlap, use_pdl, varlen in ((m, o, p, v) for m in args.max_batch_size for o in args.overlap
-                                          for p in args.pdl for v in args.varlen):
+    for mbs, overlap, use_pdl, varlen, quant in ((m, o, p, v, q) for m in args.max_batch_size for o in args.overlap
+                                                 for p in args.pdl for v in args.varlen for q in args.quantization):
         kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on")
-        engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048, max_batch_size=mbs,
-                                             overlap_scheduler=overlap, kernels=kernels), cfg)
+        engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max_seq_len, max_batch_size=mbs,
+                                             overlap_scheduler=overlap, kernels=kernels, quantization=quant), cfg)
         run_offline(engine, reqs[:16])  # warm-up: kernels compiled, allocator settled
         ours = run_offline(engine, reqs)
         ours["max_batch_size"] = mbs
         ours["overlap"] = overlap
         ours["pdl"] = use_pdl
         ours["varlen"] = varlen
+        ours["quantization"] = quant
+        ours["kv_tokens"] = engine.pool.num_blocks * engine.pool.tokens_per_block
         ours["preemptions"] = engine.stats().preemptions
         runs.append(ours)
         del engine
@@ -79,18 +88,20 @@ def main() -> None:
     if args.hf_requests:
         hf = hf_llama(args.shape, dtype=torch.bfloat16)
         hf_res = run_hf(hf, reqs[: args.hf_requests], args.hf_batch)
-    print(f"\noffline throughput, {args.shape}, bf16, {torch.cuda.get_device_name()}")
-    print(f"{'engine':>60} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")
+    print(f"\noffline throughput, {args.shape}, bf16, {torch.cuda.get_device_name()}, "
+          f"{'%d in / %d out' % tuple(args.lengths) if args.lengths else 'mixed lengths'}")
+    print(f"{'engine':>90} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")
     for ours in runs:
         ratio = ours["output_tok_per_s"] / hf_res["output_tok_per_s"] if hf_res else 0.0
-        label = f"inflight, max batch {ours['max_batch_size']}, overlap {ours['overlap']}, pdl {ours['pdl']}, varlen {ours['varlen']}"
-        print(f"{label:>60} {ours['requests']:>8} {ours['output_tokens']:>10} "
+        label = (f"inflight {ours['quantization']}, max batch {ours['max_batch_size']}, overlap {ours['overlap']}, "
+                 f"pdl {ours['pdl']}, varlen {ours['varlen']}, KV {ours['kv_tokens']} tok")
+        print(f"{label:>90} {ours['requests']:>8} {ours['output_tokens']:>10} "
               f"{ours['seconds']:>8.1f} {ours['output_tok_per_s']:>10.0f} {ratio:>5.1f}x {ours['preemptions']:>9}")
     if hf_res:
-        print(f"{'transformers, batch ' + str(hf_res['batch']):>60} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
+        print(f"{'transformers, batch ' + str(hf_res['batch']):>90} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
               f"{hf_res['seconds']:>8.1f} {hf_res['output_tok_per_s']:>10.0f}")
     with open(args.out, "w") as f:
-        json.dump({"shape": args.shape, "ours": runs, "transformers": hf_res}, f, indent=2)
+        json.dump({"shape": args.shape, "lengths": args.lengths, "device": torch.cuda.get_device_name(), "ours": runs, "transformers": hf_res}, f, indent=2)
 
 
 if __name__ == "__main__":
