@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from inflight.sampling_params import SamplingParams
 from worker.embedded.block_pool import KvBlockPool
+from worker.embedded.model_runner import no_slower_than_larger, tokens_within
 from worker.embedded.scheduler import MIN_PREFILL_TOKENS, BatchScheduler
 from worker.embedded.sequence import Sequence, SeqStatus
 
@@ -101,3 +102,16 @@ def test_preempting_a_request_drops_the_chunk_this_step_gave_it():
     assert [(ch.seq, ch.num_tokens) for ch in step] == [(p, 8)]
     assert d.status is SeqStatus.WAITING and d.block_table == [] and list(sched.waiting) == [d]
     assert len(p.block_table) == 3 and pool.num_free == 1
+
+
+def test_step_sizes_from_graph_timings():
+    # As timed on an H200 for the 8B shape: the 448- and 640-token graphs were slower than
+    # the 512-token one, so their steps replay that one instead.
+    sizes = [256, 384, 448, 512, 640, 768]
+    ms = [7.1, 9.5, 15.8, 11.7, 15.9, 18.3]
+    kept, kept_ms = no_slower_than_larger(sizes, ms)
+    assert kept == [256, 384, 512, 640, 768] and kept_ms == [7.1, 9.5, 11.7, 15.9, 18.3]
+    assert no_slower_than_larger([16, 32, 64], [1.0, 0.9, 2.0]) == ([32, 64], [0.9, 2.0])
+    assert tokens_within(sizes, ms, 12.0) == 512  # the slow 448 graph in between does not stop it
+    assert tokens_within(kept, kept_ms, 9.5) == 384
+    assert tokens_within(kept, kept_ms, 5.0) == 0

@@ -42,6 +42,28 @@ def mixed_graph_sizes(max_num_tokens: int) -> list[int]:
     return sorted({t for t in MIXED_GRAPH_TOKENS if t < max_num_tokens} | {min(max_num_tokens, MIXED_GRAPH_MAX)})
 
 
+def no_slower_than_larger(sizes: list[int], ms: list[float]) -> tuple[list[int], list[float]]:
+    """The graph sizes (ascending) and their times without those slower than some larger
+    size: a step then pads up to the larger, faster graph."""
+    keep: list[tuple[int, float]] = []
+    fastest = float("inf")
+    for size, t in reversed(list(zip(sizes, ms))):
+        if t <= fastest:
+            keep.append((size, t))
+            fastest = t
+    keep.reverse()
+    return [size for size, _ in keep], [t for _, t in keep]
+
+
+def tokens_within(sizes: list[int], ms: list[float], budget_ms: float) -> int:
+    """The largest graph size whose time is within budget_ms, or 0."""
+    best = 0
+    for size, t in zip(sizes, ms):
+        if t <= budget_ms:
+            best = size
+    return best
+
+
 def kv_bytes_per_block(cfg: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_layers * tokens_per_block * cfg.num_kv_heads * cfg.head_dim * elem
@@ -398,6 +420,14 @@ class ModelRunner:
         for T in self.mixed_sizes:
             self._blank(self.layouts["mixed", T][0], "mixed")
             self.mixed_ms.append(timed(self.mixed_graphs[T]))
+        # A graph slower than a larger one is dropped: its steps replay the larger, faster
+        # one (cuBLAS's choice for some token counts is slow: BENCHMARKS.md, steps sized by
+        # time).
+        sizes, self.mixed_ms = no_slower_than_larger(self.mixed_sizes, self.mixed_ms)
+        dropped = sorted(set(self.mixed_sizes) - set(sizes))
+        for T in dropped:
+            del self.mixed_graphs[T]
+        self.mixed_sizes = sizes
         # Decodes, each reading its own blocks (a shared block would sit in L2): 64 (or
         # what the smallest graph of at least that many takes), over up to 1,024 tokens
         # each, as the pool allows.
@@ -422,9 +452,9 @@ class ModelRunner:
             g.tile_q.copy_(torch.as_tensor(tile_q))
             self.context_ms_per_token = max(0.0, timed(self.mixed_graphs[T]) - self.mixed_ms[i]) / (D * ctx)
             self._blank(g, "mixed")
-        log.info("timed the mixed-step graphs in %.1f s: %s ms for %s tokens, %.2f us a context token",
-                 time.monotonic() - t0, [round(ms, 2) for ms in self.mixed_ms], self.mixed_sizes,
-                 self.context_ms_per_token * 1000)
+        log.info("timed the mixed-step graphs in %.1f s: %s ms for %s tokens, %.2f us a context token; "
+                 "dropped as slower than a larger one: %s", time.monotonic() - t0, [round(ms, 2) for ms in self.mixed_ms],
+                 self.mixed_sizes, self.context_ms_per_token * 1000, dropped or "none")
 
     def step_ms(self, tokens: int, context: int) -> float | None:
         """The predicted time of a mixed step of `tokens` tokens whose sequences read
@@ -437,12 +467,7 @@ class ModelRunner:
     def tokens_within(self, target_ms: float, context: int) -> int:
         """The most tokens a mixed step can take, its decodes reading `context` tokens of
         KV, and be predicted to end within target_ms: a graph size, or 0 if none fits."""
-        best = 0
-        extra = context * self.context_ms_per_token
-        for T, ms in zip(self.mixed_sizes, self.mixed_ms):
-            if ms + extra <= target_ms:
-                best = T
-        return best
+        return tokens_within(self.mixed_sizes, self.mixed_ms, target_ms - context * self.context_ms_per_token)
 
     def _blank(self, g: GraphInputs, kind: str) -> None:
         """Inputs that are all padding: a capture runs on them."""
