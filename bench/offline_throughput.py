@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs=2, metavar=("IN", "OUT"),
                     help="every request IN prompt tokens and OUT output tokens, as trtllm-bench runs them "
                          "(default: the mixed workload)")
+    ap.add_argument("--step-time-target-ms", type=float, default=0.0,
+                    help="the engine's step_time_target_ms (default 0, off: with every request submitted at once, "
+                         "steps take up to max_num_tokens, as trtllm-bench runs TensorRT-LLM)")
     ap.add_argument("--out", default="offline_throughput.json")
     args = ap.parse_args()
     cfg = model_config(args.shape)
@@ -71,7 +74,8 @@ def main() -> None:
                                                  for p in args.pdl for v in args.varlen for q in args.quantization):
         kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on")
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max_seq_len, max_batch_size=mbs,
-                                             overlap_scheduler=overlap, kernels=kernels, quantization=quant), cfg)
+                                             overlap_scheduler=overlap, kernels=kernels, quantization=quant,
+                                             step_time_target_ms=args.step_time_target_ms), cfg)
         run_offline(engine, reqs[:16])  # warm-up: kernels compiled, allocator settled
         ours = run_offline(engine, reqs)
         ours["max_batch_size"] = mbs

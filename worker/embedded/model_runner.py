@@ -121,7 +121,8 @@ def decode_layout(batch: int) -> dict[str, int]:
 
 def mixed_layout(tokens: int, seqs: int, tiles: int) -> dict[str, int]:
     return {**dict.fromkeys(("token_ids", "positions", "slots", "pending_rows"), tokens), "logits_rows": seqs,
-            **dict.fromkeys(("tile_seq", "tile_q"), tiles), **dict.fromkeys(("seq_start", "seq_qlen", "seq_ctx"), seqs)}
+            **dict.fromkeys(("tile_seq", "tile_q"), tiles),
+            **dict.fromkeys(("seq_start", "seq_qlen", "seq_ctx", "context_lens"), seqs)}
 
 
 class ModelRunner:
@@ -376,6 +377,11 @@ class ModelRunner:
             else:
                 meta = AttentionMetadata(slot_mapping=g.slots, attention="triton",
                                          tiles=Tiles(g.tile_seq, g.tile_q, g.seq_start, g.seq_qlen, g.seq_ctx, g.tables))
+                if self.kernels.mixed_decode_kernel:
+                    # Sequence i of a step is row i for its leading one-token chunks: the
+                    # paged-decode kernel takes those (the others have context 0 there).
+                    seqs = len(g.seq_start)
+                    meta.num_decodes, meta.decode_tables, meta.decode_context_lens = seqs, g.tables, g.context_lens
                 rows = g.logits_rows
             self._blank(g, kind)
             # Kept alive by the replay partial: a graph reads its inputs from fixed
@@ -447,9 +453,11 @@ class ModelRunner:
             g.seq_ctx[:D] = ctx
             g.logits_rows[:D] = torch.arange(D, device=dev)
             g.tables[:D, :per_seq] = torch.arange(D * per_seq, device=dev).view(D, per_seq)
-            tile_seq, tile_q = self.tile_map([1] * D, self.block_q, len(g.tile_seq))
+            tile_seq, tile_q = self.tile_map(self._varlen_lens([1] * D), self.block_q, len(g.tile_seq))
             g.tile_seq.copy_(torch.as_tensor(tile_seq))
             g.tile_q.copy_(torch.as_tensor(tile_q))
+            if self.kernels.mixed_decode_kernel:
+                g.context_lens[:D] = ctx
             self.context_ms_per_token = max(0.0, timed(self.mixed_graphs[T]) - self.mixed_ms[i]) / (D * ctx)
             self._blank(g, "mixed")
         log.info("timed the mixed-step graphs in %.1f s: %s ms for %s tokens, %.2f us a context token; "
@@ -468,6 +476,11 @@ class ModelRunner:
         """The most tokens a mixed step can take, its decodes reading `context` tokens of
         KV, and be predicted to end within target_ms: a graph size, or 0 if none fits."""
         return tokens_within(self.mixed_sizes, self.mixed_ms, target_ms - context * self.context_ms_per_token)
+
+    def _varlen_lens(self, q_lens: list[int]) -> list[int]:
+        """The query lengths the paged varlen kernel takes in a mixed graph: the one-token
+        chunks go to the paged-decode kernel instead (KernelConfig.mixed_decode_kernel)."""
+        return [0 if n == 1 else n for n in q_lens] if self.kernels.mixed_decode_kernel else q_lens
 
     def _blank(self, g: GraphInputs, kind: str) -> None:
         """Inputs that are all padding: a capture runs on them."""
@@ -543,7 +556,14 @@ class ModelRunner:
         h.slots[row:T] = self.scratch_slot
         h.pending_rows[row:T] = -1
         h.logits_rows[n_sampled:] = 0
-        h.tile_seq[:], h.tile_q[:] = self.tile_map([ch.num_tokens for ch in chunks], self.block_q, len(h.tile_seq))
+        q_lens = [ch.num_tokens for ch in chunks]
+        h.tile_seq[:], h.tile_q[:] = self.tile_map(self._varlen_lens(q_lens), self.block_q, len(h.tile_seq))
+        if self.kernels.mixed_decode_kernel:
+            h.context_lens[:] = 0
+            for i, n in enumerate(q_lens):
+                if n != 1:
+                    break
+                h.context_lens[i] = chunks[i].seq.num_computed + 1
         n = h.used(len(chunks))
         g.buf[:n].copy_(h_buf[:n], non_blocking=True)
         return self.mixed_graphs[T]()[:n_sampled]
