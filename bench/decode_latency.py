@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--quantization", nargs="+", default=["none"],
                     choices=["none", "fp8", "fp8-upcast", "int8-weight-only", "int8-smoothquant"],
                     help="projection weights, one run each (fp8-upcast: fp8 with --fp8-skinny-matmul upcast); "
-                         "the modes other than none run with graphs and overlap on only")
+                         "with more than none, every run has graphs and overlap on")
     ap.add_argument("--out", default="decode_latency.json")
     args = ap.parse_args()
 
@@ -141,7 +141,8 @@ def main() -> None:
     kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + 5 * args.steps + 64) + 4096)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    runs = [(q, *m) for q in args.quantization for m in (ABLATION if args.ablation else MODES if q == "none" else MODES[:1])]
+    modes = ABLATION if args.ablation else MODES if args.quantization == ["none"] else MODES[:1]
+    runs = [(q, *m) for q in args.quantization for m in modes]
     for quant, graphs, overlap, variant in runs:
         kernels = apply(variant)
         if quant == "fp8-upcast":

@@ -8,7 +8,8 @@ the same 8-bit weights and the activation quantized per token by torch (the CPU
 emulation's rounding), and the per-token quantization kernel against torch's.
 Timing: inside a CUDA graph cycling through enough weight copies to overflow L2, as
 bench/gemv_tune.py does; a quantized-activation path includes its quantization kernel.
---sweep tries a few tile configurations of the FP8 skinny kernel at one row.
+--sweep tries a few tile configurations of the FP8 skinny kernel (x quantized
+beforehand, or not at all) at one row.
 Prints tables and writes JSON.
 
     python -m bench.quant_kernels --out quant_kernels.json
@@ -91,33 +92,33 @@ def timing(rows_list) -> list[dict]:
         cfg = gemv_config(N, K)
         q16, q8 = qgemv_config(N, K, 2), qgemv_config(N, K, 1)
 
-        def fp8_dot(w, s):
-            xq, xs = quantize_rows_kernel(x, FP8)
-            return qgemv(xq, w, s, None, xs, torch.bfloat16, *q8)
+        def tiles(c):
+            return dict(block_n=c[0], block_k=c[1], num_warps=c[2], num_stages=c[3])
+
+        def prequantized(w, s):
+            xq, xs = quantize_rows_kernel(x, w.dtype)
+            return qgemv(xq, w, s, None, xs, out_dtype=torch.bfloat16, **tiles(q8))
 
         def scaled_mm(w, s):
             xq, xs = quantize_rows_kernel(x, FP8)
             return torch._scaled_mm(xq, w.t(), scale_a=xs, scale_b=s[None, :], out_dtype=torch.bfloat16)
 
-        def int8_dot(w, s):
-            xq, xs = quantize_rows_kernel(x, torch.int8)
-            return qgemv(xq, w, s, None, xs, torch.bfloat16, *q8)
-
         r = {"shape": name, "N": N, "K": K, "rows": M,
              "bf16_floor_us": N * K * 2 / 4.15e12 * 1e6, "8bit_floor_us": N * K / 4.15e12 * 1e6,
              "bf16_cublas_us": bench_us(lambda: [F.linear(x, w) for w in ws], copies),
              "bf16_gemv_us": bench_us(lambda: [gemv(x, w, None, *cfg) for w in ws], copies),
-             "fp8_dot_us": bench_us(lambda: [fp8_dot(w, s) for w, s in fp8], copies),
-             "fp8_upcast_us": bench_us(lambda: [qgemv(x, w, s, None, None, None, *q16) for w, s in fp8], copies),
+             "fp8_inline_us": bench_us(lambda: [qgemv(x, w, s, None, quantize_x=True, **tiles(q16)) for w, s in fp8], copies),
+             "fp8_prequantized_us": bench_us(lambda: [prequantized(w, s) for w, s in fp8], copies),
+             "fp8_upcast_us": bench_us(lambda: [qgemv(x, w, s, None, **tiles(q16)) for w, s in fp8], copies),
              "fp8_scaled_mm_us": bench_us(lambda: [scaled_mm(w, s) for w, s in fp8], copies),
-             "int8_w8a16_us": bench_us(lambda: [qgemv(x, w, s, None, None, None, *q16) for w, s in i8], copies),
-             "int8_w8a8_us": bench_us(lambda: [int8_dot(w, s) for w, s in i8], copies),
+             "int8_w8a16_us": bench_us(lambda: [qgemv(x, w, s, None, **tiles(q16)) for w, s in i8], copies),
+             "int8_w8a8_inline_us": bench_us(lambda: [qgemv(x, w, s, None, quantize_x=True, **tiles(q16)) for w, s in i8], copies),
              "quantize_rows_us": bench_us(lambda: [quantize_rows_kernel(x, FP8) for _ in range(copies)], copies)}
         out.append(r)
         print(f"{name:>12} M={M:<2} floor bf16 {r['bf16_floor_us']:6.2f} 8-bit {r['8bit_floor_us']:6.2f} | cuBLAS {r['bf16_cublas_us']:6.2f} "
-              f"gemv {r['bf16_gemv_us']:6.2f} | fp8 dot {r['fp8_dot_us']:6.2f} upcast {r['fp8_upcast_us']:6.2f} "
-              f"_scaled_mm {r['fp8_scaled_mm_us']:6.2f} | int8 w8a16 {r['int8_w8a16_us']:6.2f} w8a8 {r['int8_w8a8_us']:6.2f} "
-              f"| quant {r['quantize_rows_us']:5.2f} us", flush=True)
+              f"gemv {r['bf16_gemv_us']:6.2f} | fp8 inline {r['fp8_inline_us']:6.2f} prequant {r['fp8_prequantized_us']:6.2f} "
+              f"upcast {r['fp8_upcast_us']:6.2f} _scaled_mm {r['fp8_scaled_mm_us']:6.2f} | int8 w8a16 {r['int8_w8a16_us']:6.2f} "
+              f"w8a8 {r['int8_w8a8_inline_us']:6.2f} | quant {r['quantize_rows_us']:5.2f} us", flush=True)
         del ws, fp8, i8
     return out
 
@@ -134,9 +135,10 @@ def sweep(shapes: list[str]) -> list[dict]:
             xb = 1 if variant == "fp8" else 2
             if (16 * xb + bn) * bk * ns > 200_000:
                 continue
-            args = (xq, xs, torch.bfloat16) if variant == "fp8" else (x, None, None)
+            kw = dict(x_scale=xs, out_dtype=torch.bfloat16) if variant == "fp8" else {}
+            xin = xq if variant == "fp8" else x
             try:
-                us = bench_us(lambda: [qgemv(args[0], w, s, None, args[1], args[2], bn, bk, 4, ns) for w, s in fp8], copies)
+                us = bench_us(lambda: [qgemv(xin, w, s, None, block_n=bn, block_k=bk, num_stages=ns, **kw) for w, s in fp8], copies)
             except Exception as e:  # a configuration that does not compile or fit
                 us = None
                 print(f"sweep {name} {variant} {bn}/{bk}/{ns}: {type(e).__name__}")

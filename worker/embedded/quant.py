@@ -162,17 +162,11 @@ class QuantLinear(nn.Module):
     def _skinny(self, x: torch.Tensor, kernels: KernelConfig) -> torch.Tensor:
         from worker.embedded.kernels.qgemv import qgemv, qgemv_config
 
-        act = self.scheme.activation
-        if act == FP8 and kernels.fp8_skinny_matmul == "upcast":
-            act = None  # the FP8 weight converted to 16-bit in the kernel, x unquantized
-        if act is None:
-            cfg = qgemv_config(self.out_features, self.in_features, x.element_size())
-            return qgemv(x, self.weight, self.weight_scale, self.bias, None, None, *cfg,
-                         pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
-        xq, xs = quantize_activation(x, act, True)
-        cfg = qgemv_config(self.out_features, self.in_features, 1)
-        return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, x.dtype, *cfg,
-                     pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+        quantize_x = self.scheme.activation is not None and not (
+            self.scheme.activation == FP8 and kernels.fp8_skinny_matmul == "upcast")
+        bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
+        return qgemv(x, self.weight, self.weight_scale, self.bias, quantize_x=quantize_x, block_n=bn, block_k=bk,
+                     num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
 
 
 def quantize_activation(x: torch.Tensor, dtype: torch.dtype, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
