@@ -25,11 +25,13 @@ import torch
 import torch.nn.functional as F
 import triton.testing
 
-from bench.gemv_tune import SHAPES
+from bench.gemv_tune import SHAPES as GEMV_SHAPES
 from worker.embedded.kernels.gemv import gemv, gemv_config
 from worker.embedded.kernels.qgemv import qgemv, qgemv_config, quantize_rows as quantize_rows_kernel
 from worker.embedded.quant import FP8, SCHEMES, QuantLinear, quantize_rows
 from worker.engine_api import KernelConfig
+
+SHAPES = {**GEMV_SHAPES, "8b.gate_up": (28672, 4096)}  # name: (N, K)
 
 
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:

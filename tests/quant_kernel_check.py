@@ -1,0 +1,49 @@
+"""Run under TRITON_INTERPRET=1 by tests/test_quant_kernels.py: the quantized projections'
+Triton kernels (worker/embedded/kernels/qgemv.py) on the CPU, against float64 math on
+the same 8-bit values, on fresh random inputs; prints one JSON line.
+
+The interpreter rounds float32 to float8 differently from the GPU (bench/quant_kernels.py
+checks that there), so FP8 is checked where no float8 is produced: the W8A16 path and
+the dot of x already quantized by torch."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from worker.embedded.kernels.qgemv import qgemv, quantize_rows as quantize_rows_kernel
+from worker.embedded.quant import FP8, quantize_rows
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours.double() - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    g = torch.Generator().manual_seed(11)
+    out = {}
+    # K not a multiple of the tile (masked tail), N not of block_n, M < 16, a bias.
+    for dt in (torch.int8, FP8):
+        name = str(dt).removeprefix("torch.")
+        x = torch.randn(5, 300, generator=g)
+        x[:, :3] *= 25
+        wq, ws = quantize_rows(torch.randn(40, 300, generator=g), dt)
+        w = wq.double() * ws.double()[:, None]
+        bias = torch.randn(40, generator=g)
+        xq, xs = quantize_rows(x, dt)
+        xd = xq.double() * xs.double()[:, None]
+        kw = dict(block_n=16, block_k=128, num_warps=4, num_stages=2, pdl=False)
+        out[f"{name}.upcast"] = rel_err(qgemv(x, wq, ws, bias, **kw), x.double() @ w.T + bias.double())
+        out[f"{name}.prequantized"] = rel_err(qgemv(xq, wq, ws, bias, xs[:, None], out_dtype=torch.float32, **kw),
+                                              xd @ w.T + bias.double())
+        if dt == torch.int8:
+            out[f"{name}.inline"] = rel_err(qgemv(x, wq, ws, bias, quantize_x=True, **kw), xd @ w.T + bias.double())
+            q, s = quantize_rows_kernel(x, dt)
+            out[f"{name}.quantize_rows_steps_off"] = int((q.int() - xq.int()).abs().max())
+            out[f"{name}.quantize_rows_scale"] = rel_err(s[:, 0], xs.double())
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

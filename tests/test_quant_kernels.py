@@ -1,0 +1,22 @@
+"""The quantized projections' Triton kernels in Triton's interpreter on the CPU (a
+subprocess: the interpreter is chosen when triton is imported); on a GPU,
+bench/quant_kernels.py checks every path for real."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="triton is installed with the test extras on x86-64")
+
+
+def test_qgemv_and_row_quantization_in_the_interpreter():
+    res = subprocess.run([sys.executable, "-m", "tests.quant_kernel_check"], env={**os.environ, "TRITON_INTERPRET": "1"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in ("int8.upcast", "int8.prequantized", "int8.inline", "float8_e4m3fn.upcast", "float8_e4m3fn.prequantized"):
+        assert r[key] < 1e-6, (key, r)
+    assert r["int8.quantize_rows_steps_off"] <= 1 and r["int8.quantize_rows_scale"] < 1e-6, r
