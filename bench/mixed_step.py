@@ -34,7 +34,9 @@ def time_steps(engine: EmbeddedEngine, decodes: int, prompt: int, steps: int, ge
     """ms per step, the median over `windows` runs of `steps` steps, each step carrying
     `decodes` decodes and a new `prompt`-token request (asking one token)."""
     vocab = engine.vocab_size
-    long = SamplingParams(max_tokens=decode_tokens(steps, windows), temperature=0, ignore_eos=True)
+    # The decodes' own prompts take a few steps first, in which the earliest already decode.
+    warm = -(-decodes * context // engine.max_num_tokens) + 4
+    long = SamplingParams(max_tokens=decode_tokens(steps, windows) + warm, temperature=0, ignore_eos=True)
     one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     tag = f"d{decodes}p{prompt}"
     for i in range(decodes):
@@ -84,7 +86,8 @@ def main() -> None:
 
     cfg = model_config(args.shape)
     gen = torch.Generator().manual_seed(0)
-    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.decodes) * (args.context + decode_tokens(args.steps) + 64)
+    warm = -(-max(args.decodes) * args.context // 512) + 4  # steps the decodes' prompts take, at least (time_steps)
+    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.decodes) * (args.context + decode_tokens(args.steps) + warm + 64)
                        + 4 * max(args.prompts) + 8192)
     rows, starts = [], {}
     for graphs in (True, False):  # False: the baseline side
