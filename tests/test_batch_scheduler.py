@@ -105,8 +105,8 @@ def test_preempting_a_request_drops_the_chunk_this_step_gave_it():
 
 
 def test_step_sizes_from_graph_timings():
-    # As timed on an H200 for the 8B shape: the 448- and 640-token graphs were slower than
-    # the 512-token one, so their steps replay that one instead.
+    # As timed on an H200 for the 8B shape: the 448-token graph was slower than the
+    # 512-token one, so its steps replay that one instead.
     sizes = [256, 384, 448, 512, 640, 768]
     ms = [7.1, 9.5, 15.8, 11.7, 15.9, 18.3]
     kept, kept_ms = no_slower_than_larger(sizes, ms)
