@@ -7,7 +7,8 @@ Correctness: QuantLinear of each scheme on rows 1..256 (the Triton skinny kernel
 the same 8-bit weights and the activation quantized per token by torch (the CPU
 emulation's rounding), and the per-token quantization kernel against torch's.
 Timing: inside a CUDA graph cycling through enough weight copies to overflow L2, as
-bench/gemv_tune.py does; a quantized-activation path includes its quantization kernel.
+bench/gemv_tune.py does; a quantized-activation path includes its quantization kernel
+(fp8: quantize_rows then qgemv's 8-bit dot; upcast: W8A16 in qgemv).
 --sweep tries a few tile configurations of the FP8 skinny kernel (x quantized
 beforehand, or not at all) at one row.
 Prints tables and writes JSON.
@@ -109,18 +110,17 @@ def timing(rows_list) -> list[dict]:
              "bf16_floor_us": N * K * 2 / 4.15e12 * 1e6, "8bit_floor_us": N * K / 4.15e12 * 1e6,
              "bf16_cublas_us": bench_us(lambda: [F.linear(x, w) for w in ws], copies),
              "bf16_gemv_us": bench_us(lambda: [gemv(x, w, None, *cfg) for w in ws], copies),
-             "fp8_inline_us": bench_us(lambda: [qgemv(x, w, s, None, quantize_x=True, **tiles(q16)) for w, s in fp8], copies),
              "fp8_prequantized_us": bench_us(lambda: [prequantized(w, s) for w, s in fp8], copies),
              "fp8_upcast_us": bench_us(lambda: [qgemv(x, w, s, None, **tiles(q16)) for w, s in fp8], copies),
              "fp8_scaled_mm_us": bench_us(lambda: [scaled_mm(w, s) for w, s in fp8], copies),
              "int8_w8a16_us": bench_us(lambda: [qgemv(x, w, s, None, **tiles(q16)) for w, s in i8], copies),
-             "int8_w8a8_inline_us": bench_us(lambda: [qgemv(x, w, s, None, quantize_x=True, **tiles(q16)) for w, s in i8], copies),
+             "int8_w8a8_us": bench_us(lambda: [prequantized(w, s) for w, s in i8], copies),
              "quantize_rows_us": bench_us(lambda: [quantize_rows_kernel(x, FP8) for _ in range(copies)], copies)}
         out.append(r)
         print(f"{name:>12} M={M:<2} floor bf16 {r['bf16_floor_us']:6.2f} 8-bit {r['8bit_floor_us']:6.2f} | cuBLAS {r['bf16_cublas_us']:6.2f} "
-              f"gemv {r['bf16_gemv_us']:6.2f} | fp8 inline {r['fp8_inline_us']:6.2f} prequant {r['fp8_prequantized_us']:6.2f} "
+              f"gemv {r['bf16_gemv_us']:6.2f} | fp8 {r['fp8_prequantized_us']:6.2f} "
               f"upcast {r['fp8_upcast_us']:6.2f} _scaled_mm {r['fp8_scaled_mm_us']:6.2f} | int8 w8a16 {r['int8_w8a16_us']:6.2f} "
-              f"w8a8 {r['int8_w8a8_inline_us']:6.2f} | quant {r['quantize_rows_us']:5.2f} us", flush=True)
+              f"w8a8 {r['int8_w8a8_us']:6.2f} | quant {r['quantize_rows_us']:5.2f} us", flush=True)
         del ws, fp8, i8
     return out
 

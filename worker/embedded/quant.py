@@ -162,11 +162,30 @@ class QuantLinear(nn.Module):
     def _skinny(self, x: torch.Tensor, kernels: KernelConfig) -> torch.Tensor:
         from worker.embedded.kernels.qgemv import qgemv, qgemv_config
 
-        quantize_x = self.scheme.activation is not None and not (
-            self.scheme.activation == FP8 and kernels.fp8_skinny_matmul == "upcast")
-        bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
-        return qgemv(x, self.weight, self.weight_scale, self.bias, quantize_x=quantize_x, block_n=bn, block_k=bk,
+        act = self.scheme.activation
+        if act == FP8 and fp8_upcast(kernels.fp8_skinny_matmul, self.out_features, self.in_features):
+            act = None
+        if act is None:
+            bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
+            return qgemv(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
+                         num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+        xq, xs = quantize_activation(x, act, triton=True)
+        bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, 1)
+        return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, out_dtype=x.dtype, block_n=bn, block_k=bk,
                      num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+
+
+# FP8 weights smaller than this many elements run W8A16 in the skinny kernel under
+# fp8_skinny_matmul "auto": there the separate quantization kernel cost more than the
+# 8-bit dot saved (H200, one row: Llama-3.2-1B's qkv 8.1 us against 6.2, o_proj 7.8 against
+# 6.4; from 16M elements on, the 8-bit dot was as fast or faster: Llama-3-8B's down 23.3
+# against 30.6 us; BENCHMARKS.md, 'FP8 and INT8 projections').
+FP8_UPCAST_BELOW = 8 * 2**20
+
+
+def fp8_upcast(choice: str, n: int, k: int) -> bool:
+    """Whether an FP8 weight of [n, k] runs W8A16 (upcast) in the skinny kernel."""
+    return choice == "upcast" or (choice == "auto" and n * k < FP8_UPCAST_BELOW)
 
 
 def quantize_activation(x: torch.Tensor, dtype: torch.dtype, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,20 +3,20 @@ matmul (at most 16 rows) over 8-bit weights with per-output-channel scales.
 
 `quantize_rows` scales each row of x by its amax (to 448 for float8 E4M3, to 127 for
 int8) in one program per row, and writes the 8-bit row and its float32 scale: the
-activation half of FP8 and SmoothQuant W8A8 matmuls (torch._scaled_mm, torch._int_mm).
+activation half of the FP8 and W8A8 matmuls, this kernel's and torch's.
 
 `qgemv` is kernels/gemv.py's loop over an 8-bit weight (half the bytes to stream), in one
-of three ways:
-- x 16-bit, quantized per row inside the kernel (`quantize_x`): each program first reads
-  its rows of x for their amax, then each x tile is scaled and rounded to the weight's
-  dtype before an 8-bit tl.dot (float32 accumulation for float8, int32 for int8);
-- x already quantized (`x_scale` given, by `quantize_rows`): the same dot;
-- x 16-bit, not quantized: the weight tile converted to x's dtype before a 16-bit dot
-  (W8A16).
-The scales are applied once, in the epilogue. Quantizing in the kernel saves the
-separate quantization kernel and the gap between the two launches (BENCHMARKS.md, 'FP8
-and INT8 projections'); KernelConfig.fp8_skinny_matmul chooses between it and W8A16
-for FP8 weights."""
+of two ways:
+- x already quantized (`x_scale` given): an 8-bit tl.dot (float32 accumulation for
+  float8, int32 for int8);
+- x 16-bit: the weight tile converted to x's dtype before a 16-bit dot (W8A16).
+The scales are applied once, in the epilogue.
+
+Tried and measured slower on an H200 (BENCHMARKS.md, 'FP8 and INT8 projections'):
+quantizing x inside this kernel (each program reading its rows' amax first, then scaling
+and rounding each x tile before the dot) took 1.8x the time of the separate quantization
+kernel plus the matmul on Llama-3-8B's qkv, 2.4x on gate_up: elementwise work on a dot
+operand inside the K loop again cost the loop its pipelining (see gemv.py)."""
 
 from __future__ import annotations
 
@@ -64,73 +64,54 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 @triton.jit
 def _qgemv(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-           X_MODE: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr):
+           X_QUANT: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+           EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr):
     pid = tl.program_id(0)
     m = tl.arange(0, 16)  # MAX_ROWS
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     m_ok = m < M
     n_ok = n < N
-    INT: tl.constexpr = W.dtype.element_ty == tl.int8
     if PREFETCH_K > 0:  # one address per 128-byte line of 8-bit values
         lines = tl.arange(0, PREFETCH_K // 128) * 128
         _prefetch_l2(W + tl.minimum(n, N - 1)[:, None] * stride_wn + lines[None, :])
     enter(USE_GDC)
-    if X_MODE == 2:  # quantize x here: each program finds the rows' amax (x is a few KB, read from L2)
-        amax = tl.zeros([16], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + kk
-            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & (k < K)[None, :], other=0.0)
-            amax = tl.maximum(amax, tl.max(tl.abs(x.to(tl.float32)), axis=1))
-        x_scale = tl.maximum(amax / QMAX, 1e-12)
-        x_inv = 1.0 / x_scale
-    acc = tl.zeros([16, BLOCK_N], tl.int32 if INT and X_MODE != 0 else tl.float32)
+    acc = tl.zeros([16, BLOCK_N], tl.int32 if INT_ACC else tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
         w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
         x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
         w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
-        if X_MODE == 0:  # 16-bit x: the weight tile converted
-            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-        elif X_MODE == 1:  # x already 8-bit
+        if X_QUANT:
             acc += tl.dot(x, tl.trans(w))
         else:
-            q = x.to(tl.float32) * x_inv[:, None]
-            if INT:  # round half away from zero (the cast truncates)
-                q = tl.where(q >= 0, q + 0.5, q - 0.5)
-            q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
-            acc += tl.dot(q.to(W.dtype.element_ty), tl.trans(w))
+            acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     out = acc.to(tl.float32) * tl.load(SW + n, mask=n_ok, other=0.0)[None, :]
-    if X_MODE == 1:
+    if X_QUANT:
         out = out * tl.load(SX + m, mask=m_ok, other=0.0)[:, None]
-    if X_MODE == 2:
-        out = out * x_scale[:, None]
     if HAS_BIAS:
         out += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     tl.store(Y + m[:, None] * stride_ym + n[None, :], out.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def qgemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-          x_scale: torch.Tensor | None = None, quantize_x: bool = False, out_dtype: torch.dtype | None = None,
-          block_n: int = 32, block_k: int = 512, num_warps: int = 4, num_stages: int = 4, pdl: bool = KernelConfig.pdl,
+          x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int = 32,
+          block_k: int = 512, num_warps: int = 4, num_stages: int = 4, pdl: bool = KernelConfig.pdl,
           prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
     """x [M, K] (M <= 16, last dim contiguous) @ (w [N, K] * w_scale[N, None]).T (+ bias).
-    x is 16-bit, and with `quantize_x` is quantized per row to w's dtype inside the
-    kernel; or x holds 8-bit values of w's dtype standing for x * `x_scale` [M, 1].
-    Output in `out_dtype` (default x's dtype)."""
+    With `x_scale` [M, 1], x holds 8-bit values of w's dtype standing for x * x_scale
+    (quantize_rows); without, x is 16-bit. Output in `out_dtype` (default x's dtype)."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     use_pdl = pdl_on(x.device, M, pdl)
     cols = prefetch_bytes // N
     prefetch_k = 0 if not use_pdl or min(cols, K) < 128 else 1 << (min(cols, K).bit_length() - 1)
-    mode = 1 if x_scale is not None else 2 if quantize_x else 0
     _qgemv[(triton.cdiv(N, block_n),)](
         x, w_scale if x_scale is None else x_scale, w, w_scale, w_scale if bias is None else bias, y, M, N, K,
         x.stride(0), w.stride(0), y.stride(0),
-        X_MODE=mode, QMAX=qmax(w.dtype), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        X_QUANT=x_scale is not None, INT_ACC=x_scale is not None and w.dtype == torch.int8, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=K % block_k == 0, USE_GDC=use_pdl, PREFETCH_K=prefetch_k, num_warps=num_warps, num_stages=num_stages,
         **launch_options(use_pdl),
     )
@@ -139,10 +120,16 @@ def qgemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.T
 
 def qgemv_config(n: int, k: int, x_bytes: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, warps, stages) for an 8-bit weight of [n, k] and x of `x_bytes`
-    an element: 32 x 1024 tiles in 3 stages measured best for Llama-3-8B's qkv and down
-    at one row, 32 x 512 in 5 for Llama-3.2-1B's qkv (bench/quant_kernels.py --sweep,
-    BENCHMARKS.md); fewer stages where the pipelined tiles would not fit in shared memory."""
-    bn, bk, nw, ns = (32, 1024, 4, 3) if k >= 4096 else (32, 512, 4, 5)
+    an element, as measured on an H200 at one row (bench/quant_kernels.py, BENCHMARKS.md):
+    8-bit x, 32 x 1024 tiles in 3 stages for K >= 4096 (the --sweep's best on Llama-3-8B's
+    qkv and down), 32 x 512 in 5 below (Llama-3.2-1B's qkv); 16-bit x, gemv_config's
+    tiles (32 x 1024 ones took 1.4x their time for W8A16 on Llama-3-8B's qkv)."""
+    from worker.embedded.kernels.gemv import gemv_config
+
+    if x_bytes == 1:
+        bn, bk, nw, ns = (32, 1024, 4, 3) if k >= 4096 else (32, 512, 4, 5)
+    else:
+        bn, bk, nw, ns = gemv_config(n, k)
     while ns > 2 and (16 * x_bytes + bn) * bk * ns > 200_000:
         ns -= 1
     return bn, bk, nw, ns
