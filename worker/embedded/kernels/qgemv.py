@@ -120,16 +120,17 @@ def qgemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.T
 
 def qgemv_config(n: int, k: int, x_bytes: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, warps, stages) for an 8-bit weight of [n, k] and x of `x_bytes`
-    an element, as measured on an H200 at one row (bench/quant_kernels.py, BENCHMARKS.md):
-    8-bit x, 32 x 1024 tiles in 3 stages for K >= 4096 (the --sweep's best on Llama-3-8B's
-    qkv and down), 32 x 512 in 5 below (Llama-3.2-1B's qkv); 16-bit x, gemv_config's
-    tiles (32 x 1024 ones took 1.4x their time for W8A16 on Llama-3-8B's qkv)."""
+    an element, as measured on an H200 at one row (bench/quant_kernels.py, BENCHMARKS.md,
+    'FP8 and INT8 projections'): for 8-bit x, 32 x 1024 tiles in 3 stages where K >= 4096
+    (each of Llama-3-8B's projections; the --sweep's best on its qkv and down), else
+    gemv_config's tiles twice as deep (the same bytes a step; Llama-3.2-1B's and
+    SmolLM2's); for 16-bit x (W8A16), gemv_config's own (32 x 1024 tiles took 1.4x their
+    time on Llama-3-8B's qkv). Fewer stages where the tiles would not fit in shared memory."""
     from worker.embedded.kernels.gemv import gemv_config
 
+    bn, bk, nw, ns = gemv_config(n, k)
     if x_bytes == 1:
-        bn, bk, nw, ns = (32, 1024, 4, 3) if k >= 4096 else (32, 512, 4, 5)
-    else:
-        bn, bk, nw, ns = gemv_config(n, k)
+        bn, bk, nw, ns = (32, 1024, 4, 3) if k >= 4096 else (bn, min(2 * bk, 1024), nw, ns)
     while ns > 2 and (16 * x_bytes + bn) * bk * ns > 200_000:
         ns -= 1
     return bn, bk, nw, ns
