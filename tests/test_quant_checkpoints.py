@@ -184,3 +184,27 @@ def test_quantizing_a_dense_checkpoint_at_load_matches_our_own_scales(tmp_path):
     torch.testing.assert_close(ours.weight_scale, shipped.weight_scale, rtol=1e-6, atol=0)
     assert torch.equal(ours.weight.float(), shipped.weight.float())
     del dequantized
+
+
+def test_qwen2_biases_stay_16_bit_beside_int8_weights(tmp_path):
+    bias = {f"model.layers.{i}.self_attn.{n}.bias": torch.randn(size) for i in range(LAYERS)
+            for n, size in (("q_proj", HEADS * HEAD_DIM), ("k_proj", KV_HEADS * HEAD_DIM), ("v_proj", KV_HEADS * HEAD_DIM))}
+    dequantized = write_checkpoint(tmp_path / "q", torch.int8, "channel", compressed_tensors_config("int", "channel", None),
+                                   extra=bias)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    (tmp_path / "q" / "config.json").write_text(json.dumps({**config, "architectures": ["Qwen2ForCausalLM"]}))
+    qkv = load(tmp_path / "q").model.layers[1].self_attn.qkv_proj
+    want = torch.cat([bias[f"model.layers.1.self_attn.{n}.bias"] for n in ("q_proj", "k_proj", "v_proj")])
+    assert qkv.bias.dtype == torch.float32 and torch.equal(qkv.bias, want)
+    del dequantized
+
+
+def test_fp8_needs_compute_capability_8_9(monkeypatch):
+    from worker.embedded.quant import SCHEMES, check_device
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(EngineConfigError, match="--quantization fp8 needs a GPU of compute capability 8.9 or later; "
+                                                "NVIDIA A100-SXM4-80GB is 8.0"):
+        check_device(SCHEMES["fp8"], torch.device("cuda"))
+    check_device(SCHEMES["int8-smoothquant"], torch.device("cuda"))
