@@ -12,7 +12,9 @@ Schemes:
   outliers into the weights.
 
 Where each runs:
-- CUDA: up to 16 rows on the Triton path, kernels/qgemv.py; more rows, torch._scaled_mm
+- CUDA: up to 16 rows on the Triton path, kernels/qgemv.py (activations quantized by its
+  per-row kernel, then an 8-bit dot; or W8A16, which KernelConfig.fp8_skinny_matmul also
+  picks for small FP8 weights, where it measured faster); more rows, torch._scaled_mm
   with row-wise scales (fp8), torch._int_mm (W8A8), or the weight converted to 16-bit
   before F.linear (W8A16).
 - elsewhere (the CPU the tests run on): an emulation computing the same function, the
@@ -23,15 +25,12 @@ Where each runs:
 from __future__ import annotations
 
 import dataclasses
-import logging
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from worker.engine_api import EngineConfigError, KernelConfig
-
-log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # module names, in every layer
