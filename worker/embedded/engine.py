@@ -130,9 +130,11 @@ class EmbeddedEngine:
         model.rotary.build()  # to_empty left its tables uninitialized
         scheme, shipped = self._quantization()
         self.quantization = scheme.name if scheme else "16-bit"
-        if shipped is not None:  # its projections arrive 8-bit, with their scales
+        quantized = shipped is not None or (scheme is not None and weights is not None and scheme.name != "int8-smoothquant")
+        if quantized:  # the projections arrive 8-bit with their scales, or are quantized as they arrive
             quant.replace_with_empty(model, scheme)
-            model.load_hf_weights(quantized_tensors(weights, shipped, self.dtype))
+            model.load_hf_weights(quantized_tensors(weights, shipped, self.dtype) if shipped is not None else
+                                  quant.quantize_on_load(weights, scheme, self.dtype, self.device))
         elif weights is None:  # drawn on the device: an 8B shape takes seconds, not minutes
             gen = torch.Generator(device=self.device).manual_seed(0)
             with torch.no_grad():
@@ -143,7 +145,7 @@ class EmbeddedEngine:
                         p.normal_(0.0, 0.02, generator=gen)
         else:
             model.load_hf_weights((n, t.to(self.dtype)) for n, t in weights)
-        if scheme is not None and shipped is None:
+        if scheme is not None and not quantized:  # SmoothQuant calibrates the whole 16-bit model first
             if scheme.name == "int8-smoothquant":
                 tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
                 smooth_model(model, calibration_token_ids(tokenizer, self.model_config.vocab_size))

@@ -206,9 +206,29 @@ def projections(model: nn.Module):
                     yield parent, name, getattr(parent, name)
 
 
+# The Hugging Face names of the weights that the fused projections are made of.
+CHECKPOINT_PROJECTIONS = tuple(f".{p}.weight" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"))
+
+
+def quantize_on_load(named, scheme: QuantScheme, dtype: torch.dtype, device: torch.device):
+    """A 16/32-bit checkpoint's tensors (name, tensor), in `dtype` on `device`, with each
+    projection weight quantized as it arrives (rows are independent, so q, k and v each
+    alone) and followed by its `weight_scale`: what replace_with_empty's modules load, and
+    the model in 16 bits never whole on the device."""
+    for name, t in named:
+        t = t.to(device=device, dtype=dtype)
+        if name.endswith(CHECKPOINT_PROJECTIONS):
+            q, s = quantize_rows(t, scheme.weight)
+            yield name, q
+            yield name.removesuffix("weight") + "weight_scale", s
+        else:
+            yield name, t
+
+
 def replace_with_empty(model: nn.Module, scheme: QuantScheme) -> None:
-    """Projections become QuantLinear modules of the same shapes, to be loaded with an
-    already-quantized checkpoint's tensors."""
+    """Projections become QuantLinear modules of the same shapes, to be loaded with
+    8-bit tensors (a checkpoint quantized beforehand, or quantize_on_load's)."""
     for parent, name, linear in projections(model):
         q = QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, scheme,
                         linear.weight.device, linear.weight.dtype)
