@@ -115,3 +115,28 @@ def test_step_sizes_from_graph_timings():
     assert tokens_within(sizes, ms, 12.0) == 512  # the slow 448 graph in between does not stop it
     assert tokens_within(kept, kept_ms, 9.5) == 384
     assert tokens_within(kept, kept_ms, 5.0) == 0
+
+
+def test_launch_wait_counts_on_the_queued_steps_predicted_time(engine_for, monkeypatch):
+    """The engine says how long its caller may take in requests before the next step: the
+    queued step's predicted time (here given, as a GPU's start-up timings would), less
+    the host's launch time and a margin; 0 with nothing predicted, or nothing queued."""
+    from worker.embedded.engine import LAUNCH_WAIT_SHARE
+
+    engine = engine_for(overlap_scheduler="on")
+    assert engine.launch_wait() == 0.0
+    monkeypatch.setattr(engine.runner, "predict_ms", lambda chunks: 400.0)
+    engine.submit("w", list(range(1, 11)), SamplingParams(max_tokens=3, temperature=0))
+    try:
+        engine.step()
+        first = engine.launch_wait()
+        assert LAUNCH_WAIT_SHARE * 0.4 - 0.1 < first <= LAUNCH_WAIT_SHARE * 0.4
+        assert engine.launch_wait() <= first  # it counts down
+        monkeypatch.setattr(engine.runner, "predict_ms", lambda chunks: None)  # a step not timed: no wait
+        engine.step()
+        assert engine.launch_wait() == 0.0
+    finally:
+        engine.abort("w")
+        while engine.has_work():
+            engine.step()
+    assert engine.launch_wait() == 0.0  # nothing queued

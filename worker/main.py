@@ -40,6 +40,7 @@ class WorkerConfig:
     heartbeat_interval: float = dataclasses.field(default=0.5, metadata={"help": "seconds between heartbeats with engine stats"})
     curve_secret_key: str = dataclasses.field(default="", metadata={"help": "CURVE: this worker's key pair file (*.key_secret), for a scheduler on another host"})
     curve_server_key: str = dataclasses.field(default="", metadata={"help": "CURVE: the scheduler's public key file (*.key)"})
+    launch_wait: bool = dataclasses.field(default=True, metadata={"help": "while the device still runs the queued step, keep taking in requests until just before the next step must launch (the engine predicts when), so that they join it rather than the one after; off: launch at once"})
     drain_timeout: float = dataclasses.field(default=30.0, metadata={"help": "on SIGTERM, seconds to finish the requests held before stopping (the scheduler moves what is left to other workers; a second signal stops at once)"})
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address /metrics, /health and /ready listen on; 0.0.0.0 for every interface"})
     metrics_port: int = dataclasses.field(default=9402, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
@@ -89,6 +90,7 @@ class Worker:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         drain_until = None  # set when told to stop: finish what is held, until then
+        launch_wait = getattr(engine, "launch_wait", None) if self.config.launch_wait else None
         while True:
             if not self.running:
                 if drain_until is None:
@@ -99,8 +101,10 @@ class Worker:
                     break
             out: dict[bytes, list[RequestOutput]] = {}
             busy = engine.has_work()
-            timeout = 0 if busy else max(0, next_heartbeat - time.monotonic()) * 1000
-            if poller.poll(timeout):
+            wait = launch_wait() if busy and launch_wait is not None else 0.0
+            timeout = wait * 1000 if busy else max(0, next_heartbeat - time.monotonic()) * 1000
+            deadline = time.monotonic() + wait
+            while poller.poll(timeout):
                 for _ in range(MAX_INTAKE):  # what arrived before this step, bounded: steps and heartbeats go on under a flood
                     try:
                         raw = sock.recv(zmq.NOBLOCK)
@@ -109,6 +113,10 @@ class Worker:
                     msg = sockets.decode_or_log(schema.scheduler_to_worker, raw, "the scheduler")
                     if msg is not None:
                         lifecycle.handle(msg, out)
+                # While the device still runs the queued step, more requests may join the next.
+                timeout = (deadline - time.monotonic()) * 1000
+                if not busy or timeout < 0.1:
+                    break
             if engine.has_work():
                 lifecycle.step(out)
             heartbeat_due = time.monotonic() >= next_heartbeat

@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 # tokens of a running stream) stays bounded, and every step replays a CUDA graph. On the
 # CPU a step of that many prompt tokens takes seconds, so less.
 MAX_NUM_TOKENS_CUDA, MAX_NUM_TOKENS_CPU = 2048, 512
+# launch_wait counts on this share of a queued step's predicted time, and keeps this much
+# in hand: a step that ends sooner than predicted must not leave the device idle.
+LAUNCH_WAIT_SHARE, LAUNCH_WAIT_MARGIN_S = 0.8, 0.0005
 
 
 @dataclasses.dataclass
@@ -111,6 +114,8 @@ class EmbeddedEngine:
         self.requests: dict[str, Sequence] = {}
         self.overlap = config.overlap_scheduler == "on" or (config.overlap_scheduler == "auto" and self.device.type == "cuda")
         self._launched: LaunchedStep | None = None
+        self._free_at = 0.0  # monotonic time the device is predicted to finish the queued step (launch_wait)
+        self._launch_s = 0.0  # running average of the host's time to schedule and launch a step
         self._penalized = 0  # requests with penalties: they turn overlap off while they run
         self._arrivals = itertools.count()
         self.prompt_tokens_seen = 0
@@ -122,17 +127,19 @@ class EmbeddedEngine:
         )
 
     def _build_model(self, weights) -> LlamaForCausalLM:
+        scheme, shipped = self._quantization()
+        self.quantization = scheme.name if scheme else "16-bit"
+        # The projections arrive 8-bit with their scales, or are quantized as they arrive.
+        quantized = shipped is not None or (scheme is not None and weights is not None and scheme.name != "int8-smoothquant")
         with torch.device("meta"):
-            model = LlamaForCausalLM(self.model_config, self.max_seq_len)
-        model = model.to_empty(device=self.device).to(self.dtype)
+            model = LlamaForCausalLM(self.model_config, self.max_seq_len).to(self.dtype)
+            if quantized:  # swapped while on meta: no 16-bit projection is ever allocated
+                quant.replace_with_empty(model, scheme)
+        model = model.to_empty(device=self.device)
         if self.model_config.tie_word_embeddings:  # to_empty unties shared parameters
             model.lm_head.weight = model.embed_tokens.weight
         model.rotary.build()  # to_empty left its tables uninitialized
-        scheme, shipped = self._quantization()
-        self.quantization = scheme.name if scheme else "16-bit"
-        quantized = shipped is not None or (scheme is not None and weights is not None and scheme.name != "int8-smoothquant")
-        if quantized:  # the projections arrive 8-bit with their scales, or are quantized as they arrive
-            quant.replace_with_empty(model, scheme)
+        if quantized:
             model.load_hf_weights(quantized_tensors(weights, shipped, self.dtype) if shipped is not None else
                                   quant.quantize_on_load(weights, scheme, self.dtype, self.device))
         elif weights is None:  # drawn on the device: an 8B shape takes seconds, not minutes
@@ -240,18 +247,41 @@ class EmbeddedEngine:
             if self._launched is not None and not overlap:
                 outputs += self._collect(self._launched)
                 self._launched = None
+            t0 = time.monotonic()
             chunks = self.scheduler.schedule()
             launched = self._launch(chunks) if chunks else None
-            if self._launched is not None:
-                outputs += self._collect(self._launched)
+            launched_at = time.monotonic()
+            self._launch_s += 0.1 * (launched_at - t0 - self._launch_s)
+            previous = self._launched
+            if previous is not None:
+                outputs += self._collect(previous)
             self._launched = launched
             if launched is not None and not overlap:
                 self._launched = None
                 outputs += self._collect(launched)
+            self._free_at = 0.0
+            if self._launched is not None:
+                # The step just queued runs from when the one before it ended (seen if the
+                # host waited for it; else no later than its own launch).
+                predicted = self.runner.predict_ms(chunks)
+                if predicted is not None:
+                    prev = previous.sample if previous is not None else None
+                    start = prev.done_at if prev is not None and prev.waited else launched_at
+                    self._free_at = start + LAUNCH_WAIT_SHARE * predicted / 1000
         except BaseException:
             self._launched = None  # the caller aborts the requests of a failed step
             raise
         return outputs
+
+    def launch_wait(self) -> float:
+        """Seconds the caller may spend taking in new requests before its next step() and
+        still launch that step before the device runs out of queued work: the queued
+        step's predicted time left, less what scheduling and launching a step takes (twice
+        its running average, and a margin). Requests that arrive meanwhile join that step
+        instead of the one after. 0 without overlap, or for a step not timed at start-up."""
+        if not self._free_at:
+            return 0.0
+        return max(0.0, self._free_at - time.monotonic() - 2 * self._launch_s - LAUNCH_WAIT_MARGIN_S)
 
     def _launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep:
         now = time.time()

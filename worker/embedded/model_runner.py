@@ -178,6 +178,7 @@ class ModelRunner:
         # What a mixed step's graph takes (ms, by mixed_sizes), and what each token of
         # context its sequences read adds: timed at start-up (step_ms).
         self.mixed_ms: list[float] = []
+        self.decode_ms: list[float] = []  # by graph_sizes, blank inputs (no context)
         self.context_ms_per_token = 0.0
         if self.attention == "triton" and device.type == "cuda":
             self._compile_split_variants()
@@ -426,6 +427,9 @@ class ModelRunner:
         for T in self.mixed_sizes:
             self._blank(self.layouts["mixed", T][0], "mixed")
             self.mixed_ms.append(timed(self.mixed_graphs[T]))
+        for B in self.graph_sizes:
+            self._blank(self.layouts["decode", B][0], "decode")
+            self.decode_ms.append(timed(self.graphs[B]))
         # A graph slower than a larger one is dropped: its steps replay the larger, faster
         # one (cuBLAS's choice for some token counts is slow: BENCHMARKS.md, steps sized by
         # time).
@@ -471,6 +475,17 @@ class ModelRunner:
         if not self.mixed_ms or tokens > self.mixed_sizes[-1]:
             return None
         return self.mixed_ms[bisect.bisect_left(self.mixed_sizes, tokens)] + context * self.context_ms_per_token
+
+    def predict_ms(self, chunks: list[ScheduledChunk]) -> float | None:
+        """The predicted device time of a step of these chunks, from the start-up
+        timings; None for a step that runs eagerly (or where nothing was timed)."""
+        tokens = sum(ch.num_tokens for ch in chunks)
+        context = sum(ch.seq.num_computed + 1 for ch in chunks if ch.num_tokens == 1)
+        if tokens == len(chunks):  # decode-only
+            if not self.decode_ms or tokens > self.graph_sizes[-1]:
+                return None
+            return self.decode_ms[bisect.bisect_left(self.graph_sizes, tokens)] + context * self.context_ms_per_token
+        return self.step_ms(tokens, context)
 
     def tokens_within(self, target_ms: float, context: int) -> int:
         """The most tokens a mixed step can take, its decodes reading `context` tokens of

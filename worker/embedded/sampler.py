@@ -4,6 +4,7 @@ per-request seeds, and top-n logprobs. One host sync per step, for the chosen to
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Callable
 
 import torch
@@ -57,6 +58,7 @@ class DeviceSample:
         self.top_n = top_n
         tensors = [tokens] + (list(logprobs) if logprobs is not None else [])
         self.event = None
+        self.waited, self.done_at = False, 0.0
         if tokens.device.type == "cuda":
             self.host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
             for h, t in zip(self.host, tensors):
@@ -68,7 +70,11 @@ class DeviceSample:
 
     def result(self) -> SampleResult:
         if self.event is not None:
+            # Whether the host had to wait for the step, and when it ended if so: the next
+            # step, queued behind it, started then (EmbeddedEngine.launch_wait).
+            self.waited = not self.event.query()
             self.event.synchronize()
+            self.done_at = time.monotonic()
         token_list = self.host[0].tolist()
         lp_out: list = [None] * len(token_list)
         if len(self.host) > 1:
