@@ -40,7 +40,7 @@ class WorkerConfig:
     heartbeat_interval: float = dataclasses.field(default=0.5, metadata={"help": "seconds between heartbeats with engine stats"})
     curve_secret_key: str = dataclasses.field(default="", metadata={"help": "CURVE: this worker's key pair file (*.key_secret), for a scheduler on another host"})
     curve_server_key: str = dataclasses.field(default="", metadata={"help": "CURVE: the scheduler's public key file (*.key)"})
-    launch_wait: bool = dataclasses.field(default=True, metadata={"help": "while the device still runs the queued step, keep taking in requests until just before the next step must launch (the engine predicts when), so that they join it rather than the one after; off: launch at once"})
+    launch_wait: bool = dataclasses.field(default=False, metadata={"help": "while the device still runs the queued step, keep taking in requests until just before the next step must launch (the engine predicts when, from the CUDA graph timings taken at start-up), so that they join it rather than the one after; off (the default until it is measured on a GPU): launch at once"})
     drain_timeout: float = dataclasses.field(default=30.0, metadata={"help": "on SIGTERM, seconds to finish the requests held before stopping (the scheduler moves what is left to other workers; a second signal stops at once)"})
     metrics_host: str = dataclasses.field(default="127.0.0.1", metadata={"help": "address /metrics, /health and /ready listen on; 0.0.0.0 for every interface"})
     metrics_port: int = dataclasses.field(default=9402, metadata={"help": "HTTP port for /metrics, /health and /ready; 0 means off"})
