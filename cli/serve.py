@@ -30,7 +30,7 @@ from inflight import sockets
 @dataclasses.dataclass
 class ServeConfig:
     workers: int = dataclasses.field(default=1, metadata={"help": "worker processes: one per GPU, or several on the CPU"})
-    gateways: int = dataclasses.field(default=1, metadata={"help": "gateway processes, all on the one --listen port (SO_REUSEPORT: the kernel spreads new connections over them, and a connection stays with its process); one tops out at some 22-28k streamed tokens a second"})
+    gateways: int | None = dataclasses.field(default=None, metadata={"help": "gateway processes, all on the one --listen port (SO_REUSEPORT: the kernel spreads new connections over them, and a connection stays with its process); one tops out at some 22-28k streamed tokens a second; unset: one per 4 CPU cores, 1 to 4"})
     listen: str = dataclasses.field(default="localhost:50051", metadata={"help": "host:port for gRPC clients"})
     http_listen: str = dataclasses.field(default="localhost:8000", metadata={"help": "host:port for the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models; server-sent events), served by every gateway process on the one port like --listen; empty turns it off"})
     model: str | None = dataclasses.field(default=None, metadata={"help": "model directory; unset means the built-in SmolLM2-135M-Instruct"})
@@ -199,7 +199,16 @@ class Stack:
                     child.proc.wait()
 
 
+def default_gateways(cores: int | None) -> int:
+    """One gateway process per 4 cores, 1 to 4: a small GPU model streams more tokens a
+    second than one gateway process carries (BENCHMARKS.md, closed loop), and a host
+    with few cores has none to spare for more."""
+    return max(1, min(4, (cores or 1) // 4))
+
+
 def run(config: ServeConfig) -> int:
+    if config.gateways is None:
+        config.gateways = default_gateways(os.cpu_count())
     if config.gateways < 1:
         print(f"inflight serve: error: --gateways {config.gateways}: at least 1 gateway process is needed", file=sys.stderr)
         return 2

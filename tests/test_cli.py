@@ -29,3 +29,9 @@ def test_serve_needs_one_gateway_at_least_and_says_what_several_do():
     assert res.stderr.strip().splitlines()[-1] == "inflight serve: error: --gateways 0: at least 1 gateway process is needed"
     help_text = " ".join(inflight("serve", "--help").stdout.split())
     assert "--gateways GATEWAYS gateway processes, all on the one --listen port (SO_REUSEPORT" in help_text
+
+
+def test_serve_runs_a_gateway_per_four_cores_by_default():
+    from cli.serve import default_gateways
+
+    assert [default_gateways(n) for n in (None, 1, 2, 7, 8, 16, 64)] == [1, 1, 1, 1, 2, 4, 4]
