@@ -64,6 +64,22 @@ def test_quant_linear_matches_float64_reference(scheme):
     assert 1e-5 < rel < {"fp8": 0.08, "int8-weight-only": 0.01, "int8-smoothquant": 0.05}[scheme]
 
 
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+@pytest.mark.parametrize("rows", [3, 20])
+def test_gpu_torch_paths_compute_the_emulated_function(scheme, rows):
+    """The CUDA path's torch calls (torch._scaled_mm with row-wise scales, torch._int_mm,
+    W8A16 through F.linear) also run on the CPU: same function as the emulation."""
+    g = torch.Generator().manual_seed(6)
+    lin = torch.nn.Linear(256, 48, bias=True)
+    torch.nn.init.normal_(lin.weight, 0, 0.05, generator=g)
+    m = QuantLinear.from_linear(lin, SCHEMES[scheme])
+    x = torch.randn(rows, 256, generator=g)
+    torch.testing.assert_close(m._cuda(x), m._emulate(x), rtol=1e-5, atol=1e-5)
+    xb = x.to(torch.bfloat16)
+    y, ref = m._cuda(xb), m._emulate(xb)
+    assert y.dtype == torch.bfloat16 and ((y.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
+
+
 def test_fake_quantize_rows_keeps_dtype_and_grid():
     x = torch.randn(4, 32, dtype=torch.bfloat16)
     y = fake_quantize_rows(x, torch.int8)
