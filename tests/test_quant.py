@@ -75,6 +75,7 @@ def test_gpu_torch_paths_compute_the_emulated_function(scheme, rows):
     m = QuantLinear.from_linear(lin, SCHEMES[scheme])
     x = torch.randn(rows, 256, generator=g)
     torch.testing.assert_close(m._cuda(x), m._emulate(x), rtol=1e-5, atol=1e-5)
+    m = QuantLinear.from_linear(lin.to(torch.bfloat16), SCHEMES[scheme])  # the bias in the model's dtype
     xb = x.to(torch.bfloat16)
     y, ref = m._cuda(xb), m._emulate(xb)
     assert y.dtype == torch.bfloat16 and ((y.float() - ref.float()).norm() / ref.float().norm()) < 1e-2
