@@ -41,6 +41,21 @@ def main() -> None:
             q, s = quantize_rows_kernel(x, dt)
             out[f"{name}.quantize_rows_steps_off"] = int((q.int() - xq.int()).abs().max())
             out[f"{name}.quantize_rows_scale"] = rel_err(s[:, 0], xs.double())
+    # QuantLinear's skinny path as the engine calls it (tiles from qgemv_config, K = 576 as
+    # SmolLM2's), against its own CPU emulation; FP8 under "auto" runs W8A16 at this size.
+    from worker.embedded.quant import SCHEMES, QuantLinear
+    from worker.engine_api import KernelConfig
+
+    for scheme in SCHEMES.values():
+        lin = torch.nn.Linear(576, 96, bias=True)
+        m = QuantLinear.from_linear(lin, scheme)
+        x = torch.randn(4, 576, generator=g)
+        y = m._skinny(x, KernelConfig(pdl=False))
+        if scheme.name == "fp8":
+            ref = x.double() @ (m.weight.double() * m.weight_scale.double()[:, None]).T + lin.bias.double()
+        else:
+            ref = m._emulate(x).double()
+        out[f"QuantLinear.{scheme.name}"] = rel_err(y, ref)
     print(json.dumps(out))
 
 
