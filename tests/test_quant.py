@@ -194,3 +194,13 @@ def test_quantized_default_model_agrees_and_answers(mode, model_weights, model_d
     [out] = engine.generate([prompt], SamplingParams(max_tokens=12, temperature=0))
     if mode != "int8-smoothquant":  # W8A8 answers otherwise on this 135M model (BENCHMARKS.md)
         assert "Paris" in tokenizer.decode(out)
+
+
+def test_odd_projection_sizes_are_refused_on_cuda_by_name():
+    from worker.embedded.quant import check_shapes
+
+    with pytest.raises(EngineConfigError, match="multiples of 16 on CUDA; this model has intermediate_size 1000"):
+        check_shapes(SCHEMES["fp8"], 512, 1000, 512, 128, torch.device("cuda"))
+    check_shapes(SCHEMES["int8-smoothquant"], 512, 1000, 512, 128, torch.device("cuda"))  # 8 divides 1000
+    check_shapes(SCHEMES["fp8"], 512, 1000, 512, 128, torch.device("cpu"))  # the emulation takes any size
+    check_shapes(SCHEMES["int8-weight-only"], 512, 1001, 512, 128, torch.device("cuda"))  # no 8-bit activations

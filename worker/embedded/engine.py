@@ -170,6 +170,9 @@ class EmbeddedEngine:
             scheme = quant.scheme_for(shipped.scheme)
         if scheme is not None:
             quant.check_device(scheme, self.device)
+            c = self.model_config
+            quant.check_shapes(scheme, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim,
+                               c.num_kv_heads * c.head_dim, self.device)
         return scheme, shipped
 
     def _num_kv_blocks(self) -> int:

@@ -70,6 +70,20 @@ def check_device(scheme: QuantScheme, device: torch.device) -> None:
                                     f"{torch.cuda.get_device_name(device)} is {cap[0]}.{cap[1]} (int8 schemes run there)")
 
 
+def check_shapes(scheme: QuantScheme, hidden: int, intermediate: int, q_size: int, kv_size: int,
+                 device: torch.device) -> None:
+    """cuBLAS's 8-bit matmuls take dimensions in multiples of 16 (FP8) or 8 (int8 W8A8)."""
+    multiple = {FP8: 16, torch.int8: 8}.get(scheme.activation)
+    if device.type != "cuda" or multiple is None:
+        return
+    sizes = {"hidden_size": hidden, "intermediate_size": intermediate, "q size (heads x head_dim)": q_size,
+             "kv size": kv_size}
+    odd = [f"{name} {n}" for name, n in sizes.items() if n % multiple]
+    if odd:
+        raise EngineConfigError(f"--quantization {scheme.name} needs projection sizes in multiples of {multiple} on CUDA; "
+                                f"this model has {', '.join(odd)}")
+
+
 def qmax(dtype: torch.dtype) -> float:
     return 127.0 if dtype == torch.int8 else torch.finfo(dtype).max
 
