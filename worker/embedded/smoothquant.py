@@ -4,7 +4,7 @@ column j multiplied by it, so that per-token int8 activations lose less to the f
 channels with outliers. The migration strength alpha is chosen per projection among
 ALPHAS, as the one whose W8A8 product is closest to the exact one over the calibration
 inputs (the paper picks one alpha per model the same way; on the default model the
-per-projection choice measured better than 0.5 everywhere: BENCHMARKS.md). The division is folded into whatever produces X, so it costs
+per-projection choice measured better than 0.5 for all: BENCHMARKS.md). The division is folded into whatever produces X, so it costs
 nothing at run time and the model computes the same function before quantization:
 - qkv_proj: the input RMSNorm's weight; gate_up_proj: the post-attention RMSNorm's;
 - down_proj: the up half of gate_up's rows (silu(gate) * up is linear in up);
