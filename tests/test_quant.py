@@ -214,5 +214,5 @@ def test_searched_migration_strength_is_no_worse_than_a_fixed_one():
     x = activation_samples(model, [ids])[proj]
     w = proj.weight.detach()
     searched = w8a8_error(x, w, choose_factors(x, w, None))
-    assert searched <= min(w8a8_error(x, w, choose_factors(x, w, a)) for a in (0.3, 0.5, 0.9))
+    assert searched <= min(w8a8_error(x, w, choose_factors(x, w, a)) for a in (0.5, 0.7, 0.9))
     assert searched < w8a8_error(x, w, torch.ones(w.shape[1]))  # smoothing helps at all on outliers
