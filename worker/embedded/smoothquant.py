@@ -16,12 +16,15 @@ before it is quantized."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from worker.embedded.attention import AttentionMetadata, build_mask
+
+log = logging.getLogger(__name__)
 
 ALPHA = 0.5  # the paper's default migration strength
 ALPHAS = (0.5, 0.6, 0.7, 0.8, 0.9)  # searched per projection when none is fixed (0.3, 0.4: never chosen on the default model)
@@ -51,6 +54,9 @@ def calibration_token_ids(tokenizer_file: Path | None, vocab_size: int) -> list[
 
         tok = Tokenizer.from_file(str(tokenizer_file))
         return [tok.encode(t, add_special_tokens=False).ids for t in CALIBRATION_TEXTS]
+    if tokenizer_file is not None:
+        log.warning("%s not found: int8-smoothquant calibrates on random token ids, which may smooth a trained "
+                    "model poorly", tokenizer_file)
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab_size, (64,), generator=gen).tolist() for _ in CALIBRATION_TEXTS]
 
