@@ -4,7 +4,7 @@
 #   CUDA: docker build -t inflight:cuda --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 .
 # (torch from PyPI brings its own CUDA libraries; the CUDA base adds the driver hooks.)
 # Any base with Debian's or Ubuntu's apt works; tests/test_compose_stack.py builds on one
-# made with debootstrap, since registries cannot be reached where it runs.
+# made with mmdebstrap, since registries cannot be reached where it runs.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}
 

@@ -18,7 +18,7 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
          "tests/test_compose_stack.py will be skipped; as root: apt-get install podman runc mmdebstrap" >&2
     exit 0
 fi
-echo "deploy/podman/install.sh: installing$missing (apt-get install podman runc mmdebstrap) for tests/test_compose_stack.py" >&2
+echo "deploy/podman/install.sh: missing$missing; apt-get install podman runc mmdebstrap (for tests/test_compose_stack.py)" >&2
 export DEBIAN_FRONTEND=noninteractive
 # Without an update first where the package lists are there and current; with one otherwise.
 apt-get install -y -q podman runc mmdebstrap >/dev/null 2>&1 \
