@@ -104,13 +104,15 @@ def smoothing_factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float = A
     return torch.where(x_max > 0, s, torch.ones_like(s)).clamp(min=1e-5)
 
 
-def w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor) -> float:
-    """Squared error of x @ w.T computed in W8A8 after smoothing by s (x / s per token to
-    int8, w * s per output channel to int8)."""
+def w8a8_error(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, exact: torch.Tensor | None = None) -> float:
+    """Squared error of x @ w.T (`exact`, if already computed) in W8A8 after smoothing by
+    s (x / s per token to int8, w * s per output channel to int8)."""
     from worker.embedded.quant import fake_quantize_rows, quantize_rows
 
     q, scale = quantize_rows(w * s, torch.int8)
-    return (fake_quantize_rows(x / s, torch.int8) @ (q.float() * scale[:, None]).T - x @ w.T).pow(2).sum().item()
+    if exact is None:
+        exact = x @ w.T
+    return (fake_quantize_rows(x / s, torch.int8) @ (q.float() * scale[:, None]).T - exact).pow(2).sum().item()
 
 
 def choose_factors(x: torch.Tensor, w: torch.Tensor, alpha: float | None, group=None) -> torch.Tensor:
@@ -124,7 +126,10 @@ def choose_factors(x: torch.Tensor, w: torch.Tensor, alpha: float | None, group=
     x_max, w_max = fold(x.abs().amax(0)), fold(w.abs().amax(0))
     candidates = [alpha] if alpha is not None else ALPHAS
     factors = [expand(smoothing_factors(x_max, w_max, a)) for a in candidates]
-    return factors[0] if len(factors) == 1 else min(factors, key=lambda s: w8a8_error(x, w, s))
+    if len(factors) == 1:
+        return factors[0]
+    exact = x @ w.T
+    return min(factors, key=lambda s: w8a8_error(x, w, s, exact))
 
 
 @torch.no_grad()
