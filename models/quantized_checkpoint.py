@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "modelopt")
 SKIPPED_TENSORS = (".input_scale", ".k_scale", ".v_scale")  # suffixes read past (module docstring)
+QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +125,10 @@ def quantized_tensors(named: Iterable[tuple[str, torch.Tensor]], quant: Checkpoi
             continue
         if name.endswith((".weight_zero_point", ".weight_g_idx")):
             raise ModelError(f"{quant.format} checkpoint: {name}: zero points and group indices are not supported")
+        quantized = name.endswith(".weight_scale") or t.dtype in (torch.int8, torch.float8_e4m3fn)
+        if quantized and name.split(".")[-2] not in QUANTIZED_MODULES:
+            raise ModelError(f"{quant.format} checkpoint: {name}: only the layers' {', '.join(QUANTIZED_MODULES)} "
+                             "may be quantized")
         if name.endswith(".weight_scale"):
             yield name, t.float().reshape(-1)
         elif t.dtype in (torch.int8, torch.float8_e4m3fn):

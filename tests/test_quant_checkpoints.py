@@ -208,3 +208,12 @@ def test_fp8_needs_compute_capability_8_9(monkeypatch):
                                                 "NVIDIA A100-SXM4-80GB is 8.0"):
         check_device(SCHEMES["fp8"], torch.device("cuda"))
     check_device(SCHEMES["int8-smoothquant"], torch.device("cuda"))
+
+
+def test_a_quantized_lm_head_is_named(tmp_path):
+    q, s = quantize_rows(dense_weights()["lm_head.weight"], FP8)
+    qc = {**compressed_tensors_config("float", "channel", "float"), "ignore": []}
+    write_checkpoint(tmp_path, FP8, "channel", qc, extra={"lm_head.weight": q, "lm_head.weight_scale": s[:, None]})
+    with pytest.raises(ModelError, match=r"lm_head.weight(_scale)?: only the layers' q_proj, k_proj, v_proj, o_proj, "
+                                         r"gate_proj, up_proj, down_proj may be quantized"):
+        load(tmp_path)
