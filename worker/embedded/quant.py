@@ -190,9 +190,8 @@ class QuantLinear(nn.Module):
 
 # FP8 weights smaller than this many elements run W8A16 in the skinny kernel under
 # fp8_skinny_matmul "auto": there the separate quantization kernel cost more than the
-# 8-bit dot saved (H200, one row: Llama-3.2-1B's qkv 8.1 us against 6.2, o_proj 7.8 against
-# 6.4; from 16M elements on, the 8-bit dot was as fast or faster: Llama-3-8B's down 23.3
-# against 30.6 us; BENCHMARKS.md, 'FP8 and INT8 projections').
+# 8-bit dot saved (Llama-3.2-1B's qkv and o_proj); from Llama-3-8B's o_proj (16M) up the
+# 8-bit dot was as fast or faster (one H200: BENCHMARKS.md, 'FP8 and INT8 projections').
 FP8_UPCAST_BELOW = 8 * 2**20
 
 

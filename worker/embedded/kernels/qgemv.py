@@ -12,11 +12,11 @@ of two ways:
 - x 16-bit: the weight tile converted to x's dtype before a 16-bit dot (W8A16).
 The scales are applied once, in the epilogue.
 
-Tried and measured slower on an H200 (BENCHMARKS.md, 'FP8 and INT8 projections'):
+Tried and measured much slower on an H200 (BENCHMARKS.md, 'FP8 and INT8 projections'):
 quantizing x inside this kernel (each program reading its rows' amax first, then scaling
-and rounding each x tile before the dot) took 1.8x the time of the separate quantization
-kernel plus the matmul on Llama-3-8B's qkv, 2.4x on gate_up: elementwise work on a dot
-operand inside the K loop again cost the loop its pipelining (see gemv.py)."""
+and rounding each x tile before the dot), against the separate quantization kernel plus
+the matmul: elementwise work on a dot operand inside the K loop again cost the loop its
+pipelining (see gemv.py)."""
 
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ def qgemv_config(n: int, k: int, x_bytes: int) -> tuple[int, int, int, int]:
     'FP8 and INT8 projections'): for 8-bit x, 32 x 1024 tiles in 3 stages where K >= 4096
     (each of Llama-3-8B's projections; the --sweep's best on its qkv and down), else
     gemv_config's tiles twice as deep (the same bytes a step; Llama-3.2-1B's and
-    SmolLM2's); for 16-bit x (W8A16), gemv_config's own (32 x 1024 tiles took 1.4x their
-    time on Llama-3-8B's qkv). Fewer stages where the tiles would not fit in shared memory."""
+    SmolLM2's); for 16-bit x (W8A16), gemv_config's own (deeper ones measured slower on
+    Llama-3-8B's qkv). Fewer stages where the tiles would not fit in shared memory."""
     from worker.embedded.kernels.gemv import gemv_config
 
     bn, bk, nw, ns = gemv_config(n, k)
