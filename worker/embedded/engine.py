@@ -114,7 +114,8 @@ class EmbeddedEngine:
         self.requests: dict[str, Sequence] = {}
         self.overlap = config.overlap_scheduler == "on" or (config.overlap_scheduler == "auto" and self.device.type == "cuda")
         self._launched: LaunchedStep | None = None
-        self._free_at = 0.0  # monotonic time the device is predicted to finish the queued step (launch_wait)
+        # The step queued on the device: when it started (or no later), and its chunks (launch_wait).
+        self._queued: tuple[float, list[ScheduledChunk]] | None = None
         self._launch_s = 0.0  # running average of the host's time to schedule and launch a step
         self._penalized = 0  # requests with penalties: they turn overlap off while they run
         self._arrivals = itertools.count()
@@ -262,15 +263,12 @@ class EmbeddedEngine:
             if launched is not None and not overlap:
                 self._launched = None
                 outputs += self._collect(launched)
-            self._free_at = 0.0
+            self._queued = None
             if self._launched is not None:
                 # The step just queued runs from when the one before it ended (seen if the
                 # host waited for it; else no later than its own launch).
-                predicted = self.runner.predict_ms(chunks)
-                if predicted is not None:
-                    prev = previous.sample if previous is not None else None
-                    start = prev.done_at if prev is not None and prev.waited else launched_at
-                    self._free_at = start + LAUNCH_WAIT_SHARE * predicted / 1000
+                prev = previous.sample if previous is not None else None
+                self._queued = (prev.done_at if prev is not None and prev.waited else launched_at, chunks)
         except BaseException:
             self._launched = None  # the caller aborts the requests of a failed step
             raise
@@ -282,9 +280,14 @@ class EmbeddedEngine:
         step's predicted time left, less what scheduling and launching a step takes (twice
         its running average, and a margin). Requests that arrive meanwhile join that step
         instead of the one after. 0 without overlap, or for a step not timed at start-up."""
-        if not self._free_at:
+        if self._queued is None:
             return 0.0
-        return max(0.0, self._free_at - time.monotonic() - 2 * self._launch_s - LAUNCH_WAIT_MARGIN_S)
+        start, chunks = self._queued
+        predicted = self.runner.predict_ms(chunks)  # asked for here: a step need not pay for it
+        if predicted is None:
+            return 0.0
+        free_at = start + LAUNCH_WAIT_SHARE * predicted / 1000
+        return max(0.0, free_at - time.monotonic() - 2 * self._launch_s - LAUNCH_WAIT_MARGIN_S)
 
     def _launch(self, chunks: list[ScheduledChunk]) -> LaunchedStep:
         now = time.time()
