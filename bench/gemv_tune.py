@@ -22,7 +22,7 @@ from worker.embedded.kernels.gemv import gemv
 
 SHAPES = {  # name: (N, K)
     "1b.qkv": (3072, 2048), "1b.o": (2048, 2048), "1b.gate_up": (16384, 2048), "1b.down": (2048, 8192),
-    "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.down": (4096, 14336),
+    "8b.qkv": (6144, 4096), "8b.o": (4096, 4096), "8b.gate_up": (28672, 4096), "8b.down": (4096, 14336),
     "135m.qkv": (960, 576), "135m.gate_up": (3072, 576),
 }
 CONFIGS = list(itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 5)))  # block_n, block_k, warps, stages

@@ -16,7 +16,7 @@ from worker.embedded.quant import QuantLinear
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
-    from worker.embedded.kernels.gemv import MAX_ROWS, gemv, gemv_config
+    from worker.embedded.kernels.gemv import MAX_ROWS, cublas_faster, gemv, gemv_config
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
 from models.config import ModelConfig
@@ -133,7 +133,8 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernels = self.kernels
-        if kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32:
+        if (kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32
+                and not cublas_faster(*self.weight.shape)):
             return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
                         pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
         return super().forward(x)

@@ -92,6 +92,16 @@ def prefetch_columns(n: int, k: int, w: torch.Tensor, budget_bytes: int) -> int:
     return 1 << (min(cols, k).bit_length() - 1)
 
 
+# Weights larger than this (elements) go to cuBLAS at decode sizes too: on Llama-3-8B's
+# gate_up this kernel was slower than cuBLAS, on every smaller projection it was not
+# (BENCHMARKS.md, kernel choices, 'skinny matmul, large weights').
+CUBLAS_ABOVE_ELEMENTS = 64 * 2**20
+
+
+def cublas_faster(n: int, k: int) -> bool:
+    return n * k > CUBLAS_ABOVE_ELEMENTS
+
+
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, warps, stages): the best measured on an H100 with cold L2 for
     each kind of projection (bench/gemv_tune.py, docs/gpu-results/run5/gemv_tune.json)."""
