@@ -15,7 +15,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from gateway.main import GatewayConfig
 from inflight.flags import _fields
+from worker.main import WorkerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -135,6 +137,9 @@ def test_compose_services_healthy_and_configured_by_variables_the_code_reads():
                 assert var in known, f"{name} sets {var}, which nothing reads"
         assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
         assert "cache:/cache" in service["volumes"]
+        # Stopping waits out a drain (gateway and worker --drain-timeout), as the k8s manifests do.
+        grace = service["stop_grace_period"]
+        assert grace.endswith("s") and int(grace[:-1]) > max(GatewayConfig.drain_timeout, WorkerConfig.drain_timeout), name
     assert SERVICES["gateway"]["deploy"]["replicas"] == 2
     assert "gpu" in SERVICES["worker-gpu-0"]["profiles"]
     assert SERVICES["worker-gpu-0"]["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
