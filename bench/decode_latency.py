@@ -46,20 +46,27 @@ def weight_bytes(engine: EmbeddedEngine) -> int:
 
 
 def time_decode(engine: EmbeddedEngine, batch: int, prompt_len: int, steps: int, gen: torch.Generator,
-                windows: int = 5) -> tuple[float, float]:
+                windows: int = 5) -> tuple[float, float, float | None]:
     """ms per decode step, the median over `windows` runs of `steps` consecutive steps,
-    and the mean context length.
+    the mean context length, and the device time of one replay of the step's graph.
 
     Steps run back to back, as in serving: with overlap scheduling a step returns the
     previous step's tokens, so per-step timing with a device sync would measure nothing
     real. Every token still reaches the host (the last ones in the drain). The median
     window keeps one host hiccup (a GC pass, a preempted thread) out of the number."""
     vocab = engine.vocab_size
-    params = SamplingParams(max_tokens=windows * steps + 8, temperature=0, ignore_eos=True)
+    # main() sizes the KV cache for this many tokens a request.
+    params = SamplingParams(max_tokens=windows * steps + 264, temperature=0, ignore_eos=True)
     for i in range(batch):
         engine.submit(f"b{batch}-{i}", torch.randint(0, vocab, (prompt_len,), generator=gen).tolist(), params)
-    for _ in range(4):  # prefill and a few decodes
-        engine.step()
+    # Prefill and a few decodes, until every sequence decodes: steps sized by time
+    # (step_time_target_ms) may hold later prompts back while the first ones decode.
+    seen: dict[str, int] = {}
+    for _ in range(256):
+        for o in engine.step():
+            seen[o.request_id] = seen.get(o.request_id, 0) + len(o.new_token_ids)
+        if len(seen) == batch and min(seen.values()) >= 2:
+            break
     torch.cuda.synchronize()
     times = []
     for _ in range(windows):
@@ -67,9 +74,12 @@ def time_decode(engine: EmbeddedEngine, batch: int, prompt_len: int, steps: int,
         got = sum(len(o.new_token_ids) for _ in range(steps) for o in engine.step())
         times.append(time.perf_counter() - t)
         assert got == batch * steps, (got, batch * steps)
+    # Before the drain: the graph's inputs are still this batch's last step (the graphs
+    # share one input buffer, and the drain's last steps write other layouts over it).
+    gpu_ms = graph_gpu_ms(engine, batch) if engine.config.cuda_graphs else None
     while engine.has_work():
         engine.step()
-    return 1000 * sorted(times)[windows // 2] / steps, prompt_len + 4 + windows * steps / 2
+    return 1000 * sorted(times)[windows // 2] / steps, prompt_len + sum(seen.values()) / batch + windows * steps / 2, gpu_ms
 
 
 def graph_gpu_ms(engine: EmbeddedEngine, batch: int) -> float | None:
@@ -80,6 +90,7 @@ def graph_gpu_ms(engine: EmbeddedEngine, batch: int) -> float | None:
     if not sizes:
         return None
     replay = runner.graphs[sizes[0]]
+    torch.cuda.synchronize()  # the engine's last step may still run
     for _ in range(5):
         replay()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -138,7 +149,7 @@ def main() -> None:
 
     bw = copy_bandwidth()
     cfg = model_config(args.shape)
-    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + 5 * args.steps + 64) + 4096)
+    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + 5 * args.steps + 264 + 64) + 4096)
     gen = torch.Generator().manual_seed(0)
     rows = []
     modes = ABLATION if args.ablation else MODES if args.quantization == ["none"] else MODES[:1]
@@ -153,12 +164,12 @@ def main() -> None:
                                              quantization=quant.removesuffix("-upcast")), cfg)
         wbytes = weight_bytes(engine)
         for b in args.batches:
-            ms, ctx = time_decode(engine, b, args.prompt_len, args.steps, gen)
+            ms, ctx, gpu_ms = time_decode(engine, b, args.prompt_len, args.steps, gen)
             kv_bytes = b * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
             floor_ms = 1000 * (wbytes + kv_bytes) / bw
             rows.append({"quantization": quant, "weight_bytes": wbytes, "variant": variant, "cuda_graphs": graphs, "overlap": overlap, "batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
                          "of_floor": floor_ms / ms, "tok_per_s": b * 1000 / ms,
-                         "graph_gpu_ms": graph_gpu_ms(engine, b) if graphs else None})
+                         "graph_gpu_ms": gpu_ms})
         del engine
         torch.cuda.empty_cache()
 

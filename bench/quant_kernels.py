@@ -47,6 +47,17 @@ def reference(m: QuantLinear, x: torch.Tensor, quantize_x: bool) -> torch.Tensor
     return x.double() @ w.T + (m.bias.double() if m.bias is not None else 0)
 
 
+def path(scheme, rows: int) -> str:
+    """Which kernel QuantLinear runs for this many rows on a GPU (quant.py's routing)."""
+    from worker.embedded.quant import FP8_W8A16_MM_ROWS, SKINNY_ROWS, W8A16_MM_ROWS
+
+    if rows <= SKINNY_ROWS:
+        return "triton"
+    if rows <= {None: W8A16_MM_ROWS, FP8: FP8_W8A16_MM_ROWS}.get(scheme.activation, 0):
+        return "w8a16_mm"
+    return "torch"
+
+
 def check(rows_list) -> list[dict]:
     out = []
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -63,9 +74,10 @@ def check(rows_list) -> list[dict]:
             x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
             x[:, :4] *= 20  # a few outlier channels, as real activations have
             y = m(x)
-            quantized_x = scheme.activation is not None and not (skinny == "upcast" and M <= 16)
+            quantized_x = (scheme.activation is not None and not (skinny == "upcast" and M <= 16)
+                           and path(scheme, M) != "w8a16_mm")
             out.append({"shape": name, "scheme": scheme.name, "skinny": skinny, "rows": M,
-                        "path": "triton" if M <= 16 else "torch", "nan": bool(torch.isnan(y).any()),
+                        "path": path(scheme, M), "nan": bool(torch.isnan(y).any()),
                         "rel_err": rel_err(y, reference(m, x, quantized_x)),
                         "bf16_rel_err": rel_err(F.linear(x, lin.weight).float(), x.double() @ lin.weight.double().T)})
     for dtype, (M, K) in itertools.product((FP8, torch.int8), ((1, 576), (16, 4096), (300, 14336))):
@@ -157,17 +169,20 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--check-rows", type=int, nargs="+", default=[1, 5, 16, 17, 64, 256])
     ap.add_argument("--sweep", nargs="*", default=[], help="shapes whose FP8 skinny tiles to sweep at one row")
+    ap.add_argument("--check-only", action="store_true", help="the correctness checks alone, no timing")
     ap.add_argument("--out", default="quant_kernels.json")
     args = ap.parse_args()
     print(f"on {torch.cuda.get_device_name()}")
     checks = check(args.check_rows)
-    print(f"{'shape':>24} {'scheme':>17} {'skinny':>6} {'rows':>4} {'path':>6} {'rel err':>9} {'bf16 rel err':>12} {'NaN':>4}")
+    print(f"{'shape':>24} {'scheme':>17} {'skinny':>6} {'rows':>4} {'path':>8} {'rel err':>9} {'bf16 rel err':>12} {'NaN':>4}")
     for r in checks:
-        print(f"{r['shape']:>24} {r['scheme']:>17} {r.get('skinny', '-'):>6} {r['rows']:>4} {r['path']:>6} {r['rel_err']:>9.2e} "
+        print(f"{r['shape']:>24} {r['scheme']:>17} {r.get('skinny', '-'):>6} {r['rows']:>4} {r['path']:>8} {r['rel_err']:>9.2e} "
               f"{r.get('bf16_rel_err', float('nan')):>12.2e} {str(r['nan']):>4}")
     result = {"device": torch.cuda.get_device_name(), "checks": checks}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    if args.check_only:
+        return
     result["timing"] = timing(args.rows)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

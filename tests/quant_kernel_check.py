@@ -12,7 +12,7 @@ import json
 
 import torch
 
-from worker.embedded.kernels.qgemv import qgemv, quantize_rows as quantize_rows_kernel
+from worker.embedded.kernels.qgemv import qgemv, quantize_rows as quantize_rows_kernel, w8a16_mm
 from worker.embedded.quant import FP8, quantize_rows
 
 
@@ -37,6 +37,10 @@ def main() -> None:
         out[f"{name}.upcast"] = rel_err(qgemv(x, wq, ws, bias, **kw), x.double() @ w.T + bias.double())
         out[f"{name}.prequantized"] = rel_err(qgemv(xq, wq, ws, bias, xs[:, None], out_dtype=torch.float32, **kw),
                                               xd @ w.T + bias.double())
+        # The tiled W8A16 kernel for decode batches: M over one row tile and not a
+        # multiple of it, K and N not multiples of theirs.
+        xm = torch.randn(40, 300, generator=g)
+        out[f"{name}.w8a16_mm"] = rel_err(w8a16_mm(xm, wq, ws, bias), xm.double() @ w.T + bias.double())
         if dt == torch.int8:
             q, s = quantize_rows_kernel(x, dt)
             out[f"{name}.quantize_rows_steps_off"] = int((q.int() - xq.int()).abs().max())

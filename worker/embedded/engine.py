@@ -180,6 +180,9 @@ class EmbeddedEngine:
         kv = self.config.kv_cache
         per_block = kv_bytes_per_block(self.model_config, kv.tokens_per_block, self.dtype)
         if self.device.type == "cuda":
+            # Memory freed while loading (the 16-bit projections --quantization replaced)
+            # stays in torch's cache, which mem_get_info counts as used: give it back first.
+            torch.cuda.empty_cache()
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = int(free * kv.free_gpu_memory_fraction)
         else:

@@ -35,6 +35,16 @@ from worker.engine_api import EngineConfigError, KernelConfig
 FP8 = torch.float8_e4m3fn
 PROJECTIONS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")  # module names, in every layer
 SKINNY_ROWS = 16  # kernels/qgemv.py's most rows
+# Above SKINNY_ROWS and up to W8A16_MM_ROWS rows, int8-weight-only runs kernels/qgemv.py's
+# tiled W8A16 matmul (the weight read as 8 bits, converted in registers): a 32-row decode
+# step of the Llama-3-8B shape took 5.23 ms there against 24.1 ms converting each whole
+# weight for cuBLAS (one H200: BENCHMARKS.md, 'FP8 and INT8 projections'). Above it the
+# step is compute-bound and the whole weight is converted once a call. FP8 could take the
+# same kernel up to FP8_W8A16_MM_ROWS; measured slower than torch._scaled_mm at 32 rows
+# (6.56 against 4.92 ms a step) with its untuned tiles, it does not (the value is
+# SKINNY_ROWS): FP8 above 16 rows is the quantization of x plus torch._scaled_mm.
+W8A16_MM_ROWS = 256
+FP8_W8A16_MM_ROWS = SKINNY_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +167,10 @@ class QuantLinear(nn.Module):
         act, kernels = self.scheme.activation, self.kernels
         if kernels is not None and M <= SKINNY_ROWS:
             return self._skinny(x, kernels).reshape(*shape[:-1], -1)
+        if kernels is not None and M <= (W8A16_MM_ROWS if act is None else FP8_W8A16_MM_ROWS if act == FP8 else 0):
+            from worker.embedded.kernels.qgemv import w8a16_mm
+
+            return w8a16_mm(x.contiguous(), self.weight, self.weight_scale, self.bias).reshape(*shape[:-1], -1)
         if act is None:  # W8A16: the 16-bit weight is made for the call (many rows: compute-bound)
             y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         else:

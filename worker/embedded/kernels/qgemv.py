@@ -134,3 +134,46 @@ def qgemv_config(n: int, k: int, x_bytes: int) -> tuple[int, int, int, int]:
     while ns > 2 and (16 * x_bytes + bn) * bk * ns > 200_000:
         ns -= 1
     return bn, bk, nw, ns
+
+
+@triton.jit
+def _w8a16_mm(X, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+              HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    # Programs with the same weight columns run next to each other (m is the fast grid
+    # axis): the second row tile reads the weight tile from L2, not HBM.
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, BLOCK_K)
+    m_ok = m < M
+    n_ok = n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + kk
+        x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
+        w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
+        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
+        w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
+        acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+    out = acc * tl.load(SW + n, mask=n_ok, other=0.0)[None, :]
+    if HAS_BIAS:
+        out += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], out.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def w8a16_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] 16-bit (last dim contiguous) @ (w [N, K] 8-bit * w_scale[N, None]).T (+ bias),
+    each weight tile converted to x's dtype in registers: the weight streams from HBM as 8
+    bits, with no 16-bit copy of it made. For the row counts between qgemv's (16) and
+    compute-bound prompts (quant.W8A16_MM_ROWS): decode batches."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    block_m = 16 if M <= 16 else 32 if M <= 32 else 64
+    block_n = 64 if N >= 8192 else 32  # enough programs to fill the SMs on 4,096 columns
+    block_k = 128
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+    _w8a16_mm[grid](x, w, w_scale, w_scale if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+                    HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                    EVEN_K=K % block_k == 0, num_warps=4, num_stages=4)
+    return y
