@@ -115,12 +115,15 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     splits: int | None = None,  # None: as many as fill the GPU's SMs (a power of two)
     pdl: bool = KernelConfig.pdl,
+    tile: int | None = None,  # tokens a loop iteration (None: 64, or the block size if larger)
+    num_warps: int = 4,
+    num_stages: int | None = None,  # None: Triton's default
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     out = torch.empty_like(q) if out is None else out
-    tile = max(64, block_size)
+    tile = tile or max(64, block_size)
     if splits is None:
         splits = num_splits(B * Hkv, _num_sms(q.device), block_tables.shape[1] * block_size, tile)
     part_o = part_lse = out  # unused when there is one split
@@ -137,7 +140,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        num_warps=4, **launch_options(use_pdl),
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
     )
     if splits > 1:
         _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,

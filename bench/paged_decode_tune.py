@@ -1,0 +1,110 @@
+"""Times the paged-decode attention kernel (worker/embedded/kernels/paged_decode.py) over
+a grid of launch configurations (split count, tile, warps, pipeline stages) for the decode
+batches serving meets, timed inside a CUDA graph that cycles through enough copies of the
+KV cache to overflow L2, with each sequence's blocks scattered over the cache as a long-
+running server leaves them. Prints, per case, the configuration the engine picks today
+and the best one found, as time and KV bytes read per second; checks the best against a
+float64 reference. Writes every timing as JSON.
+
+    python -m bench.paged_decode_tune --out paged_decode_tune.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+
+import torch
+import triton.testing
+
+from worker.embedded.kernels.paged_decode import _num_sms, num_splits, paged_decode_attention, paged_decode_reference
+
+HEADS = {"8b": (32, 8, 128), "1b": (32, 8, 64)}  # Hq, Hkv, head_dim (Llama-3-8B, Llama-3.2-1B)
+BLOCK_SIZE = 32  # EngineConfig.tokens_per_block's default
+
+
+def bench_us(fn, copies: int) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=15, return_mode="median") * 1000 / copies
+
+
+def make_case(heads: str, batch: int, context: str, gen: torch.Generator):
+    Hq, Hkv, D = HEADS[heads]
+    if context == "mixed":  # a serving mix: 128 to 1,536 tokens
+        lens = [random.Random(batch * 7919 + i).randint(128, 1536) for i in range(batch)]
+    else:
+        lens = [int(context)] * batch
+    blocks_per = [-(-n // BLOCK_SIZE) for n in lens]
+    total = sum(blocks_per)
+    kv_bytes = sum(lens) * Hkv * D * 2 * 2
+    copies = max(1, -(-256 * 2**20 // max(kv_bytes, 1)))
+    num_blocks = total + 1
+    caches = [(torch.randn(num_blocks, BLOCK_SIZE, Hkv, D, device="cuda", generator=gen).to(torch.bfloat16),
+               torch.randn(num_blocks, BLOCK_SIZE, Hkv, D, device="cuda", generator=gen).to(torch.bfloat16))
+              for _ in range(copies)]
+    order = torch.randperm(total, generator=torch.Generator().manual_seed(batch)) + 1  # scattered blocks; 0 stays unused
+    width = max(blocks_per)
+    tables = torch.zeros(batch, width, dtype=torch.int32)
+    at = 0
+    for i, n in enumerate(blocks_per):
+        tables[i, :n] = order[at:at + n]
+        at += n
+    q = torch.randn(batch, Hq, D, device="cuda", generator=gen).to(torch.bfloat16)
+    return q, caches, tables.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda"), kv_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 128, 256])
+    ap.add_argument("--contexts", nargs="+", default=["1024", "4096", "mixed"], help="tokens per sequence, or 'mixed'")
+    ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    ap.add_argument("--tiles", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4])
+    ap.add_argument("--stages", type=int, nargs="+", default=[0, 2], help="pipeline stages; 0: Triton's default (3)")
+    ap.add_argument("--out", default="paged_decode_tune.json")
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda")
+    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages))
+    results = []
+    print(f"{'case':>22} {'today':>24} {'best':>32}  rel err")
+    for heads, batch, context in itertools.product(args.heads, args.batches, args.contexts):
+        gen.manual_seed(0)
+        q, caches, tables, lens, kv_bytes = make_case(heads, batch, context, gen)
+        out = torch.empty_like(q)
+        Hkv = HEADS[heads][1]
+        today_splits = num_splits(batch * Hkv, _num_sms(q.device), tables.shape[1] * BLOCK_SIZE, 64)
+        timings = []
+        for splits, tile, warps, stages in configs:
+            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None)
+            fn = lambda: [paged_decode_attention(q, k, v, tables, lens, 0.1, out, **kw) for k, v in caches]  # noqa: E731
+            try:
+                fn()
+                us = bench_us(fn, len(caches))
+            except Exception as exc:  # a configuration that does not fit (shared memory)
+                print(f"  skip {kw}: {type(exc).__name__}")
+                continue
+            timings.append({"splits": splits, "tile": tile, "warps": warps, "stages": stages, "us": us,
+                            "tb_s": kv_bytes / us / 1e6})
+        best = min(timings, key=lambda t: t["us"])
+        today = next((t for t in timings if (t["splits"], t["tile"], t["warps"], t["stages"]) == (today_splits, 64, 4, 0)), None)
+        k, v = caches[0]
+        y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], tile=best["tile"],
+                                   num_warps=best["warps"], num_stages=best["stages"] or None)
+        ref = paged_decode_reference(q, k, v, tables, lens, 0.1)
+        err = ((y.double() - ref).norm() / ref.norm()).item()
+        name = f"{heads} B={batch} ctx={context}"
+        t_s = f"{today['us']:8.1f} us {today['tb_s']:4.2f} TB/s" if today else "-"
+        print(f"{name:>22} {t_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
+              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}  {err:.1e}", flush=True)
+        results.append({"heads": heads, "batch": batch, "context": context, "kv_bytes": kv_bytes,
+                        "today_splits": today_splits, "today": today, "best": best, "rel_err": err, "timings": timings})
+        del caches
+        torch.cuda.empty_cache()
+        with open(args.out, "w") as f:  # after every case: a run cut short keeps what it measured
+            json.dump({"gpu": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
