@@ -136,7 +136,11 @@ def main() -> None:
     ap.add_argument("--out", default="kernel_check.json")
     args = ap.parse_args()
     rows = []
-    for (B, hq, hkv, d, bs, max_ctx, dtype), splits in ((c, sp) for c in CASES for sp in (1, None)):
+    from worker.embedded.attention import to_cache
+
+    fp8 = torch.float8_e4m3fn
+    cases = [(c, sp, kv) for c in CASES for sp in (1, None) for kv in ("auto", "fp8") if kv == "auto" or c[-1] == torch.bfloat16]
+    for (B, hq, hkv, d, bs, max_ctx, dtype), splits, kv in cases:
         gen = torch.Generator(device="cuda").manual_seed(hash((B, hq, d)) % 2**31)
         ctx = torch.randint(1, max_ctx + 1, (B,), generator=gen, device="cuda", dtype=torch.int32)
         ctx[0] = max_ctx
@@ -146,22 +150,24 @@ def main() -> None:
         vc = torch.randn(num_blocks, bs, hkv, d, generator=gen, device="cuda").to(dtype)
         tables = torch.randperm(num_blocks, generator=gen, device="cuda")[: B * blocks_per_seq].reshape(B, blocks_per_seq).int()
         q = torch.randn(B, hq, d, generator=gen, device="cuda").to(dtype)
+        if kv == "fp8":  # kv_cache.dtype fp8: the reference reads the same values widened
+            kc, vc = to_cache(kc, fp8), to_cache(vc, fp8)
         out = torch.full_like(q, float("nan"))
         scale = d ** -0.5
         paged_decode_attention(q, kc, vc, tables, ctx, scale, out, splits)
-        ref = paged_decode_reference(q, kc, vc, tables, ctx, scale)
+        ref = paged_decode_reference(q, kc.to(dtype), vc.to(dtype), tables, ctx, scale)
         rel = ((out.double() - ref).norm() / ref.norm()).item()
         ms = triton.testing.do_bench(lambda: paged_decode_attention(q, kc, vc, tables, ctx, scale, out, splits), warmup=25, rep=100,
                                      return_mode="median")
         kv_bytes = 2 * int(ctx.sum()) * hkv * d * kc.element_size()
         used = splits or num_splits(B * hkv, torch.cuda.get_device_properties(0).multi_processor_count, blocks_per_seq * bs, max(64, bs))
         rows.append({"batch": B, "heads": f"{hq}/{hkv}", "head_dim": d, "block": bs, "max_ctx": max_ctx, "splits": used,
-                     "dtype": str(dtype).removeprefix("torch."), "rel_err": rel, "nan": bool(torch.isnan(out).any()),
+                     "dtype": str(dtype).removeprefix("torch.") + ("/fp8kv" if kv == "fp8" else ""), "rel_err": rel, "nan": bool(torch.isnan(out).any()),
                      "us": ms * 1000, "kv_GBps": kv_bytes / (ms / 1000) / 1e9})
     print(f"\npaged decode kernel on {torch.cuda.get_device_name()}")
-    print(f"{'batch':>5} {'heads':>6} {'dim':>4} {'blk':>4} {'ctx':>5} {'splits':>6} {'dtype':>9} {'rel err':>9} {'NaN':>4} {'us':>8} {'KV GB/s':>8}")
+    print(f"{'batch':>5} {'heads':>6} {'dim':>4} {'blk':>4} {'ctx':>5} {'splits':>6} {'dtype':>15} {'rel err':>9} {'NaN':>4} {'us':>8} {'KV GB/s':>8}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['heads']:>6} {r['head_dim']:>4} {r['block']:>4} {r['max_ctx']:>5} {r['splits']:>6} {r['dtype']:>9} "
+        print(f"{r['batch']:>5} {r['heads']:>6} {r['head_dim']:>4} {r['block']:>4} {r['max_ctx']:>5} {r['splits']:>6} {r['dtype']:>15} "
               f"{r['rel_err']:>9.2e} {str(r['nan']):>4} {r['us']:>8.1f} {r['kv_GBps']:>8.0f}")
     varlen = check_paged_varlen()
     print(f"\n{'paged varlen: queries':>21} {'seqs':>4} {'heads':>6} {'dim':>4} {'ctx':>5} {'dtype':>9} {'rel err':>9} {'NaN':>4} {'us':>8}")

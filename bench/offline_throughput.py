@@ -21,7 +21,7 @@ import torch
 from bench.shapes import SHAPES, hf_llama, model_config
 from bench.workload import run_offline, workload
 from worker.embedded.engine import EmbeddedEngine
-from worker.engine_api import EngineConfig, KernelConfig
+from worker.engine_api import EngineConfig, KernelConfig, KvCacheConfig
 
 
 @torch.no_grad()
@@ -57,6 +57,8 @@ def main() -> None:
                     help="prefill attention as one varlen flash-attention call, or SDPA per sequence (several: one run each)")
     ap.add_argument("--quantization", nargs="+", default=["none"],
                     choices=["none", "fp8", "int8-weight-only", "int8-smoothquant"], help="projection weights (several: one run each)")
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8"],
+                    help="what the KV cache stores (several: one run each)")
     ap.add_argument("--lengths", type=int, nargs=2, metavar=("IN", "OUT"),
                     help="every request IN prompt tokens and OUT output tokens, as trtllm-bench runs them "
                          "(default: the mixed workload)")
@@ -70,11 +72,13 @@ def main() -> None:
     reqs = workload(args.requests, cfg.vocab_size, **({"lengths": lengths} if lengths else {}))
     max_seq_len = max(2048, sum(args.lengths or ()))
     runs = []
-    for mbs, overlap, use_pdl, varlen, quant in ((m, o, p, v, q) for m in args.max_batch_size for o in args.overlap
-                                                 for p in args.pdl for v in args.varlen for q in args.quantization):
+    for mbs, overlap, use_pdl, varlen, quant, kv_dtype in (
+            (m, o, p, v, q, d) for m in args.max_batch_size for o in args.overlap for p in args.pdl for v in args.varlen
+            for q in args.quantization for d in args.kv_cache_dtype):
         kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on")
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max_seq_len, max_batch_size=mbs,
                                              overlap_scheduler=overlap, kernels=kernels, quantization=quant,
+                                             kv_cache=KvCacheConfig(dtype=kv_dtype),
                                              step_time_target_ms=args.step_time_target_ms), cfg)
         run_offline(engine, reqs[:16])  # warm-up: kernels compiled, allocator settled
         ours = run_offline(engine, reqs)
@@ -83,6 +87,7 @@ def main() -> None:
         ours["pdl"] = use_pdl
         ours["varlen"] = varlen
         ours["quantization"] = quant
+        ours["kv_cache_dtype"] = kv_dtype
         ours["kv_tokens"] = engine.pool.num_blocks * engine.pool.tokens_per_block
         ours["preemptions"] = engine.stats().preemptions
         runs.append(ours)
@@ -98,7 +103,7 @@ def main() -> None:
     for ours in runs:
         ratio = ours["output_tok_per_s"] / hf_res["output_tok_per_s"] if hf_res else 0.0
         label = (f"inflight {ours['quantization']}, max batch {ours['max_batch_size']}, overlap {ours['overlap']}, "
-                 f"pdl {ours['pdl']}, varlen {ours['varlen']}, KV {ours['kv_tokens']} tok")
+                 f"pdl {ours['pdl']}, varlen {ours['varlen']}, KV {ours['kv_tokens']} tok {ours['kv_cache_dtype']}")
         print(f"{label:>90} {ours['requests']:>8} {ours['output_tokens']:>10} "
               f"{ours['seconds']:>8.1f} {ours['output_tok_per_s']:>10.0f} {ratio:>5.1f}x {ours['preemptions']:>9}")
     if hf_res:

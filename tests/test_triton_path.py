@@ -66,3 +66,29 @@ def test_engine_path_matches_reference(checked, path):
     assert out["reused"] > 0  # the prefix-cached prefill path really ran
     # With graphs every step, prefill chunks and decodes alike, ran the graph path's buffers.
     assert (out["steps_graph"] > 0, out["steps_eager"] > 0) == (("graphs" in path), ("graphs" not in path)), out
+
+
+def test_fp8_kv_cache_kernels(checked):
+    """kv_cache.dtype fp8: the attention kernels read float8 caches exactly as the float64
+    reference reads the same values; the cache write rounds (and clamps) to float8."""
+    r = checked["kernels"]["fp8_cache"]
+    assert max(r["decode_splits_1"], r["decode_splits_8"], r["varlen"]) < 1e-6, r
+    assert r["k_equal"] and r["v_equal"] and not r["k_nan"] and not r["v_nan"], r
+    assert r["v_clamped"] == [448.0, -448.0], r
+
+
+def test_fp8_kv_cache_engine(checked):
+    """The same engine over an FP8 KV cache: four times the blocks of the float32 model's
+    cache in the same bytes, the prefix cache still reused, tokens close to the 32-bit
+    cache's. The Triton path with graphs and overlap runs it end to end; its tokens are not
+    compared with the reference path's here, because Triton's interpreter rounds float8
+    its own way (test_fp8_kv_cache_kernels), which moves this random model's tokens."""
+    auto, ref, fp8 = checked["engine"]["reference"], checked["engine"]["reference+fp8kv"], checked["engine"]["triton+graphs+overlap+fp8kv"]
+    assert 4 * auto["kv_blocks"] <= ref["kv_blocks"] < 4 * (auto["kv_blocks"] + 1), (ref["kv_blocks"], auto["kv_blocks"])
+    assert fp8["kv_blocks"] == ref["kv_blocks"]
+    assert ref["reused"] > 0 and fp8["reused"] > 0 and fp8["steps_graph"] > 0 and fp8["steps_eager"] == 0, fp8
+    assert [len(x) for x in fp8["again"]] == [len(x) for x in ref["again"]]
+    # Rounding K and V to 3 mantissa bits moves the tokens only a little.
+    same = sum(a == b for x, y in zip(auto["again"], ref["again"]) for a, b in zip(x, y))
+    assert same >= 0.5 * sum(len(x) for x in auto["again"]), (auto["again"], ref["again"])
+    assert all(x[0] == y[0] for x, y in zip(auto["again"], ref["again"])), (auto["again"], ref["again"])

@@ -85,7 +85,7 @@ def drain(engine, timeout=10.0) -> dict[str, list]:
 
 def test_engine_config_becomes_the_llms_arguments(trtllm, hf_dir):
     engine = trtllm(hf_dir, kv_cache=KvCacheConfig(free_gpu_memory_fraction=0.7, tokens_per_block=64, enable_block_reuse=False,
-                                                   max_tokens=40_000),
+                                                   max_tokens=40_000, dtype="fp8"),
                     scheduler=SchedulerConfig(capacity_scheduler_policy="MAX_UTILIZATION"), enable_chunked_prefill=False,
                     max_batch_size=64, max_num_tokens=2048, max_seq_len=1536, dtype="bfloat16", overlap_scheduler="off",
                     cuda_graphs=False)
@@ -93,7 +93,8 @@ def test_engine_config_becomes_the_llms_arguments(trtllm, hf_dir):
     assert type(llm) is fake.LLM  # a checkpoint: the PyTorch backend
     assert (llm.model, llm.skip_tokenizer_init) == (str(hf_dir), True)
     kv, sched = llm.args.pop("kv_cache_config"), llm.args.pop("scheduler_config")
-    assert (kv.free_gpu_memory_fraction, kv.tokens_per_block, kv.enable_block_reuse, kv.max_tokens) == (0.7, 64, False, 40_000)
+    assert (kv.free_gpu_memory_fraction, kv.tokens_per_block, kv.enable_block_reuse, kv.max_tokens, kv.dtype) == (
+        0.7, 64, False, 40_000, "fp8")
     assert sched.capacity_scheduler_policy is fake.CapacitySchedulerPolicy.MAX_UTILIZATION
     assert llm.args == {"tensor_parallel_size": 1, "dtype": "bfloat16", "enable_chunked_prefill": False, "max_batch_size": 64,
                         "max_num_tokens": 2048, "max_seq_len": 1536, "enable_iter_perf_stats": True,
@@ -107,6 +108,7 @@ def test_defaults_leave_trtllms_own(trtllm, hf_dir):
     args = fake.LLM.created[-1].args
     assert "max_num_tokens" not in args and "max_seq_len" not in args and "disable_overlap_scheduler" not in args
     assert args["kv_cache_config"].tokens_per_block == 32 and args["enable_chunked_prefill"] is True
+    assert args["kv_cache_config"].dtype == "auto"
 
 
 def test_a_prebuilt_engine_directory_takes_the_tensorrt_backend(trtllm, engine_dir):

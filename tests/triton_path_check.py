@@ -66,6 +66,63 @@ def check_paged_varlen(gen: torch.Generator) -> dict:
             "padded_tiles": int((tile_seq < 0).sum())}
 
 
+def check_fp8_cache(gen: torch.Generator) -> dict:
+    """kv_cache.dtype fp8: both attention kernels over float8 caches against the float64
+    reference over the same values widened, and rope_and_cache writing float8 as torch
+    rounds it, clamped. (Triton's interpreter drops the carry when a value rounds up to a
+    power of two, writing half of it, and rounds subnormals (below 2^-6) down: those
+    values are left out here.)"""
+    from worker.embedded.attention import to_cache
+    from worker.embedded.kernels.fused import rope_and_cache
+    from worker.embedded.kernels.paged_decode import paged_decode_attention, paged_decode_reference
+    from worker.embedded.kernels.paged_varlen import block_q, max_tiles, paged_varlen_attention, paged_varlen_reference, tile_map
+
+    fp8 = torch.float8_e4m3fn
+    out = {}
+    B, hq, hkv, d, bs = 3, 6, 2, 16, 4
+    ctx = torch.tensor([300, 0, 70], dtype=torch.int32)
+    blocks = -(-300 // bs)
+    kc, vc = (to_cache(torch.randn(B * blocks + 1, bs, hkv, d, generator=gen), fp8) for _ in range(2))
+    tables = torch.randperm(B * blocks + 1, generator=gen)[: B * blocks].reshape(B, blocks).int()
+    q = torch.randn(B, hq, d, generator=gen)
+    ref = paged_decode_reference(q, kc.float(), vc.float(), tables, ctx, d ** -0.5)
+    for splits in (1, 8):
+        o = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, splits)
+        out[f"decode_splits_{splits}"] = rel_err(o, ref)
+    hq, hkv = 9, 3
+    q_lens, lens, starts = [1, 37, 5], [50, 37, 90], [0, 1, 38]
+    width = -(-max(lens) // bs)
+    kc, vc = (to_cache(torch.randn(3 * width + 1, bs, hkv, d, generator=gen), fp8) for _ in range(2))
+    tables = torch.randperm(3 * width + 1, generator=gen)[: 3 * width].reshape(3, width)
+    q = torch.randn(sum(q_lens), hq, d, generator=gen)
+    bq = block_q(hq // hkv)
+    tile_seq, tile_q = (torch.from_numpy(a) for a in tile_map(q_lens, bq, max_tiles(len(q), 4, bq)))
+    seq = [torch.tensor(x) for x in (starts, q_lens, lens)]
+    ref = paged_varlen_reference(q, kc.float(), vc.float(), *seq, tables, d ** -0.5)
+    o = torch.full_like(q, float("nan"))
+    paged_varlen_attention(q, kc, vc, o, tile_seq, tile_q, *seq, tables, d ** -0.5)
+    out["varlen"] = rel_err(o, ref)
+    # The write: rotary k and v, one value of each far beyond float8's range.
+    T, hq, hkv, d = 5, 9, 3, 64
+    qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=gen)
+    q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
+    v[0, 0, 0], v[1, 0, 0] = 1000.0, -1000.0
+    pos, slots = torch.arange(T) * 7, torch.randperm(8 * bs, generator=gen)[:T]
+    inv = 1.0 / (100000.0 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(64, dtype=torch.float32), inv)
+    kc8, vc8 = (torch.zeros(8, bs, hkv, d, dtype=fp8) for _ in range(2))
+    rope_and_cache(q, k, v, freqs.cos(), freqs.sin(), pos, slots, kc8, vc8)
+    for name, cache, src in (("k", kc8, k), ("v", vc8, v)):
+        got, want = cache.view(-1, hkv, d)[slots].float(), to_cache(src, fp8).float()
+        carry = ((torch.frexp(want).mantissa.abs() == 0.5) & (src.abs() < want.abs())) | (src.abs() < 2.0 ** -6)
+        out[f"{name}_equal"] = torch.equal(got[~carry], want[~carry])
+        out[f"{name}_carries"] = int(carry.sum())
+        out[f"{name}_nan"] = bool(got.isnan().any())
+    out["v_clamped"] = vc8.view(-1, hkv, d)[slots][:2, 0, 0].float().tolist()
+    return out
+
+
 def check_argmax(gen: torch.Generator) -> dict:
     """Greedy argmax, incl. ties (the lowest index wins) within and across chunks."""
     from worker.embedded.kernels.argmax import argmax_rows
@@ -155,7 +212,7 @@ def kernel_checks() -> dict:
     gen = torch.Generator().manual_seed(0)
     return {"paged_decode": check_paged_decode(gen), "paged_varlen": check_paged_varlen(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
             "add_rms_norm": check_add_rms_norm(gen), "rope_and_cache": check_rope_and_cache(gen),
-            "silu_and_mul_rel_err": check_silu_and_mul(gen)}
+            "silu_and_mul_rel_err": check_silu_and_mul(gen), "fp8_cache": check_fp8_cache(gen)}
 
 
 PROMPTS = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2], [1, 4093, 198, 22464, 17, 2],
@@ -200,19 +257,21 @@ def engine_paths(model_dir: str) -> dict:
     model = dataclasses.replace(ModelConfig.from_dir(model_dir), num_layers=2)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     out = {}
-    for attention, graphs, overlap in (("reference", False, "off"), ("triton", False, "off"), ("triton", True, "off"),
-                                       ("triton", True, "on")):
+    for attention, graphs, overlap, kv_dtype in (("reference", False, "off", "auto"), ("triton", False, "off", "auto"),
+                                                 ("triton", True, "off", "auto"), ("triton", True, "on", "auto"),
+                                                 ("reference", False, "off", "fp8"), ("triton", True, "on", "fp8")):
         # cuda_graphs on the CPU runs the graph path's static buffers eagerly.
         cfg = EngineConfig(device="cpu", kernels=KernelConfig(attention=attention), max_num_tokens=16,  # chunked prefill
-                           kv_cache=KvCacheConfig(tokens_per_block=4, cpu_bytes=16 * 2**20), cuda_graphs=graphs,
-                           max_batch_size=4, max_seq_len=256, overlap_scheduler=overlap)
+                           kv_cache=KvCacheConfig(tokens_per_block=4, cpu_bytes=16 * 2**20, dtype=kv_dtype),
+                           cuda_graphs=graphs, max_batch_size=4, max_seq_len=256, overlap_scheduler=overlap)
         engine = EmbeddedEngine(cfg, model, random_weights(model))
         first = engine.generate(PROMPTS[:2], params)
         again = engine.generate(PROMPTS, params)  # the third shares a cached prefix with the first
         stats = engine.stats()
-        out[attention + ("+graphs" if graphs else "") + ("+overlap" if overlap == "on" else "")] = {
+        out[attention + ("+graphs" if graphs else "") + ("+overlap" if overlap == "on" else "")
+            + ("+fp8kv" if kv_dtype == "fp8" else "")] = {
             "first": first, "again": again, "reused": stats.blocks_reused, "steps_graph": stats.steps_graph,
-            "steps_eager": stats.steps_eager}
+            "steps_eager": stats.steps_eager, "kv_blocks": engine.pool.num_blocks}
     return out
 
 

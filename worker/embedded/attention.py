@@ -75,9 +75,20 @@ def build_mask(q_lens: torch.Tensor, ctx_lens: torch.Tensor, max_q: int, max_ctx
     return (j <= last_visible)[:, None]
 
 
+FP8_MAX = 448.0  # float8 E4M3's largest finite value: an FP8 cache clamps to it
+
+
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
+    """x as the cache stores it: an FP8 cache (scale 1) clamps first, since torch's cast
+    would turn what lies beyond +-448 into NaN."""
+    if cache_dtype == torch.float8_e4m3fn:
+        return x.clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+    return x.to(cache_dtype)
+
+
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = v
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k, k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v, v_cache.dtype)
 
 
 def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, pdl: bool) -> torch.Tensor:
@@ -143,8 +154,8 @@ def _reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> to
     num_ctx_blocks = -(-meta.max_context_len // bs)
     tables = meta.block_tables[:, :num_ctx_blocks]
     B = tables.shape[0]
-    k = k_cache[tables].reshape(B, num_ctx_blocks * bs, *k_cache.shape[2:])[:, : meta.max_context_len]
-    v = v_cache[tables].reshape(B, num_ctx_blocks * bs, *v_cache.shape[2:])[:, : meta.max_context_len]
+    k = k_cache[tables].reshape(B, num_ctx_blocks * bs, *k_cache.shape[2:])[:, : meta.max_context_len].to(q.dtype)
+    v = v_cache[tables].reshape(B, num_ctx_blocks * bs, *v_cache.shape[2:])[:, : meta.max_context_len].to(q.dtype)
     qp = q[meta.query_index]  # [B, max_q, Hq, D]
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

@@ -95,13 +95,14 @@ class EmbeddedEngine:
         self.max_num_tokens = config.max_num_tokens or (MAX_NUM_TOKENS_CUDA if self.device.type == "cuda" else MAX_NUM_TOKENS_CPU)
         if not config.step_time_target_ms >= 0:  # NaN too
             raise EngineConfigError(f"step_time_target_ms must be >= 0 (0 turns it off), got {config.step_time_target_ms}")
+        self.kv_dtype = self._kv_dtype()
         self.model = self._build_model(weights)
         kv = config.kv_cache
         num_blocks = self._num_kv_blocks()
         self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block,
                                   self.max_seq_len, config.max_batch_size, self.max_num_tokens, config.cuda_graphs,
-                                  config.kernels)
+                                  config.kernels, kv_dtype=self.kv_dtype)
         self.scheduler = BatchScheduler(
             self.pool,
             max_batch_size=config.max_batch_size,
@@ -122,9 +123,9 @@ class EmbeddedEngine:
         self.prompt_tokens_seen = 0
         self.prompt_tokens_cached = 0
         log.info(
-            "engine ready in %.1fs: %s on %s/%s, projections %s, %d KV blocks of %d tokens",
+            "engine ready in %.1fs: %s on %s/%s, projections %s, %d KV blocks of %d tokens (%s)",
             time.monotonic() - t0, model_config.name, self.device, str(self.dtype).removeprefix("torch."),
-            self.quantization, num_blocks, kv.tokens_per_block,
+            self.quantization, num_blocks, kv.tokens_per_block, str(self.kv_dtype).removeprefix("torch."),
         )
 
     def _build_model(self, weights) -> LlamaForCausalLM:
@@ -176,9 +177,22 @@ class EmbeddedEngine:
                                c.num_kv_heads * c.head_dim, self.device)
         return scheme, shipped
 
+    def _kv_dtype(self) -> torch.dtype:
+        """The KV cache's element type (kv_cache.dtype)."""
+        choice = self.config.kv_cache.dtype
+        if choice == "auto":
+            return self.dtype
+        if choice != "fp8":
+            raise EngineConfigError(f"kv_cache.dtype must be auto or fp8, got {choice!r}")
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            major, minor = torch.cuda.get_device_capability(self.device)
+            raise EngineConfigError(f"kv_cache.dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
+                                    f"{torch.cuda.get_device_name(self.device)} is {major}.{minor}: use auto")
+        return torch.float8_e4m3fn
+
     def _num_kv_blocks(self) -> int:
         kv = self.config.kv_cache
-        per_block = kv_bytes_per_block(self.model_config, kv.tokens_per_block, self.dtype)
+        per_block = kv_bytes_per_block(self.model_config, kv.tokens_per_block, self.kv_dtype)
         if self.device.type == "cuda":
             # Memory freed while loading (the 16-bit projections --quantization replaced)
             # stays in torch's cache, which mem_get_info counts as used: give it back first.

@@ -128,11 +128,12 @@ def mixed_layout(tokens: int, seqs: int, tiles: int) -> dict[str, int]:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int,
                  tokens_per_block: int, max_seq_len: int, max_batch_size: int, max_num_tokens: int, cuda_graphs: bool,
-                 kernels: KernelConfig):
+                 kernels: KernelConfig, kv_dtype: torch.dtype | None = None):
         self.model = model
         self.config = model.config
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # float8 E4M3: kv_cache.dtype fp8
         self.tokens_per_block = tokens_per_block
         self.kernels = kernels
         # The attention path, resolved: "triton" (our kernels, CUDA graphs) or "reference".
@@ -161,7 +162,7 @@ class ModelRunner:
         # One scratch block past the pool's: padding rows of captured graphs write there.
         shape = (num_blocks + 1, tokens_per_block, c.num_kv_heads, c.head_dim)
         self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            (torch.zeros(shape, dtype=self.kv_dtype, device=device), torch.zeros(shape, dtype=self.kv_dtype, device=device))
             for _ in range(c.num_layers)
         ]
         self.scratch_slot = num_blocks * tokens_per_block

@@ -25,6 +25,8 @@ def llm_kwargs(config: EngineConfig, model: ModelDir, llmapi) -> dict:
         kv_args["tokens_per_block"] = kv.tokens_per_block
     if kv.max_tokens is not None:
         kv_args["max_tokens"] = kv.max_tokens
+    if kv.dtype != "auto":  # fp8: the same name in KvCacheConfig.dtype
+        kv_args["dtype"] = kv.dtype
     policy = llmapi.CapacitySchedulerPolicy[config.scheduler.capacity_scheduler_policy]
     kwargs = {
         "skip_tokenizer_init": True,  # token ids in and out: the gateway tokenizes

@@ -54,7 +54,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
                     HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
-                    HALF: tl.constexpr, USE_GDC: tl.constexpr):
+                    HALF: tl.constexpr, USE_GDC: tl.constexpr, KV_FP8: tl.constexpr):
     enter(USE_GDC)
     t = tl.program_id(0)
     pos = tl.load(POS + t)
@@ -82,11 +82,22 @@ def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC,
     tl.store(kp + HALF, r2, mask=k_ok)
     # The cache is [blocks, block_size, HKV, 2 * HALF]: a slot's heads are contiguous.
     cp = slot * (HKV * 2 * HALF) + hk * (2 * HALF) + d[None, :]
-    tl.store(KC + cp, r1, mask=k_ok)
-    tl.store(KC + cp + HALF, r2, mask=k_ok)
     vp = V + t * stride_vt + hk * stride_vh + d[None, :]
-    tl.store(VC + cp, tl.load(vp, mask=k_ok, other=0.0), mask=k_ok)
-    tl.store(VC + cp + HALF, tl.load(vp + HALF, mask=k_ok, other=0.0), mask=k_ok)
+    v1 = tl.load(vp, mask=k_ok, other=0.0)
+    v2 = tl.load(vp + HALF, mask=k_ok, other=0.0)
+    tl.store(KC + cp, _to_cache(r1, KV_FP8), mask=k_ok)
+    tl.store(KC + cp + HALF, _to_cache(r2, KV_FP8), mask=k_ok)
+    tl.store(VC + cp, _to_cache(v1, KV_FP8), mask=k_ok)
+    tl.store(VC + cp + HALF, _to_cache(v2, KV_FP8), mask=k_ok)
+
+
+@triton.jit
+def _to_cache(x, KV_FP8: tl.constexpr):
+    """x as the cache stores it (attention.to_cache): an FP8 cache clamps to +-448 (the
+    16-bit value, then rounded once to float8 E4M3); the store converts."""
+    if KV_FP8:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0).to(tl.float8e4nv)
+    return x
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -100,7 +111,8 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
     _rope_and_cache[(T,)](q, k, v, cos, sin, positions, slots, k_cache, v_cache,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
                           HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
-                          HALF=D // 2, USE_GDC=use_pdl, num_warps=4, **launch_options(use_pdl))
+                          HALF=D // 2, USE_GDC=use_pdl, KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4,
+                          **launch_options(use_pdl))
 
 
 @triton.jit

@@ -59,7 +59,7 @@ def _paged_decode(
         blocks = tl.load(TABLES + b * stride_tb + tok // BLOCK_SIZE, mask=t_ok, other=0)
         offset = tok % BLOCK_SIZE
         k = tl.load(K + blocks[:, None] * stride_kb + offset[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=t_ok[:, None], other=0.0)
+                    mask=t_ok[:, None], other=0.0).to(q.dtype)  # an FP8 cache widens here (a no-op otherwise)
         if IEEE:  # float32 models keep float32 products (no tf32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -70,7 +70,7 @@ def _paged_decode(
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         v = tl.load(V + blocks[:, None] * stride_vb + offset[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-                    mask=t_ok[:, None], other=0.0)
+                    mask=t_ok[:, None], other=0.0).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:

@@ -76,7 +76,7 @@ def _paged_varlen(
         blocks = tl.load(table + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
         offset = tok % BLOCK_SIZE
         k = tl.load(K + blocks[:, None] * stride_kb + offset[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=t_ok[:, None], other=0.0)
+                    mask=t_ok[:, None], other=0.0).to(q.dtype)  # an FP8 cache widens here (a no-op otherwise)
         if IEEE:  # float32 models keep float32 products (no tf32)
             sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -88,7 +88,7 @@ def _paged_varlen(
         pr = tl.exp(sc - m_safe[:, None])
         l = l * alpha + tl.sum(pr, 1)
         v = tl.load(V + blocks[:, None] * stride_vb + offset[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-                    mask=t_ok[:, None], other=0.0)
+                    mask=t_ok[:, None], other=0.0).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
         else:
