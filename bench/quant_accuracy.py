@@ -31,7 +31,8 @@ from worker.embedded.quant import weight_bytes
 from worker.embedded.smoothquant import forward_prompt
 from worker.engine_api import EngineConfig, KvCacheConfig
 
-MODES = ["fp8", "int8-weight-only", "int8-smoothquant"]
+# --quantization modes, and "+kv-fp8" for --kv-cache-dtype fp8 on top ("kv-fp8" alone: 16/32-bit projections).
+MODES = ["fp8", "int8-weight-only", "int8-smoothquant", "kv-fp8", "fp8+kv-fp8"]
 PROMPTS = [  # none of them is in smoothquant.CALIBRATION_TEXTS
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
@@ -57,7 +58,7 @@ def build(model_dir, cfg: EngineConfig, mc: ModelConfig, tensors: dict) -> Embed
 def compare(ref_logits: list[torch.Tensor], engine: EmbeddedEngine, sequences: list[list[int]]) -> dict:
     kls, agree, n = [], 0, 0
     for ref, ids in zip(ref_logits, sequences):
-        logits = forward_prompt(engine.model, ids, every_position=True).float().cpu()
+        logits = forward_prompt(engine.model, ids, every_position=True, kv_dtype=engine.kv_dtype).float().cpu()
         p_log = torch.log_softmax(ref, -1)
         q_log = torch.log_softmax(logits, -1)
         kls.append((p_log.exp() * (p_log - q_log)).sum(-1))
@@ -72,7 +73,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the built-in SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES,
+                    help="--quantization modes; kv-fp8: the KV cache in FP8 (--kv-cache-dtype fp8), alone or with fp8")
     ap.add_argument("--continuation", type=int, default=48, help="greedy tokens of the unquantized model appended to each prompt")
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--out", default="quant_accuracy.json")
@@ -98,7 +100,9 @@ def main() -> None:
     del ref
     for mode in args.modes:
         t0 = time.monotonic()
-        engine = build(model_dir, dataclasses.replace(base, quantization=mode), mc, tensors)
+        quant = mode.removesuffix("kv-fp8").removesuffix("+") or "none"
+        kv = dataclasses.replace(base.kv_cache, dtype="fp8" if mode.endswith("kv-fp8") else "auto")
+        engine = build(model_dir, dataclasses.replace(base, quantization=quant, kv_cache=kv), mc, tensors)
         row = {"load_s": time.monotonic() - t0, "weight_bytes": weight_bytes(engine.model),
                **compare(ref_logits, engine, sequences),
                "answers": [tok.decode(o) for o in engine.generate(answer_ids, answer)]}

@@ -78,6 +78,7 @@ def check_fp8_cache(gen: torch.Generator) -> dict:
     from worker.embedded.kernels.paged_varlen import block_q, max_tiles, paged_varlen_attention, paged_varlen_reference, tile_map
 
     fp8 = torch.float8_e4m3fn
+    ks, vs = 0.05, 0.003  # calibrated scales: the cache holds keys / ks and values / vs
     out = {}
     B, hq, hkv, d, bs = 3, 6, 2, 16, 4
     ctx = torch.tensor([300, 0, 70], dtype=torch.int32)
@@ -85,10 +86,10 @@ def check_fp8_cache(gen: torch.Generator) -> dict:
     kc, vc = (to_cache(torch.randn(B * blocks + 1, bs, hkv, d, generator=gen), fp8) for _ in range(2))
     tables = torch.randperm(B * blocks + 1, generator=gen)[: B * blocks].reshape(B, blocks).int()
     q = torch.randn(B, hq, d, generator=gen)
-    ref = paged_decode_reference(q, kc.float(), vc.float(), tables, ctx, d ** -0.5)
+    ref = paged_decode_reference(q, kc.float() * ks, vc.float() * vs, tables, ctx, d ** -0.5)
     for splits in (1, 8):
         o = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, splits)
+        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5 * ks, o, splits, v_scale=vs)
         out[f"decode_splits_{splits}"] = rel_err(o, ref)
     hq, hkv = 9, 3
     q_lens, lens, starts = [1, 37, 5], [50, 37, 90], [0, 1, 38]
@@ -99,23 +100,24 @@ def check_fp8_cache(gen: torch.Generator) -> dict:
     bq = block_q(hq // hkv)
     tile_seq, tile_q = (torch.from_numpy(a) for a in tile_map(q_lens, bq, max_tiles(len(q), 4, bq)))
     seq = [torch.tensor(x) for x in (starts, q_lens, lens)]
-    ref = paged_varlen_reference(q, kc.float(), vc.float(), *seq, tables, d ** -0.5)
+    ref = paged_varlen_reference(q, kc.float() * ks, vc.float() * vs, *seq, tables, d ** -0.5)
     o = torch.full_like(q, float("nan"))
-    paged_varlen_attention(q, kc, vc, o, tile_seq, tile_q, *seq, tables, d ** -0.5)
+    paged_varlen_attention(q, kc, vc, o, tile_seq, tile_q, *seq, tables, d ** -0.5 * ks, v_scale=vs)
     out["varlen"] = rel_err(o, ref)
     # The write: rotary k and v, one value of each far beyond float8's range.
     T, hq, hkv, d = 5, 9, 3, 64
     qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=gen)
     q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
-    v[0, 0, 0], v[1, 0, 0] = 1000.0, -1000.0
+    v[0, 0, 0], v[1, 0, 0] = 1000.0 * vs, -1000.0 * vs
     pos, slots = torch.arange(T) * 7, torch.randperm(8 * bs, generator=gen)[:T]
     inv = 1.0 / (100000.0 ** (torch.arange(0, d, 2).float() / d))
     freqs = torch.outer(torch.arange(64, dtype=torch.float32), inv)
     kc8, vc8 = (torch.zeros(8, bs, hkv, d, dtype=fp8) for _ in range(2))
-    rope_and_cache(q, k, v, freqs.cos(), freqs.sin(), pos, slots, kc8, vc8)
-    for name, cache, src in (("k", kc8, k), ("v", vc8, v)):
-        got, want = cache.view(-1, hkv, d)[slots].float(), to_cache(src, fp8).float()
-        carry = ((torch.frexp(want).mantissa.abs() == 0.5) & (src.abs() < want.abs())) | (src.abs() < 2.0 ** -6)
+    rope_and_cache(q, k, v, freqs.cos(), freqs.sin(), pos, slots, kc8, vc8, k_scale=ks, v_scale=vs)
+    for name, cache, src, scale in (("k", kc8, k, ks), ("v", vc8, v, vs)):
+        got, want = cache.view(-1, hkv, d)[slots].float(), to_cache(src, fp8, scale).float()
+        x = src.float() * (1.0 / scale)
+        carry = ((torch.frexp(want).mantissa.abs() == 0.5) & (x.abs() < want.abs())) | (x.abs() < 2.0 ** -6)
         out[f"{name}_equal"] = torch.equal(got[~carry], want[~carry])
         out[f"{name}_carries"] = int(carry.sum())
         out[f"{name}_nan"] = bool(got.isnan().any())

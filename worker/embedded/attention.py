@@ -78,30 +78,36 @@ def build_mask(q_lens: torch.Tensor, ctx_lens: torch.Tensor, max_q: int, max_ctx
 FP8_MAX = 448.0  # float8 E4M3's largest finite value: an FP8 cache clamps to it
 
 
-def to_cache(x: torch.Tensor, cache_dtype: torch.dtype) -> torch.Tensor:
-    """x as the cache stores it: an FP8 cache (scale 1) clamps first, since torch's cast
-    would turn what lies beyond +-448 into NaN."""
+def to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """x as the cache stores it. An FP8 cache holds x / scale (the layer's calibrated
+    scale, kv_quant.py), in float32 then clamped to +-448 (torch's cast would turn what
+    lies beyond into NaN) and rounded once: what the rotary-and-cache kernel writes."""
     if cache_dtype == torch.float8_e4m3fn:
-        return x.clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
+        return (x.float() * (1.0 / scale)).clamp(-FP8_MAX, FP8_MAX).to(cache_dtype)
     return x.to(cache_dtype)
 
 
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k, k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v, v_cache.dtype)
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = to_cache(k, k_cache.dtype, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = to_cache(v, v_cache.dtype, v_scale)
 
 
-def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, pdl: bool) -> torch.Tensor:
+def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, pdl: bool,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """q, k, v: this step's new tokens [T, heads, dim], already written to the cache; `pdl`
-    allows the decode kernel programmatic dependent launch (KernelConfig.pdl)."""
+    allows the decode kernel programmatic dependent launch (KernelConfig.pdl). The cache
+    holds keys / k_scale and values / v_scale (an FP8 cache's calibrated scales; 1
+    otherwise): the kernels fold k_scale into the softmax scale and v_scale into the output."""
     if meta.attention == "reference":
-        return _reference(q, k_cache, v_cache, meta, scale)
+        return _reference(q, k_cache, v_cache, meta, scale, k_scale, v_scale)
     out = torch.empty_like(q)
     if meta.num_decodes:
         from worker.embedded.kernels.paged_decode import paged_decode_attention
 
         n = meta.num_decodes
-        paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale, out[:n], pdl=pdl)
+        paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale * k_scale,
+                               out[:n], pdl=pdl, v_scale=v_scale)
     if meta.prefill_cu_seq is not None:
         rows = slice(meta.num_decodes, q.shape[0])
         out[rows] = varlen_prefill(q[rows], k[rows], v[rows], meta.prefill_cu_seq, meta.prefill_max_len, scale)
@@ -110,7 +116,7 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
         t = meta.tiles
         paged_varlen_attention(q, k_cache, v_cache, out, t.tile_seq, t.tile_q, t.seq_start, t.seq_qlen, t.seq_ctx,
-                               t.tables, scale)
+                               t.tables, scale * k_scale, v_scale=v_scale)
     return out
 
 
@@ -149,13 +155,16 @@ def varlen_prefill(q, k, v, cu_seq: torch.Tensor, max_len: int, scale: float) ->
     return varlen_attn(q, k, v, cu_seq, cu_seq, max_len, max_len, **options)
 
 
-def _reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def _reference(q, k_cache, v_cache, meta: AttentionMetadata, scale: float, k_scale: float = 1.0,
+               v_scale: float = 1.0) -> torch.Tensor:
     bs = k_cache.shape[1]
     num_ctx_blocks = -(-meta.max_context_len // bs)
     tables = meta.block_tables[:, :num_ctx_blocks]
     B = tables.shape[0]
     k = k_cache[tables].reshape(B, num_ctx_blocks * bs, *k_cache.shape[2:])[:, : meta.max_context_len].to(q.dtype)
     v = v_cache[tables].reshape(B, num_ctx_blocks * bs, *v_cache.shape[2:])[:, : meta.max_context_len].to(q.dtype)
+    if k_scale != 1.0 or v_scale != 1.0:  # an FP8 cache's calibrated scales
+        k, v = k * k_scale, v * v_scale
     qp = q[meta.query_index]  # [B, max_q, Hq, D]
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),

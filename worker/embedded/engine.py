@@ -18,6 +18,7 @@ from inflight.schema import EngineStats, RequestOutput
 from inflight.validation import check_request
 from worker.embedded import quant
 from worker.embedded.block_pool import KvBlockPool
+from worker.embedded.kv_quant import calibrate_kv_scales
 from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.model_runner import ModelRunner, kv_bytes_per_block
 from worker.embedded.sampler import DeviceSample
@@ -97,6 +98,11 @@ class EmbeddedEngine:
             raise EngineConfigError(f"step_time_target_ms must be >= 0 (0 turns it off), got {config.step_time_target_ms}")
         self.kv_dtype = self._kv_dtype()
         self.model = self._build_model(weights)
+        if self.kv_dtype == torch.float8_e4m3fn:
+            tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
+            scales = calibrate_kv_scales(self.model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+            log.info("FP8 KV cache scales calibrated: keys %.3g to %.3g, values %.3g to %.3g",
+                     min(k for k, _ in scales), max(k for k, _ in scales), min(v for _, v in scales), max(v for _, v in scales))
         kv = config.kv_cache
         num_blocks = self._num_kv_blocks()
         self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)

@@ -106,6 +106,9 @@ class Attention(nn.Module):
         self.rotary = rotary
         self.scale = cfg.head_dim**-0.5
         self.kernels: KernelConfig | None = None  # set on the Triton path: the rotary-and-cache kernel
+        # An FP8 cache holds keys / k_scale and values / v_scale (kv_quant.calibrate_kv_scales);
+        # a 16- or 32-bit cache holds them as they are.
+        self.k_scale = self.v_scale = 1.0
 
     def forward(self, x, positions, k_cache, v_cache, meta: AttentionMetadata):
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -113,13 +116,15 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         kernels = self.kernels
+        ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
         if kernels is not None:
             rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
-                           pdl=kernels.pdl)
+                           pdl=kernels.pdl, k_scale=ks, v_scale=vs)
         else:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
-            write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, pdl=kernels is not None and kernels.pdl)
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
+        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, pdl=kernels is not None and kernels.pdl,
+                              k_scale=ks, v_scale=vs)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -55,21 +55,27 @@ def calibration_token_ids(tokenizer_file: Path | None, vocab_size: int) -> list[
         tok = Tokenizer.from_file(str(tokenizer_file))
         return [tok.encode(t, add_special_tokens=False).ids for t in CALIBRATION_TEXTS]
     if tokenizer_file is not None:
-        log.warning("%s not found: int8-smoothquant calibrates on random token ids, which may smooth a trained "
-                    "model poorly", tokenizer_file)
+        log.warning("%s not found: calibration (int8-smoothquant's smoothing, an FP8 KV cache's scales) runs on "
+                    "random token ids, which may calibrate a trained model poorly", tokenizer_file)
     gen = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab_size, (64,), generator=gen).tolist() for _ in CALIBRATION_TEXTS]
 
 
 @torch.no_grad()
-def forward_prompt(model: nn.Module, ids: list[int], every_position: bool = False) -> torch.Tensor:
+def forward_prompt(model: nn.Module, ids: list[int], every_position: bool = False,
+                   kv_dtype: torch.dtype | None = None, caches: list | None = None) -> torch.Tensor:
     """The model over one prompt, on the reference attention path with a KV cache of one
-    block that holds it: the last position's logits [1, V], or every position's [T, V]."""
+    block that holds it (of `kv_dtype`, default the model's: every position attends to the
+    cache's values; or `caches`, one (k, v) of [1, len(ids), kv heads, head dim] a layer,
+    which then hold the prompt's keys and values): the last position's logits [1, V], or
+    every position's [T, V]."""
     p = next(model.parameters())
     cfg, T = model.config, len(ids)
-    caches = [(torch.zeros((1, T, cfg.num_kv_heads, cfg.head_dim), dtype=p.dtype, device=p.device),
-               torch.zeros((1, T, cfg.num_kv_heads, cfg.head_dim), dtype=p.dtype, device=p.device))
-              for _ in range(cfg.num_layers)]
+    kv_dtype = kv_dtype or p.dtype
+    if caches is None:
+        caches = [(torch.zeros((1, T, cfg.num_kv_heads, cfg.head_dim), dtype=kv_dtype, device=p.device),
+                   torch.zeros((1, T, cfg.num_kv_heads, cfg.head_dim), dtype=kv_dtype, device=p.device))
+                  for _ in range(cfg.num_layers)]
     rows = torch.arange(T, device=p.device)
     lens = torch.tensor([T], device=p.device)
     meta = AttentionMetadata(slot_mapping=rows, attention="reference",

@@ -51,7 +51,7 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @triton.jit
-def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC,
+def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
                     HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
                     HALF: tl.constexpr, USE_GDC: tl.constexpr, KV_FP8: tl.constexpr):
@@ -85,30 +85,30 @@ def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC,
     vp = V + t * stride_vt + hk * stride_vh + d[None, :]
     v1 = tl.load(vp, mask=k_ok, other=0.0)
     v2 = tl.load(vp + HALF, mask=k_ok, other=0.0)
-    tl.store(KC + cp, _to_cache(r1, KV_FP8), mask=k_ok)
-    tl.store(KC + cp + HALF, _to_cache(r2, KV_FP8), mask=k_ok)
-    tl.store(VC + cp, _to_cache(v1, KV_FP8), mask=k_ok)
-    tl.store(VC + cp + HALF, _to_cache(v2, KV_FP8), mask=k_ok)
+    tl.store(KC + cp, _to_cache(r1, k_inv, KV_FP8), mask=k_ok)
+    tl.store(KC + cp + HALF, _to_cache(r2, k_inv, KV_FP8), mask=k_ok)
+    tl.store(VC + cp, _to_cache(v1, v_inv, KV_FP8), mask=k_ok)
+    tl.store(VC + cp + HALF, _to_cache(v2, v_inv, KV_FP8), mask=k_ok)
 
 
 @triton.jit
-def _to_cache(x, KV_FP8: tl.constexpr):
-    """x as the cache stores it (attention.to_cache): an FP8 cache clamps to +-448 (the
-    16-bit value, then rounded once to float8 E4M3); the store converts."""
+def _to_cache(x, inv, KV_FP8: tl.constexpr):
+    """x as the cache stores it (attention.to_cache): an FP8 cache holds the 16-bit value
+    times 1 / its scale in float32, clamped to +-448 and rounded once to float8 E4M3."""
     if KV_FP8:
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -448.0), 448.0).to(tl.float8e4nv)
+        x = tl.minimum(tl.maximum(x.to(tl.float32) * inv, -448.0), 448.0).to(tl.float8e4nv)
     return x
 
 
 def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                    positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   pdl: bool = KernelConfig.pdl) -> None:
+                   pdl: bool = KernelConfig.pdl, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """q [T, Hq, D], k and v [T, Hkv, D] (views are fine, last dim contiguous); cos and
     sin [max_pos, D/2] float32. Rotates q and k in place and writes k and v to the cache."""
     T, hq, D = q.shape
     hkv = k.shape[1]
     use_pdl = pdl_on(q.device, T, pdl)
-    _rope_and_cache[(T,)](q, k, v, cos, sin, positions, slots, k_cache, v_cache,
+    _rope_and_cache[(T,)](q, k, v, cos, sin, positions, slots, k_cache, v_cache, 1.0 / k_scale, 1.0 / v_scale,
                           q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
                           HQ=hq, HKV=hkv, HQ_PAD=triton.next_power_of_2(hq), HKV_PAD=triton.next_power_of_2(hkv),
                           HALF=D // 2, USE_GDC=use_pdl, KV_FP8=k_cache.dtype == torch.float8_e4m3fn, num_warps=4,

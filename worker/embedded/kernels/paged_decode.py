@@ -27,7 +27,7 @@ from worker.engine_api import KernelConfig
 
 @triton.jit
 def _paged_decode(
-    Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, scale,
+    Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -35,6 +35,7 @@ def _paged_decode(
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
+    V_SCALED: tl.constexpr,
 ):
     enter(USE_GDC)
     b = tl.program_id(0)
@@ -78,6 +79,8 @@ def _paged_decode(
         m = m_new
     empty = l == 0.0
     out = acc / tl.where(empty, 1.0, l)[:, None]
+    if V_SCALED:  # an FP8 cache holds values / v_scale (the split combine is linear: partials too)
+        out = out * v_scale
     if SPLITS == 1:
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=g_ok[:, None])
     else:  # partials: [B, Hq, SPLITS, D] and [B, Hq, SPLITS], contiguous
@@ -115,6 +118,7 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     splits: int | None = None,  # None: as many as fill the GPU's SMs (a power of two)
     pdl: bool = KernelConfig.pdl,
+    v_scale: float = 1.0,  # the cache holds values / v_scale (kv_cache.dtype fp8); fold k's into `scale`
     tile: int | None = None,  # tokens a loop iteration (None: 64, or the block size if larger)
     num_warps: int = 4,
     num_stages: int | None = None,  # None: Triton's default
@@ -132,7 +136,7 @@ def paged_decode_attention(
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     _paged_decode[(B, Hkv, splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale,
+        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -140,6 +144,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
+        V_SCALED=v_scale != 1.0,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
     )
     if splits > 1:

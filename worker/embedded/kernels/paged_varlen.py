@@ -37,14 +37,14 @@ def group_pad(group: int) -> int:
 
 @triton.jit
 def _paged_varlen(
-    Q, K, V, O, TILE_SEQ, TILE_Q, SEQ_START, SEQ_QLEN, SEQ_CTX, TABLES, scale,
+    Q, K, V, O, TILE_SEQ, TILE_Q, SEQ_START, SEQ_QLEN, SEQ_CTX, TABLES, scale, v_scale,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ot, stride_oh,
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_Q: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, V_SCALED: tl.constexpr,
 ):
     p = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -95,6 +95,8 @@ def _paged_varlen(
             acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v).to(tl.float32)
         m = m_new
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
+    if V_SCALED:  # an FP8 cache holds values / v_scale
+        out = out * v_scale
     tl.store(O + (start + qi)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
 
@@ -130,20 +132,21 @@ def paged_varlen_attention(
     seq_qlen: torch.Tensor,  # [S] its new tokens
     seq_ctx: torch.Tensor,  # [S] its context after this step, new tokens included
     tables: torch.Tensor,  # [S, W] its block table
-    scale: float,
+    scale: float,  # the softmax scale, times k_scale where the cache holds keys / k_scale
+    v_scale: float = 1.0,  # the cache holds values / v_scale (kv_cache.dtype fp8)
 ) -> torch.Tensor:
     _, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     _paged_varlen[(tile_seq.shape[0], Hkv)](
-        q, k_cache, v_cache, out, tile_seq, tile_q, seq_start, seq_qlen, seq_ctx, tables, scale,
+        q, k_cache, v_cache, out, tile_seq, tile_q, seq_start, seq_qlen, seq_ctx, tables, scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad(group), HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_Q=block_q(group),
-        TILE=max(64, block_size), IEEE=q.dtype == torch.float32, num_warps=4,
+        TILE=max(64, block_size), IEEE=q.dtype == torch.float32, V_SCALED=v_scale != 1.0, num_warps=4,
     )
     return out
 

@@ -63,6 +63,17 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
 
 
 @triton.jit
+def _tiles(X, W, m, n, k, m_ok, n_ok, K, stride_xm, stride_wn, EVEN_K: tl.constexpr):
+    """The x rows m and weight rows n at columns k, masked where they run out (inlined
+    into each kernel's K loop)."""
+    x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
+    w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
+    x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
+    w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
+    return x, w
+
+
+@triton.jit
 def _qgemv(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
            X_QUANT: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
            EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr):
@@ -78,11 +89,7 @@ def _qgemv(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     enter(USE_GDC)
     acc = tl.zeros([16, BLOCK_N], tl.int32 if INT_ACC else tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + kk
-        x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
-        w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
-        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
-        w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
+        x, w = _tiles(X, W, m, n, k0 + kk, m_ok, n_ok, K, stride_xm, stride_wn, EVEN_K)
         if X_QUANT:
             acc += tl.dot(x, tl.trans(w))
         else:
@@ -149,11 +156,7 @@ def _w8a16_mm(X, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
     n_ok = n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + kk
-        x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
-        w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
-        x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
-        w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
+        x, w = _tiles(X, W, m, n, k0 + kk, m_ok, n_ok, K, stride_xm, stride_wn, EVEN_K)
         acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     out = acc * tl.load(SW + n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
