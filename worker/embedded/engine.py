@@ -24,7 +24,7 @@ from worker.embedded.model_runner import ModelRunner, kv_bytes_per_block
 from worker.embedded.sampler import DeviceSample
 from worker.embedded.scheduler import BatchScheduler, ScheduledChunk
 from worker.embedded.sequence import Sequence, SeqStatus
-from worker.embedded.smoothquant import calibration_token_ids, smooth_model
+from worker.embedded.smoothquant import calibration_token_ids, input_mean_squares, smooth_model
 from worker.engine_api import EngineConfig, EngineConfigError
 from models.config import ModelConfig
 from models.loader import iter_safetensors
@@ -137,8 +137,11 @@ class EmbeddedEngine:
     def _build_model(self, weights) -> LlamaForCausalLM:
         scheme, shipped = self._quantization()
         self.quantization = scheme.name if scheme else "16-bit"
-        # The projections arrive 8-bit with their scales, or are quantized as they arrive.
-        quantized = shipped is not None or (scheme is not None and weights is not None and scheme.name != "int8-smoothquant")
+        # The projections arrive 8-bit with their scales, or are quantized as they arrive;
+        # int8-smoothquant and searched FP8 scales calibrate on the whole 16-bit model first.
+        search = scheme is not None and scheme.name == "fp8" and self.config.fp8_weight_scales == "search"
+        calibrated = scheme is not None and (scheme.name == "int8-smoothquant" or search)
+        quantized = shipped is not None or (scheme is not None and weights is not None and not calibrated)
         with torch.device("meta"):
             model = LlamaForCausalLM(self.model_config, self.max_seq_len).to(self.dtype)
             if quantized:  # swapped while on meta: no 16-bit projection is ever allocated
@@ -160,11 +163,14 @@ class EmbeddedEngine:
                         p.normal_(0.0, 0.02, generator=gen)
         else:
             model.load_hf_weights((n, t.to(self.dtype)) for n, t in weights)
-        if scheme is not None and not quantized:  # SmoothQuant calibrates the whole 16-bit model first
+        if scheme is not None and not quantized:  # calibrated on the whole 16-bit model first
+            tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
+            col_weights = None
             if scheme.name == "int8-smoothquant":
-                tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
                 smooth_model(model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
-            quant.quantize_model(model, scheme)
+            elif search:
+                col_weights = input_mean_squares(model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+            quant.quantize_model(model, scheme, col_weights)
         return model.eval()
 
     def _quantization(self) -> tuple[quant.QuantScheme | None, CheckpointQuantization | None]:

@@ -109,6 +109,39 @@ def quantize_rows(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return q.clamp(-qmax(dtype), qmax(dtype)).to(dtype), scale
 
 
+# Multiples of amax/448 that search_fp8_scales tries for a channel's FP8 scale. Above 1
+# nothing clips, and the E4M3 grid slides over the channel's values; below 1 (clipping)
+# never did better on the default model (BENCHMARKS.md, 'FP8 weight scales').
+FP8_SCALE_RATIOS = tuple(1 + 0.02 * i for i in range(50))
+
+
+@torch.no_grad()
+def search_fp8_scales(w: torch.Tensor, col_weight: torch.Tensor, chunk_elems: int | None = None) -> torch.Tensor:
+    """Per row of w [N, K], the scale r * amax / 448 (r of FP8_SCALE_RATIOS) whose E4M3
+    rounding error, each column's squared error weighted by col_weight [K] (the mean
+    squared input of that column), is least: the output error the rounding causes on
+    such inputs. r = 1 comes first, so no row does worse than amax/448 by that measure."""
+    fmax = qmax(FP8)
+    col_weight = col_weight.float().to(w.device)
+    scales = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    # Elements a pass: big on a GPU (few launches; the temporaries take ~1 GB), small on the CPU (cache).
+    chunk_elems = chunk_elems or (2**26 if w.is_cuda else 2**22)
+    rows = max(1, chunk_elems // w.shape[1])
+    for i in range(0, w.shape[0], rows):
+        wc = w[i:i + rows].float()
+        base = (wc.abs().amax(1) / fmax).clamp(min=1e-12)
+        best_e = torch.full_like(base, float("inf"))
+        best = base.clone()
+        for r in FP8_SCALE_RATIOS:
+            s = base * r
+            d = (wc / s[:, None]).clamp_(-fmax, fmax).to(FP8).float().mul_(s[:, None]).sub_(wc)
+            e = d.pow_(2) @ col_weight
+            better = e < best_e
+            best_e, best = torch.where(better, e, best_e), torch.where(better, s, best)
+        scales[i:i + rows] = best
+    return scales
+
+
 def fake_quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x rounded per row to `dtype`'s grid and back, in x's dtype: what a per-token
     quantized activation stands for."""
@@ -133,10 +166,16 @@ class QuantLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme) -> "QuantLinear":
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, col_weight: torch.Tensor | None = None) -> "QuantLinear":
+        """`col_weight` [in_features]: FP8 scales searched with these column weights
+        (search_fp8_scales); else amax/qmax per row."""
         w = linear.weight
         m = cls(w.shape[1], w.shape[0], linear.bias is not None, scheme, w.device, w.dtype)
-        q, s = quantize_rows(w, scheme.weight)
+        if col_weight is not None and scheme.weight == FP8:
+            s = search_fp8_scales(w, col_weight)
+            q = (w.float() / s[:, None]).clamp(-qmax(FP8), qmax(FP8)).to(FP8)
+        else:
+            q, s = quantize_rows(w, scheme.weight)
         m.weight.copy_(q)
         m.weight_scale.copy_(s)
         if linear.bias is not None:
@@ -263,11 +302,14 @@ def replace_with_empty(model: nn.Module, scheme: QuantScheme) -> None:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, scheme: QuantScheme) -> None:
+def quantize_model(model: nn.Module, scheme: QuantScheme, col_weights: dict | None = None) -> None:
     """Quantize the loaded 16/32-bit projections in place (int8-smoothquant: after
-    smoothquant.smooth_model), one projection's 16-bit copy freed at a time."""
+    smoothquant.smooth_model; FP8 with `col_weights`, projection -> mean squared input per
+    column, from smoothquant.input_mean_squares: searched scales), one projection's 16-bit
+    copy freed at a time."""
     for parent, name, linear in list(projections(model)):
-        setattr(parent, name, QuantLinear.from_linear(linear, scheme))
+        col_weight = col_weights.get(linear) if col_weights else None
+        setattr(parent, name, QuantLinear.from_linear(linear, scheme, col_weight))
         del linear
 
 

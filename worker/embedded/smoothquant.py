@@ -104,6 +104,29 @@ def activation_samples(model: nn.Module, prompts: list[list[int]]) -> dict[nn.Mo
     return {m: torch.cat(xs) for m, xs in samples.items()}
 
 
+@torch.no_grad()
+def input_mean_squares(model: nn.Module, prompts: list[list[int]]) -> dict[nn.Module, torch.Tensor]:
+    """Every projection's mean squared input per column over the prompts' tokens,
+    [in_features] float32 (kept as running sums: nothing grows with the prompts)."""
+    sums: dict[nn.Module, list] = {}
+
+    def record(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        acc = sums.setdefault(module, [torch.zeros(x.shape[-1], device=x.device), 0])
+        acc[0] += x.pow(2).sum(0)
+        acc[1] += x.shape[0]
+
+    hooks = [linear.register_forward_pre_hook(record) for layer in model.layers
+             for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
+    try:
+        for ids in prompts:
+            forward_prompt(model, ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {m: total / max(count, 1) for m, (total, count) in sums.items()}
+
+
 def smoothing_factors(x_max: torch.Tensor, w_max: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor:
     """s_j = x_max_j^alpha / w_max_j^(1 - alpha); 1 where a channel never saw input."""
     s = x_max.clamp(min=1e-5).pow(alpha) / w_max.float().clamp(min=1e-5).pow(1 - alpha)
