@@ -30,7 +30,7 @@ class KvCacheConfig:
     tokens_per_block: int = dataclasses.field(default=32, metadata={"help": "tokens per KV cache block"})
     enable_block_reuse: bool = dataclasses.field(default=True, metadata={"help": "keep finished prompts' blocks for reuse by later requests with the same prefix"})
     max_tokens: int | None = dataclasses.field(default=None, metadata={"help": "cap on the tokens the KV cache holds"})
-    dtype: Literal["auto", "fp8"] = dataclasses.field(default="auto", metadata={"help": "what the KV cache stores: auto (the model's dtype) or fp8 (float8 E4M3 with scale 1, as TensorRT-LLM and vLLM do without calibrated scales: half the bytes of bf16, so twice the tokens and half the reads a decode; keys and values beyond +-448 are clamped). Embedded engine: a GPU of compute capability 8.9 or newer, or the CPU; TensorRT-LLM: its KvCacheConfig.dtype"})
+    dtype: Literal["auto", "fp8"] = dataclasses.field(default="auto", metadata={"help": "what the KV cache stores: auto (the model's dtype) or fp8 (float8 E4M3: half the bytes of bf16, so twice the tokens; the embedded engine scales each layer's keys and values by factors calibrated at load on built-in prompts, clamping what lies beyond twice the largest magnitude seen there). Embedded engine: a GPU of compute capability 8.9 or newer, or the CPU; TensorRT-LLM: its KvCacheConfig.dtype"})
     cpu_bytes: int = dataclasses.field(default=512 * 2**20, metadata={"help": "KV cache size in bytes when running on the CPU"})
 
 

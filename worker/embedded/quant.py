@@ -307,7 +307,11 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, col_weights: dict | No
     smoothquant.smooth_model; FP8 with `col_weights`, projection -> mean squared input per
     column, from smoothquant.input_mean_squares: searched scales), one projection's 16-bit
     copy freed at a time."""
-    for parent, name, linear in list(projections(model)):
+    from tqdm import tqdm
+
+    todo = list(projections(model))
+    # Searched FP8 scales take seconds on a CPU (16 s for the default model on two threads): a bar.
+    for parent, name, linear in tqdm(todo, desc="Quantizing projections", unit="proj", disable=None if col_weights else True):
         col_weight = col_weights.get(linear) if col_weights else None
         setattr(parent, name, QuantLinear.from_linear(linear, scheme, col_weight))
         del linear
