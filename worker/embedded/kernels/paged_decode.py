@@ -144,7 +144,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        V_SCALED=v_scale != 1.0,
+        V_SCALED=k_cache.dtype == torch.float8_e4m3fn,  # by the cache, not the value: one variant per cache
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
     )
     if splits > 1:

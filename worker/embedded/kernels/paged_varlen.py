@@ -146,7 +146,7 @@ def paged_varlen_attention(
         out.stride(0), out.stride(1),
         tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad(group), HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_Q=block_q(group),
-        TILE=max(64, block_size), IEEE=q.dtype == torch.float32, V_SCALED=v_scale != 1.0, num_warps=4,
+        TILE=max(64, block_size), IEEE=q.dtype == torch.float32, V_SCALED=k_cache.dtype == torch.float8_e4m3fn, num_warps=4,
     )
     return out
 
