@@ -144,12 +144,14 @@ def main() -> None:
                     choices=["none", "fp8", "fp8-upcast", "int8-weight-only", "int8-smoothquant"],
                     help="projection weights, one run each (fp8-upcast: fp8 with --fp8-skinny-matmul upcast); "
                          "with more than none, every run has graphs and overlap on")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="what the KV cache stores, every run")
     ap.add_argument("--out", default="decode_latency.json")
     args = ap.parse_args()
 
     bw = copy_bandwidth()
     cfg = model_config(args.shape)
-    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + 5 * args.steps + 264 + 64) + 4096)
+    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.batches) * (args.prompt_len + 5 * args.steps + 264 + 64) + 4096,
+                       dtype=args.kv_cache_dtype)
     gen = torch.Generator().manual_seed(0)
     rows = []
     modes = ABLATION if args.ablation else MODES if args.quantization == ["none"] else MODES[:1]
@@ -165,7 +167,7 @@ def main() -> None:
         wbytes = weight_bytes(engine)
         for b in args.batches:
             ms, ctx, gpu_ms = time_decode(engine, b, args.prompt_len, args.steps, gen)
-            kv_bytes = b * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+            kv_bytes = b * ctx * cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * (1 if args.kv_cache_dtype == "fp8" else 2)
             floor_ms = 1000 * (wbytes + kv_bytes) / bw
             rows.append({"quantization": quant, "weight_bytes": wbytes, "variant": variant, "cuda_graphs": graphs, "overlap": overlap, "batch": b, "ms_per_step": ms, "floor_ms": floor_ms,
                          "of_floor": floor_ms / ms, "tok_per_s": b * 1000 / ms,

@@ -233,6 +233,9 @@ def main() -> None:
                     help="the engine's step budget in tokens, the same on both sides (default: the engine's)")
     ap.add_argument("--step-time-target-ms", type=float, default=None,
                     help="the engine's step_time_target_ms, the same on both sides (default: the engine's; 0: off)")
+    ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8-weight-only", "int8-smoothquant"],
+                    help="the engine's projection weights, the same on both sides")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="what the KV cache stores, both sides")
     ap.add_argument("--warmup", type=int, default=0,
                     help="requests run through each side before the points, not counted (0: the first point meets a fresh stack)")
     ap.add_argument("--load-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
@@ -261,7 +264,8 @@ def main() -> None:
         model_dir = make_model_dir(args.shape, args.tokenizer or default_model_dir(), args.vocab)
     try:
         config = EngineConfig(model=str(model_dir) if model_dir else None, device=args.device,
-                              kv_cache=KvCacheConfig(max_tokens=args.kv_tokens), max_num_tokens=args.max_num_tokens)
+                              kv_cache=KvCacheConfig(max_tokens=args.kv_tokens, dtype=args.kv_cache_dtype),
+                              max_num_tokens=args.max_num_tokens, quantization=args.quantization)
         if args.step_time_target_ms is not None:
             config.step_time_target_ms = args.step_time_target_ms
         engine = EmbeddedEngine(config)
@@ -287,7 +291,8 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
-        env = {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens)}
+        env = {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "INFLIGHT_QUANTIZATION": args.quantization,
+               "INFLIGHT_KV_CACHE_DTYPE": args.kv_cache_dtype}
         if args.max_num_tokens:
             env["INFLIGHT_MAX_NUM_TOKENS"] = str(args.max_num_tokens)
         if args.step_time_target_ms is not None:
