@@ -11,8 +11,10 @@ Read:
 - NVIDIA Model Optimizer (`quant_method: modelopt`, or hf_quant_config.json), quant_algo
   FP8 (per-tensor weight_scale) and FP8_PER_CHANNEL_PER_TOKEN.
 Activations are always quantized per token at run time: a checkpoint's static
-`input_scale` is read past. A KV cache scale (k_scale, v_scale) is read past too: the
-cache stays 16-bit. Anything else (4-bit, groups or blocks, asymmetric, other methods)
+`input_scale` is read past. A KV cache scale (k_scale, v_scale, from ModelOpt's
+kv_cache_quant_algo or compressed-tensors' kv_cache_scheme) is read past too: the cache
+is the model's dtype, or with --kv-cache-dtype fp8 FP8 with scales the engine calibrates
+at load (worker/embedded/kv_quant.py). Anything else (4-bit, groups or blocks, asymmetric, other methods)
 is a ModelError naming the format and what it holds.
 """
 
@@ -73,7 +75,8 @@ def _compressed_tensors(qc: dict) -> CheckpointQuantization:
     if fmt not in ("float-quantized", "int-quantized", "naive-quantized"):
         raise ModelError(f"{where}: format {fmt!r} is not supported (supported: float-quantized, int-quantized, naive-quantized)")
     if qc.get("kv_cache_scheme"):
-        raise ModelError(f"{where}: kv_cache_scheme is not supported (the KV cache is 16-bit)")
+        log.warning("%s: kv_cache_scheme: its k_scale/v_scale are not used; the KV cache is the model's dtype, or FP8 "
+                    "with scales calibrated at load under --kv-cache-dtype fp8", where)
     groups = list((qc.get("config_groups") or {}).values())
     if len(groups) != 1:
         raise ModelError(f"{where}: {len(groups)} config_groups; one group for every Linear layer is supported")
@@ -106,8 +109,8 @@ def _modelopt(qc: dict) -> CheckpointQuantization:
         if "lm_head" not in excluded:
             raise ModelError(f"modelopt quantization: exclude_modules {excluded!r}: only lm_head may stay unquantized")
     if qc.get("kv_cache_quant_algo"):
-        log.warning("modelopt kv_cache_quant_algo %s: the KV cache stays 16-bit; k_scale/v_scale are not used",
-                    qc["kv_cache_quant_algo"])
+        log.warning("modelopt kv_cache_quant_algo %s: its k_scale/v_scale are not used; the KV cache is the model's "
+                    "dtype, or FP8 with scales calibrated at load under --kv-cache-dtype fp8", qc["kv_cache_quant_algo"])
     return CheckpointQuantization("modelopt", "fp8", "float8_e4m3fn")
 
 

@@ -143,6 +143,20 @@ def test_hf_quant_config_json_of_model_optimizer(tmp_path):
     assert load(tmp_path).quantization == "fp8"
 
 
+def test_a_checkpoints_kv_cache_scales_are_read_past_and_fp8_kv_calibrates_its_own(tmp_path, caplog):
+    qc = {**compressed_tensors_config("float", "channel", "float"),
+          "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}}
+    write_checkpoint(tmp_path, FP8, "channel", qc, extra={"model.layers.0.self_attn.k_scale": torch.tensor(0.5),
+                                                          "model.layers.0.self_attn.v_scale": torch.tensor(0.5)})
+    assert load(tmp_path).quantization == "fp8"
+    assert "kv_cache_scheme: its k_scale/v_scale are not used" in caplog.text
+    engine = EmbeddedEngine(EngineConfig(model=str(tmp_path), device="cpu",
+                                         kv_cache=KvCacheConfig(cpu_bytes=2 * 2**20, dtype="fp8")))
+    assert engine.kv_dtype == FP8
+    attn = engine.model.layers[0].self_attn
+    assert 0 < attn.k_scale != 0.5 and 0 < attn.v_scale != 0.5  # calibrated here, not the checkpoint's
+
+
 @pytest.mark.parametrize("qc,message", [
     ({"quant_method": "awq", "bits": 4}, "quant_method 'awq' is not supported"),
     ({"quant_method": "modelopt", "quant_algo": "NVFP4"}, "quant_algo 'NVFP4' is not supported"),
@@ -153,7 +167,6 @@ def test_hf_quant_config_json_of_model_optimizer(tmp_path):
     ({**compressed_tensors_config("int", "channel", None), "format": "pack-quantized"}, "format 'pack-quantized' is not supported"),
     ({**compressed_tensors_config("float", "channel", None)}, "FP8 weight-only"),
     ({**compressed_tensors_config("float", "channel", "float"), "ignore": ["re:.*down_proj"]}, "only lm_head"),
-    ({**compressed_tensors_config("float", "channel", "float"), "kv_cache_scheme": {"num_bits": 8}}, "kv_cache_scheme"),
 ])
 def test_unsupported_formats_are_named(tmp_path, qc, message):
     write_checkpoint(tmp_path, None, quantization_config=qc)
