@@ -11,10 +11,10 @@ Read:
 - NVIDIA Model Optimizer (`quant_method: modelopt`, or hf_quant_config.json), quant_algo
   FP8 (per-tensor weight_scale) and FP8_PER_CHANNEL_PER_TOKEN.
 Activations are always quantized per token at run time: a checkpoint's static
-`input_scale` is read past. A KV cache scale (k_scale, v_scale, from ModelOpt's
-kv_cache_quant_algo or compressed-tensors' kv_cache_scheme) is read past too: the cache
-is the model's dtype, or with --kv-cache-dtype fp8 FP8 with scales the engine calibrates
-at load (worker/embedded/kv_quant.py). Anything else (4-bit, groups or blocks, asymmetric, other methods)
+`input_scale` is read past. KV cache scales (k_scale, v_scale: ModelOpt's
+kv_cache_quant_algo, compressed-tensors' kv_cache_scheme) are collected for the engine:
+with --kv-cache-dtype fp8 it uses them when every layer has both, and calibrates its own
+otherwise (worker/embedded/kv_quant.py); without, the cache is the model's dtype. Anything else (4-bit, groups or blocks, asymmetric, other methods)
 is a ModelError naming the format and what it holds.
 """
 
@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator
 
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "modelopt")
 SKIPPED_TENSORS = (".input_scale", ".k_scale", ".v_scale")  # suffixes read past (module docstring)
+# A layer's KV cache scale: ModelOpt's self_attn.k_proj.k_scale, compressed-tensors' self_attn.k_scale.
+KV_SCALE_NAME = re.compile(r"layers\.(\d+)\.self_attn\.(?:[kv]_proj\.)?([kv])_scale$")
 QUANTIZED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -75,8 +78,8 @@ def _compressed_tensors(qc: dict) -> CheckpointQuantization:
     if fmt not in ("float-quantized", "int-quantized", "naive-quantized"):
         raise ModelError(f"{where}: format {fmt!r} is not supported (supported: float-quantized, int-quantized, naive-quantized)")
     if qc.get("kv_cache_scheme"):
-        log.warning("%s: kv_cache_scheme: its k_scale/v_scale are not used; the KV cache is the model's dtype, or FP8 "
-                    "with scales calibrated at load under --kv-cache-dtype fp8", where)
+        log.info("%s: kv_cache_scheme: its k_scale/v_scale serve --kv-cache-dtype fp8 (else the KV cache is the "
+                 "model's dtype)", where)
     groups = list((qc.get("config_groups") or {}).values())
     if len(groups) != 1:
         raise ModelError(f"{where}: {len(groups)} config_groups; one group for every Linear layer is supported")
@@ -109,22 +112,26 @@ def _modelopt(qc: dict) -> CheckpointQuantization:
         if "lm_head" not in excluded:
             raise ModelError(f"modelopt quantization: exclude_modules {excluded!r}: only lm_head may stay unquantized")
     if qc.get("kv_cache_quant_algo"):
-        log.warning("modelopt kv_cache_quant_algo %s: its k_scale/v_scale are not used; the KV cache is the model's "
-                    "dtype, or FP8 with scales calibrated at load under --kv-cache-dtype fp8", qc["kv_cache_quant_algo"])
+        log.info("modelopt kv_cache_quant_algo %s: its k_scale/v_scale serve --kv-cache-dtype fp8 (else the KV cache is "
+                 "the model's dtype)", qc["kv_cache_quant_algo"])
     return CheckpointQuantization("modelopt", "fp8", "float8_e4m3fn")
 
 
 def quantized_tensors(named: Iterable[tuple[str, torch.Tensor]], quant: CheckpointQuantization,
-                      dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+                      dtype: torch.dtype, kv_scales: dict | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """A quantized checkpoint's tensors as LlamaForCausalLM.load_hf_weights takes them:
     8-bit weights as they are, weight scales as float32 vectors (one per output channel,
     or one for the tensor, which loading spreads over its channels), everything else in
-    `dtype`, the tensors in SKIPPED_TENSORS left out."""
+    `dtype`, the tensors in SKIPPED_TENSORS left out. KV cache scales go into `kv_scales`
+    as {(layer, "k" or "v"): float} (the largest, where a scale has several values)."""
     import torch
 
     weight_dtype = getattr(torch, quant.weight_dtype)
     for name, t in named:
         if name.endswith(SKIPPED_TENSORS):
+            kv = KV_SCALE_NAME.search(name)
+            if kv is not None and kv_scales is not None:
+                kv_scales[int(kv.group(1)), kv.group(2)] = float(t.float().max())
             continue
         if name.endswith((".weight_zero_point", ".weight_g_idx")):
             raise ModelError(f"{quant.format} checkpoint: {name}: zero points and group indices are not supported")

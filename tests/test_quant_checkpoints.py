@@ -143,18 +143,26 @@ def test_hf_quant_config_json_of_model_optimizer(tmp_path):
     assert load(tmp_path).quantization == "fp8"
 
 
-def test_a_checkpoints_kv_cache_scales_are_read_past_and_fp8_kv_calibrates_its_own(tmp_path, caplog):
+@pytest.mark.parametrize("every_layer", [True, False])
+def test_a_checkpoints_kv_cache_scales_serve_an_fp8_cache(tmp_path, every_layer):
+    """compressed-tensors' kv_cache_scheme: its per-layer k_scale and v_scale become the FP8
+    cache's scales; a checkpoint that ships them for some layers only is calibrated here.
+    Without --kv-cache-dtype fp8 they are read past."""
     qc = {**compressed_tensors_config("float", "channel", "float"),
           "kv_cache_scheme": {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}}
-    write_checkpoint(tmp_path, FP8, "channel", qc, extra={"model.layers.0.self_attn.k_scale": torch.tensor(0.5),
-                                                          "model.layers.0.self_attn.v_scale": torch.tensor(0.5)})
-    assert load(tmp_path).quantization == "fp8"
-    assert "kv_cache_scheme: its k_scale/v_scale are not used" in caplog.text
+    scales = {f"model.layers.{i}.self_attn.{kind}_scale": torch.tensor(0.25 + i / 8 + (kind == "v") / 16)
+              for i in range(LAYERS if every_layer else 1) for kind in "kv"}
+    write_checkpoint(tmp_path, FP8, "channel", qc, extra=scales)
+    assert load(tmp_path).kv_dtype == torch.float32
     engine = EmbeddedEngine(EngineConfig(model=str(tmp_path), device="cpu",
                                          kv_cache=KvCacheConfig(cpu_bytes=2 * 2**20, dtype="fp8")))
     assert engine.kv_dtype == FP8
-    attn = engine.model.layers[0].self_attn
-    assert 0 < attn.k_scale != 0.5 and 0 < attn.v_scale != 0.5  # calibrated here, not the checkpoint's
+    got = [(layer.self_attn.k_scale, layer.self_attn.v_scale) for layer in engine.model.layers]
+    want = [(0.25 + i / 8, 0.25 + i / 8 + 1 / 16) for i in range(LAYERS)]
+    if every_layer:
+        assert got == want
+    else:  # calibrated: the model's own magnitudes, not the one layer's shipped values
+        assert all(k > 0 and v > 0 for k, v in got) and got[0] != want[0]
 
 
 @pytest.mark.parametrize("qc,message", [

@@ -97,12 +97,10 @@ class EmbeddedEngine:
         if not config.step_time_target_ms >= 0:  # NaN too
             raise EngineConfigError(f"step_time_target_ms must be >= 0 (0 turns it off), got {config.step_time_target_ms}")
         self.kv_dtype = self._kv_dtype()
+        self._shipped_kv_scales: dict[tuple[int, str], float] = {}  # a quantized checkpoint's, filled while loading
         self.model = self._build_model(weights)
         if self.kv_dtype == torch.float8_e4m3fn:
-            tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
-            scales = calibrate_kv_scales(self.model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
-            log.info("FP8 KV cache scales calibrated: keys %.3g to %.3g, values %.3g to %.3g",
-                     min(k for k, _ in scales), max(k for k, _ in scales), min(v for _, v in scales), max(v for _, v in scales))
+            self._set_kv_scales()
         kv = config.kv_cache
         num_blocks = self._num_kv_blocks()
         self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
@@ -151,7 +149,7 @@ class EmbeddedEngine:
             model.lm_head.weight = model.embed_tokens.weight
         model.rotary.build()  # to_empty left its tables uninitialized
         if quantized:
-            model.load_hf_weights(quantized_tensors(weights, shipped, self.dtype) if shipped is not None else
+            model.load_hf_weights(quantized_tensors(weights, shipped, self.dtype, self._shipped_kv_scales) if shipped is not None else
                                   quant.quantize_on_load(weights, scheme, self.dtype, self.device))
         elif weights is None:  # drawn on the device: an 8B shape takes seconds, not minutes
             gen = torch.Generator(device=self.device).manual_seed(0)
@@ -188,6 +186,25 @@ class EmbeddedEngine:
             quant.check_shapes(scheme, c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim,
                                c.num_kv_heads * c.head_dim, self.device)
         return scheme, shipped
+
+    def _set_kv_scales(self) -> None:
+        """An FP8 cache's per-layer scales: the checkpoint's where it ships both for every
+        layer, else calibrated here."""
+        shipped = self._shipped_kv_scales
+        layers = self.model.layers
+        if all(shipped.get((i, kind), 0) > 0 for i in range(len(layers)) for kind in "kv"):
+            for i, layer in enumerate(layers):
+                layer.self_attn.k_scale, layer.self_attn.v_scale = shipped[i, "k"], shipped[i, "v"]
+            scales, source = [(shipped[i, "k"], shipped[i, "v"]) for i in range(len(layers))], "from the checkpoint"
+        else:
+            if shipped:
+                log.warning("the checkpoint's KV cache scales cover %d of %d layers' keys and values: calibrating all",
+                            len(shipped), 2 * len(layers))
+            tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
+            scales = calibrate_kv_scales(self.model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+            source = "calibrated"
+        log.info("FP8 KV cache scales %s: keys %.3g to %.3g, values %.3g to %.3g", source,
+                 min(k for k, _ in scales), max(k for k, _ in scales), min(v for _, v in scales), max(v for _, v in scales))
 
     def _kv_dtype(self) -> torch.dtype:
         """The KV cache's element type (kv_cache.dtype)."""
