@@ -162,12 +162,11 @@ class EmbeddedEngine:
         else:
             model.load_hf_weights((n, t.to(self.dtype)) for n, t in weights)
         if scheme is not None and not quantized:  # calibrated on the whole 16-bit model first
-            tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
             col_weights = None
             if scheme.name == "int8-smoothquant":
-                smooth_model(model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+                smooth_model(model, self._calibration_prompts())
             elif search:
-                col_weights = input_mean_squares(model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+                col_weights = input_mean_squares(model, self._calibration_prompts())
             quant.quantize_model(model, scheme, col_weights)
         return model.eval()
 
@@ -187,6 +186,12 @@ class EmbeddedEngine:
                                c.num_kv_heads * c.head_dim, self.device)
         return scheme, shipped
 
+    def _calibration_prompts(self) -> list[list[int]]:
+        """Token ids of the calibration prompts (int8-smoothquant, searched FP8 weight scales,
+        FP8 KV cache scales), with the model's tokenizer where there is one."""
+        tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
+        return calibration_token_ids(tokenizer, self.model_config.vocab_size)
+
     def _set_kv_scales(self) -> None:
         """An FP8 cache's per-layer scales: the checkpoint's where it ships both for every
         layer, else calibrated here."""
@@ -200,8 +205,7 @@ class EmbeddedEngine:
             if shipped:
                 log.warning("the checkpoint's KV cache scales cover %d of %d layers' keys and values: calibrating all",
                             len(shipped), 2 * len(layers))
-            tokenizer = self.model_dir / "tokenizer.json" if self.model_dir else self.tokenizer_file
-            scales = calibrate_kv_scales(self.model, calibration_token_ids(tokenizer, self.model_config.vocab_size))
+            scales = calibrate_kv_scales(self.model, self._calibration_prompts())
             source = "calibrated"
         log.info("FP8 KV cache scales %s: keys %.3g to %.3g, values %.3g to %.3g", source,
                  min(k for k, _ in scales), max(k for k, _ in scales), min(v for _, v in scales), max(v for _, v in scales))

@@ -85,15 +85,11 @@ def forward_prompt(model: nn.Module, ids: list[int], every_position: bool = Fals
     return model(torch.tensor(ids, device=p.device), rows, caches, meta, None if every_position else rows[-1:])
 
 
-@torch.no_grad()
-def activation_samples(model: nn.Module, prompts: list[list[int]]) -> dict[nn.Module, torch.Tensor]:
-    """Every projection's input over the calibration tokens, [tokens, in_features] float32."""
-    samples: dict[nn.Module, list[torch.Tensor]] = {}
-
-    def record(module, args):
-        samples.setdefault(module, []).append(args[0].reshape(-1, args[0].shape[-1]).float())
-
-    hooks = [linear.register_forward_pre_hook(record) for layer in model.layers
+def _each_projection_input(model: nn.Module, prompts: list[list[int]], record) -> None:
+    """Run the model over the prompts, calling record(projection, x [tokens, in_features]
+    float32) with every projection's input."""
+    hooks = [linear.register_forward_pre_hook(lambda m, args: record(m, args[0].reshape(-1, args[0].shape[-1]).float()))
+             for layer in model.layers
              for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
     try:
         for ids in prompts:
@@ -101,6 +97,13 @@ def activation_samples(model: nn.Module, prompts: list[list[int]]) -> dict[nn.Mo
     finally:
         for h in hooks:
             h.remove()
+
+
+@torch.no_grad()
+def activation_samples(model: nn.Module, prompts: list[list[int]]) -> dict[nn.Module, torch.Tensor]:
+    """Every projection's input over the calibration tokens, [tokens, in_features] float32."""
+    samples: dict[nn.Module, list[torch.Tensor]] = {}
+    _each_projection_input(model, prompts, lambda m, x: samples.setdefault(m, []).append(x))
     return {m: torch.cat(xs) for m, xs in samples.items()}
 
 
@@ -110,20 +113,12 @@ def input_mean_squares(model: nn.Module, prompts: list[list[int]]) -> dict[nn.Mo
     [in_features] float32 (kept as running sums: nothing grows with the prompts)."""
     sums: dict[nn.Module, list] = {}
 
-    def record(module, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        acc = sums.setdefault(module, [torch.zeros(x.shape[-1], device=x.device), 0])
+    def record(m, x):
+        acc = sums.setdefault(m, [torch.zeros(x.shape[-1], device=x.device), 0])
         acc[0] += x.pow(2).sum(0)
         acc[1] += x.shape[0]
 
-    hooks = [linear.register_forward_pre_hook(record) for layer in model.layers
-             for linear in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)]
-    try:
-        for ids in prompts:
-            forward_prompt(model, ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    _each_projection_input(model, prompts, record)
     return {m: total / max(count, 1) for m, (total, count) in sums.items()}
 
 
