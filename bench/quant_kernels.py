@@ -29,7 +29,7 @@ import triton.testing
 from bench.gemv_tune import SHAPES as GEMV_SHAPES
 from worker.embedded.kernels.gemv import gemv, gemv_config
 from worker.embedded.kernels.qgemv import qgemv, qgemv_config, quantize_rows as quantize_rows_kernel
-from worker.embedded.quant import FP8, SCHEMES, QuantLinear, quantize_rows
+from worker.embedded.quant import FP8, SCHEMES, QuantLinear, cuda_path, quantize_rows
 from worker.engine_api import KernelConfig
 
 SHAPES = {**GEMV_SHAPES, "8b.gate_up": (28672, 4096)}  # name: (N, K)
@@ -45,17 +45,6 @@ def reference(m: QuantLinear, x: torch.Tensor, quantize_x: bool) -> torch.Tensor
         q, s = quantize_rows(x, m.scheme.activation)
         x = q.double() * s.double()[:, None]
     return x.double() @ w.T + (m.bias.double() if m.bias is not None else 0)
-
-
-def path(scheme, rows: int) -> str:
-    """Which kernel QuantLinear runs for this many rows on a GPU (quant.py's routing)."""
-    from worker.embedded.quant import FP8_W8A16_MM_ROWS, SKINNY_ROWS, W8A16_MM_ROWS
-
-    if rows <= SKINNY_ROWS:
-        return "triton"
-    if rows <= {None: W8A16_MM_ROWS, FP8: FP8_W8A16_MM_ROWS}.get(scheme.activation, 0):
-        return "w8a16_mm"
-    return "torch"
 
 
 def check(rows_list) -> list[dict]:
@@ -75,9 +64,9 @@ def check(rows_list) -> list[dict]:
             x[:, :4] *= 20  # a few outlier channels, as real activations have
             y = m(x)
             quantized_x = (scheme.activation is not None and not (skinny == "upcast" and M <= 16)
-                           and path(scheme, M) != "w8a16_mm")
+                           and cuda_path(scheme.activation, M) != "w8a16_mm")
             out.append({"shape": name, "scheme": scheme.name, "skinny": skinny, "rows": M,
-                        "path": path(scheme, M), "nan": bool(torch.isnan(y).any()),
+                        "path": cuda_path(scheme.activation, M), "nan": bool(torch.isnan(y).any()),
                         "rel_err": rel_err(y, reference(m, x, quantized_x)),
                         "bf16_rel_err": rel_err(F.linear(x, lin.weight).float(), x.double() @ lin.weight.double().T)})
     for dtype, (M, K) in itertools.product((FP8, torch.int8), ((1, 576), (16, 4096), (300, 14336))):

@@ -14,8 +14,9 @@ Activations are always quantized per token at run time: a checkpoint's static
 `input_scale` is read past. KV cache scales (k_scale, v_scale: ModelOpt's
 kv_cache_quant_algo, compressed-tensors' kv_cache_scheme) are collected for the engine:
 with --kv-cache-dtype fp8 it uses them when every layer has both, and calibrates its own
-otherwise (worker/embedded/kv_quant.py); without, the cache is the model's dtype. Anything else (4-bit, groups or blocks, asymmetric, other methods)
-is a ModelError naming the format and what it holds.
+otherwise (worker/embedded/kv_quant.py); without, the cache is the model's dtype.
+Anything else (4-bit, groups or blocks, asymmetric, other methods) is a ModelError naming
+the format and what it holds.
 """
 
 from __future__ import annotations

@@ -16,15 +16,11 @@ the 32-bit one was 0.0130, and 0.0912 together with FP8 weights; calibrated, 0.0
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
 from worker.embedded.attention import FP8_MAX
 from worker.embedded.smoothquant import forward_prompt
-
-log = logging.getLogger(__name__)
 
 # Room above the calibration's largest magnitude before values clamp: prompts outside the
 # calibration set may go further. Twice costs one of E4M3's 16 binades at the bottom.

@@ -39,12 +39,11 @@ SKINNY_ROWS = 16  # kernels/qgemv.py's most rows
 # tiled W8A16 matmul (the weight read as 8 bits, converted in registers): a 32-row decode
 # step of the Llama-3-8B shape took 5.23 ms there against 24.1 ms converting each whole
 # weight for cuBLAS (one H200: BENCHMARKS.md, 'FP8 and INT8 projections'). Above it the
-# step is compute-bound and the whole weight is converted once a call. FP8 could take the
-# same kernel up to FP8_W8A16_MM_ROWS; measured slower than torch._scaled_mm at 32 rows
-# (6.56 against 4.92 ms a step) with its untuned tiles, it does not (the value is
-# SKINNY_ROWS): FP8 above 16 rows is the quantization of x plus torch._scaled_mm.
+# step is compute-bound and the whole weight is converted once a call. FP8 through the
+# same kernel (its weight widened to bf16) measured slower than torch._scaled_mm at 32 rows
+# (6.56 against 4.92 ms a step) with the kernel's untuned tiles: FP8 above 16 rows is the
+# quantization of x plus torch._scaled_mm.
 W8A16_MM_ROWS = 256
-FP8_W8A16_MM_ROWS = SKINNY_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,10 +102,16 @@ def quantize_rows(t: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     scale [R] float32) with t ~= q * scale[:, None], scale = amax(row) / qmax."""
     t = t.float()
     scale = (t.abs().amax(dim=-1) / qmax(dtype)).clamp(min=1e-12)
-    q = t / scale[:, None]
+    return rows_to(t, scale, dtype), scale
+
+
+def rows_to(t: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t [R, C] / scale [R] on `dtype`'s grid: int8 rounded (torch.round), then clamped;
+    FP8 clamped, then rounded by the cast."""
+    q = t.float() / scale[:, None]
     if dtype == torch.int8:
         q = q.round()
-    return q.clamp(-qmax(dtype), qmax(dtype)).to(dtype), scale
+    return q.clamp(-qmax(dtype), qmax(dtype)).to(dtype)
 
 
 # Multiples of amax/448 that search_fp8_scales tries for a channel's FP8 scale. Above 1
@@ -173,7 +178,7 @@ class QuantLinear(nn.Module):
         m = cls(w.shape[1], w.shape[0], linear.bias is not None, scheme, w.device, w.dtype)
         if col_weight is not None and scheme.weight == FP8:
             s = search_fp8_scales(w, col_weight)
-            q = (w.float() / s[:, None]).clamp(-qmax(FP8), qmax(FP8)).to(FP8)
+            q = rows_to(w, s, FP8)
         else:
             q, s = quantize_rows(w, scheme.weight)
         m.weight.copy_(q)
@@ -204,9 +209,10 @@ class QuantLinear(nn.Module):
         x = x.reshape(-1, shape[-1])
         M = x.shape[0]
         act, kernels = self.scheme.activation, self.kernels
-        if kernels is not None and M <= SKINNY_ROWS:
+        path = cuda_path(act, M) if kernels is not None else "torch"
+        if path == "skinny":
             return self._skinny(x, kernels).reshape(*shape[:-1], -1)
-        if kernels is not None and M <= (W8A16_MM_ROWS if act is None else FP8_W8A16_MM_ROWS if act == FP8 else 0):
+        if path == "w8a16_mm":
             from worker.embedded.kernels.qgemv import w8a16_mm
 
             return w8a16_mm(x.contiguous(), self.weight, self.weight_scale, self.bias).reshape(*shape[:-1], -1)
@@ -239,6 +245,17 @@ class QuantLinear(nn.Module):
         bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, 1)
         return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, out_dtype=x.dtype, block_n=bn, block_k=bk,
                      num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+
+
+def cuda_path(activation: torch.dtype | None, rows: int) -> str:
+    """Which kernel QuantLinear runs for `rows` rows on the Triton path: "skinny"
+    (kernels/qgemv.py's qgemv), "w8a16_mm" (16-bit x, int8-weight-only) or "torch"
+    (torch._scaled_mm, torch._int_mm, or the whole weight widened for cuBLAS)."""
+    if rows <= SKINNY_ROWS:
+        return "skinny"
+    if activation is None and rows <= W8A16_MM_ROWS:
+        return "w8a16_mm"
+    return "torch"
 
 
 # FP8 weights smaller than this many elements run W8A16 in the skinny kernel under
