@@ -6,7 +6,13 @@ running server leaves them. Prints, per case, the configuration the engine picks
 and the best one found, as time and KV bytes read per second; checks the best against a
 float64 reference. Writes every timing as JSON.
 
+With `--kv-cache-dtype fp8` the cache is float8 E4M3 and each configuration is also timed
+reading it through Triton's own cast (`fp8_read` "cast", the kernel before kv_tile.py's
+word reads): the "cast" column is that baseline at the engine's configuration.
+
     python -m bench.paged_decode_tune --out paged_decode_tune.json
+    python -m bench.paged_decode_tune --kv-cache-dtype fp8 --batches 32 256 512 --contexts 1536 4096 mixed \
+        --splits 1 4 --stages 0 --out paged_decode_tune_fp8.json
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import random
 import torch
 import triton.testing
 
+from worker.embedded.attention import to_cache
+from worker.embedded.kernels.kv_tile import FP8_READS
 from worker.embedded.kernels.paged_decode import _num_sms, num_splits, paged_decode_attention, paged_decode_reference
 
 HEADS = {"8b": (32, 8, 128), "1b": (32, 8, 64)}  # Hq, Hkv, head_dim (Llama-3-8B, Llama-3.2-1B)
@@ -29,7 +37,7 @@ def bench_us(fn, copies: int) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=15, return_mode="median") * 1000 / copies
 
 
-def make_case(heads: str, batch: int, context: str, gen: torch.Generator):
+def make_case(heads: str, batch: int, context: str, gen: torch.Generator, cache_dtype: torch.dtype):
     Hq, Hkv, D = HEADS[heads]
     if context == "mixed":  # a serving mix: 128 to 1,536 tokens
         lens = [random.Random(batch * 7919 + i).randint(128, 1536) for i in range(batch)]
@@ -37,11 +45,11 @@ def make_case(heads: str, batch: int, context: str, gen: torch.Generator):
         lens = [int(context)] * batch
     blocks_per = [-(-n // BLOCK_SIZE) for n in lens]
     total = sum(blocks_per)
-    kv_bytes = sum(lens) * Hkv * D * 2 * 2
+    kv_bytes = sum(lens) * Hkv * D * 2 * cache_dtype.itemsize
     copies = max(1, -(-256 * 2**20 // max(kv_bytes, 1)))
     num_blocks = total + 1
-    caches = [(torch.randn(num_blocks, BLOCK_SIZE, Hkv, D, device="cuda", generator=gen).to(torch.bfloat16),
-               torch.randn(num_blocks, BLOCK_SIZE, Hkv, D, device="cuda", generator=gen).to(torch.bfloat16))
+    caches = [tuple(to_cache(torch.randn(num_blocks, BLOCK_SIZE, Hkv, D, device="cuda", generator=gen), cache_dtype)
+                    for _ in range(2))
               for _ in range(copies)]
     order = torch.randperm(total, generator=torch.Generator().manual_seed(batch)) + 1  # scattered blocks; 0 stays unused
     width = max(blocks_per)
@@ -63,21 +71,24 @@ def main() -> None:
     ap.add_argument("--tiles", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--warps", type=int, nargs="+", default=[4])
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2], help="pipeline stages; 0: Triton's default (3)")
+    ap.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
     ap.add_argument("--out", default="paged_decode_tune.json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda")
-    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages))
+    cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
+    reads = FP8_READS if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
+    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads))
     results = []
-    print(f"{'case':>22} {'today':>24} {'best':>32}  rel err")
+    print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
     for heads, batch, context in itertools.product(args.heads, args.batches, args.contexts):
         gen.manual_seed(0)
-        q, caches, tables, lens, kv_bytes = make_case(heads, batch, context, gen)
+        q, caches, tables, lens, kv_bytes = make_case(heads, batch, context, gen, cache_dtype)
         out = torch.empty_like(q)
         Hkv = HEADS[heads][1]
         today_splits = num_splits(batch * Hkv, _num_sms(q.device), tables.shape[1] * BLOCK_SIZE, 64)
         timings = []
-        for splits, tile, warps, stages in configs:
-            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None)
+        for splits, tile, warps, stages, read in configs:
+            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read)
             fn = lambda: [paged_decode_attention(q, k, v, tables, lens, 0.1, out, **kw) for k, v in caches]  # noqa: E731
             try:
                 fn()
@@ -85,21 +96,24 @@ def main() -> None:
             except Exception as exc:  # a configuration that does not fit (shared memory)
                 print(f"  skip {kw}: {type(exc).__name__}")
                 continue
-            timings.append({"splits": splits, "tile": tile, "warps": warps, "stages": stages, "us": us,
-                            "tb_s": kv_bytes / us / 1e6})
+            timings.append({"splits": splits, "tile": tile, "warps": warps, "stages": stages, "fp8_read": read,
+                            "us": us, "tb_s": kv_bytes / us / 1e6})
         best = min(timings, key=lambda t: t["us"])
-        today = next((t for t in timings if (t["splits"], t["tile"], t["warps"], t["stages"]) == (today_splits, 64, 4, 0)), None)
+        engine = (today_splits, 64, 4, 0)
+        today, cast = (next((t for t in timings if (t["splits"], t["tile"], t["warps"], t["stages"]) == engine
+                             and t["fp8_read"] == read), None) for read in ("words", "cast"))
         k, v = caches[0]
         y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], tile=best["tile"],
-                                   num_warps=best["warps"], num_stages=best["stages"] or None)
-        ref = paged_decode_reference(q, k, v, tables, lens, 0.1)
+                                   num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"])
+        ref = paged_decode_reference(q, k.float(), v.float(), tables, lens, 0.1)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         name = f"{heads} B={batch} ctx={context}"
-        t_s = f"{today['us']:8.1f} us {today['tb_s']:4.2f} TB/s" if today else "-"
-        print(f"{name:>22} {t_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
-              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}  {err:.1e}", flush=True)
+        t_s, c_s = (f"{t['us']:8.1f} us {t['tb_s']:4.2f} TB/s" if t else "-" for t in (today, cast))
+        print(f"{name:>22} {t_s:>24} {c_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
+              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}  {err:.1e}", flush=True)
         results.append({"heads": heads, "batch": batch, "context": context, "kv_bytes": kv_bytes,
-                        "today_splits": today_splits, "today": today, "best": best, "rel_err": err, "timings": timings})
+                        "kv_cache_dtype": args.kv_cache_dtype, "today_splits": today_splits, "today": today,
+                        "cast": cast, "best": best, "rel_err": err, "timings": timings})
         del caches
         torch.cuda.empty_cache()
         with open(args.out, "w") as f:  # after every case: a run cut short keeps what it measured

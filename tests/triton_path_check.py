@@ -85,12 +85,22 @@ def check_fp8_cache(gen: torch.Generator) -> dict:
     blocks = -(-300 // bs)
     kc, vc = (to_cache(torch.randn(B * blocks + 1, bs, hkv, d, generator=gen), fp8) for _ in range(2))
     tables = torch.randperm(B * blocks + 1, generator=gen)[: B * blocks].reshape(B, blocks).int()
+    # Every finite float8 value somewhere in the keys the first sequence reads.
+    kc.view(torch.uint8).view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    kc.view(torch.uint8).view(-1)[[0x7F, 0xFF]] = 0  # the two NaNs
+    tables[0, : -(-256 // (hkv * d * bs))] = torch.arange(-(-256 // (hkv * d * bs)), dtype=torch.int32)
     q = torch.randn(B, hq, d, generator=gen)
     ref = paged_decode_reference(q, kc.float() * ks, vc.float() * vs, tables, ctx, d ** -0.5)
     for splits in (1, 8):
         o = torch.full_like(q, float("nan"))
         paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5 * ks, o, splits, v_scale=vs)
         out[f"decode_splits_{splits}"] = rel_err(o, ref)
+    # A 16-bit model: the tiles widen to float16 and both dots run in float16.
+    q16 = q.bfloat16()
+    ref16 = paged_decode_reference(q16, kc.float() * ks, vc.float() * vs, tables, ctx, d ** -0.5)
+    o = torch.full_like(q16, float("nan"))
+    paged_decode_attention(q16, kc, vc, tables, ctx, d ** -0.5 * ks, o, 2, v_scale=vs)
+    out["decode_bf16"] = rel_err(o, ref16)
     hq, hkv = 9, 3
     q_lens, lens, starts = [1, 37, 5], [50, 37, 90], [0, 1, 38]
     width = -(-max(lens) // bs)
@@ -104,6 +114,11 @@ def check_fp8_cache(gen: torch.Generator) -> dict:
     o = torch.full_like(q, float("nan"))
     paged_varlen_attention(q, kc, vc, o, tile_seq, tile_q, *seq, tables, d ** -0.5 * ks, v_scale=vs)
     out["varlen"] = rel_err(o, ref)
+    q16 = q.bfloat16()
+    ref16 = paged_varlen_reference(q16, kc.float() * ks, vc.float() * vs, *seq, tables, d ** -0.5)
+    o = torch.full_like(q16, float("nan"))
+    paged_varlen_attention(q16, kc, vc, o, tile_seq, tile_q, *seq, tables, d ** -0.5 * ks, v_scale=vs)
+    out["varlen_bf16"] = rel_err(o, ref16)
     # The write: rotary k and v, one value of each far beyond float8's range.
     T, hq, hkv, d = 5, 9, 3, 64
     qkv = torch.randn(T, (hq + 2 * hkv) * d, generator=gen)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.embedded.kernels.kv_tile import cache_view, dot_query, kv_tile
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import KernelConfig
 
@@ -35,7 +36,7 @@ def _paged_decode(
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
-    V_SCALED: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr,
 ):
     enter(USE_GDC)
     b = tl.program_id(0)
@@ -51,16 +52,18 @@ def _paged_decode(
     g_ok = g < GROUP
     heads = kvh * GROUP + g
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    q = dot_query(q, KV_FP8, FP8_WORDS, IEEE)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     for start in range(lo, hi, TILE):
         tok = start + t
         t_ok = tok < ctx
-        blocks = tl.load(TABLES + b * stride_tb + tok // BLOCK_SIZE, mask=t_ok, other=0)
+        # int64: a cache of more than 2**31 elements a layer (a small model's, FP8) is possible
+        blocks = tl.load(TABLES + b * stride_tb + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
         offset = tok % BLOCK_SIZE
-        k = tl.load(K + blocks[:, None] * stride_kb + offset[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=t_ok[:, None], other=0.0).to(q.dtype)  # an FP8 cache widens here (a no-op otherwise)
+        k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                    FP8_WORDS, ASM).to(q.dtype)
         if IEEE:  # float32 models keep float32 products (no tf32)
             s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -70,8 +73,8 @@ def _paged_decode(
         alpha = tl.exp(m - m_new)
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
-        v = tl.load(V + blocks[:, None] * stride_vb + offset[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-                    mask=t_ok[:, None], other=0.0).to(q.dtype)
+        v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                    FP8_WORDS, ASM).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
@@ -79,7 +82,7 @@ def _paged_decode(
         m = m_new
     empty = l == 0.0
     out = acc / tl.where(empty, 1.0, l)[:, None]
-    if V_SCALED:  # an FP8 cache holds values / v_scale (the split combine is linear: partials too)
+    if KV_FP8:  # an FP8 cache holds values / v_scale (the split combine is linear: partials too)
         out = out * v_scale
     if SPLITS == 1:
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=g_ok[:, None])
@@ -122,6 +125,7 @@ def paged_decode_attention(
     tile: int | None = None,  # tokens a loop iteration (None: 64, or the block size if larger)
     num_warps: int = 4,
     num_stages: int | None = None,  # None: Triton's default
+    fp8_read: str = "words",  # how an FP8 cache is read (kv_tile.py); "cast" is the baseline benches time
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -135,6 +139,8 @@ def paged_decode_attention(
     if splits > 1:
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn  # by the cache, not the scales: one variant per cache
+    k_cache, v_cache = cache_view(k_cache, fp8_read), cache_view(v_cache, fp8_read)
     _paged_decode[(B, Hkv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
         q.stride(0), q.stride(1),
@@ -144,7 +150,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        V_SCALED=k_cache.dtype == torch.float8_e4m3fn,  # by the cache, not the value: one variant per cache
+        KV_FP8=kv_fp8, FP8_WORDS=fp8_read == "words", ASM=q.device.type == "cuda",
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
     )
     if splits > 1:

@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.embedded.kernels.kv_tile import cache_view, dot_query, kv_tile
+
 ROWS = 64  # query rows (tokens x heads of a group) per program
 
 
@@ -44,7 +46,8 @@ def _paged_varlen(
     stride_ot, stride_oh,
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, V_SCALED: tl.constexpr,
+    BLOCK_Q: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr,
 ):
     p = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -64,6 +67,7 @@ def _paged_varlen(
     t = tl.arange(0, TILE)
     q = tl.load(Q + (start + qi)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
+    q = dot_query(q, KV_FP8, FP8_WORDS, IEEE)
     qpos = ctx - qlen + qi
     hi = tl.minimum(ctx, ctx - qlen + q0 + BLOCK_Q)  # past the tile's last query position
     m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
@@ -75,8 +79,8 @@ def _paged_varlen(
         t_ok = tok < hi
         blocks = tl.load(table + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
         offset = tok % BLOCK_SIZE
-        k = tl.load(K + blocks[:, None] * stride_kb + offset[:, None] * stride_kt + kvh * stride_kh + d[None, :],
-                    mask=t_ok[:, None], other=0.0).to(q.dtype)  # an FP8 cache widens here (a no-op otherwise)
+        k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                    FP8_WORDS, ASM).to(q.dtype)
         if IEEE:  # float32 models keep float32 products (no tf32)
             sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
         else:
@@ -87,15 +91,15 @@ def _paged_varlen(
         alpha = tl.exp(m - m_safe)
         pr = tl.exp(sc - m_safe[:, None])
         l = l * alpha + tl.sum(pr, 1)
-        v = tl.load(V + blocks[:, None] * stride_vb + offset[:, None] * stride_vt + kvh * stride_vh + d[None, :],
-                    mask=t_ok[:, None], other=0.0).to(q.dtype)
+        v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                    FP8_WORDS, ASM).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
         else:
             acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v).to(tl.float32)
         m = m_new
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
-    if V_SCALED:  # an FP8 cache holds values / v_scale
+    if KV_FP8:  # an FP8 cache holds values / v_scale
         out = out * v_scale
     tl.store(O + (start + qi)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
@@ -134,10 +138,13 @@ def paged_varlen_attention(
     tables: torch.Tensor,  # [S, W] its block table
     scale: float,  # the softmax scale, times k_scale where the cache holds keys / k_scale
     v_scale: float = 1.0,  # the cache holds values / v_scale (kv_cache.dtype fp8)
+    fp8_read: str = "words",  # how an FP8 cache is read (kv_tile.py); "cast" is the baseline benches time
 ) -> torch.Tensor:
     _, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    k_cache, v_cache = cache_view(k_cache, fp8_read), cache_view(v_cache, fp8_read)
     _paged_varlen[(tile_seq.shape[0], Hkv)](
         q, k_cache, v_cache, out, tile_seq, tile_q, seq_start, seq_qlen, seq_ctx, tables, scale, v_scale,
         q.stride(0), q.stride(1),
@@ -146,7 +153,8 @@ def paged_varlen_attention(
         out.stride(0), out.stride(1),
         tables.stride(0),
         GROUP=group, GROUP_PAD=group_pad(group), HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_Q=block_q(group),
-        TILE=max(64, block_size), IEEE=q.dtype == torch.float32, V_SCALED=k_cache.dtype == torch.float8_e4m3fn, num_warps=4,
+        TILE=max(64, block_size), IEEE=q.dtype == torch.float32,
+        KV_FP8=kv_fp8, FP8_WORDS=fp8_read == "words", ASM=q.device.type == "cuda", num_warps=4,
     )
     return out
 
