@@ -122,7 +122,7 @@ def paged_decode_attention(
     splits: int | None = None,  # None: as many as fill the GPU's SMs (a power of two)
     pdl: bool = KernelConfig.pdl,
     v_scale: float = 1.0,  # the cache holds values / v_scale (kv_cache.dtype fp8); fold k's into `scale`
-    tile: int | None = None,  # tokens a loop iteration (None: 64, or the block size if larger)
+    tile: int | None = None,  # tokens a loop iteration (None: 64, 128 for an FP8 cache, or the block size if larger)
     num_warps: int = 4,
     num_stages: int | None = None,  # None: Triton's default
     fp8_read: str = "words",  # how an FP8 cache is read (kv_tile.py); "cast" is the baseline benches time
@@ -131,7 +131,9 @@ def paged_decode_attention(
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     out = torch.empty_like(q) if out is None else out
-    tile = tile or max(64, block_size)
+    # An FP8 cache reads 128 tokens a loop iteration: at one split, 3-27% faster than 64 on
+    # the 8B heads (BENCHMARKS.md, FP8 KV cache reads); a 16-bit one, 64.
+    tile = tile or max(128 if k_cache.dtype == torch.float8_e4m3fn else 64, block_size)
     if splits is None:
         splits = num_splits(B * Hkv, _num_sms(q.device), block_tables.shape[1] * block_size, tile)
     part_o = part_lse = out  # unused when there is one split
