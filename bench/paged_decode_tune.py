@@ -73,11 +73,13 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4])
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2], help="pipeline stages; 0: Triton's default (3)")
     ap.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
+    ap.add_argument("--fp8-reads", nargs="+", choices=FP8_READS, default=list(FP8_READS),
+                    help="with --kv-cache-dtype fp8, the reads to time (default both)")
     ap.add_argument("--out", default="paged_decode_tune.json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda")
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
-    reads = FP8_READS if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
+    reads = args.fp8_reads if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
     configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads))
     results = []
     print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
