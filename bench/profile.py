@@ -9,6 +9,7 @@ step     GPU-side (torch.profiler) profile of one mixed prefill+decode step and 
          decode-only step of the offline workload: the kernels that take the time.
 
     python -m bench.profile decode --shape llama-3.2-1b --batch 1
+    python -m bench.profile decode --shape llama-3-8b --batch 400 --prompt-len 1500 --quantization fp8 --kv-cache-dtype fp8
     python -m bench.profile offline --shape llama-3.2-1b --requests 192
     python -m bench.profile step --shape llama-3.2-1b
 """
@@ -45,7 +46,9 @@ def warm_up(engine: EmbeddedEngine, reqs, max_tokens: int) -> None:
 def decode(args) -> None:
     cfg = model_config(args.shape)
     engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=4096, cuda_graphs=False,
-                                         kv_cache=KvCacheConfig(max_tokens=args.batch * 1024 + 4096)), cfg)
+                                         max_batch_size=max(256, args.batch), quantization=args.quantization,
+                                         kv_cache=KvCacheConfig(max_tokens=args.batch * (args.prompt_len + 64) + 4096,
+                                                                dtype=args.kv_cache_dtype)), cfg)
     gen = torch.Generator().manual_seed(0)
     params = SamplingParams(max_tokens=10_000 // 4, temperature=0, ignore_eos=True)
     for i in range(args.batch):
@@ -59,7 +62,8 @@ def decode(args) -> None:
         torch.cuda.synchronize()
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = sum(e.self_device_time_total for e in events)
-    print(f"\n{args.shape}, batch {args.batch}, context ~{args.prompt_len}: device time per step {total / args.steps:.1f} us")
+    print(f"\n{args.shape}, {args.quantization} projections, {args.kv_cache_dtype} KV cache, batch {args.batch}, "
+          f"context ~{args.prompt_len}: device time per step {total / args.steps:.1f} us")
     print(f"{'us/step':>8} {'calls/step':>10} {'us/call':>8}  kernel")
     for e in sorted(events, key=lambda e: -e.self_device_time_total)[:25]:
         per_step = e.self_device_time_total / args.steps
@@ -70,7 +74,8 @@ def decode(args) -> None:
 def offline(args) -> None:
     cfg = model_config(args.shape)
     reqs = workload(args.requests, cfg.vocab_size)
-    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048), cfg)
+    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048, quantization=args.quantization,
+                                         kv_cache=KvCacheConfig(dtype=args.kv_cache_dtype)), cfg)
     warm_up(engine, reqs[:8], 8)
     submit(engine, reqs)
     kinds = collections.Counter()
@@ -102,7 +107,8 @@ def offline(args) -> None:
 
 def step(args) -> None:
     cfg = model_config(args.shape)
-    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048), cfg)
+    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=2048, quantization=args.quantization,
+                                         kv_cache=KvCacheConfig(dtype=args.kv_cache_dtype)), cfg)
     reqs = workload(48, cfg.vocab_size)
     warm_up(engine, reqs[:4], 4)
     submit(engine, reqs)
@@ -125,6 +131,8 @@ def main() -> None:
     modes = ap.add_subparsers(dest="mode", required=True)
     shape = argparse.ArgumentParser(add_help=False)
     shape.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
+    shape.add_argument("--quantization", default="none", choices=["none", "fp8", "int8-weight-only", "int8-smoothquant"])
+    shape.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"])
     p = modes.add_parser("decode", parents=[shape], help="kernels of steady decode steps, no CUDA graphs (torch.profiler)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=192)
