@@ -84,3 +84,13 @@ def test_fp8_kv_cache_refuses_unknown_names():
 
     with pytest.raises(EngineConfigError, match="kv_cache.dtype"):
         EmbeddedEngine(EngineConfig(device="cpu", kv_cache=KvCacheConfig(dtype="int4")))
+
+
+def test_fp8_kv_cache_refuses_a_head_dimension_it_cannot_read(model_weights):
+    """The kernels read an FP8 cache four values a 32-bit word: a head dimension not
+    divisible by 4 is refused at start, by name, not at the first step."""
+    from worker.embedded.engine import EmbeddedEngine
+
+    odd = dataclasses.replace(model_weights[0], head_dim=66)
+    with pytest.raises(EngineConfigError, match="head dimension divisible by 4.*66"):
+        EmbeddedEngine(EngineConfig(device="cpu", kv_cache=KvCacheConfig(dtype="fp8")), odd)

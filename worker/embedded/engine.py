@@ -221,6 +221,9 @@ class EmbeddedEngine:
             major, minor = torch.cuda.get_device_capability(self.device)
             raise EngineConfigError(f"kv_cache.dtype fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); "
                                     f"{torch.cuda.get_device_name(self.device)} is {major}.{minor}: use auto")
+        if self.model_config.head_dim % 4:  # the kernels read an FP8 cache four values a word (kernels/kv_tile.py)
+            raise EngineConfigError(f"kv_cache.dtype fp8 needs a head dimension divisible by 4; "
+                                    f"{self.model_config.name} has {self.model_config.head_dim}: use auto")
         return torch.float8_e4m3fn
 
     def _num_kv_blocks(self) -> int:
