@@ -53,7 +53,11 @@ def decode(args) -> None:
     params = SamplingParams(max_tokens=10_000 // 4, temperature=0, ignore_eos=True)
     for i in range(args.batch):
         engine.submit(str(i), torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist(), params)
-    for _ in range(8):
+    # Every prompt computed first (a large batch of long prompts takes many steps), then
+    # a few steady decode steps before the profiled ones.
+    while engine.scheduler.waiting or any(s.num_uncomputed > 1 for s in engine.scheduler.running):
+        engine.step()
+    for _ in range(4):
         engine.step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
