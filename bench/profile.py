@@ -45,12 +45,16 @@ def warm_up(engine: EmbeddedEngine, reqs, max_tokens: int) -> None:
 
 def decode(args) -> None:
     cfg = model_config(args.shape)
+    # Outputs long enough that the first requests still decode when the last prompt is
+    # computed (about batch x prompt / 2,048 steps), and a pool that holds every request
+    # whole: none waits, so the profiled steps run the whole batch.
+    new_tokens = args.batch * args.prompt_len // 2048 + 64 + args.steps
     engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=4096, cuda_graphs=False,
                                          max_batch_size=max(256, args.batch), quantization=args.quantization,
-                                         kv_cache=KvCacheConfig(max_tokens=args.batch * (args.prompt_len + 64) + 4096,
+                                         kv_cache=KvCacheConfig(max_tokens=args.batch * (args.prompt_len + new_tokens) + 4096,
                                                                 dtype=args.kv_cache_dtype)), cfg)
     gen = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=10_000 // 4, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     for i in range(args.batch):
         engine.submit(str(i), torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=gen).tolist(), params)
     # Every prompt computed first (a large batch of long prompts takes many steps), then
