@@ -165,6 +165,10 @@ def ms(x: float | None, sign: bool = False) -> str:
     return f"{x:{'+' if sign else ''}.{digits}f}"
 
 
+def pct(res: dict, name: str) -> str:
+    return "/".join(ms(res[f"{name}_p{p}_ms"]) for p in PERCENTILES)
+
+
 def print_table(rows: list[dict], title: str) -> None:
     cols = [("point", 13), ("side", 7), ("req/s sent", 10), ("req/s done", 10), ("tok/s offered", 13), ("tok/s out", 10),
             ("TTFT ms p50/90/99", 20), ("ITL ms p50/90/99", 20), ("e2e ms p50/90/99", 20), ("goodput/s", 9),
@@ -174,9 +178,6 @@ def print_table(rows: list[dict], title: str) -> None:
 
     def line(*cells) -> None:
         print(" ".join(f"{c:>{w}}" for c, (_, w) in zip(cells, cols)))
-
-    def pct(res: dict, name: str) -> str:
-        return "/".join(ms(res[f"{name}_p{p}_ms"]) for p in PERCENTILES)
 
     for row in rows:
         for side in ("direct", "served"):
@@ -236,6 +237,10 @@ def main() -> None:
     ap.add_argument("--quantization", default="none", choices=["none", "fp8", "int8-weight-only", "int8-smoothquant"],
                     help="the engine's projection weights, the same on both sides")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="what the KV cache stores, both sides")
+    ap.add_argument("--step-time-learning", default="on", choices=["on", "off"],
+                    help="the engine's step_time_learning, both sides (off: steps sized from the start-up timings alone)")
+    ap.add_argument("--direct-only", action="store_true",
+                    help="drive the engine alone, no stack: for comparing engine settings at half the time")
     ap.add_argument("--warmup", type=int, default=0,
                     help="requests run through each side before the points, not counted (0: the first point meets a fresh stack)")
     ap.add_argument("--load-procs", type=int, default=max(1, min(4, (os.cpu_count() or 1) // 4)),
@@ -268,6 +273,7 @@ def main() -> None:
                               max_num_tokens=args.max_num_tokens, quantization=args.quantization)
         if args.step_time_target_ms is not None:
             config.step_time_target_ms = args.step_time_target_ms
+        config.step_time_learning = args.step_time_learning == "on"
         engine = EmbeddedEngine(config)
         settle_gc()  # as the worker does once its model is loaded
         cuda = engine.device.type == "cuda"
@@ -286,13 +292,20 @@ def main() -> None:
         for p in points:
             direct.append(point_summary(drive_engine(engine, p["requests"], arrivals=p["arrivals"],
                                                      concurrency=p.get("concurrency", 1)), p, args))
-            print(f"direct {p['name']}: {direct[-1]['tok_per_s']:.0f} tok/s", flush=True)
+            if runner.step_model is not None:  # where the step-time fit stood after the point
+                a, b, e = runner.step_model.coef.tolist()
+                direct[-1]["step_time_fit"] = {"a": a, "context_us_per_token": b * 1000, "prompt_ns_per_pair": e * 1e6,
+                                               "steps": runner.step_model.steps}
+            print(f"direct {p['name']}: {direct[-1]['tok_per_s']:.0f} tok/s; step-time fit {direct[-1].get('step_time_fit')}",
+                  flush=True)
         del engine
         if cuda:
             torch.cuda.empty_cache()
 
+        if args.direct_only:
+            return finish(args, points, direct, None, step_times, device, model)
         env = {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "INFLIGHT_QUANTIZATION": args.quantization,
-               "INFLIGHT_KV_CACHE_DTYPE": args.kv_cache_dtype}
+               "INFLIGHT_KV_CACHE_DTYPE": args.kv_cache_dtype, "INFLIGHT_STEP_TIME_LEARNING": args.step_time_learning == "on"}
         if args.max_num_tokens:
             env["INFLIGHT_MAX_NUM_TOKENS"] = str(args.max_num_tokens)
         if args.step_time_target_ms is not None:
@@ -319,14 +332,25 @@ def main() -> None:
     finally:
         if model_dir:
             shutil.rmtree(model_dir.parent, ignore_errors=True)
+    finish(args, points, direct, served, step_times, device, model)
 
+
+def finish(args, points: list[dict], direct: list[dict], served: list[dict] | None, step_times: dict, device: str,
+           model: str) -> None:
+    """Print the table (direct only where nothing was served) and write the JSON."""
+    if served is None:
+        print(f"\nengine direct only: {args.shape or model}, {device}; step_time_learning {args.step_time_learning}")
+        print(f"{'point':>14} {'tok/s':>8} {'TTFT ms p50/90/99':>22} {'ITL ms p50/90/99':>22} {'goodput share':>14}")
+        for p, d in zip(points, direct):
+            print(f"{p['name']:>14} {d['tok_per_s']:8.0f} {pct(d, 'ttft'):>22} {pct(d, 'itl'):>22} {d['goodput_share']:14.1%}")
     rows = []
-    for p, d, s in zip(points, direct, served):
+    for p, d, s in zip(points, direct, served or [None] * len(direct)):
         rows.append({"point": p["name"], "rate": p.get("rate"), "concurrency": p.get("concurrency"), "requests": len(p["requests"]),
                      "offered_rps": p.get("offered_rps"), "offered_tok_per_s": p.get("offered_tok_per_s"),
-                     "direct": d, "served": s, "vs_direct": compare(s, d)})
+                     "direct": d, "served": s, "vs_direct": compare(s, d) if s else None})
     streams = "a stream per request" if args.per_stream == 1 else f"{args.per_stream} requests per stream"
-    print_table(rows, f"served (inflight serve) vs engine direct: {args.shape or model} "
+    if served is not None:
+        print_table(rows, f"served (inflight serve) vs engine direct: {args.shape or model} "
                       f"({'random weights' if args.shape else 'real weights'}), {device}, {streams}; "
                       f"SLO TTFT <= {args.slo_ttft_ms:g} ms, mean ITL <= {args.slo_itl_ms:g} ms")
     with open(args.out, "w") as f:

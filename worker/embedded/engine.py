@@ -106,7 +106,7 @@ class EmbeddedEngine:
         self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block,
                                   self.max_seq_len, config.max_batch_size, self.max_num_tokens, config.cuda_graphs,
-                                  config.kernels, kv_dtype=self.kv_dtype)
+                                  config.kernels, kv_dtype=self.kv_dtype, learn_step_times=config.step_time_learning)
         self.scheduler = BatchScheduler(
             self.pool,
             max_batch_size=config.max_batch_size,

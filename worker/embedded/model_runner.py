@@ -20,6 +20,7 @@ from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.sampler import DeviceSample, sample_async
 from worker.embedded.scheduler import ScheduledChunk
 from worker.embedded.sequence import Sequence
+from worker.embedded.step_time import StepTimeModel
 from models.config import ModelConfig
 from worker.engine_api import EngineConfigError, KernelConfig
 
@@ -128,8 +129,9 @@ def mixed_layout(tokens: int, seqs: int, tiles: int) -> dict[str, int]:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int,
                  tokens_per_block: int, max_seq_len: int, max_batch_size: int, max_num_tokens: int, cuda_graphs: bool,
-                 kernels: KernelConfig, kv_dtype: torch.dtype | None = None):
+                 kernels: KernelConfig, kv_dtype: torch.dtype | None = None, learn_step_times: bool = True):
         self.model = model
+        self.learn_step_times = learn_step_times
         self.config = model.config
         self.device = device
         self.dtype = dtype
@@ -181,6 +183,9 @@ class ModelRunner:
         self.mixed_ms: list[float] = []
         self.decode_ms: list[float] = []  # by graph_sizes, blank inputs (no context)
         self.context_ms_per_token = 0.0
+        # Refitted to every graph step's measured time (step_time.py); None until timed.
+        self.step_model: StepTimeModel | None = None
+        self._timings: list[tuple[torch.cuda.Event, torch.cuda.Event, tuple[float, int, int]]] = []
         if self.attention == "triton" and device.type == "cuda":
             self._compile_split_variants()
         if self.argmax is not None:  # compiled now, not in the first step
@@ -228,6 +233,8 @@ class ModelRunner:
         """Queue one forward pass and sampling for the chunks that reach their end; nothing
         waits for the device. Returns the sampled sequences in the order of the sample's
         rows; a decode whose input token is pending reads it from the last step's rows."""
+        if self._timings:
+            self._learn_step_times()
         # Decodes first: the GPU path's kernels take them as one leading block of rows.
         chunks = sorted(chunks, key=lambda ch: ch.num_tokens != 1)
         sampled = [ch.seq for ch in chunks if ch.sample]
@@ -465,33 +472,78 @@ class ModelRunner:
                 g.context_lens[:D] = ctx
             self.context_ms_per_token = max(0.0, timed(self.mixed_graphs[T]) - self.mixed_ms[i]) / (D * ctx)
             self._blank(g, "mixed")
+        self.step_model = StepTimeModel(self.context_ms_per_token, self.mixed_ms[len(self.mixed_ms) // 2],
+                                        typical_context=64 * 1024, typical_pairs=512 * 1024)
         log.info("timed the mixed-step graphs in %.1f s: %s ms for %s tokens, %.2f us a context token; "
                  "dropped as slower than a larger one: %s", time.monotonic() - t0, [round(ms, 2) for ms in self.mixed_ms],
                  self.mixed_sizes, self.context_ms_per_token * 1000, dropped or "none")
 
     def step_ms(self, tokens: int, context: int) -> float | None:
-        """The predicted time of a mixed step of `tokens` tokens whose sequences read
+        """The predicted time of a mixed step of `tokens` tokens whose decodes read
         `context` tokens of KV; None where steps are not timed (no graphs) or the step is
         larger than any graph."""
-        if not self.mixed_ms or tokens > self.mixed_sizes[-1]:
+        if self.step_model is None or tokens > self.mixed_sizes[-1]:
             return None
-        return self.mixed_ms[bisect.bisect_left(self.mixed_sizes, tokens)] + context * self.context_ms_per_token
+        return self.step_model.predict(self.mixed_ms[bisect.bisect_left(self.mixed_sizes, tokens)], context)
+
+    def step_features(self, chunks: list[ScheduledChunk]) -> tuple[float, int, int] | None:
+        """What a step of these chunks is predicted from (StepTimeModel): the start-up
+        time of the graph it replays, its decodes' context tokens and its prompt chunks'
+        (query, key) pairs; None for a step that runs eagerly (or where nothing was timed)."""
+        if self.step_model is None:
+            return None
+        tokens = sum(ch.num_tokens for ch in chunks)
+        context = pairs = 0
+        for ch in chunks:
+            n, p = ch.num_tokens, ch.seq.num_computed
+            if n == 1:
+                context += p + 1
+            else:
+                pairs += n * p + n * (n + 1) // 2
+        if tokens == len(chunks):  # decode-only
+            if tokens > self.graph_sizes[-1]:
+                return None
+            return self.decode_ms[bisect.bisect_left(self.graph_sizes, tokens)], context, 0
+        if tokens > self.mixed_sizes[-1]:
+            return None
+        return self.mixed_ms[bisect.bisect_left(self.mixed_sizes, tokens)], context, pairs
 
     def predict_ms(self, chunks: list[ScheduledChunk]) -> float | None:
-        """The predicted device time of a step of these chunks, from the start-up
-        timings; None for a step that runs eagerly (or where nothing was timed)."""
-        tokens = sum(ch.num_tokens for ch in chunks)
-        context = sum(ch.seq.num_computed + 1 for ch in chunks if ch.num_tokens == 1)
-        if tokens == len(chunks):  # decode-only
-            if not self.decode_ms or tokens > self.graph_sizes[-1]:
-                return None
-            return self.decode_ms[bisect.bisect_left(self.graph_sizes, tokens)] + context * self.context_ms_per_token
-        return self.step_ms(tokens, context)
+        """The predicted device time of a step of these chunks; None for a step that runs
+        eagerly (or where nothing was timed)."""
+        features = self.step_features(chunks)
+        return None if features is None else self.step_model.predict(*features)
 
     def tokens_within(self, target_ms: float, context: int) -> int:
         """The most tokens a mixed step can take, its decodes reading `context` tokens of
-        KV, and be predicted to end within target_ms: a graph size, or 0 if none fits."""
-        return tokens_within(self.mixed_sizes, self.mixed_ms, target_ms - context * self.context_ms_per_token)
+        KV, and be predicted to end within target_ms: a graph size, or 0 if none fits.
+        (Its prompt chunks' attention is left out: the chunks are not chosen yet.)"""
+        if self.step_model is None:
+            return 0
+        return tokens_within(self.mixed_sizes, self.mixed_ms, self.step_model.graph_budget(target_ms, context))
+
+    def _replay_timed(self, replay: Callable[[], torch.Tensor], chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """replay(), with CUDA events around it once steps are timed: the step model learns
+        from what the step took (read when the events are done, at a later step)."""
+        features = self.step_features(chunks) if self.step_model is not None and self.learn_step_times else None
+        if features is None:
+            return replay()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = replay()
+        end.record()
+        self._timings.append((start, end, features))
+        return out
+
+    def _learn_step_times(self) -> None:
+        """Feed the step model the graph steps whose timing events are done."""
+        pending = []
+        for start, end, features in self._timings:
+            if end.query():
+                self.step_model.observe(*features, start.elapsed_time(end))
+            else:
+                pending.append((start, end, features))
+        self._timings = pending
 
     def _varlen_lens(self, q_lens: list[int]) -> list[int]:
         """The query lengths the paged varlen kernel takes in a mixed graph: the one-token
@@ -539,7 +591,7 @@ class ModelRunner:
         h.pending_rows[B:G] = -1
         n = h.used(B)  # only the used table rows travel
         g.buf[:n].copy_(h_buf[:n], non_blocking=True)
-        return self.graphs[G]()[:B]
+        return self._replay_timed(self.graphs[G], chunks)[:B]
 
     def _replay_mixed(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """A step with prefill chunks, decodes first, from the graph of the next token count up."""
@@ -582,4 +634,4 @@ class ModelRunner:
                 h.context_lens[i] = chunks[i].seq.num_computed + 1
         n = h.used(len(chunks))
         g.buf[:n].copy_(h_buf[:n], non_blocking=True)
-        return self.mixed_graphs[T]()[:n_sampled]
+        return self._replay_timed(self.mixed_graphs[T], chunks)[:n_sampled]

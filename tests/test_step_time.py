@@ -1,0 +1,66 @@
+"""The step-time model the engine sizes steps by (worker/embedded/step_time.py): refitted
+to measured steps, it finds the law they follow; it stays at the start-up timings until
+steps say otherwise; and its bounds hold against steps that say something absurd."""
+
+import random
+
+import pytest
+
+from worker.embedded.step_time import A_BOUNDS, B_FACTOR_MAX, StepTimeModel
+
+B0 = 0.03e-3  # ms a context token, as timed at start-up
+
+
+def model() -> StepTimeModel:
+    return StepTimeModel(B0, typical_graph_ms=10.0, typical_context=64 * 1024, typical_pairs=512 * 1024)
+
+
+def steps(n: int, a: float, b: float, e: float, seed: int = 0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        g, c = rng.uniform(3, 25), rng.randrange(0, 100_000)
+        pairs = rng.choice([0, rng.randrange(0, 1_000_000)])
+        yield g, c, pairs, a * g + b * c + e * pairs
+
+
+def test_it_starts_at_the_start_up_timings():
+    m = model()
+    assert m.predict(10.0, 50_000) == pytest.approx(10.0 + 50_000 * B0)
+    assert m.graph_budget(15.0, 50_000) == pytest.approx(15.0 - 50_000 * B0)
+
+
+def test_it_learns_the_law_the_steps_follow():
+    """Steps 20% slower in their graphs, context twice as dear, and prompt attention
+    costing something: after a few hundred steps the fit has all three."""
+    m = model()
+    a, b, e = 1.2, 2 * B0, 2e-6
+    for g, c, p, ms in steps(300, a, b, e):
+        m.observe(g, c, p, ms)
+    assert m.coef.tolist() == pytest.approx([a, b, e], rel=0.05)
+    assert m.predict(12.0, 40_000, 300_000) == pytest.approx(a * 12 + b * 40_000 + e * 300_000, rel=0.02)
+    # The budget inverts the prediction: a graph of that time is predicted at the target.
+    budget = m.graph_budget(15.0, 40_000)
+    assert m.predict(budget, 40_000) == pytest.approx(15.0)
+
+
+def test_it_follows_a_change_in_the_device():
+    """Recent steps weigh more: after the device slows (clocks, another tenant), the fit
+    follows within a hundred or so steps."""
+    m = model()
+    for g, c, p, ms in steps(200, 1.0, B0, 0.0, seed=1):
+        m.observe(g, c, p, ms)
+    assert m.coef[0] == pytest.approx(1.0, rel=0.02)
+    for g, c, p, ms in steps(150, 1.5, B0, 0.0, seed=2):
+        m.observe(g, c, p, ms)
+    assert m.coef[0] == pytest.approx(1.5, rel=0.05)
+
+
+def test_its_bounds_hold_against_absurd_steps():
+    m = model()
+    for g, c, p, _ in steps(50, 1.0, B0, 0.0):
+        m.observe(g, c, p, 100 * g + 1.0)  # far slower than anything the graphs took
+    assert m.coef[0] == A_BOUNDS[1] and m.coef[1] <= B_FACTOR_MAX * B0
+    m = model()
+    for g, c, p, _ in steps(50, 1.0, B0, 0.0):
+        m.observe(g, c, p, 0.0)  # steps that took nothing
+    assert m.coef[0] == A_BOUNDS[0] and m.coef[1] >= 0 and m.coef[2] >= 0

@@ -1,0 +1,63 @@
+"""What a step will take on the device, learned while serving.
+
+At start-up the model runner times each CUDA graph on blank inputs (`graph_ms`: the
+projections, norms and sampling rows, what grows with the step's tokens) and what a token
+of the decodes' context adds (their KV reads). A step is predicted to take
+
+    a * graph_ms + b * decode_context_tokens + e * prompt_pairs
+
+where prompt_pairs counts the (query, key) pairs of the step's prompt chunks, the
+attention a chunk that continues a long prompt pays and blank inputs do not. The engine
+sizes prompt chunks so that the prediction stays within step_time_target_ms.
+
+The start-up timings are not what serving meets: blocks lie scattered, contexts differ in
+length, clocks move, and the start-up context timing ran one shape. So the engine times
+every graph step it launches (CUDA events around the replay) and refits a, b and e to
+those steps by least squares, recent steps weighing more. The fit is pulled towards a = 1,
+b = the start-up cost and e = 0, as if by one step that said so, which keeps it there
+until the steps say otherwise (and where they cannot tell the terms apart); bounds keep a
+few odd steps from moving the budget far."""
+
+from __future__ import annotations
+
+import numpy as np
+
+DECAY = 0.98  # each step's weight shrinks by this every later step (about the last 50 count)
+PRIOR_WEIGHT = 1.0  # the pull towards the start-up values weighs as much as one step
+A_BOUNDS = (0.7, 3.0)  # the graph term's factor
+B_FACTOR_MAX = 8.0  # the context cost at most this many times the start-up one
+
+
+class StepTimeModel:
+    def __init__(self, context_ms_per_token: float, typical_graph_ms: float, typical_context: int,
+                 typical_pairs: int):
+        self.prior = np.array([1.0, context_ms_per_token, 0.0])
+        scale = np.array([max(typical_graph_ms, 1e-3), max(typical_context, 1), max(typical_pairs, 1)], dtype=float)
+        self._ridge = np.diag(PRIOR_WEIGHT * scale ** 2)
+        self.coef = self.prior.copy()  # a, b, e
+        self.steps = 0
+        self._xx = np.zeros((3, 3))  # decayed sums of x x^T and x * measured
+        self._xm = np.zeros(3)
+
+    def predict(self, graph_ms: float, context: int, pairs: int = 0) -> float:
+        a, b, e = self.coef
+        return a * graph_ms + b * context + e * pairs
+
+    def graph_budget(self, target_ms: float, context: int, pairs: int = 0) -> float:
+        """The most graph_ms a step may have and be predicted within target_ms."""
+        a, b, e = self.coef
+        return (target_ms - b * context - e * pairs) / a
+
+    def observe(self, graph_ms: float, context: int, pairs: int, measured_ms: float) -> None:
+        """One launched step: its start-up graph time, its decodes' context tokens, its
+        prompt chunks' (query, key) pairs, and what it took."""
+        x = np.array([graph_ms, context, pairs], dtype=float)
+        self._xx = DECAY * self._xx + np.outer(x, x)
+        self._xm = DECAY * self._xm + x * measured_ms
+        self.steps += 1
+        try:
+            a, b, e = np.linalg.solve(self._xx + self._ridge, self._xm + self._ridge @ self.prior)
+        except np.linalg.LinAlgError:
+            return
+        b_max = B_FACTOR_MAX * self.prior[1] if self.prior[1] > 0 else np.inf
+        self.coef = np.array([min(max(a, A_BOUNDS[0]), A_BOUNDS[1]), min(max(b, 0.0), b_max), max(e, 0.0)])
