@@ -107,12 +107,19 @@ def check_paged_varlen() -> list[dict]:
     a tile map sized for twice the used tiles, as a graph of a larger step would."""
     from worker.embedded.kernels.paged_varlen import block_q, paged_varlen_attention, paged_varlen_reference, tile_map
 
+    from worker.embedded.attention import to_cache
+
     rows = []
-    for q_lens, ctx, hq, hkv, d, bs, dtype in VARLEN_CASES:
+    # Each 16-bit case over its own cache, and the bf16 ones over an FP8 cache too
+    # (kv_cache.dtype fp8: the reference reads the same float8 values widened).
+    cases = [(c, kv) for c in VARLEN_CASES for kv in ("auto", "fp8") if kv == "auto" or c[-1] == torch.bfloat16]
+    for (q_lens, ctx, hq, hkv, d, bs, dtype), kv in cases:
         gen = torch.Generator(device="cuda").manual_seed(len(q_lens))
         S, T = len(q_lens), sum(q_lens)
         width = -(-max(ctx) // bs)
         kc, vc = (torch.randn(S * width + 1, bs, hkv, d, generator=gen, device="cuda").to(dtype) for _ in range(2))
+        if kv == "fp8":
+            kc, vc = to_cache(kc, torch.float8_e4m3fn), to_cache(vc, torch.float8_e4m3fn)
         tables = torch.randperm(S * width + 1, generator=gen, device="cuda")[: S * width].reshape(S, width)
         q = torch.randn(T, hq, d, generator=gen, device="cuda").to(dtype)
         bq = block_q(hq // hkv)
@@ -123,10 +130,10 @@ def check_paged_varlen() -> list[dict]:
         out = torch.full_like(q, float("nan"))
         run = lambda: paged_varlen_attention(q, kc, vc, out, tile_seq, tile_q, *seq, tables, d ** -0.5)  # noqa: E731
         run()
-        ref = paged_varlen_reference(q, kc, vc, *seq, tables, d ** -0.5)
+        ref = paged_varlen_reference(q, kc.to(dtype), vc.to(dtype), *seq, tables, d ** -0.5)
         ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
         rows.append({"queries": T, "sequences": S, "heads": f"{hq}/{hkv}", "head_dim": d, "block": bs, "max_ctx": max(ctx),
-                     "dtype": str(dtype).removeprefix("torch."), "rel_err": ((out.double() - ref).norm() / ref.norm()).item(),
+                     "dtype": str(dtype).removeprefix("torch.") + ("/fp8kv" if kv == "fp8" else ""), "rel_err": ((out.double() - ref).norm() / ref.norm()).item(),
                      "nan": bool(torch.isnan(out).any()), "us": ms * 1000})
     return rows
 
@@ -170,9 +177,9 @@ def main() -> None:
         print(f"{r['batch']:>5} {r['heads']:>6} {r['head_dim']:>4} {r['block']:>4} {r['max_ctx']:>5} {r['splits']:>6} {r['dtype']:>15} "
               f"{r['rel_err']:>9.2e} {str(r['nan']):>4} {r['us']:>8.1f} {r['kv_GBps']:>8.0f}")
     varlen = check_paged_varlen()
-    print(f"\n{'paged varlen: queries':>21} {'seqs':>4} {'heads':>6} {'dim':>4} {'ctx':>5} {'dtype':>9} {'rel err':>9} {'NaN':>4} {'us':>8}")
+    print(f"\n{'paged varlen: queries':>21} {'seqs':>4} {'heads':>6} {'dim':>4} {'ctx':>5} {'dtype':>15} {'rel err':>9} {'NaN':>4} {'us':>8}")
     for r in varlen:
-        print(f"{r['queries']:>21} {r['sequences']:>4} {r['heads']:>6} {r['head_dim']:>4} {r['max_ctx']:>5} {r['dtype']:>9} "
+        print(f"{r['queries']:>21} {r['sequences']:>4} {r['heads']:>6} {r['head_dim']:>4} {r['max_ctx']:>5} {r['dtype']:>15} "
               f"{r['rel_err']:>9.2e} {str(r['nan']):>4} {r['us']:>8.1f}")
     fused = check_fused(torch.bfloat16) + check_fused(torch.float32)
     print(f"\n{'fused kernel':>24} {'dtype':>9} {'rel err vs torch':>17} {'NaN':>4} {'us':>7}")
