@@ -141,3 +141,38 @@ def test_launch_wait_counts_on_the_queued_steps_predicted_time(engine_for, monke
         while engine.has_work():
             engine.step()
     assert engine.launch_wait() == 0.0  # nothing queued
+
+
+def test_a_prompt_chunk_is_cut_by_what_its_attention_over_the_prompt_costs():
+    """chunk_limit sees each prompt chunk with what the step holds so far (tokens, and the
+    (query, key) pairs of earlier chunks), and cuts it; the step's first chunk still gets
+    MIN_PREFILL_TOKENS; a later one may get nothing this step and waits."""
+    from worker.embedded.scheduler import MIN_PREFILL_TOKENS
+
+    calls = []
+    allow = {"tokens": 400}
+
+    def chunk_limit(context, tokens, pairs, start, want):
+        calls.append((context, tokens, pairs, start, want))
+        return min(want, allow["tokens"])
+
+    sched = BatchScheduler(KvBlockPool(1000, 16), max_batch_size=8, max_num_tokens=2048, max_seq_len=4096,
+                           enable_chunked_prefill=True, policy="GUARANTEED_NO_EVICT", chunk_limit=chunk_limit)
+    d = seq("d", 10)
+    sched.add(d)
+    run_step(sched.schedule())  # d's prompt: nothing decodes yet, so no limit
+    assert calls == []
+    p, q = seq("p", 1500), seq("q", 300)
+    sched.add(p)
+    sched.add(q)
+    step = sched.schedule()
+    # d decodes (context 11); p is cut to 400; q then sees 401 tokens and p's 400 x 401 / 2 pairs.
+    assert [(ch.seq, ch.num_tokens) for ch in step] == [(d, 1), (p, 400), (q, 300)]
+    assert calls == [(11, 1, 0, 0, 1500), (11, 401, 400 * 401 // 2, 0, 300)]
+    run_step(step)
+    # Now nothing fits: p (continuing at 400) still gets the first chunk's minimum, q nothing.
+    allow["tokens"] = 0
+    calls.clear()
+    step = sched.schedule()
+    assert [(ch.seq.request_id, ch.num_tokens) for ch in step] == [("d", 1), ("q", 1), ("p", MIN_PREFILL_TOKENS)]
+    assert calls[-1][3] == 400

@@ -64,3 +64,25 @@ def test_its_bounds_hold_against_absurd_steps():
     for g, c, p, _ in steps(50, 1.0, B0, 0.0):
         m.observe(g, c, p, 0.0)  # steps that took nothing
     assert m.coef[0] == A_BOUNDS[0] and m.coef[1] >= 0 and m.coef[2] >= 0
+
+
+def test_a_chunk_over_a_long_prompt_gets_fewer_tokens_once_its_attention_is_learned():
+    """chunk_within picks the largest chunk predicted within the target on the mixed graphs:
+    before the model knows what prompt attention costs, a chunk at position 3,000 gets what
+    one at position 0 gets; once it knows, less."""
+    from worker.embedded.model_runner import chunk_within
+
+    sizes, ms = [128, 256, 512, 1024, 2048], [5.0, 7.0, 11.0, 20.0, 40.0]
+    m = model()
+    fresh = chunk_within(sizes, ms, m, 15.0, 50_000, 40, 0, 0, 2000)
+    assert fresh == 512 - 40  # 11 ms + 1.5 ms of context fits 15 ms; 20 ms does not
+    assert chunk_within(sizes, ms, m, 15.0, 50_000, 40, 0, 3000, 2000) == fresh
+    for g, c, p, t in steps(300, 1.0, B0, 2e-6):
+        m.observe(g, c, p, t)
+    late = chunk_within(sizes, ms, m, 15.0, 50_000, 40, 0, 3000, 2000)
+    assert 0 < late < fresh
+    n = late
+    assert m.predict(ms[sizes.index(next(s for s in sizes if s >= 40 + n))], 50_000, n * 3000 + n * (n + 1) // 2) <= 15.0
+    # And a chunk that cannot fit at all gets nothing (the scheduler then gives the step's
+    # first chunk its minimum).
+    assert chunk_within(sizes, ms, m, 2.0, 50_000, 40, 0, 3000, 2000) == 0

@@ -115,6 +115,7 @@ class EmbeddedEngine:
             enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduler.capacity_scheduler_policy,
             token_budget=self._token_budget if config.step_time_target_ms and self.runner.mixed_ms else None,
+            chunk_limit=self._chunk_limit if config.step_time_target_ms and self.runner.mixed_ms else None,
         )
         self.requests: dict[str, Sequence] = {}
         self.overlap = config.overlap_scheduler == "on" or (config.overlap_scheduler == "auto" and self.device.type == "cuda")
@@ -248,6 +249,12 @@ class EmbeddedEngine:
         """While requests decode: the tokens a step may take and still be predicted to end
         within step_time_target_ms, from the graph timings taken at start-up."""
         return self.runner.tokens_within(self.config.step_time_target_ms, context)
+
+    def _chunk_limit(self, context: int, tokens: int, pairs: int, start: int, want: int) -> int:
+        """While requests decode: how much of a prompt chunk a step may take and still be
+        predicted within step_time_target_ms, the chunk's attention over its prompt's
+        earlier tokens counted (the step model learns what that costs)."""
+        return self.runner.chunk_within(self.config.step_time_target_ms, context, tokens, pairs, start, want)
 
     # The Engine contract.
 

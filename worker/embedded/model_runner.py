@@ -65,6 +65,19 @@ def tokens_within(sizes: list[int], ms: list[float], budget_ms: float) -> int:
     return best
 
 
+def chunk_within(sizes: list[int], ms: list[float], model: StepTimeModel, target_ms: float, context: int,
+                 tokens: int, pairs: int, start: int, want: int) -> int:
+    """The most of `want` prompt tokens from position `start` a step may add to the
+    `tokens` and prompt (query, key) `pairs` it holds, its decodes reading `context`
+    tokens, and be predicted within target_ms on the graph (sizes, ms) it then replays."""
+    best = 0
+    for size, graph_ms in zip(sizes, ms):
+        n = min(want, size - tokens)
+        if n > best and model.predict(graph_ms, context, pairs + n * start + n * (n + 1) // 2) <= target_ms:
+            best = n
+    return best
+
+
 def kv_bytes_per_block(cfg: ModelConfig, tokens_per_block: int, dtype: torch.dtype) -> int:
     elem = torch.empty((), dtype=dtype).element_size()
     return 2 * cfg.num_layers * tokens_per_block * cfg.num_kv_heads * cfg.head_dim * elem
@@ -521,6 +534,13 @@ class ModelRunner:
         if self.step_model is None:
             return 0
         return tokens_within(self.mixed_sizes, self.mixed_ms, self.step_model.graph_budget(target_ms, context))
+
+    def chunk_within(self, target_ms: float, context: int, tokens: int, pairs: int, start: int, want: int) -> int:
+        """module-level chunk_within on this runner's mixed graphs and step model."""
+        if self.step_model is None:
+            return want
+        return chunk_within(self.mixed_sizes, self.mixed_ms, self.step_model, target_ms, context, tokens, pairs,
+                            start, want)
 
     def _replay_timed(self, replay: Callable[[], torch.Tensor], chunks: list[ScheduledChunk]) -> torch.Tensor:
         """replay(), with CUDA events around it once steps are timed: the step model learns

@@ -45,11 +45,18 @@ class BatchScheduler:
         enable_chunked_prefill: bool,
         policy: str,
         token_budget: Callable[[int, int], int] | None = None,
+        chunk_limit: Callable[[int, int, int, int, int], int] | None = None,
     ):
         """token_budget(decodes, context tokens they read) -> the step's token budget while
-        requests decode (at most max_num_tokens); None: max_num_tokens always."""
+        requests decode (at most max_num_tokens); None: max_num_tokens always.
+        chunk_limit(context, step tokens so far, step prompt pairs so far, chunk start,
+        tokens wanted) -> the most of them a prompt chunk may take while requests decode,
+        its attention over the prompt's earlier tokens counted (the (query, key) pairs);
+        None: only the token budget. The step's first prompt chunk still gets up to
+        MIN_PREFILL_TOKENS."""
         self.pool = pool
         self.token_budget = token_budget
+        self.chunk_limit = chunk_limit
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
         self.max_seq_len = max_seq_len
@@ -87,9 +94,10 @@ class BatchScheduler:
             else:
                 prefills.append(seq)
         budget = self.max_num_tokens
+        context = sum(seq.num_computed + 1 for seq in decodes)
         if decodes and self.token_budget is not None:
-            context = sum(seq.num_computed + 1 for seq in decodes)
             budget = min(budget, max(self.token_budget(len(decodes), context), len(decodes) + MIN_PREFILL_TOKENS))
+        fill = _StepFill(context, self.chunk_limit if decodes else None)
         chunks: dict[Sequence, ScheduledChunk] = {}
         # Decodes first, so that a long prefill never holds a stream's next token back.
         for seq in decodes:
@@ -101,6 +109,7 @@ class BatchScheduler:
                 continue
             chunks[seq] = ScheduledChunk(seq, 1, True)
             budget -= 1
+            fill.tokens += 1
         for seq in prefills:
             if budget <= 0:
                 break
@@ -111,13 +120,15 @@ class BatchScheduler:
                 if not self.chunked:
                     continue
                 n = budget
-            if not self._grow(seq, seq.num_computed + n, chunks):
+            n = fill.limit(seq.num_computed, n, self.chunked)
+            if not n or not self._grow(seq, seq.num_computed + n, chunks):
                 continue
             chunks[seq] = ScheduledChunk(seq, n, seq.num_computed + n == len(seq))
             budget -= n
+            fill.add(seq.num_computed, n)
         scheduled = list(chunks.values())
         if len(scheduled) + finishing == len(self.running):
-            budget = self._admit(scheduled, budget)
+            budget = self._admit(scheduled, budget, fill)
         return scheduled
 
     def _grow(self, seq: Sequence, num_tokens: int, chunks: dict[Sequence, ScheduledChunk]) -> bool:
@@ -145,7 +156,7 @@ class BatchScheduler:
         """Blocks that running requests may still claim before they finish."""
         return sum(max(0, self.blocks_for_lifetime(s) - len(s.block_table)) for s in self.running)
 
-    def _admit(self, chunks: list[ScheduledChunk], budget: int) -> int:
+    def _admit(self, chunks: list[ScheduledChunk], budget: int, fill: "_StepFill") -> int:
         pool = self.pool
         reserved = self._reserved() if self.policy == "GUARANTEED_NO_EVICT" else 0
         while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
@@ -161,6 +172,9 @@ class BatchScheduler:
                 if not self.chunked:
                     break
                 n = budget
+            n = fill.limit(num_cached, n, self.chunked)
+            if not n:
+                break
             # Cached blocks nobody references sit in the free list: taking them uses it up.
             cached_idle = sum(1 for b in cached if pool.blocks[b].ref_count == 0)
             if self.policy == "GUARANTEED_NO_EVICT":
@@ -184,4 +198,33 @@ class BatchScheduler:
             self.running.append(seq)
             chunks.append(ScheduledChunk(seq, n, num_cached + n == len(tokens)))
             budget -= n
+            fill.add(num_cached, n)
         return budget
+
+
+@dataclasses.dataclass
+class _StepFill:
+    """What a step holds so far, for chunk_limit: its tokens and its prompt chunks' (query,
+    key) pairs, over decodes reading `context` tokens."""
+
+    context: int
+    chunk_limit: Callable[[int, int, int, int, int], int] | None
+    tokens: int = 0
+    pairs: int = 0
+    prompts: int = 0
+
+    def limit(self, start: int, n: int, chunked: bool) -> int:
+        """How many of n prompt tokens from position `start` the step may still take."""
+        if self.chunk_limit is None:
+            return n
+        allowed = self.chunk_limit(self.context, self.tokens, self.pairs, start, n)
+        if not self.prompts:  # prompts always move: the step's first chunk gets its minimum
+            allowed = max(allowed, min(n, MIN_PREFILL_TOKENS))
+        if allowed < n and not chunked:
+            return 0
+        return min(allowed, n)
+
+    def add(self, start: int, n: int) -> None:
+        self.tokens += n
+        self.pairs += n * start + n * (n + 1) // 2
+        self.prompts += 1
