@@ -124,7 +124,7 @@ def paged_decode_attention(
     v_scale: float = 1.0,  # the cache holds values / v_scale (kv_cache.dtype fp8); fold k's into `scale`
     tile: int | None = None,  # tokens a loop iteration (None: 64, 128 for an FP8 cache, or the block size if larger)
     num_warps: int = 4,
-    num_stages: int | None = None,  # None: Triton's default
+    num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
     fp8_read: str = "words",  # how an FP8 cache is read (kv_tile.py); "cast" is the baseline benches time
 ) -> torch.Tensor:
     B, Hq, D = q.shape
@@ -134,6 +134,8 @@ def paged_decode_attention(
     # An FP8 cache reads 128 tokens a loop iteration: at one split, 3-27% faster than 64 on
     # the 8B heads (BENCHMARKS.md, FP8 KV cache reads); a 16-bit one, 64.
     tile = tile or max(128 if k_cache.dtype == torch.float8_e4m3fn else 64, block_size)
+    if num_stages is None and k_cache.dtype == torch.float8_e4m3fn:
+        num_stages = 2  # 1-3% faster than 3 in every case measured (BENCHMARKS.md, FP8 KV cache reads)
     if splits is None:
         splits = num_splits(B * Hkv, _num_sms(q.device), block_tables.shape[1] * block_size, tile)
     part_o = part_lse = out  # unused when there is one split
