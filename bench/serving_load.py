@@ -305,7 +305,7 @@ def main() -> None:
         if args.direct_only:
             return finish(args, points, direct, None, step_times, device, model)
         env = {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "INFLIGHT_QUANTIZATION": args.quantization,
-               "INFLIGHT_KV_CACHE_DTYPE": args.kv_cache_dtype, "INFLIGHT_STEP_TIME_LEARNING": args.step_time_learning == "on"}
+               "INFLIGHT_KV_CACHE_DTYPE": args.kv_cache_dtype, "INFLIGHT_STEP_TIME_LEARNING": "true" if args.step_time_learning == "on" else "false"}
         if args.max_num_tokens:
             env["INFLIGHT_MAX_NUM_TOKENS"] = str(args.max_num_tokens)
         if args.step_time_target_ms is not None:
