@@ -107,6 +107,7 @@ class EmbeddedEngine:
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block,
                                   self.max_seq_len, config.max_batch_size, self.max_num_tokens, config.cuda_graphs,
                                   config.kernels, kv_dtype=self.kv_dtype, learn_step_times=config.step_time_learning)
+        timed_steps = bool(config.step_time_target_ms and self.runner.mixed_ms)  # steps sized by predicted time
         self.scheduler = BatchScheduler(
             self.pool,
             max_batch_size=config.max_batch_size,
@@ -114,8 +115,8 @@ class EmbeddedEngine:
             max_seq_len=self.max_seq_len,
             enable_chunked_prefill=config.enable_chunked_prefill,
             policy=config.scheduler.capacity_scheduler_policy,
-            token_budget=self._token_budget if config.step_time_target_ms and self.runner.mixed_ms else None,
-            chunk_limit=self._chunk_limit if config.step_time_target_ms and self.runner.mixed_ms else None,
+            token_budget=self._token_budget if timed_steps else None,
+            chunk_limit=self._chunk_limit if timed_steps else None,
         )
         self.requests: dict[str, Sequence] = {}
         self.overlap = config.overlap_scheduler == "on" or (config.overlap_scheduler == "auto" and self.device.type == "cuda")
@@ -247,7 +248,8 @@ class EmbeddedEngine:
 
     def _token_budget(self, decodes: int, context: int) -> int:
         """While requests decode: the tokens a step may take and still be predicted to end
-        within step_time_target_ms, from the graph timings taken at start-up."""
+        within step_time_target_ms, as the step model predicts (start-up timings, refitted
+        to the steps measured since)."""
         return self.runner.tokens_within(self.config.step_time_target_ms, context)
 
     def _chunk_limit(self, context: int, tokens: int, pairs: int, start: int, want: int) -> int:

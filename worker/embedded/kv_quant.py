@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from worker.embedded.attention import FP8_MAX
-from worker.embedded.smoothquant import forward_prompt
+from worker.embedded.smoothquant import forward_prompt, prompt_caches
 
 # Room above the calibration's largest magnitude before values clamp: prompts outside the
 # calibration set may go further. Twice costs one of E4M3's 16 binades at the bottom.
@@ -35,9 +35,7 @@ def calibrate_kv_scales(model: nn.Module, prompts: list[list[int]]) -> list[tupl
     cfg = model.config
     amax = torch.zeros(cfg.num_layers, 2, dtype=torch.float32, device=p.device)
     for ids in prompts:
-        shape = (1, len(ids), cfg.num_kv_heads, cfg.head_dim)
-        caches = [(torch.zeros(shape, dtype=p.dtype, device=p.device), torch.zeros(shape, dtype=p.dtype, device=p.device))
-                  for _ in range(cfg.num_layers)]
+        caches = prompt_caches(model, len(ids))
         forward_prompt(model, ids, caches=caches)
         seen = torch.stack([torch.stack((k.abs().amax(), v.abs().amax())) for k, v in caches]).float()
         amax = torch.maximum(amax, seen)

@@ -20,7 +20,7 @@ from worker.embedded.llama import LlamaForCausalLM
 from worker.embedded.sampler import DeviceSample, sample_async
 from worker.embedded.scheduler import ScheduledChunk
 from worker.embedded.sequence import Sequence
-from worker.embedded.step_time import StepTimeModel
+from worker.embedded.step_time import StepTimeModel, prompt_pairs
 from models.config import ModelConfig
 from worker.engine_api import EngineConfigError, KernelConfig
 
@@ -73,7 +73,7 @@ def chunk_within(sizes: list[int], ms: list[float], model: StepTimeModel, target
     best = 0
     for size, graph_ms in zip(sizes, ms):
         n = min(want, size - tokens)
-        if n > best and model.predict(graph_ms, context, pairs + n * start + n * (n + 1) // 2) <= target_ms:
+        if n > best and model.predict(graph_ms, context, pairs + prompt_pairs(start, n)) <= target_ms:
             best = n
     return best
 
@@ -192,7 +192,7 @@ class ModelRunner:
         self.mixed_sizes: list[int] = []
         self.steps_graph = self.steps_eager = 0  # forward passes by how they ran
         # What a mixed step's graph takes (ms, by mixed_sizes), and what each token of
-        # context its sequences read adds: timed at start-up (step_ms).
+        # context its sequences read adds: timed at start-up, the step model's start.
         self.mixed_ms: list[float] = []
         self.decode_ms: list[float] = []  # by graph_sizes, blank inputs (no context)
         self.context_ms_per_token = 0.0
@@ -430,7 +430,7 @@ class ModelRunner:
         """Time every mixed graph on blank inputs (the projections, norms and sampling
         rows: what grows with the step's tokens), then one with decodes over a real
         context, for what each context token adds (the attention's KV reads). The
-        engine sizes steps from these (step_ms)."""
+        engine sizes steps from these, through the step model (step_time.py)."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
         def timed(replay) -> float:
@@ -491,14 +491,6 @@ class ModelRunner:
                  "dropped as slower than a larger one: %s", time.monotonic() - t0, [round(ms, 2) for ms in self.mixed_ms],
                  self.mixed_sizes, self.context_ms_per_token * 1000, dropped or "none")
 
-    def step_ms(self, tokens: int, context: int) -> float | None:
-        """The predicted time of a mixed step of `tokens` tokens whose decodes read
-        `context` tokens of KV; None where steps are not timed (no graphs) or the step is
-        larger than any graph."""
-        if self.step_model is None or tokens > self.mixed_sizes[-1]:
-            return None
-        return self.step_model.predict(self.mixed_ms[bisect.bisect_left(self.mixed_sizes, tokens)], context)
-
     def step_features(self, chunks: list[ScheduledChunk]) -> tuple[float, int, int] | None:
         """What a step of these chunks is predicted from (StepTimeModel): the start-up
         time of the graph it replays, its decodes' context tokens and its prompt chunks'
@@ -512,7 +504,7 @@ class ModelRunner:
             if n == 1:
                 context += p + 1
             else:
-                pairs += n * p + n * (n + 1) // 2
+                pairs += prompt_pairs(p, n)
         if tokens == len(chunks):  # decode-only
             if tokens > self.graph_sizes[-1]:
                 return None

@@ -342,7 +342,7 @@ def quantize_model(model: nn.Module, scheme: QuantScheme, col_weights: dict | No
     from tqdm import tqdm
 
     todo = list(projections(model))
-    # Searched FP8 scales take seconds on a CPU (16 s for the default model on two threads): a bar.
+    # Searched FP8 scales take seconds on a CPU (about 11 s for the default model on two threads): a bar.
     for parent, name, linear in tqdm(todo, desc="Quantizing projections", unit="proj", disable=None if col_weights else True):
         col_weight = col_weights.get(linear) if col_weights else None
         setattr(parent, name, QuantLinear.from_linear(linear, scheme, col_weight))

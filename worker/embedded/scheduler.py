@@ -20,6 +20,7 @@ from typing import Callable
 
 from worker.embedded.block_pool import KvBlockPool
 from worker.embedded.sequence import Sequence, SeqStatus
+from worker.embedded.step_time import prompt_pairs
 
 
 @dataclasses.dataclass
@@ -226,5 +227,5 @@ class _StepFill:
 
     def add(self, start: int, n: int) -> None:
         self.tokens += n
-        self.pairs += n * start + n * (n + 1) // 2
+        self.pairs += prompt_pairs(start, n)
         self.prompts += 1

@@ -61,6 +61,16 @@ def calibration_token_ids(tokenizer_file: Path | None, vocab_size: int) -> list[
     return [torch.randint(0, vocab_size, (64,), generator=gen).tolist() for _ in CALIBRATION_TEXTS]
 
 
+def prompt_caches(model: nn.Module, tokens: int, dtype: torch.dtype | None = None) -> list:
+    """Zeroed (k, v) caches of one block holding `tokens` tokens, one a layer, for
+    forward_prompt: [1, tokens, kv heads, head dim] of `dtype` (default the model's)."""
+    p = next(model.parameters())
+    cfg = model.config
+    shape = (1, tokens, cfg.num_kv_heads, cfg.head_dim)
+    return [(torch.zeros(shape, dtype=dtype or p.dtype, device=p.device),
+             torch.zeros(shape, dtype=dtype or p.dtype, device=p.device)) for _ in range(cfg.num_layers)]
+
+
 @torch.no_grad()
 def forward_prompt(model: nn.Module, ids: list[int], every_position: bool = False,
                    kv_dtype: torch.dtype | None = None, caches: list | None = None) -> torch.Tensor:
@@ -70,12 +80,9 @@ def forward_prompt(model: nn.Module, ids: list[int], every_position: bool = Fals
     which then hold the prompt's keys and values): the last position's logits [1, V], or
     every position's [T, V]."""
     p = next(model.parameters())
-    cfg, T = model.config, len(ids)
-    kv_dtype = kv_dtype or p.dtype
+    T = len(ids)
     if caches is None:
-        caches = [(torch.zeros((1, T, cfg.num_kv_heads, cfg.head_dim), dtype=kv_dtype, device=p.device),
-                   torch.zeros((1, T, cfg.num_kv_heads, cfg.head_dim), dtype=kv_dtype, device=p.device))
-                  for _ in range(cfg.num_layers)]
+        caches = prompt_caches(model, T, kv_dtype)
     rows = torch.arange(T, device=p.device)
     lens = torch.tensor([T], device=p.device)
     meta = AttentionMetadata(slot_mapping=rows, attention="reference",

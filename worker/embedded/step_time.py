@@ -28,6 +28,12 @@ A_BOUNDS = (0.7, 3.0)  # the graph term's factor
 B_FACTOR_MAX = 8.0  # the context cost at most this many times the start-up one
 
 
+def prompt_pairs(start: int, n: int) -> int:
+    """The (query, key) pairs of a prompt chunk of n tokens from position `start`: each
+    new token attends to every earlier token and itself."""
+    return n * start + n * (n + 1) // 2
+
+
 class StepTimeModel:
     def __init__(self, context_ms_per_token: float, typical_graph_ms: float, typical_context: int,
                  typical_pairs: int):

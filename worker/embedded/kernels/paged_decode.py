@@ -131,10 +131,11 @@ def paged_decode_attention(
     _, block_size, Hkv, _ = k_cache.shape
     group = Hq // Hkv
     out = torch.empty_like(q) if out is None else out
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn  # by the cache, not the scales: one variant per cache
     # An FP8 cache reads 128 tokens a loop iteration: at one split, 3-27% faster than 64 on
     # the 8B heads (BENCHMARKS.md, FP8 KV cache reads); a 16-bit one, 64.
-    tile = tile or max(128 if k_cache.dtype == torch.float8_e4m3fn else 64, block_size)
-    if num_stages is None and k_cache.dtype == torch.float8_e4m3fn:
+    tile = tile or max(128 if kv_fp8 else 64, block_size)
+    if num_stages is None and kv_fp8:
         num_stages = 2  # 1-3% faster than 3 in every case measured (BENCHMARKS.md, FP8 KV cache reads)
     if splits is None:
         splits = num_splits(B * Hkv, _num_sms(q.device), block_tables.shape[1] * block_size, tile)
@@ -143,7 +144,6 @@ def paged_decode_attention(
     if splits > 1:
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn  # by the cache, not the scales: one variant per cache
     k_cache, v_cache = cache_view(k_cache, fp8_read), cache_view(v_cache, fp8_read)
     _paged_decode[(B, Hkv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
