@@ -12,6 +12,7 @@ of a real shape; prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import time
 
@@ -20,6 +21,7 @@ import torch
 from bench.shapes import SHAPES, model_config
 from inflight.sampling_params import SamplingParams
 from worker.embedded.engine import EmbeddedEngine
+from worker.embedded.kernels import paged_decode
 from worker.engine_api import EngineConfig, KernelConfig, KvCacheConfig
 
 
@@ -29,10 +31,48 @@ def decode_tokens(steps: int, windows: int = 5) -> int:
     return 4 + windows * steps + 8
 
 
+def decode_kernel_alone(engine: EmbeddedEngine, variants: dict[str, dict], repeats: int = 20) -> dict[str, float]:
+    """The running decodes' attention timed outside the graphs: the paged-decode kernel
+    over their real block tables and lengths, once for each layer's cache in turn (as a
+    step meets them), us a layer, for each set of launch keywords in `variants`."""
+    runner, cfg = engine.runner, engine.model_config
+    seqs = list(engine.scheduler.running)
+    W = max(len(s.block_table) for s in seqs)
+    tables = torch.zeros(len(seqs), W, dtype=torch.int32)
+    for i, s in enumerate(seqs):
+        tables[i, : len(s.block_table)] = torch.tensor(s.block_table, dtype=torch.int32)
+    tables = tables.cuda()
+    ctx = torch.tensor([s.num_computed for s in seqs], dtype=torch.int32, device="cuda")
+    q = torch.randn(len(seqs), cfg.num_heads, cfg.head_dim, dtype=torch.bfloat16, device="cuda")
+    out = torch.empty_like(q)
+    got = {}
+    for name, kw in variants.items():
+        def layers():
+            for k_cache, v_cache in runner.kv_caches:
+                engine_decode(q, k_cache, v_cache, tables, ctx, cfg.head_dim ** -0.5, out, pdl=False, **kw)
+        layers()  # compiles
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            layers()
+        end.record()
+        end.synchronize()
+        got[name] = 1000 * start.elapsed_time(end) / (repeats * len(runner.kv_caches))
+    return got
+
+
+engine_decode = paged_decode.paged_decode_attention
+# Launch keywords of the paged-decode kernel timed by --kernel-alone.
+ALONE_VARIANTS = {"engine": {}, "splits 2": {"splits": 2}, "splits 4": {"splits": 4}, "warps 8": {"num_warps": 8},
+                  "tile 128": {"tile": 128}, "stages 2": {"num_stages": 2}, "stages 4": {"num_stages": 4}}
+
+
 def time_steps(engine: EmbeddedEngine, decodes: int, prompt: int, steps: int, gen: torch.Generator, context: int = 128,
-               windows: int = 5) -> float:
+               windows: int = 5, alone: dict | None = None) -> float:
     """ms per step, the median over `windows` runs of `steps` steps, each step carrying
-    `decodes` decodes and a new `prompt`-token request (asking one token)."""
+    `decodes` decodes and a new `prompt`-token request (asking one token). With `alone`
+    (a dict), the decodes' attention is also timed outside the graphs into it."""
     vocab = engine.vocab_size
     # The decodes' own prompts take a few steps first, in which the earliest already decode.
     warm = -(-decodes * context // engine.max_num_tokens) + 4
@@ -62,6 +102,8 @@ def time_steps(engine: EmbeddedEngine, decodes: int, prompt: int, steps: int, ge
     # Every step must have carried every decode and the new prompt (one step of lag: overlap).
     want = windows * steps * (decodes + (1 if prompt else 0))
     assert produced >= want - 2 * (decodes + 1), f"{produced} tokens where every step would give {want}: steps were not full"
+    if alone is not None:
+        alone.update(decode_kernel_alone(engine, ALONE_VARIANTS))
     for rid in list(engine.requests):
         engine.abort(rid)
     while engine.has_work():
@@ -78,9 +120,16 @@ def main() -> None:
     ap.add_argument("--max-num-tokens", type=int, default=None, help="the engine's step budget (default: the engine's)")
     ap.add_argument("--steps", type=int, default=30, help="steps per timed window (the median of 5 windows is reported)")
     ap.add_argument("--context", type=int, default=128, help="prompt tokens of each running decode (its context, plus what it generates)")
-    ap.add_argument("--against", choices=["eager", "varlen-decodes"], default="eager",
-                    help="the baseline side: graphs off (eager), or graphs with every row of a mixed step in the paged "
-                         "varlen kernel (KernelConfig.mixed_decode_kernel off)")
+    ap.add_argument("--against", choices=["eager", "varlen-decodes", "decode-launch"], default="eager",
+                    help="the baseline side: graphs off (eager), graphs with every row of a mixed step in the paged "
+                         "varlen kernel (KernelConfig.mixed_decode_kernel off), or graphs whose paged-decode kernel "
+                         "launches as --baseline-launch says")
+    ap.add_argument("--baseline-launch", nargs="+", default=[], metavar="KEY=INT",
+                    help="with --against decode-launch: the paged-decode kernel's launch keywords on the baseline side, "
+                         "e.g. splits=4 num_warps=8 tile=128 num_stages=2")
+    ap.add_argument("--kernel-alone", action="store_true",
+                    help="also time the decodes' attention outside the graphs, on their real block tables, per launch "
+                         "variant (us a layer), beside what a context token adds inside the graphs (run --context twice)")
     ap.add_argument("--out", default="mixed_step.json")
     args = ap.parse_args()
 
@@ -89,10 +138,13 @@ def main() -> None:
     warm = -(-max(args.decodes) * args.context // 512) + 4  # steps the decodes' prompts take, at least (time_steps)
     kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.decodes) * (args.context + decode_tokens(args.steps) + warm + 64)
                        + 4 * max(args.prompts) + 8192)
+    launch = {k: int(v) for k, v in (kv_.split("=") for kv_ in args.baseline_launch)}
     rows, starts = [], {}
     for graphs in (True, False):  # False: the baseline side
         t0 = time.perf_counter()
         baseline = not graphs
+        if baseline and args.against == "decode-launch":  # attention.py looks the kernel up at each call
+            paged_decode.paged_decode_attention = functools.partial(engine_decode, **launch)
         # Steps of a fixed make-up: no budget by time (step_time_target_ms), which would chunk the prompts.
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096,
                                              max_batch_size=max(args.decodes) + 8, max_num_tokens=args.max_num_tokens,
@@ -105,15 +157,20 @@ def main() -> None:
                 if p + d > engine.max_num_tokens:
                     continue
                 before = engine.stats()
-                ms = time_steps(engine, d, p, args.steps, gen, args.context)
+                alone = {} if args.kernel_alone and graphs and p == 0 else None
+                ms = time_steps(engine, d, p, args.steps, gen, args.context, alone=alone)
                 after = engine.stats()
-                rows.append({"cuda_graphs": graphs, "decodes": d, "prompt": p, "ms_per_step": ms,
+                if alone:
+                    print(f"decode kernel alone, {d} decodes over ~{args.context} tokens, us a layer: "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in alone.items()), flush=True)
+                rows.append({"cuda_graphs": graphs, "decodes": d, "prompt": p, "ms_per_step": ms, "kernel_alone_us": alone,
                              "graph_steps": after.steps_graph - before.steps_graph, "eager_steps": after.steps_eager - before.steps_eager,
                              "late_compiles": after.kernel_compiles_late})
         del engine
         torch.cuda.empty_cache()
+    paged_decode.paged_decode_attention = engine_decode
 
-    base = "eager" if args.against == "eager" else "varlen"
+    base = {"eager": "eager", "varlen-decodes": "varlen", "decode-launch": "launch"}[args.against]
     print(f"\n{args.shape} mixed steps on {torch.cuda.get_device_name()}, bf16, decodes over {args.context}-token prompts; "
           f"engine start: graphs {starts[True]:.1f} s, baseline ({args.against}) {starts[False]:.1f} s")
     print(f"{'decodes':>7} {'prompt':>6} {'graphs ms':>9} {base + ' ms':>9} {base + '/graphs':>12} {'graph steps':>11} {'late compiles':>13}")
@@ -126,7 +183,8 @@ def main() -> None:
         print(f"{r['decodes']:>7} {r['prompt']:>6} {r['ms_per_step']:>9.3f} {e['ms_per_step']:>9.3f} "
               f"{e['ms_per_step'] / r['ms_per_step']:>11.2f}x {share:>10.0%} {r['late_compiles']:>13}")
     with open(args.out, "w") as f:
-        json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(), "against": args.against, "context": args.context,
+        json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(), "against": args.against,
+                   "baseline_launch": launch, "context": args.context,
                    "start_s": {"graphs": starts[True], "baseline": starts[False]},
                    "rows": rows}, f, indent=2)
 
