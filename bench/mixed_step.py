@@ -111,6 +111,14 @@ def time_steps(engine: EmbeddedEngine, decodes: int, prompt: int, steps: int, ge
     return 1000 * sorted(times)[windows // 2] / steps
 
 
+def parse_launch(text: str) -> dict[str, int]:
+    """'splits=4,num_warps=8' -> {'splits': 4, 'num_warps': 8}."""
+    try:
+        return {k: int(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"launch variant {text!r}: expected KEY=INT[,KEY=INT...]") from None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
@@ -119,74 +127,101 @@ def main() -> None:
                     help="prompt tokens of the request added before every step (0: decode-only steps)")
     ap.add_argument("--max-num-tokens", type=int, default=None, help="the engine's step budget (default: the engine's)")
     ap.add_argument("--steps", type=int, default=30, help="steps per timed window (the median of 5 windows is reported)")
-    ap.add_argument("--context", type=int, default=128, help="prompt tokens of each running decode (its context, plus what it generates)")
+    ap.add_argument("--context", type=int, nargs="+", default=[128],
+                    help="prompt tokens of each running decode (its context, plus what it generates); several values: "
+                         "each on the same engines, and what a context token adds a step between the first two")
     ap.add_argument("--against", choices=["eager", "varlen-decodes", "decode-launch"], default="eager",
                     help="the baseline side: graphs off (eager), graphs with every row of a mixed step in the paged "
                          "varlen kernel (KernelConfig.mixed_decode_kernel off), or graphs whose paged-decode kernel "
-                         "launches as --baseline-launch says")
-    ap.add_argument("--baseline-launch", nargs="+", default=[], metavar="KEY=INT",
-                    help="with --against decode-launch: the paged-decode kernel's launch keywords on the baseline side, "
-                         "e.g. splits=4 num_warps=8 tile=128 num_stages=2")
+                         "launches as each --baseline-launch variant says (a side each)")
+    ap.add_argument("--baseline-launch", nargs="+", type=parse_launch, default=[], metavar="KEY=INT[,KEY=INT]",
+                    help="with --against decode-launch: the paged-decode kernel's launch keywords, one side per "
+                         "variant, e.g. splits=4 num_warps=8 tile=128,num_stages=2")
     ap.add_argument("--kernel-alone", action="store_true",
                     help="also time the decodes' attention outside the graphs, on their real block tables, per launch "
-                         "variant (us a layer), beside what a context token adds inside the graphs (run --context twice)")
+                         "variant (us a layer), at each context's decode-only point")
     ap.add_argument("--out", default="mixed_step.json")
     args = ap.parse_args()
+    if args.against == "decode-launch" and not args.baseline_launch:
+        ap.error("--against decode-launch needs at least one --baseline-launch variant")
 
     cfg = model_config(args.shape)
     gen = torch.Generator().manual_seed(0)
-    warm = -(-max(args.decodes) * args.context // 512) + 4  # steps the decodes' prompts take, at least (time_steps)
-    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.decodes) * (args.context + decode_tokens(args.steps) + warm + 64)
+    context = max(args.context)
+    warm = -(-max(args.decodes) * context // 512) + 4  # steps the decodes' prompts take, at least (time_steps)
+    kv = KvCacheConfig(tokens_per_block=32, max_tokens=max(args.decodes) * (context + decode_tokens(args.steps) + warm + 64)
                        + 4 * max(args.prompts) + 8192)
-    launch = {k: int(v) for k, v in (kv_.split("=") for kv_ in args.baseline_launch)}
+    # Sides: (name, CUDA graphs, kernel config, the paged-decode kernel's launch keywords).
+    sides = [("graphs", True, KernelConfig(), {})]
+    if args.against == "eager":
+        sides.append(("eager", False, KernelConfig(), {}))
+    elif args.against == "varlen-decodes":
+        sides.append(("varlen", True, KernelConfig(mixed_decode_kernel=False), {}))
+    else:
+        sides += [(",".join(f"{k}={v}" for k, v in launch.items()), True, KernelConfig(), launch)
+                  for launch in args.baseline_launch]
     rows, starts = [], {}
-    for graphs in (True, False):  # False: the baseline side
+    for name, graphs, kernels, launch in sides:
         t0 = time.perf_counter()
-        baseline = not graphs
-        if baseline and args.against == "decode-launch":  # attention.py looks the kernel up at each call
-            paged_decode.paged_decode_attention = functools.partial(engine_decode, **launch)
+        # attention.py looks the kernel up at each call: the graphs capture this side's launch
+        paged_decode.paged_decode_attention = functools.partial(engine_decode, **launch) if launch else engine_decode
         # Steps of a fixed make-up: no budget by time (step_time_target_ms), which would chunk the prompts.
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096,
                                              max_batch_size=max(args.decodes) + 8, max_num_tokens=args.max_num_tokens,
-                                             cuda_graphs=graphs or args.against != "eager", step_time_target_ms=0,
-                                             kernels=KernelConfig(mixed_decode_kernel=not (baseline and args.against == "varlen-decodes"))),
-                                cfg)
-        starts[graphs] = time.perf_counter() - t0
-        for d in args.decodes:
-            for p in args.prompts:
-                if p + d > engine.max_num_tokens:
-                    continue
-                before = engine.stats()
-                alone = {} if args.kernel_alone and graphs and p == 0 else None
-                ms = time_steps(engine, d, p, args.steps, gen, args.context, alone=alone)
-                after = engine.stats()
-                if alone:
-                    print(f"decode kernel alone, {d} decodes over ~{args.context} tokens, us a layer: "
-                          + ", ".join(f"{k} {v:.1f}" for k, v in alone.items()), flush=True)
-                rows.append({"cuda_graphs": graphs, "decodes": d, "prompt": p, "ms_per_step": ms, "kernel_alone_us": alone,
-                             "graph_steps": after.steps_graph - before.steps_graph, "eager_steps": after.steps_eager - before.steps_eager,
-                             "late_compiles": after.kernel_compiles_late})
+                                             cuda_graphs=graphs, step_time_target_ms=0, kernels=kernels), cfg)
+        starts[name] = time.perf_counter() - t0
+        for c in args.context:
+            for d in args.decodes:
+                for p in args.prompts:
+                    if p + d > engine.max_num_tokens:
+                        continue
+                    before = engine.stats()
+                    alone = {} if args.kernel_alone and name == "graphs" and p == 0 else None
+                    ms = time_steps(engine, d, p, args.steps, gen, c, alone=alone)
+                    after = engine.stats()
+                    if alone:
+                        print(f"decode kernel alone, {d} decodes over ~{c} tokens, us a layer: "
+                              + ", ".join(f"{k} {v:.1f}" for k, v in alone.items()), flush=True)
+                    rows.append({"side": name, "cuda_graphs": graphs, "context": c, "decodes": d, "prompt": p,
+                                 "ms_per_step": ms, "kernel_alone_us": alone,
+                                 "graph_steps": after.steps_graph - before.steps_graph,
+                                 "eager_steps": after.steps_eager - before.steps_eager,
+                                 "late_compiles": after.kernel_compiles_late})
         del engine
         torch.cuda.empty_cache()
     paged_decode.paged_decode_attention = engine_decode
 
-    base = {"eager": "eager", "varlen-decodes": "varlen", "decode-launch": "launch"}[args.against]
-    print(f"\n{args.shape} mixed steps on {torch.cuda.get_device_name()}, bf16, decodes over {args.context}-token prompts; "
-          f"engine start: graphs {starts[True]:.1f} s, baseline ({args.against}) {starts[False]:.1f} s")
-    print(f"{'decodes':>7} {'prompt':>6} {'graphs ms':>9} {base + ' ms':>9} {base + '/graphs':>12} {'graph steps':>11} {'late compiles':>13}")
-    eager = {(r["decodes"], r["prompt"]): r for r in rows if not r["cuda_graphs"]}
+    others = [name for name, *_ in sides[1:]]
+    print(f"\n{args.shape} mixed steps on {torch.cuda.get_device_name()}, bf16; engine start: "
+          + ", ".join(f"{k} {v:.1f} s" for k, v in starts.items()))
+    print(f"{'context':>7} {'decodes':>7} {'prompt':>6} {'graphs ms':>9} " + " ".join(f"{o + ' ms (x)':>22}" for o in others)
+          + f" {'graph steps':>11} {'late compiles':>13}")
+    by = {(r["side"], r["context"], r["decodes"], r["prompt"]): r for r in rows}
     for r in rows:
-        if not r["cuda_graphs"]:
+        if r["side"] != "graphs":
             continue
-        e = eager[r["decodes"], r["prompt"]]
+        key = (r["context"], r["decodes"], r["prompt"])
+        cells = []
+        for o in others:
+            b = by[(o, *key)]["ms_per_step"]
+            ratio = b / r["ms_per_step"]
+            cells.append(f"{f'{b:.3f} ({ratio:.2f}x)':>22}")
         share = r["graph_steps"] / max(1, r["graph_steps"] + r["eager_steps"])
-        print(f"{r['decodes']:>7} {r['prompt']:>6} {r['ms_per_step']:>9.3f} {e['ms_per_step']:>9.3f} "
-              f"{e['ms_per_step'] / r['ms_per_step']:>11.2f}x {share:>10.0%} {r['late_compiles']:>13}")
+        print(f"{r['context']:>7} {r['decodes']:>7} {r['prompt']:>6} {r['ms_per_step']:>9.3f} " + " ".join(cells)
+              + f" {share:>10.0%} {r['late_compiles']:>13}")
+    if len(args.context) > 1:  # what a decode's context token adds to a step, per side
+        lo, hi = args.context[0], args.context[1]
+        for name, *_ in sides:
+            for d in args.decodes:
+                for p in args.prompts:
+                    a, b = by.get((name, lo, d, p)), by.get((name, hi, d, p))
+                    if a and b:
+                        per = (b["ms_per_step"] - a["ms_per_step"]) * 1000 / (d * (hi - lo))
+                        print(f"{name}: {d} decodes + prompt {p}: a context token adds {per * 1000:.1f} ns a step")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(), "against": args.against,
-                   "baseline_launch": launch, "context": args.context,
-                   "start_s": {"graphs": starts[True], "baseline": starts[False]},
-                   "rows": rows}, f, indent=2)
+                   "sides": [{"name": n, "cuda_graphs": g, "launch": l} for n, g, _, l in sides],
+                   "contexts": args.context, "start_s": starts, "rows": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
