@@ -46,9 +46,13 @@ def decode_kernel_alone(engine: EmbeddedEngine, variants: dict[str, dict], repea
     out = torch.empty_like(q)
     got = {}
     for name, kw in variants.items():
+        kw = dict(kw)
+        wide = kw.pop("int64", 0)  # tables and lengths as the graphs hold them (one int64 buffer)
+        t, c = (tables.long(), ctx.long()) if wide else (tables, ctx)
+
         def layers():
             for k_cache, v_cache in runner.kv_caches:
-                engine_decode(q, k_cache, v_cache, tables, ctx, cfg.head_dim ** -0.5, out, pdl=False, **kw)
+                engine_decode(q, k_cache, v_cache, t, c, cfg.head_dim ** -0.5, out, pdl=False, **kw)
         layers()  # compiles
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -63,8 +67,8 @@ def decode_kernel_alone(engine: EmbeddedEngine, variants: dict[str, dict], repea
 
 engine_decode = paged_decode.paged_decode_attention
 # Launch keywords of the paged-decode kernel timed by --kernel-alone.
-ALONE_VARIANTS = {"engine": {}, "splits 2": {"splits": 2}, "splits 4": {"splits": 4}, "warps 8": {"num_warps": 8},
-                  "tile 128": {"tile": 128}, "stages 2": {"num_stages": 2}, "stages 4": {"num_stages": 4}}
+ALONE_VARIANTS = {"engine": {}, "int64 inputs": {"int64": 1}, "splits 4": {"splits": 4}, "warps 8": {"num_warps": 8},
+                  "tile 128": {"tile": 128}, "tile 128, int64": {"tile": 128, "int64": 1}}
 
 
 def time_steps(engine: EmbeddedEngine, decodes: int, prompt: int, steps: int, gen: torch.Generator, context: int = 128,

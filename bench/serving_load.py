@@ -260,7 +260,8 @@ def main() -> None:
 
     from inflight.process import settle_gc
     from worker.embedded.engine import EmbeddedEngine
-    from worker.engine_api import EngineConfig, KvCacheConfig
+    from inflight.flags import config_from_args
+    from worker.engine_api import EngineConfig
 
     model_dir = None
     if args.shape:
@@ -268,9 +269,11 @@ def main() -> None:
 
         model_dir = make_model_dir(args.shape, args.tokenizer or default_model_dir(), args.vocab)
     try:
-        config = EngineConfig(model=str(model_dir) if model_dir else None, device=args.device,
-                              kv_cache=KvCacheConfig(max_tokens=args.kv_tokens, dtype=args.kv_cache_dtype),
-                              max_num_tokens=args.max_num_tokens, quantization=args.quantization)
+        # INFLIGHT_* variables first, as the served stack reads them: both sides run one engine
+        config = config_from_args(EngineConfig, argparse.Namespace())
+        config.model, config.device = str(model_dir) if model_dir else None, args.device
+        config.kv_cache.max_tokens, config.kv_cache.dtype = args.kv_tokens, args.kv_cache_dtype
+        config.max_num_tokens, config.quantization = args.max_num_tokens, args.quantization
         if args.step_time_target_ms is not None:
             config.step_time_target_ms = args.step_time_target_ms
         config.step_time_learning = args.step_time_learning == "on"
