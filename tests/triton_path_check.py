@@ -3,7 +3,9 @@ must be on before triton is imported). Each Triton kernel on fresh random inputs
 float64 PyTorch reference; then the engine's GPU path (Triton kernels, per-sequence,
 prefix-cached and chunked prefill, graph buffers, overlap) against its reference path on
 a model of SmolLM2's layer shape cut to two layers, random weights. Prints JSON: errors
-and outputs, which the test asserts on."""
+and outputs, which the test asserts on. Arguments after the model directory pick a share
+of the checks ("kernels" and engine paths by name, as in PATHS), so that the test can run
+two shares at once on two cores; none: all of them."""
 
 import dataclasses
 import json
@@ -268,15 +270,25 @@ def random_weights(cfg: ModelConfig, seed: int = 0):
         yield "lm_head.weight", 0.02 * torch.randn(cfg.vocab_size, h, generator=gen)
 
 
-def engine_paths(model_dir: str) -> dict:
+# Each engine path by name: (attention, cuda_graphs, overlap_scheduler, kv_cache dtype).
+PATHS = {
+    "reference": ("reference", False, "off", "auto"),
+    "triton": ("triton", False, "off", "auto"),
+    "triton+graphs": ("triton", True, "off", "auto"),
+    "triton+graphs+overlap": ("triton", True, "on", "auto"),
+    "reference+fp8kv": ("reference", False, "off", "fp8"),
+    "triton+graphs+overlap+fp8kv": ("triton", True, "on", "fp8"),
+}
+
+
+def engine_paths(model_dir: str, names=tuple(PATHS)) -> dict:
     # SmolLM2's layer shape (9 query heads over 3 KV heads, 64 wide, its rope) in two
     # layers: the same code paths as the whole model for a fifteenth of the interpreted work.
     model = dataclasses.replace(ModelConfig.from_dir(model_dir), num_layers=2)
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     out = {}
-    for attention, graphs, overlap, kv_dtype in (("reference", False, "off", "auto"), ("triton", False, "off", "auto"),
-                                                 ("triton", True, "off", "auto"), ("triton", True, "on", "auto"),
-                                                 ("reference", False, "off", "fp8"), ("triton", True, "on", "fp8")):
+    for name in names:
+        attention, graphs, overlap, kv_dtype = PATHS[name]
         # cuda_graphs on the CPU runs the graph path's static buffers eagerly.
         cfg = EngineConfig(device="cpu", kernels=KernelConfig(attention=attention), max_num_tokens=16,  # chunked prefill
                            kv_cache=KvCacheConfig(tokens_per_block=4, cpu_bytes=16 * 2**20, dtype=kv_dtype),
@@ -285,15 +297,19 @@ def engine_paths(model_dir: str) -> dict:
         first = engine.generate(PROMPTS[:2], params)
         again = engine.generate(PROMPTS, params)  # the third shares a cached prefix with the first
         stats = engine.stats()
-        out[attention + ("+graphs" if graphs else "") + ("+overlap" if overlap == "on" else "")
-            + ("+fp8kv" if kv_dtype == "fp8" else "")] = {
+        out[name] = {
             "first": first, "again": again, "reused": stats.blocks_reused, "steps_graph": stats.steps_graph,
             "steps_eager": stats.steps_eager, "kv_blocks": engine.pool.num_blocks}
     return out
 
 
 def main() -> None:
-    print(json.dumps({"kernels": kernel_checks(), "engine": engine_paths(sys.argv[1])}))
+    model_dir, *share = sys.argv[1:]
+    share = share or ["kernels", *PATHS]
+    unknown = set(share) - {"kernels", *PATHS}
+    assert not unknown, f"no such check: {sorted(unknown)}"
+    print(json.dumps({"kernels": kernel_checks() if "kernels" in share else {},
+                      "engine": engine_paths(model_dir, [name for name in PATHS if name in share])}))
 
 
 if __name__ == "__main__":
