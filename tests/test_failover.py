@@ -30,6 +30,17 @@ def stack():
     s.stop()
 
 
+@pytest.fixture(scope="module")
+def want(engine_for, tokenizer) -> tuple[list[list[int]], list[int]]:
+    """What the engine alone gives the greedy chats, and the seeded one: computed once for
+    the tests that compare the streams with it."""
+    prompts = [tokenizer.encode_chat(c) for c in CHATS]
+    engine = engine_for()
+    greedy = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    seeded = engine.generate(prompts[:1], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED))[0]
+    return greedy, seeded
+
+
 def worker_pid(stack: Stack, name: str) -> int:
     for pid in children_of(stack.proc.pid):
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -69,11 +80,8 @@ async def run_streams(target: str, after_first_tokens=None) -> dict[str, dict]:
         return out
 
 
-def test_a_killed_workers_streams_go_on_elsewhere_with_nothing_lost_and_it_comes_back(stack, engine_for, tokenizer):
-    prompts = [tokenizer.encode_chat(c) for c in CHATS]
-    engine = engine_for()
-    want = engine.generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-    want_seeded = engine.generate(prompts[:1], SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **SEEDED))[0]
+def test_a_killed_workers_streams_go_on_elsewhere_with_nothing_lost_and_it_comes_back(stack, want, tokenizer):
+    want, want_seeded = want
     before = moved(stack, "silent")
     victim = worker_pid(stack, "worker-0")
     killed = []
@@ -181,11 +189,10 @@ def test_garbage_on_the_scheduler_sockets_is_logged_and_dropped(stack):
     assert all(r["end"][0] == "finished" for r in out.values())
 
 
-def test_a_worker_told_to_stop_finishes_its_streams_first(stack, engine_for, tokenizer):
+def test_a_worker_told_to_stop_finishes_its_streams_first(stack, want):
     """SIGTERM to a worker mid-stream (as an orchestrator stops it): it takes nothing new,
     finishes what it holds, and leaves; nothing is moved, nothing lost."""
-    prompts = [tokenizer.encode_chat(c) for c in CHATS]
-    want = engine_for().generate(prompts, SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+    want, _ = want
     moved_before = {why: moved(stack, why) for why in ("silent", "drained", "stalled", "restarted")}
     submitted = "inflight_worker_requests_submitted_total"
     before = [stack.metrics(i)[submitted] for i in range(2)]
