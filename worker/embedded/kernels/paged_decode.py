@@ -42,7 +42,9 @@ def _paged_decode(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    ctx = tl.load(CTX_LENS + b)
+    # int32 index math: a CUDA graph's lengths and tables arrive as int64 (one flat buffer),
+    # and 64-bit tokens and block offsets made this kernel 43% slower (BENCHMARKS.md, run 15)
+    ctx = tl.load(CTX_LENS + b).to(tl.int32)
     per_split = tl.cdiv(tl.cdiv(ctx, TILE), SPLITS) * TILE
     lo = split * per_split
     hi = tl.minimum(ctx, lo + per_split)

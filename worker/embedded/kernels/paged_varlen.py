@@ -54,10 +54,12 @@ def _paged_varlen(
     s = tl.load(TILE_SEQ + p)
     if s < 0:
         return
-    q0 = tl.load(TILE_Q + p)
-    start = tl.load(SEQ_START + s)
-    qlen = tl.load(SEQ_QLEN + s)
-    ctx = tl.load(SEQ_CTX + s)
+    # int32 index math: a CUDA graph's inputs arrive as int64 (one flat buffer), and 64-bit
+    # tokens and block offsets slowed the paged-decode kernel by 43% (BENCHMARKS.md, run 15)
+    q0 = tl.load(TILE_Q + p).to(tl.int32)
+    start = tl.load(SEQ_START + s).to(tl.int32)
+    qlen = tl.load(SEQ_QLEN + s).to(tl.int32)
+    ctx = tl.load(SEQ_CTX + s).to(tl.int32)
     r = tl.arange(0, BLOCK_Q * GROUP_PAD)
     qi = q0 + r // GROUP_PAD  # the row's query token, within the sequence's new ones
     g = r % GROUP_PAD
