@@ -174,6 +174,27 @@ class Stack:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
 
+    def stop_later(self, then=None) -> None:
+        """SIGTERM now, without waiting for the stack to drain and end (a second or more):
+        for a test's or fixture's stack that nothing looks at again, whose ending then
+        overlaps what runs next. `Stack.wait_stopped()` waits for every one stopped so
+        (and kills one that does not end in time), then calls its `then()` (what must
+        outlive the stack, such as the receiver its exporters flush to)."""
+        _stopping.append((self, then))
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    @staticmethod
+    def wait_stopped(timeout: float = 30) -> None:
+        while _stopping:
+            stack, then = _stopping.pop(0)
+            stack.stop(timeout)
+            if then is not None:
+                then()
+
+
+_stopping: list = []  # (stack, then) told to stop by stop_later, maybe not ended yet
+
 
 def count_children(pid: int) -> int:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout

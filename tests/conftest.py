@@ -11,6 +11,16 @@ import pytest
 from worker.engine_api import EngineConfig, KvCacheConfig, SchedulerConfig
 
 
+@pytest.fixture(scope="session", autouse=True)
+def stacks_ended():
+    """Stacks that tests let end in the background (Stack.stop_later) have all ended by the
+    end of the session."""
+    yield
+    from testing.stack import Stack
+
+    Stack.wait_stopped()
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     from models.gguf_convert import default_model_dir

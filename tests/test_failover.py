@@ -27,7 +27,7 @@ MAX_TOKENS = 40
 def stack():
     s = Stack(workers=2, env={"INFLIGHT_WORKER_TIMEOUT": str(WORKER_TIMEOUT)})
     yield s
-    s.stop()
+    s.stop_later()  # nothing looks at it again: it ends while the next tests run
 
 
 @pytest.fixture(scope="module")

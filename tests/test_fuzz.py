@@ -58,10 +58,13 @@ OUTCOMES: dict[str, collections.Counter] = {"generated": collections.Counter(), 
 
 @pytest.fixture(scope="module")
 def stack():
-    with Stack(workers=1) as s:
+    s = Stack(workers=1)
+    try:
         models = asyncio.run(call_unary(s.target, "ListModels", pb.ListModelsRequest()))
         assert [(m.id, m.vocab_size, m.max_seq_len) for m in models.models] == [(MODEL, VOCAB, MAX_SEQ_LEN)]
         yield s
+    finally:
+        s.stop_later()  # nothing looks at it again: it ends while the next tests run
 
 
 async def call_unary(target: str, method: str, request):

@@ -24,8 +24,9 @@ INVALID, EXHAUSTED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_
 
 @pytest.fixture(scope="module")
 def stack():
-    with Stack(workers=1, env={"INFLIGHT_MAX_OPEN_REQUESTS_PER_STREAM": str(OPEN_PER_STREAM)}) as s:
-        yield s
+    s = Stack(workers=1, env={"INFLIGHT_MAX_OPEN_REQUESTS_PER_STREAM": str(OPEN_PER_STREAM)})
+    yield s
+    s.stop_later()  # nothing looks at it again: it ends while the next tests run
 
 
 def run(coro):

@@ -24,8 +24,9 @@ FREE = "inflight_worker_kv_blocks{state=free}"
 
 @pytest.fixture(scope="module")
 def stack():
-    with Stack(workers=1) as s:
-        yield s
+    s = Stack(workers=1)
+    yield s
+    s.stop_later()  # the last test stopped it already, unless it failed
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,8 @@ def test_a_full_admission_queue_is_429_streamed_or_not():
     a third request is refused at once with 429, before any stream begins."""
     env = {"INFLIGHT_ENGINE": "testing.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "double",
            "ENGINE_DOUBLE_STEP_MS": "20", "INFLIGHT_MAX_BATCH_SIZE": "1", "INFLIGHT_WORKER_QUEUE_FACTOR": "1"}
-    with Stack(env=env, extra=["--max-queued", "1"]) as small:
+    small = Stack(env=env, extra=["--max-queued", "1"])
+    try:
         host, port = small.http_target.rsplit(":", 1)
         body = json.dumps({"model": "double", "prompt": "Hi", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
         holders = []
@@ -237,6 +239,8 @@ def test_a_full_admission_queue_is_429_streamed_or_not():
         for sock in holders:
             sock.close()
         small.wait_metric("scheduler", "inflight_scheduler_requests_running", lambda v: v == 0)
+    finally:
+        small.stop_later()  # nothing looks at it again: it ends while the next tests run
 
 
 def test_on_sigterm_a_stream_finishes_in_full_and_new_requests_get_503(stack):

@@ -22,7 +22,7 @@ def stacks():
     held: list[Stack] = []
     yield held
     for s in held:
-        s.stop()
+        s.stop_later()  # the last test stopped it already, unless it failed
 
 
 @pytest.fixture

@@ -58,8 +58,7 @@ def traced_stack():
         "OTEL_BSP_SCHEDULE_DELAY": "100",
     })
     yield stack, receiver
-    stack.stop()
-    server.stop(None)
+    stack.stop_later(then=lambda: server.stop(None))  # it ends while the next tests run; the receiver outlives it
 
 
 def generate(stack, metadata=None, max_tokens=5, text="Hello there", timeout=60.0):
@@ -303,8 +302,7 @@ def test_the_http_protobuf_protocol_reaches_an_otlp_http_receiver():
         assert {svc for svc, _, _ in spans.values()} == {"inflight-gateway", "inflight-scheduler", "inflight-worker"}
         assert span_export_processes(stack.proc.pid) == 3  # one a process
     finally:
-        stack.stop()
-        receiver.server.shutdown()
+        stack.stop_later(then=receiver.server.shutdown)  # it ends while the next tests run; the receiver outlives it
 
 
 def test_otel_sdk_disabled_turns_tracing_off_even_with_an_endpoint():
@@ -354,7 +352,7 @@ def test_a_collector_that_is_down_costs_requests_nothing():
             assert sum(len(p.token_ids) for p in got if isinstance(p, pb.Delta)) == 4
         assert span_export_processes(stack.proc.pid) == 3
     finally:
-        stack.stop()
+        stack.stop_later()  # its exporters' last retry takes seconds; nothing looks at it again
 
 
 def test_http_requests_continue_the_clients_trace_too(traced_stack):
