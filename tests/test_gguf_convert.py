@@ -49,12 +49,12 @@ def test_layout(model_dir):
     assert json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"] == 2
 
 
-def test_greedy_generation(model_dir):
+def test_greedy_generation(model_dir, hf_model):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    model = hf_model  # transformers' from_pretrained of the converted directory (conftest.py), loaded once for the session
     inputs = tokenizer.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France?"}],
         add_generation_prompt=True,
