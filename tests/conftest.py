@@ -92,6 +92,25 @@ def engine_for(make_engine):
 
 
 @pytest.fixture(scope="session")
+def chat_reference(engine_for, tokenizer):
+    """Three chat prompts with 32 greedy tokens of the 32-bit model appended, and its logits
+    at every position of them: what test_quant.py compares quantized projections with and
+    test_kv_fp8.py an FP8 KV cache, computed once for both."""
+    import torch
+
+    from inflight.sampling_params import SamplingParams
+    from worker.embedded.smoothquant import forward_prompt
+
+    engine = engine_for()
+    texts = ["What is the capital of France?", "Write a haiku about the sea.", "法国的首都是哪里？"]
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    outs = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
+    seqs = [p + o for p, o in zip(prompts, outs)]
+    with torch.no_grad():
+        return seqs, [forward_prompt(engine.model, s, every_position=True) for s in seqs]
+
+
+@pytest.fixture(scope="session")
 def hf_model(model_dir):
     """Hugging Face transformers on the same converted directory: the reference."""
     import torch

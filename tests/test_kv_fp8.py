@@ -11,7 +11,6 @@ from inflight.sampling_params import SamplingParams
 from worker.embedded.smoothquant import forward_prompt
 from worker.engine_api import EngineConfig, EngineConfigError, KvCacheConfig
 
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "法国的首都是哪里？"]
 FP8 = torch.float8_e4m3fn
 
 
@@ -24,15 +23,12 @@ def build(model_weights, model_dir, **kw):
 
 
 @pytest.fixture(scope="module")
-def reference(model_weights, model_dir, tokenizer):
+def reference(chat_reference, model_weights, model_dir):
     """The prompts with 32 greedy tokens of the 32-bit cache's engine appended, and that
-    engine's logits over them."""
-    engine = build(model_weights, model_dir, kv_cache=KvCacheConfig(cpu_bytes=32 * 2**20))
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
-    outs = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
-    seqs = [p + o for p, o in zip(prompts, outs)]
-    with torch.no_grad():
-        return seqs, [forward_prompt(engine.model, s, every_position=True) for s in seqs], engine.pool.num_blocks
+    model's logits over them (chat_reference, conftest.py: shared with test_quant.py); and
+    how many KV blocks the 32-bit cache has in 32 MiB."""
+    seqs, logits = chat_reference
+    return seqs, logits, build(model_weights, model_dir, kv_cache=KvCacheConfig(cpu_bytes=32 * 2**20)).pool.num_blocks
 
 
 def divergence(engine, reference) -> tuple[float, float]:

@@ -156,21 +156,18 @@ def test_tensorrt_llm_engine_refuses_the_flag():
 
 
 # The real default model, quantized at load. Top-1 agreement with the unquantized model
-# over these prompts and 32 greedy tokens each, measured: fp8 0.945 with the searched
-# scales (the default; mean KL 0.035) and 0.876 with amax/448 (KL 0.081),
-# int8-weight-only 0.986, int8-smoothquant 0.963 (bench/quant_accuracy.py has the larger set).
+# over chat_reference's prompts (conftest.py) and 32 greedy tokens each, measured: fp8
+# 0.945 with the searched scales (the default; mean KL 0.035) and 0.876 with amax/448
+# (KL 0.081), int8-weight-only 0.986, int8-smoothquant 0.963 (bench/quant_accuracy.py has
+# the larger set).
 AGREEMENT = {"fp8": 0.88, "int8-weight-only": 0.95, "int8-smoothquant": 0.93}
-PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "法国的首都是哪里？"]
 
 
 @pytest.fixture(scope="module")
-def reference(engine_for, tokenizer):
-    engine = engine_for()
-    prompts = [tokenizer.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
-    outs = engine.generate(prompts, SamplingParams(max_tokens=32, temperature=0, ignore_eos=True))
-    seqs = [p + o for p, o in zip(prompts, outs)]
-    with torch.no_grad():
-        return seqs, [forward_prompt(engine.model, s, every_position=True) for s in seqs]
+def reference(chat_reference):
+    """The prompts with the unquantized model's 32 greedy tokens, and its logits over them
+    (shared with test_kv_fp8.py)."""
+    return chat_reference
 
 
 def agreement(engine, reference) -> tuple[float, float]:
