@@ -35,6 +35,29 @@ def gguf_path() -> Path:
     return default_gguf_path()
 
 
+@pytest.fixture(scope="module")
+def gguf_reader(gguf_path):
+    import gguf
+
+    return gguf.GGUFReader(gguf_path)
+
+
+@pytest.fixture
+def transformers_reads_it_once(monkeypatch, gguf_path, gguf_reader):
+    """transformers parses the file's metadata (its 49,152-token vocabulary and merges:
+    seconds) each time it opens it, three times in the tests below; here those share one
+    parse of the packaged file, which nothing writes. The converter under test still opens
+    every file itself."""
+    import gguf
+
+    original = gguf.GGUFReader
+
+    def reader(path, mode="r"):
+        return gguf_reader if mode == "r" and Path(path).resolve() == gguf_path.resolve() else original(path, mode)
+
+    monkeypatch.setattr(gguf, "GGUFReader", reader)
+
+
 def test_layout(model_dir):
     assert is_complete(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -67,7 +90,7 @@ def test_greedy_generation(model_dir, hf_model):
     assert text.startswith("The capital of France is Paris."), text
 
 
-def test_tokenizer_matches_transformers_gguf(model_dir, gguf_path):
+def test_tokenizer_matches_transformers_gguf(model_dir, gguf_path, transformers_reads_it_once):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
@@ -126,7 +149,7 @@ def _byte_chars() -> list[str]:
 _BYTE_CHARS = _byte_chars()
 
 
-def test_weights_match_transformers_gguf_loader(model_dir, gguf_path):
+def test_weights_match_transformers_gguf_loader(model_dir, gguf_path, transformers_reads_it_once):
     import importlib.util
 
     import torch
