@@ -16,15 +16,16 @@ triton = pytest.importorskip("triton", reason="triton is installed with the test
 
 
 # The checks in two shares of about the same interpreted work, run at once: the
-# interpreter is single-threaded Python, so on two cores that halves the wait. Together
-# they are every check triton_path_check.py has.
+# interpreter is single-threaded Python, so on two cores that halves the wait; one torch
+# thread each, or they take each other's core (the same results, 17 s against 20-23).
+# Together they are every check triton_path_check.py has.
 SHARES = (["kernels", "reference", "triton", "triton+graphs"],
           ["triton+graphs+overlap", "reference+fp8kv", "triton+graphs+overlap+fp8kv"])
 
 
 @pytest.fixture(scope="module")
 def checked(model_dir, tmp_path_factory) -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     out = tmp_path_factory.mktemp("triton_path")
     procs = []
     for i, share in enumerate(SHARES):
