@@ -22,6 +22,26 @@ def stacks_ended():
 
 
 @pytest.fixture(scope="session")
+def default_stack():
+    """The session's stack of `inflight serve` with the default settings (one worker, the
+    default model), as a function: started at the first call, and again at the next call
+    after a test stopped it. test_fuzz.py leaves it serving for test_openai_http.py, whose
+    last test stops it; test_service.py starts the next."""
+    from testing.stack import Stack
+
+    held: list[Stack] = []
+
+    def get() -> Stack:
+        if not held or held[-1].proc.poll() is not None:
+            held.append(Stack(workers=1))
+        return held[-1]
+
+    yield get
+    for s in held:
+        s.stop_later()
+
+
+@pytest.fixture(scope="session")
 def model_dir() -> Path:
     from models.gguf_convert import default_model_dir
 

@@ -36,7 +36,6 @@ from inflight.errors import RequestError
 from inflight.v1 import pb
 from inflight.validation import check_sampling
 from bench.soak import soak
-from testing.stack import Stack
 
 VOCAB, MAX_SEQ_LEN = 49152, 8192  # SmolLM2-135M-Instruct's; the stack fixture checks ListModels agrees
 MODEL = "SmolLM2-135M-Instruct"
@@ -60,14 +59,12 @@ OUTCOMES: dict[str, collections.Counter] = {"generated": collections.Counter(), 
 
 
 @pytest.fixture(scope="module")
-def stack():
-    s = Stack(workers=1)
-    try:
-        models = asyncio.run(call_unary(s.target, "ListModels", pb.ListModelsRequest()))
-        assert [(m.id, m.vocab_size, m.max_seq_len) for m in models.models] == [(MODEL, VOCAB, MAX_SEQ_LEN)]
-        yield s
-    finally:
-        s.stop_later()  # nothing looks at it again: it ends while the next tests run
+def stack(default_stack):
+    """The session's default stack (conftest.py), which serves test_openai_http.py next."""
+    s = default_stack()
+    models = asyncio.run(call_unary(s.target, "ListModels", pb.ListModelsRequest()))
+    assert [(m.id, m.vocab_size, m.max_seq_len) for m in models.models] == [(MODEL, VOCAB, MAX_SEQ_LEN)]
+    return s
 
 
 async def call_unary(target: str, method: str, request):

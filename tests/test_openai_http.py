@@ -23,10 +23,10 @@ FREE = "inflight_worker_kv_blocks{state=free}"
 
 
 @pytest.fixture(scope="module")
-def stack():
-    s = Stack(workers=1)
-    yield s
-    s.stop_later()  # the last test stopped it already, unless it failed
+def stack(default_stack):
+    """The session's default stack (conftest.py), as test_fuzz.py left it; the last test
+    here stops it."""
+    return default_stack()
 
 
 @pytest.fixture(scope="module")

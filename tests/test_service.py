@@ -17,21 +17,12 @@ from testing.stack import Stack
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-@pytest.fixture(scope="module")
-def stacks():
-    held: list[Stack] = []
-    yield held
-    for s in held:
-        s.stop_later()  # the last test stopped it already, unless it failed
-
-
 @pytest.fixture
-def stack(stacks) -> Stack:
-    """One stack for the module; a test that stopped it (SIGTERM below) gets it started
-    again for the tests after it."""
-    if not stacks or stacks[-1].proc.poll() is not None:
-        stacks.append(Stack(workers=1))
-    return stacks[-1]
+def stack(default_stack) -> Stack:
+    """The session's default stack (conftest.py), started again if test_openai_http.py's
+    last test stopped it; a test here that stopped it (SIGTERM below) gets it started again
+    for the tests after it."""
+    return default_stack()
 
 
 def run(coro):
