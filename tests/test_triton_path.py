@@ -118,3 +118,12 @@ def test_fp8_kv_cache_engine(checked):
     same = sum(a == b for x, y in zip(auto["again"], ref["again"]) for a, b in zip(x, y))
     assert same >= 0.5 * sum(len(x) for x in auto["again"]), (auto["again"], ref["again"])
     assert all(x[0] == y[0] for x, y in zip(auto["again"], ref["again"])), (auto["again"], ref["again"])
+
+
+@pytest.mark.parametrize("tile", [100, 8, 512])
+def test_a_decode_tile_the_kernel_cannot_take_is_refused_by_name(tile):
+    from worker.embedded.engine import EmbeddedEngine
+    from worker.engine_api import EngineConfig, EngineConfigError, KernelConfig
+
+    with pytest.raises(EngineConfigError, match=f"decode_tile must be 0 .* got {tile}"):
+        EmbeddedEngine(EngineConfig(device="cpu", kernels=KernelConfig(decode_tile=tile)))

@@ -36,10 +36,12 @@ def check_paged_decode(gen: torch.Generator) -> dict:
     q = torch.randn(B, hq, d, generator=gen)
     ref = paged_decode_reference(q, kc, vc, tables, ctx, d ** -0.5)
     out = {}
-    for splits in (1, 2, 8, None):
+    # (splits, tile): 128-token tiles are what batches that fill a GPU run over 128-wide heads
+    for splits, tile in ((1, None), (2, None), (8, None), (None, None), (1, 128)):
         o = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, splits)
-        out[str(splits)] = {"rel_err": rel_err(o, ref), "nan": bool(o.isnan().any()), "zero_row": bool((o[1] == 0).all())}
+        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, splits, tile=tile)
+        out[f"{splits}" + (f", tile {tile}" if tile else "")] = {
+            "rel_err": rel_err(o, ref), "nan": bool(o.isnan().any()), "zero_row": bool((o[1] == 0).all())}
     return out
 
 

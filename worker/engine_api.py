@@ -49,7 +49,7 @@ class KernelConfig:
     l2_prefetch_bytes: int = dataclasses.field(default=4 * 2**20, metadata={"help": "bytes of each weight the skinny matmul pulls toward L2 before the previous kernel ends (with pdl); 0 = none"})
     varlen_prefill: bool = dataclasses.field(default=True, metadata={"help": "one varlen flash-attention call for a step's prefills, else SDPA per sequence"})
     mixed_decode_kernel: bool = dataclasses.field(default=True, metadata={"help": "in the CUDA graphs of steps with prompt tokens, the decodes' attention runs the paged-decode kernel (narrower programs) and the paged varlen kernel only the prompts'; off: the varlen kernel for every row"})
-    decode_tile: int = dataclasses.field(default=0, metadata={"help": "context tokens the paged-decode kernel reads a loop iteration (a power of two, 16-256); 0 = auto (64 where a sequence's context is split over several programs, at small batches; else 128)"})
+    decode_tile: int = dataclasses.field(default=0, metadata={"help": "context tokens the paged-decode kernel reads a loop iteration (a power of two, 16-256); 0 = auto (128 over an FP8 cache, and over a 16-bit one with heads of 128 or more at batches that fill the GPU; else 64; kernels/paged_decode.py wide_tile)"})
     fp8_skinny_matmul: Literal["auto", "fp8", "upcast"] = dataclasses.field(default="auto", metadata={"help": "with --quantization fp8, steps of at most 16 tokens: fp8 (activations quantized per token by one kernel, then an FP8 dot), upcast (the FP8 weight converted to 16-bit in the kernel, activations not quantized) or auto (upcast for weights under 8M elements, where it measured faster)"})
 
 

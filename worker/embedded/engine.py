@@ -96,6 +96,9 @@ class EmbeddedEngine:
         self.max_num_tokens = config.max_num_tokens or (MAX_NUM_TOKENS_CUDA if self.device.type == "cuda" else MAX_NUM_TOKENS_CPU)
         if not config.step_time_target_ms >= 0:  # NaN too
             raise EngineConfigError(f"step_time_target_ms must be >= 0 (0 turns it off), got {config.step_time_target_ms}")
+        tile = config.kernels.decode_tile
+        if tile and not (16 <= tile <= 256 and tile & (tile - 1) == 0):
+            raise EngineConfigError(f"decode_tile must be 0 (auto) or a power of two from 16 to 256, got {tile}")
         self.kv_dtype = self._kv_dtype()
         self._shipped_kv_scales: dict[tuple[int, str], float] = {}  # a quantized checkpoint's, filled while loading
         self.model = self._build_model(weights)

@@ -42,8 +42,7 @@ def _paged_decode(
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    # int32 index math: a CUDA graph's lengths and tables arrive as int64 (one flat buffer),
-    # and 64-bit tokens and block offsets made this kernel 43% slower (BENCHMARKS.md, run 15)
+    # int32 index math: a CUDA graph's lengths arrive as int64 (one flat buffer of inputs)
     ctx = tl.load(CTX_LENS + b).to(tl.int32)
     per_split = tl.cdiv(tl.cdiv(ctx, TILE), SPLITS) * TILE
     lo = split * per_split
@@ -124,7 +123,7 @@ def paged_decode_attention(
     splits: int | None = None,  # None: as many as fill the GPU's SMs (a power of two)
     pdl: bool = KernelConfig.pdl,
     v_scale: float = 1.0,  # the cache holds values / v_scale (kv_cache.dtype fp8); fold k's into `scale`
-    tile: int | None = None,  # tokens a loop iteration (None: 64, 128 for an FP8 cache, or the block size if larger)
+    tile: int | None = None,  # tokens a loop iteration (None: wide_tile's choice, or the block size if larger)
     num_warps: int = 4,
     num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
     fp8_read: str = "words",  # how an FP8 cache is read (kv_tile.py); "cast" is the baseline benches time
@@ -134,13 +133,14 @@ def paged_decode_attention(
     group = Hq // Hkv
     out = torch.empty_like(q) if out is None else out
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn  # by the cache, not the scales: one variant per cache
-    # An FP8 cache reads 128 tokens a loop iteration: at one split, 3-27% faster than 64 on
-    # the 8B heads (BENCHMARKS.md, FP8 KV cache reads); a 16-bit one, 64.
-    tile = tile or max(128 if kv_fp8 else 64, block_size)
+    auto_tile = not tile
+    tile = tile or (128 if kv_fp8 else 64)
     if num_stages is None and kv_fp8:
         num_stages = 2  # 1-3% faster than 3 in every case measured (BENCHMARKS.md, FP8 KV cache reads)
     if splits is None:
         splits = num_splits(B * Hkv, _num_sms(q.device), block_tables.shape[1] * block_size, tile)
+    if auto_tile:
+        tile = max(wide_tile(kv_fp8, splits, D), block_size)
     part_o = part_lse = out  # unused when there is one split
     use_pdl = pdl_on(q.device, B, pdl)
     if splits > 1:
@@ -163,6 +163,20 @@ def paged_decode_attention(
         _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,
                                  USE_GDC=use_pdl, num_warps=1, **launch_options(use_pdl))
     return out
+
+
+def wide_tile(kv_fp8: bool, splits: int, head_dim: int) -> int:
+    """Tokens a loop iteration, measured inside the engine's CUDA graphs:
+    - an FP8 cache, 128: at one split, 3-27% faster than 64 on the 8B heads (BENCHMARKS.md,
+      FP8 KV cache reads);
+    - a 16-bit cache with heads of 128 or more, one split (batches that fill the GPU), 128:
+      on the 8B heads a decode's context token cost a graph step 31-35 ns against 36-45
+      with 64 (64 and 160 decodes over ~1,024 tokens; 1% slower over ~128, runs 15-16);
+    - else 64: on the 1B shape's 64-wide heads 128 cost 9.6-10.7 ns a token against
+      5.4-11.4, and split small batches were measured (run 5) with 64."""
+    if kv_fp8 or (splits == 1 and head_dim >= 128):
+        return 128
+    return 64
 
 
 def num_splits(programs: int, sms: int, max_context: int, tile: int) -> int:
