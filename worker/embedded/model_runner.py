@@ -104,7 +104,7 @@ def _take_pending(input_ids: torch.Tensor, src: torch.Tensor, token_buf: torch.T
 
 
 class GraphInputs:
-    """Every input of one captured graph, as named views into one flat int64 buffer: the
+    """Every input of one captured graph, as named views into one flat int32 buffer: the
     vectors `lengths` names, in order, then a rows x width block table. The device buffer
     and its pinned host twins (numpy views) share this layout, so one copy of the first
     `used(n)` values moves a step's inputs. Graphs of different sizes lay their inputs
@@ -322,10 +322,10 @@ class ModelRunner:
                 lens = q_lens[n_dec:]
                 tile_seq, tile_q = tile_map(lens, block_q(self.config.num_heads // self.config.num_kv_heads))
                 width = max(len(ch.seq.block_table) for ch in prefills)
-                tables = np.zeros((len(prefills), width), dtype=np.int64)
+                tables = np.zeros((len(prefills), width), dtype=np.int32)
                 for i, ch in enumerate(prefills):
                     tables[i, : len(ch.seq.block_table)] = ch.seq.block_table
-                host = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)).to(dev)  # noqa: E731
+                host = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int32)).to(dev)  # noqa: E731
                 meta.tiles = Tiles(host(tile_seq), host(tile_q), host(n_dec + np.cumsum([0] + lens[:-1])), host(lens),
                                    host(ctx_lens[n_dec:]), host(tables))
         else:
@@ -378,8 +378,10 @@ class ModelRunner:
         # The graph inputs are filled by one copy per step from a pinned host twin. Two
         # host twins take turns: with overlap scheduling the host fills the next step's
         # while the last one's copy may still wait in the stream.
-        self.g_buf = torch.zeros(size, dtype=torch.long, device=dev)
-        h_bufs = [torch.zeros(size, dtype=torch.long) for _ in range(2)]
+        # int32, as eager steps pass them: every value fits (token ids, positions, cache slots,
+        # block ids), and the kernels' index math stays 32-bit (BENCHMARKS.md, runs 14-16).
+        self.g_buf = torch.zeros(size, dtype=torch.int32, device=dev)
+        h_bufs = [torch.zeros(size, dtype=torch.int32) for _ in range(2)]
         if dev.type == "cuda":
             h_bufs = [h.pin_memory() for h in h_bufs]
         self.h_bufs, self.h_turn = h_bufs, 0
