@@ -149,7 +149,8 @@ def main() -> None:
                          "variant, e.g. splits=4 num_warps=8 tile=128,num_stages=2")
     ap.add_argument("--kernel-alone", action="store_true",
                     help="also time the decodes' attention outside the graphs, on their real block tables, per launch "
-                         "variant (us a layer), at each context's decode-only point")
+                         "variant (us a layer), at each context's decode-only point (those variants' compiles then "
+                         "count in the late-compiles column)")
     ap.add_argument("--out", default="mixed_step.json")
     args = ap.parse_args()
     if args.against == "decode-launch" and not args.baseline_launch:
