@@ -58,7 +58,9 @@ def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv,
     enter(USE_GDC)
     t = tl.program_id(0)
     pos = tl.load(POS + t)
-    slot = tl.load(SLOTS + t)
+    # int64: slot * HKV * 2 * HALF passes 2**31 in a small model's large cache (FP8 on an
+    # H200), and a CUDA graph's slots arrive as int32
+    slot = tl.load(SLOTS + t).to(tl.int64)
     d = tl.arange(0, HALF)
     cos = tl.load(COS + pos * stride_cos + d)[None, :]
     sin = tl.load(SIN + pos * stride_cos + d)[None, :]
