@@ -9,10 +9,10 @@ then holds x / scale; the attention kernels fold the key scale into the softmax 
 the value scale into their output, so reading costs nothing more.
 
 Why: the default model's first layer stores values whose median magnitude is 0.02, and
-41% of them fall below 2^-6, where E4M3 keeps fewer than 3 bits. With scale 1 (what
-TensorRT-LLM and vLLM use when a checkpoint ships no scales) the FP8 cache's mean KL from
-the 32-bit one was 0.0130, and 0.0912 together with FP8 weights; calibrated, 0.0118 and
-0.0682 (BENCHMARKS.md, 'FP8 KV cache'). The rest is E4M3's 3-bit mantissa."""
+41% of them fall below 2^-6, where E4M3 keeps fewer than 3 bits; with scale 1 (what
+TensorRT-LLM and vLLM use when a checkpoint ships no scales) they stay there. What that
+buys in accuracy is measured in BENCHMARKS.md, 'FP8 KV cache': never worse than scale 1,
+by how much better depends on the model's other errors. The rest is E4M3's 3-bit mantissa."""
 
 from __future__ import annotations
 
