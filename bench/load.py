@@ -25,6 +25,19 @@ from testing.stack import Stack, free_port
 spawn = mp.get_context("spawn")
 
 PROMPT = "Tell me a story."  # of the timed load, whose streams repeat one request
+# perf_counter() to unix seconds, for matching a record's times with spans' (both clocks are
+# the machine's, so every process computes the same offset)
+UNIX_OFFSET = time.time() - time.perf_counter()
+
+
+def traceparent_of(trace: int, key: int) -> str:
+    """The traceparent a traced load (run_load's `trace`) sends with request `key`: its
+    trace id is the two numbers, which is how bench.path_breakdown finds the request's spans."""
+    return f"00-{trace_id_of(trace, key)}-{key + 1:016x}-01"
+
+
+def trace_id_of(trace: int, key: int) -> str:
+    return f"{trace:08x}{key + 1:024x}"
 
 
 @dataclasses.dataclass
@@ -39,7 +52,7 @@ class Target:
 
 def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | None = None, max_tokens: int = 128,
              requests: list[tuple[list[int], int]] | None = None, model: str = "", arrivals: list[float] | None = None,
-             per_stream: int = 1) -> dict[str, dict]:
+             per_stream: int = 1, trace: int = 0) -> dict[str, dict]:
     """`concurrency` streams against each target, all starting together once every load
     process is connected; each stream sends its next request when the last one finished.
     With `requests` (token-id prompts, output lengths), the streams take those in turn
@@ -57,14 +70,19 @@ def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | N
 
     Returns, for each target: tokens, messages (events), seconds (the slowest load
     process, from the start to its last request's end), records [(TTFT s, end-to-end s,
-    tokens, request key, [each delta's gap to the one before over its tokens, s], late s)],
+    tokens, request key, [each delta's gap to the one before over its tokens, s], late s,
+    unix time the request was sent)],
     latency counted from the arrival time (open loop) or from just before the request's
     stream opened or the request started on it (closed loop), late: how long after its
     arrival time the request was sent; errors {status code: count} of requests that
     failed (open loop only: in closed loop a failure raises); load_util (each load
     process's CPU seconds per second: near 1.0, it and not the stack sets the pace) and
     window; with a stack also cpu_s {role: CPU seconds used} and wall (seconds from the
-    start to the last result); with engine_steps also engine_steps {mode: forward passes}."""
+    start to the last result); with engine_steps also engine_steps {mode: forward passes}.
+
+    `trace` (a number other than 0), with a stream per request: each stream sends the
+    traceparent traceparent_of(trace, key), so that a stack exporting spans makes each
+    request a trace of a known id."""
     go, stop = spawn.Event(), (spawn.Event() if len(targets) > 1 else None)
     start = spawn.Value("d", 0.0)  # the common start, on the clock every process shares (perf_counter)
     queues = {k: spawn.Queue() for k in targets}
@@ -78,7 +96,7 @@ def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | N
         lists = [None if listed is None else [r for r in listed if (r[0] // per_stream if arrivals else r[0]) % n_procs == j]
                  for j in range(n_procs)]
         procs[k] = [spawn.Process(target=_load_process, args=(t.address, n, seconds, max_tokens, part, per_stream, model,
-                                                              queues[k], go, start, stop, t.load_cpus))
+                                                              queues[k], go, start, stop, t.load_cpus, trace))
                     for n, part in zip(shares, lists) if (part if arrivals else n)]
 
     def get(k: str):
@@ -156,18 +174,22 @@ class Timing:
         self.last, self.tokens = now, self.tokens + n
 
     def record(self, now: float) -> tuple:
-        return (None if self.first is None else self.first - self.t, now - self.t, self.tokens, self.key, self.gaps, self.late)
+        return (None if self.first is None else self.first - self.t, now - self.t, self.tokens, self.key, self.gaps, self.late,
+                self.t + UNIX_OFFSET)
 
 
-def _load_process(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop, cpus) -> None:
+def _load_process(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop, cpus,
+                  trace) -> None:
     import uvloop
 
     if cpus:
         os.sched_setaffinity(0, cpus)  # before gRPC starts its threads, which inherit it
-    results.put(uvloop.run(_streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop)))
+    results.put(uvloop.run(_streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop,
+                                    trace)))
 
 
-async def _streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop) -> dict:
+async def _streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop,
+                   trace=0) -> dict:
     """One load process's streams: says "ready" on `results` once connected, starts on
     `go` at `start`; with `stop`, sets it when done, and notes the tokens received when it
     is set. `requests`: [(key, prompt, output tokens, arrival s or None)], or None for the
@@ -204,13 +226,13 @@ async def _streams(address, concurrency, seconds, max_tokens, requests, per_stre
         key, prompt, n_out, at = source.popleft()
         return key, {"token_ids": prompt, "model": model, "max_tokens": n_out, "temperature": 0.0, "ignore_eos": True}, None if at is None else t0 + at
 
-    async def stream(client, next_request, slots: int) -> None:
+    async def stream(client, next_request, slots: int, key=None) -> None:
         """One Generate stream with up to `slots` requests open on it: starts those
         next_request() gives, each at its arrival time or once a slot is free, and closes when it gives
         None (the server ends the stream when the open ones finish)."""
         nonlocal tokens, messages
         opened = time.perf_counter()
-        session = client.session()
+        session = client.session([("traceparent", traceparent_of(trace, key))] if trace and key is not None else None)
         free = asyncio.Semaphore(slots)
         live: dict[str, Timing] = {}
 
@@ -248,7 +270,7 @@ async def _streams(address, concurrency, seconds, max_tokens, requests, per_stre
         """Closed loop, a stream per request."""
         while (req := take()) is not None:
             one = [req]
-            await stream(clients[k % len(clients)], lambda: one.pop() if one else None, 1)
+            await stream(clients[k % len(clients)], lambda: one.pop() if one else None, 1, key=req[0])
 
     async def arrivals() -> None:
         """Open loop: a stream for each run of `per_stream` requests, opened at the first one's arrival."""
@@ -256,7 +278,8 @@ async def _streams(address, concurrency, seconds, max_tokens, requests, per_stre
         for g, i in enumerate(range(0, len(requests), per_stream)):
             group = collections.deque(requests[i:i + per_stream])
             await sleep_until(t0 + group[0][3])
-            tasks.append(asyncio.create_task(stream(clients[g % len(clients)], lambda q=group: take(q), per_stream)))
+            key = group[0][0] if per_stream == 1 else None
+            tasks.append(asyncio.create_task(stream(clients[g % len(clients)], lambda q=group: take(q), per_stream, key=key)))
         await asyncio.gather(*tasks)
 
     async def watch() -> None:
@@ -334,15 +357,30 @@ def paired_ms(a: dict, b: dict, key: str = "ttft_ms_by_request") -> float:
 
 # Tracing on: the stacks export spans to a receiver here.
 
-def _receive(port: int) -> None:
-    """A local OTLP/gRPC trace receiver that accepts and drops spans."""
+def _receive(port: int, keep: str | None = None) -> None:
+    """A local OTLP/gRPC trace receiver that accepts spans and drops them, or with `keep`
+    appends each to that file as a JSON line: trace_id (hex), service, name, start and end
+    (unix ns) and events ({name: unix ns})."""
+    import json
+    import threading
     from concurrent import futures
 
     import grpc
     from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
+    out = open(keep, "a") if keep else None
+    lock = threading.Lock()
+
     class Sink(trace_service_pb2_grpc.TraceServiceServicer):
         def Export(self, request, context):  # noqa: N802
+            if out is not None:
+                lines = []
+                for rs in request.resource_spans:
+                    service = next((a.value.string_value for a in rs.resource.attributes if a.key == "service.name"), "")
+                    lines += [json.dumps(span_row(service, sp)) + "\n" for ss in rs.scope_spans for sp in ss.spans]
+                with lock:
+                    out.writelines(lines)
+                    out.flush()
             return trace_service_pb2.ExportTraceServiceResponse()
 
     server = grpc.server(futures.ThreadPoolExecutor(2))
@@ -352,10 +390,17 @@ def _receive(port: int) -> None:
     server.wait_for_termination()
 
 
-def start_trace_receiver() -> tuple[mp.Process, str]:
-    """The receiver in a process of its own (terminate it when done), and its endpoint."""
+def span_row(service: str, span) -> dict:
+    """An OTLP span as the receiver keeps it (and bench.path_breakdown reads it)."""
+    return {"trace_id": span.trace_id.hex(), "service": service, "name": span.name, "start": span.start_time_unix_nano,
+            "end": span.end_time_unix_nano, "events": {e.name: e.time_unix_nano for e in span.events}}
+
+
+def start_trace_receiver(keep: str | None = None) -> tuple[mp.Process, str]:
+    """The receiver in a process of its own (terminate it when done), and its endpoint;
+    `keep`: the file it appends spans to (see _receive)."""
     port = free_port()
-    receiver = spawn.Process(target=_receive, args=(port,), daemon=True)
+    receiver = spawn.Process(target=_receive, args=(port, keep), daemon=True)
     receiver.start()
     return receiver, f"http://127.0.0.1:{port}"
 

@@ -15,6 +15,14 @@ Latency counts from each request's arrival time in open loop, so a stack that fa
 behind shows it; "late" is how long after that time the load generator sent it (it, not
 the stack, is the limit if that grows, or if a load process's CPU share nears 1.0).
 
+With --breakdown every served request is traced, and each point prints where its time to
+first token went: client to gateway, gateway, scheduler, to the worker's intake, queued in
+the engine, the first steps, and back (bench/path_breakdown.py), next to the engine's own
+queue and first steps when driven directly:
+
+    python -m bench.serving_load --shape llama-3.2-1b --vocab 49152 --tokenizer .bench/tok \
+        --concurrency 16 64 256 --breakdown --out closed_1b_breakdown.json
+
 With --shape the model has random weights of a real shape, saved with a tokenizer whose
 vocabulary fits (--tokenizer, a folder holding tokenizer.json and tokenizer_config.json,
 such as the built-in SmolLM2's folder that `python -m models.gguf_convert` prints, the
@@ -43,10 +51,12 @@ import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from bench.load import Target, Timing, paired_ms, percentile, run_load, summarize
+from bench.load import UNIX_OFFSET, Target, Timing, otlp_env, paired_ms, percentile, run_load, start_trace_receiver, summarize
+from bench.path_breakdown import DIRECT_HOPS, direct_hops, print_breakdown, read_spans, served_breakdown, summary
 from bench.shapes import SHAPES, make_model_dir
 from bench.workload import LENGTHS, workload
 from testing.stack import Stack
@@ -88,7 +98,7 @@ def drive_engine(engine, reqs, *, arrivals: list[float] | None = None, concurren
     from inflight.sampling_params import SamplingParams
 
     live: dict[str, Timing] = {}
-    records = []
+    records, hops = [], []
     t0 = time.perf_counter()
     nxt = 0
 
@@ -116,12 +126,14 @@ def drive_engine(engine, reqs, *, arrivals: list[float] | None = None, concurren
             if o.error_code:
                 raise RuntimeError(f"request {o.request_id}: {o.error_code} {o.error_message}")
             timing = live[o.request_id]
+            if timing.first is None and o.new_token_ids and o.scheduled_at is not None:
+                hops.append(direct_hops(timing.t + timing.late + UNIX_OFFSET, o.scheduled_at, now + UNIX_OFFSET))
             timing.add(len(o.new_token_ids), now)
             if o.finished:
                 records.append(live.pop(o.request_id).record(now))
                 if arrivals is None and nxt < len(reqs):
                     submit(None)
-    return {"records": records, "seconds": time.perf_counter() - t0, "errors": {}}
+    return {"records": records, "seconds": time.perf_counter() - t0, "errors": {}, "hops": hops}
 
 
 def point_summary(got: dict, point: dict, args) -> dict:
@@ -137,6 +149,18 @@ def point_summary(got: dict, point: dict, args) -> dict:
         if k in got:
             res[k] = got[k]
     return res
+
+
+def traced_breakdown(records: list[tuple], spans_file: Path, trace: int, wait: float = 20.0) -> dict:
+    """served_breakdown once the point's spans have come in (every process exports on its
+    own schedule): every served request's, or what came in `wait` seconds."""
+    want = sum(r[0] is not None for r in records)
+    deadline = time.monotonic() + wait
+    while True:
+        got = served_breakdown(records, read_spans(spans_file), trace)
+        if got["traced"] == want or time.monotonic() > deadline:
+            return got
+        time.sleep(0.2)
 
 
 def make_points(args, vocab: int) -> list[dict]:
@@ -247,8 +271,15 @@ def main() -> None:
                     help="load-generating processes, the requests split among them (default: a quarter of the cores, 1 to 4)")
     ap.add_argument("--serve-flags", default="",
                     help="more flags for `inflight serve`, ones that leave the engine as the direct side's (e.g. \"--gateways 4\")")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="trace every served request (the stack exports spans to a receiver here) and print where each "
+                         "point's time to first token went, hop by hop (bench/path_breakdown.py), beside the engine's "
+                         "own queue and first steps when driven directly; needs --per-stream 1. Tracing costs the "
+                         "serving processes a little CPU (BENCHMARKS.md, tracing cost)")
     ap.add_argument("--out", default="serving_load.json", help="the JSON results: arguments, and every point's both sides in full")
     args = ap.parse_args()
+    if args.breakdown and args.per_stream != 1:
+        ap.error("--breakdown needs --per-stream 1: a request's trace is its stream's")
     if args.rates is None:
         args.rates = [] if args.concurrency else [8.0, 32.0, 96.0]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` still stops the stack (finally)
@@ -293,8 +324,10 @@ def main() -> None:
             drive_engine(engine, warmup, concurrency=len(warmup))
         direct = []
         for p in points:
-            direct.append(point_summary(drive_engine(engine, p["requests"], arrivals=p["arrivals"],
-                                                     concurrency=p.get("concurrency", 1)), p, args))
+            got = drive_engine(engine, p["requests"], arrivals=p["arrivals"], concurrency=p.get("concurrency", 1))
+            direct.append(point_summary(got, p, args))
+            if args.breakdown:
+                direct[-1]["breakdown"] = summary(got["hops"], DIRECT_HOPS, len(got["records"]))
             if runner.step_model is not None:  # where the step-time fit stood after the point
                 a, b, e = runner.step_model.coef.tolist()
                 direct[-1]["step_time_fit"] = {"a": a, "context_us_per_token": b * 1000, "prompt_ns_per_pair": e * 1e6,
@@ -313,6 +346,11 @@ def main() -> None:
             env["INFLIGHT_MAX_NUM_TOKENS"] = str(args.max_num_tokens)
         if args.step_time_target_ms is not None:
             env["INFLIGHT_STEP_TIME_TARGET_MS"] = str(args.step_time_target_ms)
+        spans_file = receiver = None
+        if args.breakdown:
+            spans_file = Path(tempfile.mkdtemp(prefix="inflight-spans-")) / "spans.jsonl"
+            receiver, endpoint = start_trace_receiver(str(spans_file))
+            env |= otlp_env(endpoint) | {"OTEL_BSP_SCHEDULE_DELAY": "200"}  # spans out soon after each point
         stack = Stack(env=env, extra=shlex.split(args.serve_flags),
                       model=model_dir, device=args.device, host="127.0.0.1", tokens_per_block=None, timeout=900)
         served = []
@@ -321,17 +359,22 @@ def main() -> None:
             name = model_dir.name if model_dir else ""
             if warmup:
                 run_load(target, len(warmup), requests=warmup, model=name)
-            for p in points:
+            for i, p in enumerate(points):
                 # open loop: the streams expected open at once set the connections (one per 32)
                 got = run_load(target, p.get("concurrency", 128 * args.load_procs), requests=p["requests"], model=name,
-                               arrivals=p["arrivals"], per_stream=args.per_stream)[""]
+                               arrivals=p["arrivals"], per_stream=args.per_stream, trace=i + 1 if args.breakdown else 0)[""]
                 served.append(point_summary(got, p, args))
+                if args.breakdown:
+                    served[-1]["breakdown"] = traced_breakdown(got["records"], spans_file, i + 1)
                 print(f"served {p['name']}: {served[-1]['tok_per_s']:.0f} tok/s", flush=True)
         except BaseException:
             print("".join(stack.log)[-3000:])
             raise
         finally:
             stack.stop(60)
+            if receiver is not None:
+                receiver.terminate()
+                shutil.rmtree(spans_file.parent, ignore_errors=True)
     finally:
         if model_dir:
             shutil.rmtree(model_dir.parent, ignore_errors=True)
@@ -356,6 +399,10 @@ def finish(args, points: list[dict], direct: list[dict], served: list[dict] | No
         print_table(rows, f"served (inflight serve) vs engine direct: {args.shape or model} "
                       f"({'random weights' if args.shape else 'real weights'}), {device}, {streams}; "
                       f"SLO TTFT <= {args.slo_ttft_ms:g} ms, mean ITL <= {args.slo_itl_ms:g} ms")
+    for row in rows:
+        if row["served"] and "breakdown" in row["served"]:
+            print_breakdown(f"time to first token, hop by hop: {row['point']}", row["served"]["breakdown"],
+                            row["direct"].get("breakdown"))
     with open(args.out, "w") as f:
         json.dump({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "model": model,
                    "device": device, "step_times": step_times, "rows": rows}, f, indent=1)

@@ -114,8 +114,10 @@ class Client:
     async def __aexit__(self, *exc) -> None:
         await self.channel.close()
 
-    def session(self) -> Session:
-        return Session(self.stub, self.metadata)
+    def session(self, metadata: list[tuple[str, str]] | None = None) -> Session:
+        """A new Generate stream; `metadata` is added to the client's for this stream
+        alone (a `traceparent`, say, to make its requests part of the caller's trace)."""
+        return Session(self.stub, [*(self.metadata or ()), *metadata] if metadata else self.metadata)
 
     async def generate(self, **kwargs) -> AsyncIterator[pb.Delta]:
         """Stream one request's deltas; raises GenerationError if it fails. The last

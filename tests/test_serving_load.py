@@ -34,7 +34,7 @@ def test_gaps_are_per_token_and_feed_itl():
     t.add(0, 10.25)  # an empty delta changes nothing
     t.add(1, 10.3)
     t.add(4, 10.7)  # 400 ms for 4 tokens: 100 ms each
-    ttft, e2e, tokens, key, gaps, late = t.record(10.8)
+    ttft, e2e, tokens, key, gaps, late, sent = t.record(10.8)
     assert (ttft, e2e, tokens, key, late) == pytest.approx((0.2, 0.8, 6, "a", 0.0))
     assert gaps == pytest.approx([0.1, 0.1])
     res = summarize([t.record(10.8)], wall=1.0, gaps=True)
@@ -64,3 +64,22 @@ def test_engine_direct_keeps_the_schedule_and_the_closed_loop():
     assert 0.11 < got["seconds"] < 0.5  # paced by the arrivals, not run back to back
     closed = drive_engine(engine, reqs, concurrency=4)
     assert len(closed["records"]) == 12 and closed["seconds"] < got["seconds"]
+
+
+def test_hops_are_the_gaps_between_a_requests_moments_and_a_missing_span_drops_it():
+    from bench.path_breakdown import HOPS, request_hops
+
+    ms = 1_000_000  # ns
+    t0 = 1_700_000_000 * 10**9
+    spans = [
+        {"name": "inflight.v1.Inference/Generate", "start": t0 + 1 * ms, "end": t0 + 90 * ms, "events": {"first_token": t0 + 40 * ms}},
+        {"name": "inflight.scheduler.schedule", "start": t0 + 3 * ms, "end": t0 + 4 * ms, "events": {}},
+        {"name": "inflight.worker.request", "start": t0 + 6 * ms, "end": t0 + 80 * ms, "events": {"first_token": t0 + 35 * ms}},
+        {"name": "queued", "start": t0 + 6 * ms, "end": t0 + 10 * ms, "events": {}},
+        {"name": "inflight.worker.request", "start": t0 + 50 * ms, "end": t0 + 95 * ms, "events": {"first_token": t0 + 60 * ms}},  # requeued: later
+    ]
+    hops = request_hops(spans, sent=t0 / 1e9, ttft=0.042)
+    assert list(hops) == [name for name, _ in HOPS]
+    assert list(hops.values()) == pytest.approx([1, 2, 1, 2, 4, 25, 5, 2], abs=1e-3)  # unix seconds as floats: 0.2 us steps
+    assert sum(hops.values()) == pytest.approx(42, abs=1e-3)
+    assert request_hops([s for s in spans if s["name"] != "queued"], sent=t0 / 1e9, ttft=0.042) is None

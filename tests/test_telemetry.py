@@ -113,6 +113,36 @@ def test_one_trace_across_three_processes_continuing_the_clients(traced_stack):
     assert resource["service.version"].string_value and resource["inflight.worker_id"].string_value == "worker-0"
 
 
+def test_a_traced_load_splits_each_time_to_first_token_into_hops_in_causal_order(traced_stack):
+    """bench.serving_load --breakdown's path: run_load sends a traceparent per stream
+    (Client.session's metadata), the spans come back under those ids, and each request's
+    moments, taken in four processes, follow each other: no hop is negative."""
+    from bench.load import Target, run_load, span_row
+    from bench.path_breakdown import HOPS, served_breakdown
+
+    stack, receiver = traced_stack
+    requests = [([1, 2, 3, 4, 5, 6, 7, 8 + i], 4) for i in range(6)]
+    records = run_load({"": Target(stack.target)}, 2, requests=requests, trace=0x5EED)[""]["records"]
+    assert len(records) == 6
+    deadline = time.monotonic() + 15
+    while True:
+        with receiver.lock:
+            traces = {}
+            for svc, span, _ in receiver.spans:
+                traces.setdefault(span.trace_id.hex(), []).append(span_row(svc, span))
+        got = served_breakdown(records, traces, 0x5EED)
+        if got["traced"] == 6 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert got["traced"] == 6, got
+    hops = got["hops"]
+    assert set(hops) == {name for name, _ in HOPS}
+    assert all(h["p50"] >= 0 and h["p99"] >= 0 for h in hops.values()), hops  # every request's, since p99 is the max of 6
+    assert hops["first steps"]["p50"] > 0.1  # a forward pass of the real model on the CPU
+    mean_ttft = 1000 * sum(r[0] for r in records) / len(records)
+    assert sum(h["mean"] for h in hops.values()) == pytest.approx(mean_ttft, abs=0.01)  # unix seconds as floats: 0.2 us steps
+
+
 def test_without_traceparent_a_new_trace_still_spans_all_processes(traced_stack):
     stack, receiver = traced_stack
     before = {s.trace_id for _, s, _ in receiver.spans}
