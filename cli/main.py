@@ -57,9 +57,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from cli.serve import ServeConfig, run
+    from cli.serve import WORKER_FLAGS_SERVE_SETS, ServeConfig, run
+    from inflight.flags import given_argv
+    from worker.main import WorkerConfig
 
-    return run(config_from_args(ServeConfig, args))
+    return run(config_from_args(ServeConfig, args), given_argv(WorkerConfig, args, WORKER_FLAGS_SERVE_SETS))
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
@@ -118,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(SO_REUSEPORT): the kernel hands each new connection to one of them, so clients "
                                        "spread over them by opening several connections (channels).")
     add_config_flags(serve, ServeConfig, "serve")
+    from cli.serve import WORKER_FLAGS_SERVE_SETS
+
+    add_config_flags(serve, WorkerConfig, "each worker", exclude=WORKER_FLAGS_SERVE_SETS,
+                     description="passed on to every worker (`inflight worker --help` has the same); "
+                                 "INFLIGHT_* variables reach the workers too")
     serve.set_defaults(func=cmd_serve)
 
     for name, cls, func, text in (

@@ -7,7 +7,9 @@ once the stack serves is started again (after a pause that doubles while it keep
 soon after each start, up to MAX_BACKOFF): workers rejoin the scheduler by themselves,
 and the scheduler moves a dead worker's requests to the others. A child that dies before
 the stack serves stops it: that is a setting or a model that cannot work. Settings not
-named here reach the children through INFLIGHT_* variables."""
+named here reach the children through INFLIGHT_* variables; every worker flag (the engine's
+among them: --quantization, --max-batch-size, --engine) is taken here too and passed on to
+each worker."""
 
 from __future__ import annotations
 
@@ -27,6 +29,12 @@ from gateway.main import TlsConfig
 from inflight import sockets
 
 
+# WorkerConfig fields that serve sets for each worker itself (or, for the CURVE keys, that a
+# stack on one machine has no use for): they are not among serve's worker flags.
+WORKER_FLAGS_SERVE_SETS = frozenset({"scheduler_address", "worker_id", "metrics_host", "metrics_port", "curve_secret_key",
+                                     "curve_server_key", "served_model_name", "engine_config.model", "engine_config.device"})
+
+
 @dataclasses.dataclass
 class ServeConfig:
     workers: int = dataclasses.field(default=1, metadata={"help": "worker processes: one per GPU, or several on the CPU"})
@@ -35,6 +43,7 @@ class ServeConfig:
     http_listen: str = dataclasses.field(default="localhost:8000", metadata={"help": "host:port for the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models; server-sent events), served by every gateway process on the one port like --listen; empty turns it off"})
     model: str | None = dataclasses.field(default=None, metadata={"help": "model directory; unset means the built-in SmolLM2-135M-Instruct"})
     device: str = dataclasses.field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    served_model_name: str = dataclasses.field(default="", metadata={"help": "name clients use for the model, at the workers and the gateways; unset means the model directory's name"})
     gateway_address: str = dataclasses.field(default=sockets.GATEWAY_ADDRESS, metadata={"help": "scheduler address for gateways"})
     worker_address: str = dataclasses.field(default=sockets.WORKER_ADDRESS, metadata={"help": "scheduler address for workers"})
     max_queued: int = dataclasses.field(default=1024, metadata={"help": "requests waiting for a worker at most"})
@@ -88,8 +97,9 @@ class Child:
 
 
 class Stack:
-    def __init__(self, config: ServeConfig):
+    def __init__(self, config: ServeConfig, worker_args: list[str] | tuple = ()):
         self.config = config
+        self.worker_args = list(worker_args)  # flags every worker gets (given_argv)
         self.children: list[Child] = []
 
     def spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
@@ -100,6 +110,8 @@ class Stack:
     def start(self) -> None:
         c = self.config
         model = ["--model", c.model] if c.model else []
+        if c.served_model_name:
+            model += ["--served-model-name", c.served_model_name]
         port = lambda offset: str(c.metrics_port + offset if c.metrics_port else 0)  # noqa: E731
         self.spawn("scheduler", ["scheduler", "--gateway-address", c.gateway_address, "--worker-address", c.worker_address,
                                  "--max-queued", str(c.max_queued), "--metrics-port", port(1), "--metrics-host", c.metrics_host])
@@ -112,7 +124,8 @@ class Stack:
                 env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // c.workers))
             device = c.device if gpus or c.device != "auto" else "cpu"
             self.spawn(f"worker-{i}", ["worker", "--scheduler-address", c.worker_address, "--worker-id", f"worker-{i}",
-                                       "--device", device, "--metrics-port", port(2 + i), "--metrics-host", c.metrics_host, *model], env)
+                                       "--device", device, "--metrics-port", port(2 + i), "--metrics-host", c.metrics_host, *model,
+                                       *self.worker_args], env)
         for j in range(c.gateways):
             self.spawn(f"gateway-{j}", ["gateway", "--listen", c.listen, "--http-listen", c.http_listen, "--scheduler-address", c.gateway_address,
                                         "--metrics-port", port(gateway_metrics_offset(j, c.workers)), "--metrics-host", c.metrics_host,
@@ -206,7 +219,8 @@ def default_gateways(cores: int | None) -> int:
     return max(1, min(4, (cores or 1) // 4))
 
 
-def run(config: ServeConfig) -> int:
+def run(config: ServeConfig, worker_args: list[str] | tuple = ()) -> int:
+    """The stack until Ctrl-C or SIGTERM; `worker_args`: flags for every worker."""
     if config.gateways is None:
         config.gateways = default_gateways(os.cpu_count())
     if config.gateways < 1:
@@ -216,7 +230,7 @@ def run(config: ServeConfig) -> int:
         print("inflight serve: error: with --tls-cert, serve waits for the gateways' HTTP /ready: "
               "--metrics-port must not be 0", file=sys.stderr)
         return 2
-    stack = Stack(config)
+    stack = Stack(config, worker_args)
     stopping = False
 
     def on_signal(signum, frame):

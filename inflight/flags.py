@@ -47,10 +47,14 @@ def _parse_bool(v: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
-def add_config_flags(parser: argparse.ArgumentParser, cls, title: str | None = None) -> None:
-    group = parser.add_argument_group(title or cls.__name__)
+def add_config_flags(parser: argparse.ArgumentParser, cls, title: str | None = None, exclude: frozenset[str] = frozenset(),
+                     description: str | None = None) -> None:
+    """A flag for each of cls's fields but those whose attribute path is in `exclude`."""
+    group = parser.add_argument_group(title or cls.__name__, description)
     defaults = cls()
     for path, flag, f, tp in _fields(cls):
+        if path in exclude:
+            continue
         conv, choices = _parser_for(tp)
         default = defaults
         for part in path.split("."):
@@ -93,3 +97,16 @@ def config_from_args(cls, args: argparse.Namespace):
             target = getattr(target, p)
         setattr(target, leaf, value)
     return cfg
+
+
+def given_argv(cls, args: argparse.Namespace, exclude: frozenset[str] = frozenset()) -> list[str]:
+    """The flags of cls's fields that were given on the command line (add_config_flags
+    leaves the others out of `args`), as arguments for another command that takes them:
+    how `inflight serve` hands its worker flags to each worker."""
+    given = vars(args)
+    argv = []
+    for path, flag, f, tp in _fields(cls):
+        if path in given and path not in exclude:
+            value = given[path]
+            argv += ["--" + flag.replace(".", "-").replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+    return argv

@@ -35,3 +35,22 @@ def test_serve_runs_a_gateway_per_four_cores_by_default():
     from cli.serve import default_gateways
 
     assert [default_gateways(n) for n in (None, 1, 2, 7, 8, 16, 64)] == [1, 1, 1, 1, 2, 4, 4]
+
+
+def test_serve_takes_every_worker_flag_and_passes_on_those_given():
+    """`inflight serve --quantization fp8` and the like: serve has the worker's flags but
+    those it sets per worker itself (model, device, ids, ports), and hands each worker the
+    ones given, as given. tests/test_openai_http.py serves through them."""
+    from cli.main import build_parser
+    from cli.serve import WORKER_FLAGS_SERVE_SETS
+    from inflight.flags import given_argv
+    from worker.main import WorkerConfig
+
+    args = build_parser().parse_args(["serve", "--model", "/m", "--quantization", "int8-weight-only", "--max-batch-size", "8",
+                                      "--launch-wait", "on", "--kv-cache-tokens-per-block", "16", "--workers", "2"])
+    assert given_argv(WorkerConfig, args, WORKER_FLAGS_SERVE_SETS) == [
+        "--launch-wait", "true", "--quantization", "int8-weight-only", "--kv-cache-tokens-per-block", "16", "--max-batch-size", "8"]
+    res = inflight("serve", "--worker-id", "w")  # serve names its workers itself
+    assert res.returncode == 2 and "unrecognized arguments: --worker-id w" in res.stderr
+    res = inflight("serve", "--quantization", "int4")
+    assert res.returncode == 2 and "argument --quantization: invalid choice: 'int4'" in res.stderr

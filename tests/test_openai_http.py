@@ -216,10 +216,12 @@ def test_request_translation_names_each_parameter_as_sent():
 
 def test_a_full_admission_queue_is_429_streamed_or_not():
     """A worker that holds one request and a queue of one (the engine double, 20 ms steps):
-    a third request is refused at once with 429, before any stream begins."""
-    env = {"INFLIGHT_ENGINE": "testing.engine_double:InstantEngine", "INFLIGHT_SERVED_MODEL_NAME": "double",
-           "ENGINE_DOUBLE_STEP_MS": "20", "INFLIGHT_MAX_BATCH_SIZE": "1", "INFLIGHT_WORKER_QUEUE_FACTOR": "1"}
-    small = Stack(env=env, extra=["--max-queued", "1"])
+    a third request is refused at once with 429, before any stream begins. The worker's
+    settings are `inflight serve` flags, which serve passes on to the worker: the model is
+    only found as "double", with a batch of one, if they arrived."""
+    env = {"ENGINE_DOUBLE_STEP_MS": "20", "INFLIGHT_WORKER_QUEUE_FACTOR": "1"}
+    small = Stack(env=env, extra=["--max-queued", "1", "--engine", "testing.engine_double:InstantEngine",
+                                  "--served-model-name", "double", "--max-batch-size", "1"])
     try:
         host, port = small.http_target.rsplit(":", 1)
         body = json.dumps({"model": "double", "prompt": "Hi", "max_tokens": 2000, "ignore_eos": True, "stream": True}).encode()
