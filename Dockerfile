@@ -25,6 +25,8 @@ ENV INFLIGHT_CACHE=/cache \
     PIP_NO_CACHE_DIR=1 \
     PYTHONUNBUFFERED=1
 COPY --chown=inflight Makefile pyproject.toml README.md ./
+# The dependencies first, in a layer that only a change to these two files rebuilds.
+RUN make deps EXTRAS= && rm -rf /home/inflight/.cache
 COPY --chown=inflight protos protos
 COPY --chown=inflight inflight inflight
 COPY --chown=inflight models models
