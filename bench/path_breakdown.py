@@ -2,7 +2,8 @@
 the client's send and first delta (a traced load, bench.load.run_load's `trace`) and the
 spans the gateway, scheduler and worker export (to bench.load's receiver, kept in a file).
 Each hop is the time between two of these moments, so the hops of a request add up to its
-TTFT. The engine driven directly has two of them: queued and first steps.
+TTFT. The engine driven directly has three of them: to the step boundary it is submitted at
+(open loop), queued and first steps.
 
 All the moments are unix times taken on one machine, so they compare across processes."""
 
@@ -30,7 +31,7 @@ HOPS = (
     ("to gateway'", "-> the gateway has it (worker sends, scheduler relays)"),
     ("to client", "-> the client has it (gRPC)"),
 )
-DIRECT_HOPS = ("queued", "first steps")
+DIRECT_HOPS = ("to worker", "queued", "first steps")  # to worker: from its arrival to the step boundary it was submitted at
 
 
 def read_spans(path: str | Path) -> dict[str, list[dict]]:
@@ -76,9 +77,11 @@ def served_breakdown(records: list[tuple], traces: dict[str, list[dict]], trace:
     return summary(hops, [name for name, _ in HOPS], len(records))
 
 
-def direct_hops(sent: float, scheduled: float, first: float) -> dict[str, float]:
-    """The engine driven directly: submitted (unix s) -> scheduled (its first step's launch) -> first token."""
-    return {"queued": 1000 * (scheduled - sent), "first steps": 1000 * (first - scheduled)}
+def direct_hops(arrived: float, submitted: float, scheduled: float, first: float) -> dict[str, float]:
+    """The engine driven directly: arrived (unix s; open loop, the driver submits at the
+    next step boundary) -> submitted -> scheduled (its first step's launch) -> first token."""
+    return {"to worker": 1000 * (submitted - arrived), "queued": 1000 * (scheduled - submitted),
+            "first steps": 1000 * (first - scheduled)}
 
 
 def summary(hops: list[dict[str, float]], names, requests: int) -> dict:

@@ -127,7 +127,8 @@ def drive_engine(engine, reqs, *, arrivals: list[float] | None = None, concurren
                 raise RuntimeError(f"request {o.request_id}: {o.error_code} {o.error_message}")
             timing = live[o.request_id]
             if timing.first is None and o.new_token_ids and o.scheduled_at is not None:
-                hops.append(direct_hops(timing.t + timing.late + UNIX_OFFSET, o.scheduled_at, now + UNIX_OFFSET))
+                hops.append(direct_hops(timing.t + UNIX_OFFSET, timing.t + timing.late + UNIX_OFFSET, o.scheduled_at,
+                                        now + UNIX_OFFSET))
             timing.add(len(o.new_token_ids), now)
             if o.finished:
                 records.append(live.pop(o.request_id).record(now))

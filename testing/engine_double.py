@@ -47,6 +47,7 @@ class InstantEngine:
         return bool(self.requests)
 
     def step(self) -> list[RequestOutput]:
+        started = time.time()  # the step that first runs a request is its scheduled_at, as the contract has it
         if self.step_seconds and self.busy:
             until = time.perf_counter() + self.step_seconds
             while time.perf_counter() < until:
@@ -57,7 +58,8 @@ class InstantEngine:
         for rid, state in list(self.requests.items())[: self.config.max_batch_size]:
             params, produced, prompt = state
             state[1] = produced + 1
-            out = RequestOutput(rid, [CYCLE[produced % len(CYCLE)]], prompt_tokens=prompt)
+            out = RequestOutput(rid, [CYCLE[produced % len(CYCLE)]], prompt_tokens=prompt,
+                                scheduled_at=started if produced == 0 else None)
             if state[1] >= params.max_tokens:
                 out.finish_reason = "length"
                 del self.requests[rid]

@@ -64,6 +64,13 @@ def test_engine_direct_keeps_the_schedule_and_the_closed_loop():
     assert 0.11 < got["seconds"] < 0.5  # paced by the arrivals, not run back to back
     closed = drive_engine(engine, reqs, concurrency=4)
     assert len(closed["records"]) == 12 and closed["seconds"] < got["seconds"]
+    # --breakdown's direct hops: arrival -> submitted at a step boundary -> scheduled -> first token, adding up to TTFT
+    for run in (got, closed):
+        ttfts = sorted(1000 * r[0] for r in run["records"])
+        sums = sorted(sum(h.values()) for h in run["hops"])
+        assert len(sums) == 12 and sums == pytest.approx(ttfts, abs=0.01)
+        assert all(min(h.values()) >= -0.01 for h in run["hops"]) and all(h["first steps"] >= 1.5 for h in run["hops"])
+    assert max(h["to worker"] for h in closed["hops"]) < 0.5  # closed loop: submitted at once
 
 
 def test_hops_are_the_gaps_between_a_requests_moments_and_a_missing_span_drops_it():

@@ -1,6 +1,8 @@
 """The worker's request bookkeeping on the model-free engine double, with a list for the
 socket: submissions, outputs to their gateways, errors, aborts, deadlines, failed steps."""
 
+import time
+
 import prometheus_client
 
 from inflight import errors, schema
@@ -44,8 +46,10 @@ def test_submit_runs_on_the_engine_and_outputs_go_to_their_gateway():
     assert out == {} and w.owner == {"a/1": b"a", "b/1": b"b"} and set(w.engine.requests) == {"a/1", "b/1"}
     before = metric("inflight_worker_generation_tokens_total")
     w.step(out)
-    assert out == {b"a": [RequestOutput("a/1", [CYCLE[0]], prompt_tokens=3)],
-                   b"b": [RequestOutput("b/1", [CYCLE[0]], "length", prompt_tokens=3)]}
+    at = out[b"a"][0].scheduled_at  # the step that first ran them: one for both
+    assert at is not None and abs(at - time.time()) < 60
+    assert out == {b"a": [RequestOutput("a/1", [CYCLE[0]], prompt_tokens=3, scheduled_at=at)],
+                   b"b": [RequestOutput("b/1", [CYCLE[0]], "length", prompt_tokens=3, scheduled_at=at)]}
     assert metric("inflight_worker_generation_tokens_total") == before + 2
     assert w.owner == {"a/1": b"a"}
     w.flush(out)  # one TokenBatch per gateway
