@@ -27,8 +27,7 @@ import torch
 import triton.testing
 
 from worker.embedded.attention import to_cache
-from worker.embedded.kernels.kv_tile import FP8_READS
-from worker.embedded.kernels.paged_decode import _num_sms, num_splits, paged_decode_attention, paged_decode_reference
+from worker.embedded.kernels.paged_decode import DECODE_FP8_READS, _num_sms, num_splits, paged_decode_attention, paged_decode_reference
 
 HEADS = {"8b": (32, 8, 128), "1b": (32, 8, 64)}  # Hq, Hkv, head_dim (Llama-3-8B, Llama-3.2-1B)
 BLOCK_SIZE = 32  # EngineConfig.tokens_per_block's default
@@ -73,8 +72,9 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4])
     ap.add_argument("--stages", type=int, nargs="+", default=[0, 2], help="pipeline stages; 0: Triton's default (3)")
     ap.add_argument("--kv-cache-dtype", choices=["bf16", "fp8"], default="bf16")
-    ap.add_argument("--fp8-reads", nargs="+", choices=FP8_READS, default=list(FP8_READS),
-                    help="with --kv-cache-dtype fp8, the reads to time (default both)")
+    ap.add_argument("--fp8-reads", nargs="+", choices=DECODE_FP8_READS, default=["words", "cast"],
+                    help="with --kv-cache-dtype fp8, the reads to time (default words and cast; dot: the query in "
+                         "float8 and K straight into the dot, an experiment)")
     ap.add_argument("--out", default="paged_decode_tune.json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda")

@@ -99,6 +99,9 @@ def test_fp8_kv_cache_kernels(checked):
     assert max(r["decode_splits_1"], r["decode_splits_8"], r["varlen"]) < 1e-6, r
     # bf16 queries: float16 dots over the widened tiles, a bf16 output (its rounding: 2**-9)
     assert max(r["decode_bf16"], r["varlen_bf16"]) < 5e-3, r
+    # the "dot" read adds the query's rounding to float8, on keys of an ordinary range
+    assert max(r["decode_fp8_dot_splits_1"], r["decode_fp8_dot_splits_2"]) < 1.5e-2, r
+    assert r["decode_fp8_dot_vs_words"] > 1e-4, r  # it did round the query: not the words read's output
     assert r["k_equal"] and r["v_equal"] and not r["k_nan"] and not r["v_nan"], r
     assert r["v_clamped"] == [448.0, -448.0], r
 

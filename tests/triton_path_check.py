@@ -105,6 +105,20 @@ def check_fp8_cache(gen: torch.Generator) -> dict:
     o = torch.full_like(q16, float("nan"))
     paged_decode_attention(q16, kc, vc, tables, ctx, d ** -0.5 * ks, o, 2, v_scale=vs)
     out["decode_bf16"] = rel_err(o, ref16)
+    # The "dot" read (bench.paged_decode_tune's experiment): the query rounded to float8 per
+    # head and QK^T on float8 operands; against the reference with the query unrounded. Keys
+    # of an ordinary range here: among every float8 value above, up to 448, the query's
+    # rounding error alone moves the scores by whole units (and the interpreter's own float8
+    # rounding, above, halves some query values).
+    kd = to_cache(torch.randn(B * blocks + 1, bs, hkv, d, generator=gen), fp8)
+    ref_dot = paged_decode_reference(q16, kd.float() * ks, vc.float() * vs, tables, ctx, d ** -0.5)
+    words = torch.full_like(q16, float("nan"))
+    paged_decode_attention(q16, kd, vc, tables, ctx, d ** -0.5 * ks, words, 2, v_scale=vs)
+    for splits in (1, 2):
+        o = torch.full_like(q16, float("nan"))
+        paged_decode_attention(q16, kd, vc, tables, ctx, d ** -0.5 * ks, o, splits, v_scale=vs, fp8_read="dot")
+        out[f"decode_fp8_dot_splits_{splits}"] = rel_err(o, ref_dot)
+    out["decode_fp8_dot_vs_words"] = rel_err(o, words.double())
     hq, hkv = 9, 3
     q_lens, lens, starts = [1, 37, 5], [50, 37, 90], [0, 1, 38]
     width = -(-max(lens) // bs)

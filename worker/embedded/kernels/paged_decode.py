@@ -21,9 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.embedded.kernels.kv_tile import cache_view, dot_query, kv_tile
+from worker.embedded.kernels.kv_tile import FP8_READS, cache_view, dot_query, kv_tile
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import KernelConfig
+
+
+# How this kernel may read an FP8 cache: kv_tile.py's two reads, and "dot" (not the engine's:
+# an experiment for bench.paged_decode_tune, unmeasured on a GPU): the query quantized to E4M3
+# per head and the K tile straight into a float8 dot, V read as words.
+DECODE_FP8_READS = (*FP8_READS, "dot")
 
 
 @triton.jit
@@ -36,7 +42,7 @@ def _paged_decode(
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
-    KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr,
 ):
     enter(USE_GDC)
     b = tl.program_id(0)
@@ -53,6 +59,14 @@ def _paged_decode(
     g_ok = g < GROUP
     heads = kvh * GROUP + g
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    if FP8_DOT:
+        # QK^T on float8 operands: each query head quantized to E4M3 with a scale of its own,
+        # which joins the softmax scale; K goes to the dot as stored (V is read as words)
+        qf = q.to(tl.float32)
+        q_amax = tl.max(tl.abs(qf), 1)
+        q_scale = tl.where(q_amax > 0, q_amax / 448.0, 1.0)
+        q8 = (qf / q_scale[:, None]).to(tl.float8e4nv)
+        row_scale = scale * q_scale
     q = dot_query(q, KV_FP8, FP8_WORDS, IEEE)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
@@ -63,12 +77,17 @@ def _paged_decode(
         # int64: a cache of more than 2**31 elements a layer (a small model's, FP8) is possible
         blocks = tl.load(TABLES + b * stride_tb + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
         offset = tok % BLOCK_SIZE
-        k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    FP8_WORDS, ASM).to(q.dtype)
-        if IEEE:  # float32 models keep float32 products (no tf32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        if FP8_DOT:
+            k8 = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                         False, ASM)
+            s = tl.dot(q8, tl.trans(k8)) * row_scale[:, None]
         else:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [GROUP_PAD, TILE]
+            k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                        FP8_WORDS, ASM).to(q.dtype)
+            if IEEE:  # float32 models keep float32 products (no tf32)
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            else:
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * scale  # [GROUP_PAD, TILE]
         s = tl.where(t_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         alpha = tl.exp(m - m_new)
@@ -126,7 +145,7 @@ def paged_decode_attention(
     tile: int | None = None,  # tokens a loop iteration (None: wide_tile's choice, or the block size if larger)
     num_warps: int = 4,
     num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
-    fp8_read: str = "words",  # how an FP8 cache is read (kv_tile.py); "cast" is the baseline benches time
+    fp8_read: str = "words",  # how an FP8 cache is read: DECODE_FP8_READS
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -146,7 +165,11 @@ def paged_decode_attention(
     if splits > 1:
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-    k_cache, v_cache = cache_view(k_cache, fp8_read), cache_view(v_cache, fp8_read)
+    if fp8_read not in DECODE_FP8_READS:
+        raise ValueError(f"fp8_read must be one of {DECODE_FP8_READS}, not {fp8_read!r}")
+    fp8_dot = kv_fp8 and fp8_read == "dot"
+    k_cache = cache_view(k_cache, "cast" if fp8_dot else fp8_read)  # "dot": K as float8 elements,
+    v_cache = cache_view(v_cache, "words" if fp8_dot else fp8_read)  # V as words
     _paged_decode[(B, Hkv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
         q.stride(0), q.stride(1),
@@ -156,7 +179,7 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        KV_FP8=kv_fp8, FP8_WORDS=fp8_read == "words", ASM=q.device.type == "cuda",
+        KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
     )
     if splits > 1:
