@@ -322,9 +322,14 @@ def engine_steps(stack: Stack, worker: int = 0) -> dict[str, float]:
 
 # Latency summaries.
 
+def nearest_rank(xs: list[float], p: float) -> float:
+    """The p-th percentile of xs (sorted), in their unit."""
+    return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+
+
 def percentile(xs: list[float], p: float) -> float:
     """The p-th percentile of xs (sorted), in milliseconds (xs in seconds)."""
-    return 1000 * xs[min(len(xs) - 1, int(p / 100 * len(xs)))]
+    return 1000 * nearest_rank(xs, p)
 
 
 def summarize(records: list[tuple], wall: float, gaps: bool = False) -> dict:

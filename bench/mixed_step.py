@@ -47,7 +47,7 @@ def decode_kernel_alone(engine: EmbeddedEngine, variants: dict[str, dict], repea
     got = {}
     for name, kw in variants.items():
         kw = dict(kw)
-        wide = kw.pop("int64", 0)  # tables and lengths as the graphs hold them (one int64 buffer)
+        wide = kw.pop("int64", 0)  # tables and lengths in int64, as the graphs held them before they went int32
         t, c = (tables.long(), ctx.long()) if wide else (tables, ctx)
 
         def layers():

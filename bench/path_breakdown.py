@@ -13,7 +13,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from bench.load import trace_id_of
+from bench.load import nearest_rank, trace_id_of
 
 GATEWAY_SPAN = "inflight.v1.Inference/Generate"
 SCHEDULER_SPAN = "inflight.scheduler.schedule"
@@ -89,7 +89,7 @@ def summary(hops: list[dict[str, float]], names, requests: int) -> dict:
     for name in names:
         xs = sorted(h[name] for h in hops)
         if xs:
-            out["hops"][name] = {"mean": sum(xs) / len(xs), **{f"p{p}": xs[min(len(xs) - 1, int(p / 100 * len(xs)))] for p in (50, 90, 99)}}
+            out["hops"][name] = {"mean": sum(xs) / len(xs), **{f"p{p}": nearest_rank(xs, p) for p in (50, 90, 99)}}
     return out
 
 

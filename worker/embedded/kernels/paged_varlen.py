@@ -54,8 +54,8 @@ def _paged_varlen(
     s = tl.load(TILE_SEQ + p)
     if s < 0:
         return
-    # int32 index math: a CUDA graph's inputs arrive as int64 (one flat buffer), and 64-bit
-    # tokens and block offsets slowed the paged-decode kernel by 43% (BENCHMARKS.md, run 15)
+    # int32 index math whatever the inputs' dtype: 64-bit tokens and block offsets slowed the
+    # paged-decode kernel by up to 43% (BENCHMARKS.md, run 15)
     q0 = tl.load(TILE_Q + p).to(tl.int32)
     start = tl.load(SEQ_START + s).to(tl.int32)
     qlen = tl.load(SEQ_QLEN + s).to(tl.int32)
