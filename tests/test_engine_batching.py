@@ -13,7 +13,11 @@ import pytest
 from inflight.errors import RequestError
 from inflight.sampling_params import SamplingParams
 
-GREEDY = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+# Twelve prompts of 12 tokens each: 8 start at once and 4 arrive while they decode, which is enough
+# to mix chunked prefills with decodes and to run a small pool out (on the 2-core CI machine
+# a decode step of the default model in float32 takes about 75 ms, bound by memory bandwidth).
+N_PROMPTS = 12
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
@@ -35,7 +39,7 @@ def overlap(request) -> str:
 
 @pytest.fixture(scope="module")
 def workload(tokenizer):
-    return prompts(tokenizer, 16)
+    return prompts(tokenizer, N_PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +73,7 @@ def as_list(out: dict[str, list[int]], n: int) -> list[list[int]]:
 
 def test_batching_invariance(engine_for, workload, alone, overlap):
     engine = engine_for(overlap_scheduler=overlap, max_num_tokens=96)  # forces chunked prefill mixed with decodes
-    assert as_list(run_staggered(engine, workload), 16) == alone
+    assert as_list(run_staggered(engine, workload), N_PROMPTS) == alone
     stats = engine.stats()
     assert stats.kv_blocks_in_use == 0 and stats.running == 0 and stats.queued == 0
 
@@ -78,7 +82,7 @@ def test_preemption_keeps_outputs(engine_for, workload, alone, overlap):
     longest = max(len(p) for p in workload) + GREEDY.max_tokens
     engine = engine_for(overlap_scheduler=overlap, policy="MAX_UTILIZATION", max_tokens=longest * 3, enable_block_reuse=False)
     before = engine.stats().preemptions
-    assert as_list(run_staggered(engine, workload), 16) == alone
+    assert as_list(run_staggered(engine, workload), N_PROMPTS) == alone
     assert engine.stats().preemptions > before
     assert engine.stats().kv_blocks_free == engine.stats().kv_blocks_total
 
@@ -87,7 +91,7 @@ def test_guaranteed_no_evict_small_pool(engine_for, workload, alone, overlap):
     longest = max(len(p) for p in workload) + GREEDY.max_tokens
     engine = engine_for(overlap_scheduler=overlap, max_tokens=longest * 3)
     before = engine.stats().preemptions
-    assert as_list(run_staggered(engine, workload), 16) == alone
+    assert as_list(run_staggered(engine, workload), N_PROMPTS) == alone
     assert engine.stats().preemptions == before
 
 
@@ -170,13 +174,15 @@ BAD = [  # (prompt, params, the field named)
 ]
 
 
-def test_bad_input_names_field_and_spares_others(engine_for, workload, alone, overlap):
+def test_bad_input_names_field_and_spares_others(engine_for, workload, overlap):
     """Each bad request is refused at submit, between the steps of a good one, naming its
     field; it leaves nothing behind (the next one reuses its id) and the good request's
     output is what it is alone."""
     engine = engine_for(overlap_scheduler=overlap)
     assert engine.max_seq_len == 8192
-    engine.submit("good", workload[0], GREEDY)
+    good = SamplingParams(max_tokens=len(BAD) + 4, temperature=0, ignore_eos=True)  # still running after the last
+    alone = engine.generate([workload[0]], good)
+    engine.submit("good", workload[0], good)
     out = [t for o in engine.step() for t in o.new_token_ids]
     refused = []
     for prompt, params, field in BAD:
@@ -189,7 +195,7 @@ def test_bad_input_names_field_and_spares_others(engine_for, workload, alone, ov
     while engine.has_work():
         for o in engine.step():
             out += o.new_token_ids
-    assert out == alone[0]
+    assert out == alone[0] and len(out) == good.max_tokens
 
 
 def test_duplicate_request_id_refused(engine_for, workload):
