@@ -37,12 +37,6 @@ def main() -> None:
         out[f"{name}.upcast"] = rel_err(qgemv(x, wq, ws, bias, **kw), x.double() @ w.T + bias.double())
         out[f"{name}.prequantized"] = rel_err(qgemv(xq, wq, ws, bias, xs[:, None], out_dtype=torch.float32, **kw),
                                               xd @ w.T + bias.double())
-        # Split K (KernelConfig.gemv_split_k): float32 partials whose sum is the product, the
-        # last share ragged, the scales on each and the bias once.
-        out[f"{name}.split_k.upcast"] = rel_err(qgemv(x, wq, ws, bias, split_k=3, **kw).double().sum(0),
-                                                x.double() @ w.T + bias.double())
-        out[f"{name}.split_k.prequantized"] = rel_err(qgemv(xq, wq, ws, bias, xs[:, None], split_k=2, **kw).double().sum(0),
-                                                      xd @ w.T + bias.double())
         # The tiled W8A16 kernel for decode batches: M over one row tile and not a
         # multiple of it, K and N not multiples of theirs.
         xm = torch.randn(40, 300, generator=g)

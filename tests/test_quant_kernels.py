@@ -18,7 +18,6 @@ def test_qgemv_and_row_quantization_in_the_interpreter():
     assert res.returncode == 0, res.stderr[-3000:]
     r = json.loads(res.stdout.strip().splitlines()[-1])
     for key in ("int8.upcast", "int8.prequantized", "float8_e4m3fn.upcast", "float8_e4m3fn.prequantized",
-                "int8.split_k.upcast", "int8.split_k.prequantized", "float8_e4m3fn.split_k.upcast", "float8_e4m3fn.split_k.prequantized",
                 "int8.w8a16_mm", "float8_e4m3fn.w8a16_mm",
                 "QuantLinear.fp8", "QuantLinear.int8-weight-only", "QuantLinear.int8-smoothquant"):
         assert r[key] < 1e-6, (key, r)

@@ -226,8 +226,7 @@ class QuantLinear(nn.Module):
         act, kernels = self.scheme.activation, self.kernels
         path = cuda_path(act, M) if kernels is not None else "torch"
         if path == "skinny":
-            y = self._skinny(x, kernels)
-            return y if y.dim() == 3 else y.reshape(*shape[:-1], -1)  # 3: split-K partials of a 2-D x
+            return self._skinny(x, kernels).reshape(*shape[:-1], -1)
         if path == "w8a16_mm":
             from worker.embedded.kernels.qgemv import w8a16_mm
 
@@ -253,17 +252,14 @@ class QuantLinear(nn.Module):
         act = self.scheme.activation
         if act == FP8 and fp8_upcast(kernels.fp8_skinny_matmul, self.out_features, self.in_features):
             act = None
-        # With gemv_split_k above 1: float32 split-K partials [shares, M, N], which the kernel
-        # that reads this projection adds (llama.py's SkinnyLinear says where).
         if act is None:
             bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
             return qgemv(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
-                         num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes, split_k=kernels.gemv_split_k)
+                         num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
         xq, xs = quantize_activation(x, act, triton=True)
         bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, 1)
         return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, out_dtype=x.dtype, block_n=bn, block_k=bk,
-                     num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes,
-                     split_k=kernels.gemv_split_k)
+                     num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
 
 
 def cuda_path(activation: torch.dtype | None, rows: int) -> str:

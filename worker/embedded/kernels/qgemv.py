@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.embedded.kernels.gemv import _prefetch_l2, splits
+from worker.embedded.kernels.gemv import _prefetch_l2
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import KernelConfig
 
@@ -74,13 +74,10 @@ def _tiles(X, W, m, n, k, m_ok, n_ok, K, stride_xm, stride_wn, EVEN_K: tl.conste
 
 
 @triton.jit
-def _qgemv(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, k_per_split,
+def _qgemv(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
            X_QUANT: tl.constexpr, INT_ACC: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
            EVEN_K: tl.constexpr, USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr):
     pid = tl.program_id(0)
-    split = tl.program_id(1)  # split-K (gemv.splits): this program's share of K; 0 of 1 unsplit
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
     m = tl.arange(0, 16)  # MAX_ROWS
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
@@ -88,48 +85,39 @@ def _qgemv(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, stride_
     n_ok = n < N
     if PREFETCH_K > 0:  # one address per 128-byte line of 8-bit values
         lines = tl.arange(0, PREFETCH_K // 128) * 128
-        _prefetch_l2(W + tl.minimum(n, N - 1)[:, None] * stride_wn + tl.minimum(k_begin + lines, K - 1)[None, :])
+        _prefetch_l2(W + tl.minimum(n, N - 1)[:, None] * stride_wn + lines[None, :])
     enter(USE_GDC)
     acc = tl.zeros([16, BLOCK_N], tl.int32 if INT_ACC else tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
-        x, w = _tiles(X, W, m, n, k0 + kk, m_ok, n_ok, k_end, stride_xm, stride_wn, EVEN_K)
+    for k0 in range(0, K, BLOCK_K):
+        x, w = _tiles(X, W, m, n, k0 + kk, m_ok, n_ok, K, stride_xm, stride_wn, EVEN_K)
         if X_QUANT:
             acc += tl.dot(x, tl.trans(w))
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
-    # The scales are linear: each split's partial sum takes them, the bias goes to split 0.
     out = acc.to(tl.float32) * tl.load(SW + n, mask=n_ok, other=0.0)[None, :]
     if X_QUANT:
         out = out * tl.load(SX + m, mask=m_ok, other=0.0)[:, None]
     if HAS_BIAS:
-        if split == 0:
-            out += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + split * stride_ys + m[:, None] * stride_ym + n[None, :], out.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+        out += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], out.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def qgemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
           x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int = 32,
           block_k: int = 512, num_warps: int = 4, num_stages: int = 4, pdl: bool = KernelConfig.pdl,
-          prefetch_bytes: int = KernelConfig.l2_prefetch_bytes, split_k: int = 1) -> torch.Tensor:
+          prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
     """x [M, K] (M <= 16, last dim contiguous) @ (w [N, K] * w_scale[N, None]).T (+ bias).
     With `x_scale` [M, 1], x holds 8-bit values of w's dtype standing for x * x_scale
-    (quantize_rows); without, x is 16-bit. Output in `out_dtype` (default x's dtype); with
-    `split_k` above 1, K is cut into that many shares (gemv.splits) and the output is their
-    float32 partial sums [shares, M, N], for the next kernel to add (KernelConfig.gemv_split_k)."""
+    (quantize_rows); without, x is 16-bit. Output in `out_dtype` (default x's dtype)."""
     M, K = x.shape
     N = w.shape[0]
-    split_k, k_per_split = splits(K, split_k, block_k)
-    if split_k > 1:
-        y = torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
-    else:
-        y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     use_pdl = pdl_on(x.device, M, pdl)
-    cols = prefetch_bytes // split_k // N
-    prefetch_k = 0 if not use_pdl or min(cols, k_per_split) < 128 else 1 << (min(cols, k_per_split).bit_length() - 1)
-    _qgemv[(triton.cdiv(N, block_n), split_k)](
+    cols = prefetch_bytes // N
+    prefetch_k = 0 if not use_pdl or min(cols, K) < 128 else 1 << (min(cols, K).bit_length() - 1)
+    _qgemv[(triton.cdiv(N, block_n),)](
         x, w_scale if x_scale is None else x_scale, w, w_scale, w_scale if bias is None else bias, y, M, N, K,
-        x.stride(0), w.stride(0), y.stride(-2), y.stride(0) if split_k > 1 else 0, k_per_split,
+        x.stride(0), w.stride(0), y.stride(0),
         X_QUANT=x_scale is not None, INT_ACC=x_scale is not None and w.dtype == torch.int8, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
         EVEN_K=K % block_k == 0, USE_GDC=use_pdl, PREFETCH_K=prefetch_k, num_warps=num_warps, num_stages=num_stages,
         **launch_options(use_pdl),
