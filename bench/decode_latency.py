@@ -145,8 +145,6 @@ def main() -> None:
                     help="projection weights, one run each (fp8-upcast: fp8 with --fp8-skinny-matmul upcast); "
                          "with more than none, every run has graphs and overlap on")
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="what the KV cache stores, every run")
-    ap.add_argument("--gemv-split-k", type=int, nargs="+", default=[1],
-                    help="KernelConfig.gemv_split_k values, one run each (its variant reads all/splitN; with more than 1, every run has graphs and overlap on); 1 is the engine's default")
     ap.add_argument("--out", default="decode_latency.json")
     args = ap.parse_args()
 
@@ -156,13 +154,10 @@ def main() -> None:
                        dtype=args.kv_cache_dtype)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    modes = ABLATION if args.ablation else MODES if args.quantization == ["none"] and args.gemv_split_k == [1] else MODES[:1]
+    modes = ABLATION if args.ablation else MODES if args.quantization == ["none"] else MODES[:1]
     runs = [(q, *m) for q in args.quantization for m in modes]
-    runs = [(q, g, o, v if k == 1 else f"{v}/split{k}") for q, g, o, v in runs for k in args.gemv_split_k]
     for quant, graphs, overlap, variant in runs:
-        variant_kernels, _, split = variant.partition("/split")
-        kernels = apply(variant_kernels)
-        kernels.gemv_split_k = int(split or 1)
+        kernels = apply(variant)
         if quant == "fp8-upcast":
             kernels.fp8_skinny_matmul = "upcast"
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", kv_cache=kv, max_seq_len=4096,
@@ -189,13 +184,13 @@ def main() -> None:
 
     print(f"\n{args.shape} decode on {torch.cuda.get_device_name()}, bf16, prompt {args.prompt_len}, "
           f"copy bandwidth {bw / 1e12:.2f} TB/s")
-    print(f"{'quantization':>16} {'weights GB':>10} {'variant':>13} {'graphs':>6} {'overlap':>7} {'batch':>5} {'ms/step':>8} {'graph GPU ms':>12} {'floor ms':>9} {'of floor':>9} "
+    print(f"{'quantization':>16} {'weights GB':>10} {'variant':>11} {'graphs':>6} {'overlap':>7} {'batch':>5} {'ms/step':>8} {'graph GPU ms':>12} {'floor ms':>9} {'of floor':>9} "
           f"{'tok/s':>8} {'HF ms/tok':>10} {'vs HF':>6}")
     for r in rows:
         h = hf_rows.get(r["batch"])
         r["hf_ms_per_step"] = h
         g = r["graph_gpu_ms"]
-        print(f"{r['quantization']:>16} {r['weight_bytes'] / 1e9:>10.2f} {r['variant']:>13} {str(r['cuda_graphs']):>6} {r['overlap']:>7} {r['batch']:>5} {r['ms_per_step']:>8.3f} {(f'{g:.3f}' if g else '-'):>12} "
+        print(f"{r['quantization']:>16} {r['weight_bytes'] / 1e9:>10.2f} {r['variant']:>11} {str(r['cuda_graphs']):>6} {r['overlap']:>7} {r['batch']:>5} {r['ms_per_step']:>8.3f} {(f'{g:.3f}' if g else '-'):>12} "
               f"{r['floor_ms']:>9.3f} {r['of_floor']:>9.1%} {r['tok_per_s']:>8.0f} {h or 0:>10.2f} {(h / r['ms_per_step']) if h else 0:>5.1f}x")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(), "copy_bandwidth": bw,

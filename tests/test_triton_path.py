@@ -82,24 +82,6 @@ def test_silu_and_mul_kernel(checked):
     assert checked["kernels"]["silu_and_mul_rel_err"] < 1e-6
 
 
-def test_split_k_partials_are_added_where_the_projection_is_read(checked):
-    """KernelConfig.gemv_split_k: the RMSNorm, rotary and SiLU kernels given split-K
-    partials do exactly what they do given the sum; a float16 decoder layer split in 3
-    agrees with it unsplit to float16 rounding."""
-    r = checked["kernels"]["split_k"]
-    assert r["add_rms_norm"] and r["silu_and_mul"] and r["rope_and_cache"], r
-    assert r["layer_partials"] and r["layer_finite"] and r["layer_rel_err"] < 2e-3, r
-
-
-@pytest.mark.parametrize("split", [0, 17])
-def test_a_gemv_split_k_out_of_range_is_refused_by_name(split):
-    from worker.embedded.engine import EmbeddedEngine
-    from worker.engine_api import EngineConfig, EngineConfigError, KernelConfig
-
-    with pytest.raises(EngineConfigError, match=f"gemv_split_k must be from 1 .* got {split}"):
-        EmbeddedEngine(EngineConfig(device="cpu", kernels=KernelConfig(gemv_split_k=split)))
-
-
 @pytest.mark.parametrize("path", ["triton", "triton+graphs", "triton+graphs+overlap"])
 def test_engine_path_matches_reference(checked, path):
     ref, out = checked["engine"]["reference"], checked["engine"][path]

@@ -245,75 +245,11 @@ def check_silu_and_mul(gen: torch.Generator) -> float:
     return rel_err(silu_and_mul(gate_up), F.silu(g) * u)
 
 
-def check_split_k(gen: torch.Generator, device: str = "cpu", dtype: torch.dtype = torch.float16) -> dict:
-    """KernelConfig.gemv_split_k: each kernel after a projection, given its split-K float32
-    partials, does exactly what it does given their sum (in order, rounded to `dtype`, as
-    the unsplit projection rounds); then a whole decoder layer (SmolLM2's heads, three
-    decodes over a paged context) with K split in 3 against it unsplit. Float16 in the
-    interpreter (its bfloat16 is not exact); on a GPU, device="cuda" and bfloat16."""
-    from worker.embedded.attention import AttentionMetadata
-    from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
-    from worker.embedded.llama import DecoderLayer, Rotary
-
-    def randn(*shape, to=torch.float32):
-        return torch.randn(*shape, generator=gen).to(device=device, dtype=to)
-
-    def summed(p):
-        return (p[0] + p[1] + p[2]).to(dtype)
-
-    T, N = 3, 300
-    parts, r, w = randn(3, T, N), randn(T, N, to=dtype), randn(N, to=dtype)
-    out = {"add_rms_norm": all(torch.equal(a, b) for a, b in zip(add_rms_norm(parts, w, 1e-5, r), add_rms_norm(summed(parts), w, 1e-5, r)))}
-    parts = randn(3, T, 2 * N)
-    out["silu_and_mul"] = torch.equal(silu_and_mul(parts, dtype=dtype), silu_and_mul(summed(parts)))
-    hq, hkv, d, bs = 9, 3, 64, 4
-    parts = randn(3, T, (hq + 2 * hkv) * d)
-    cos, sin = randn(64, d // 2), randn(64, d // 2)
-    pos, slots = torch.tensor([5, 17, 63], device=device), torch.tensor([2, 9, 30], device=device)
-    got = []
-    for partials, qkv in ((parts, torch.full((T, (hq + 2 * hkv) * d), float("nan"), dtype=dtype, device=device)), (None, summed(parts))):
-        q, k, v = (t.view(T, -1, d) for t in qkv.split([hq * d, hkv * d, hkv * d], dim=-1))
-        kc, vc = (torch.zeros(8, bs, hkv, d, dtype=dtype, device=device) for _ in range(2))
-        rope_and_cache(q, k, v, cos, sin, pos, slots, kc, vc, partials=partials)
-        got.append((qkv, kc, vc))
-    out["rope_and_cache"] = all(torch.equal(a, b) for a, b in zip(*got))
-
-    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=576, intermediate_size=768, num_layers=1,
-                      num_heads=hq, num_kv_heads=hkv, head_dim=d, rms_norm_eps=1e-5, rope_theta=100000.0, rope_scaling=None,
-                      max_position_embeddings=256, tie_word_embeddings=False, attention_bias=False, eos_token_ids=(0,),
-                      bos_token_id=None)
-    layer = DecoderLayer(cfg, Rotary(cfg, 256))
-    with torch.no_grad():
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) / (p.shape[-1] ** 0.5 if p.dim() == 2 else 1.0))
-    layer = layer.to(device=device, dtype=dtype)
-    layer.self_attn.rotary.build()  # float32 tables again, as the engine keeps them
-    ctx = torch.tensor([9, 30, 17], dtype=torch.int32, device=device)
-    tables = torch.arange(3 * 8, dtype=torch.int32, device=device).view(3, 8)
-    x, res = randn(T, 576, to=dtype), randn(T, 576, to=dtype)
-    cache = [randn(3 * 8, bs, hkv, d, to=dtype) for _ in range(2)]
-    meta = AttentionMetadata(slot_mapping=(tables[torch.arange(T, device=device), (ctx - 1) // bs] * bs + (ctx - 1) % bs).long(),
-                             attention="triton", num_decodes=T, decode_tables=tables, decode_context_lens=ctx)
-    ys = {}
-    for split in (1, 3):
-        for m in layer.modules():
-            if hasattr(m, "kernels"):
-                m.kernels = KernelConfig(attention="triton", gemv_split_k=split)
-        kc, vc = (c.clone() for c in cache)
-        with torch.no_grad():
-            h, r = layer(x, res, ctx.long() - 1, kc, vc, meta)
-        ys[split] = (h.sum(0) if h.dim() == 3 else h, r, kc)
-    out["layer_partials"] = h.dim() == 3 and h.shape[0] == 3
-    out["layer_rel_err"] = max(rel_err(a.float(), b.float()) for a, b in zip(ys[3], ys[1]))
-    out["layer_finite"] = bool(all(t.isfinite().all() for t in ys[3]))
-    return out
-
-
 def kernel_checks() -> dict:
     gen = torch.Generator().manual_seed(0)
     return {"paged_decode": check_paged_decode(gen), "paged_varlen": check_paged_varlen(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
             "add_rms_norm": check_add_rms_norm(gen), "rope_and_cache": check_rope_and_cache(gen),
-            "silu_and_mul_rel_err": check_silu_and_mul(gen), "fp8_cache": check_fp8_cache(gen), "split_k": check_split_k(gen)}
+            "silu_and_mul_rel_err": check_silu_and_mul(gen), "fp8_cache": check_fp8_cache(gen)}
 
 
 PROMPTS = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2], [1, 4093, 198, 22464, 17, 2],

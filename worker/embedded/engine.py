@@ -99,8 +99,6 @@ class EmbeddedEngine:
         tile = config.kernels.decode_tile
         if tile and not (16 <= tile <= 256 and tile & (tile - 1) == 0):
             raise EngineConfigError(f"decode_tile must be 0 (auto) or a power of two from 16 to 256, got {tile}")
-        if not 1 <= config.kernels.gemv_split_k <= 16:
-            raise EngineConfigError(f"gemv_split_k must be from 1 (unsplit) to 16, got {config.kernels.gemv_split_k}")
         self.kv_dtype = self._kv_dtype()
         self._shipped_kv_scales: dict[tuple[int, str], float] = {}  # a quantized checkpoint's, filled while loading
         self.model = self._build_model(weights)

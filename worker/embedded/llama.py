@@ -16,7 +16,7 @@ from worker.embedded.quant import QuantLinear
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
-    from worker.embedded.kernels.gemv import MAX_ROWS, cublas_faster, gemv, gemv_config, gemv_split_k
+    from worker.embedded.kernels.gemv import MAX_ROWS, cublas_faster, gemv, gemv_config
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
 from models.config import ModelConfig
@@ -111,12 +111,7 @@ class Attention(nn.Module):
         self.k_scale = self.v_scale = 1.0
 
     def forward(self, x, positions, k_cache, v_cache, meta: AttentionMetadata):
-        qkv = partials = self.qkv_proj(x)
-        if partials.dim() == 3:  # split-K partial sums (SkinnyLinear): rope_and_cache adds them into qkv
-            qkv = torch.empty(partials.shape[1:], dtype=x.dtype, device=x.device)
-        else:
-            partials = None
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -124,7 +119,7 @@ class Attention(nn.Module):
         ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
         if kernels is not None:
             rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
-                           pdl=kernels.pdl, k_scale=ks, v_scale=vs, partials=partials)
+                           pdl=kernels.pdl, k_scale=ks, v_scale=vs)
         else:
             q, k = self.rotary(q, positions), self.rotary(k, positions)
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
@@ -137,11 +132,7 @@ class SkinnyLinear(nn.Linear):
     """nn.Linear that, on the Triton path, runs decode-sized inputs (at most 16 rows,
     16-bit) through our skinny-matmul kernel: with cold L2 it measured faster than cuBLAS
     on each of Llama-3.2-1B's projections, most on down_proj, where cuBLAS split K and
-    reduced in a second kernel (BENCHMARKS.md, decode latency, run 5; bench/gemv_tune.py).
-
-    With KernelConfig.gemv_split_k above 1 it returns the split-K float32 partial sums
-    [splits, T, N] instead, and every module that reads a projection's output here adds
-    them (the RMSNorm, rotary and SiLU kernels; see their callers)."""
+    reduced in a second kernel (BENCHMARKS.md, decode latency, run 5; bench/gemv_tune.py)."""
 
     kernels: KernelConfig | None = None  # set on the Triton path
 
@@ -149,11 +140,8 @@ class SkinnyLinear(nn.Linear):
         kernels = self.kernels
         if (kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32
                 and not cublas_faster(*self.weight.shape)):
-            config = gemv_config(*self.weight.shape)
-            if kernels.gemv_split_k > 1:
-                return gemv_split_k(x, self.weight, self.bias, kernels.gemv_split_k, *config,
-                                    pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
-            return gemv(x, self.weight, self.bias, *config, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+            return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
+                        pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
         return super().forward(x)
 
 
@@ -165,8 +153,8 @@ class MLP(nn.Module):
         self.kernels: KernelConfig | None = None  # set on the Triton path: the SiLU-and-multiply kernel
 
     def forward(self, x):
-        if self.kernels is not None:  # down_proj's split-K partials go on to the next RMSNorm
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x), pdl=self.kernels.pdl, dtype=x.dtype))
+        if self.kernels is not None:
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x), pdl=self.kernels.pdl))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -209,8 +197,8 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.embed_tokens(input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, positions, k_cache, v_cache, meta)
-        if logits_rows is not None:  # x may be the last down_proj's split-K partials [splits, T, N]
-            x, residual = x[..., logits_rows, :], residual[logits_rows]
+        if logits_rows is not None:
+            x, residual = x[logits_rows], residual[logits_rows]
         x, _ = self.norm(x, residual)
         return self.lm_head(x)  # in the model's dtype: the sampler converts what it needs
 
