@@ -2,10 +2,8 @@
 float16, reading W once. At batch 1 cuBLAS took about twice the bandwidth floor's time
 on Llama-3.2-1B's qkv and o_proj (BENCHMARKS.md, kernel choices, 'skinny matmul'). One
 program per BLOCK_N output columns streams its rows of W in BLOCK_K steps; x is padded
-to 16 rows in registers so the products run on tensor cores. Float32 accumulation. The
-engine runs it unsplit (an atomic reduction across K would cost two more launches);
-gemv_split_k, an experiment, cuts K into shares and leaves their float32 partial sums to
-the next kernel to add.
+to 16 rows in registers so the products run on tensor cores. Float32 accumulation, no
+split-K (an atomic reduction would cost two more launches).
 
 On Hopper the kernel is launched with programmatic dependent launch (pdl.py) and pulls
 the first `prefetch_bytes` of its weight (KernelConfig.l2_prefetch_bytes) towards L2
@@ -34,13 +32,10 @@ def _prefetch_l2(ptrs):
 
 
 @triton.jit
-def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, k_per_split,
+def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
           USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr):
     pid = tl.program_id(0)
-    split = tl.program_id(1)  # split-K: this program's share of K, [k_begin, k_end); 0 of 1 unsplit
-    k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
     m = tl.arange(0, 16)  # MAX_ROWS
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
@@ -51,21 +46,19 @@ def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym, stride_ys, k_per
         # columns towards L2 while the kernel before finishes (one address per 128-byte
         # line of 16-bit values).
         lines = tl.arange(0, PREFETCH_K // 64) * 64
-        _prefetch_l2(W + tl.minimum(n, N - 1)[:, None] * stride_wn + tl.minimum(k_begin + lines, K - 1)[None, :])
+        _prefetch_l2(W + tl.minimum(n, N - 1)[:, None] * stride_wn + lines[None, :])
     enter(USE_GDC)
     acc = tl.zeros([16, BLOCK_N], tl.float32)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
-        x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < k_end)[None, :]
-        w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < k_end)[None, :]
+        x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
+        w_ok = n_ok[:, None] if EVEN_K else n_ok[:, None] & (k < K)[None, :]
         x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
         w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
         acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
-        if split == 0:
-            acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(Y + split * stride_ys + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty),
-             mask=m_ok[:, None] & n_ok[None, :])
+        acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 16, block_k: int = 256,
@@ -77,43 +70,14 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, blo
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    _launch(x, w, bias, y, 1, block_n, block_k, num_warps, num_stages, pdl, prefetch_bytes)
-    return y
-
-
-def gemv_split_k(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, split_k: int = 2,
-                 block_n: int = 16, block_k: int = 256, num_warps: int = 4, num_stages: int = 4,
-                 pdl: bool = KernelConfig.pdl, prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
-    """gemv with K cut into `split_k` shares, each a program of its own: float32 partial
-    sums [split_k, M, N], whose sum (over dim 0) is x @ w.T (+ bias). More programs per
-    projection, each a shorter stream of W; summing the partials is left to whoever reads
-    them next, so the split costs no launch. An experiment: bench.gemv_tune --split-k times
-    it; the engine does not use it."""
-    M, K = x.shape
-    y = torch.empty((splits(K, split_k, block_k)[0], M, w.shape[0]), dtype=torch.float32, device=x.device)
-    _launch(x, w, bias, y, split_k, block_n, block_k, num_warps, num_stages, pdl, prefetch_bytes)
-    return y
-
-
-def splits(k: int, split_k: int, block_k: int) -> tuple[int, int]:
-    """(shares, columns in each): each share a whole number of BLOCK_K steps, so only the
-    last can be ragged, and none empty (fewer shares than asked where K is short)."""
-    per = triton.cdiv(triton.cdiv(k, max(1, split_k)), block_k) * block_k
-    return triton.cdiv(k, per), per
-
-
-def _launch(x, w, bias, y, split_k, block_n, block_k, num_warps, num_stages, pdl, prefetch_bytes) -> None:
-    M, K = x.shape
-    N = w.shape[0]
-    split_k, k_per_split = splits(K, split_k, block_k)
     use_pdl = pdl_on(x.device, M, pdl)
-    _gemv[(triton.cdiv(N, block_n), split_k)](
-        x, w, w if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(-2),
-        y.stride(0) if y.dim() == 3 else 0, k_per_split,
+    _gemv[(triton.cdiv(N, block_n),)](
+        x, w, w if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(N, k_per_split, w, prefetch_bytes // split_k) if use_pdl else 0,
+        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(N, K, w, prefetch_bytes) if use_pdl else 0,
         num_warps=num_warps, num_stages=num_stages, **launch_options(use_pdl),
     )
+    return y
 
 
 def prefetch_columns(n: int, k: int, w: torch.Tensor, budget_bytes: int) -> int:
