@@ -12,7 +12,10 @@ while the kernel before it finishes.
 Tried and measured slower: folding the RMSNorm into this kernel (gain and 1/rms applied
 to x inside the K loop) slowed each call by more than the norm launches it saved;
 elementwise work on a dot operand in the loop seems to cost the loop its pipelining, as
-SiLU fused into the down projection did (BENCHMARKS.md, decode latency, run 6)."""
+SiLU fused into the down projection did (BENCHMARKS.md, decode latency, run 6). Split-K
+with the next kernel adding the partials was slower at 2 and 4 shares on Llama-3.2-1B at
+batch 1, and merely giving this loop bounds computed at run time (a share's start and end)
+cost the unsplit kernel 15% (run 17)."""
 
 from __future__ import annotations
 

@@ -27,8 +27,9 @@ from worker.engine_api import KernelConfig
 
 
 # How this kernel may read an FP8 cache: kv_tile.py's two reads, and "dot" (not the engine's:
-# an experiment for bench.paged_decode_tune, unmeasured on a GPU): the query quantized to E4M3
-# per head and the K tile straight into a float8 dot, V read as words.
+# an experiment for bench.paged_decode_tune): the query quantized to E4M3 per head and the K
+# tile straight into a float8 dot, V read as words. On an H200 it ran no faster than the words
+# read (BENCHMARKS.md, FP8 and INT8 on the GPU, run 17).
 DECODE_FP8_READS = (*FP8_READS, "dot")
 
 
