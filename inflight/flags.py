@@ -27,6 +27,16 @@ def _fields(cls, prefix: str = "", flag_prefix: str = ""):
             yield f"{prefix}{f.name}", f"{flag_prefix}{f.name}", f, tp
 
 
+def _option(flag: str) -> str:
+    """A field's flag path as its command-line option: kv_cache.tokens_per_block -> --kv-cache-tokens-per-block."""
+    return "--" + flag.replace(".", "-").replace("_", "-")
+
+
+def _env(flag: str) -> str:
+    """A field's flag path as its environment variable: INFLIGHT_KV_CACHE_TOKENS_PER_BLOCK."""
+    return "INFLIGHT_" + flag.replace(".", "_").upper()
+
+
 def _parser_for(tp) -> tuple[Any, list | None]:
     origin = typing.get_origin(tp)
     args = [a for a in typing.get_args(tp) if a is not type(None)]
@@ -59,10 +69,10 @@ def add_config_flags(parser: argparse.ArgumentParser, cls, title: str | None = N
         default = defaults
         for part in path.split("."):
             default = getattr(default, part)
-        env = "INFLIGHT_" + flag.replace(".", "_").upper()
+        env = _env(flag)
         help_text = f.metadata.get("help", "")
         group.add_argument(
-            "--" + flag.replace(".", "-").replace("_", "-"),
+            _option(flag),
             dest=path,
             type=conv,
             choices=choices,
@@ -77,7 +87,7 @@ def config_from_args(cls, args: argparse.Namespace):
     cfg = cls()
     given = vars(args)
     for path, flag, f, tp in _fields(cls):
-        env = "INFLIGHT_" + flag.replace(".", "_").upper()
+        env = _env(flag)
         if path in given:
             value = given[path]
         elif env in os.environ:
@@ -108,5 +118,5 @@ def given_argv(cls, args: argparse.Namespace, exclude: frozenset[str] = frozense
     for path, flag, f, tp in _fields(cls):
         if path in given and path not in exclude:
             value = given[path]
-            argv += ["--" + flag.replace(".", "-").replace("_", "-"), str(value).lower() if isinstance(value, bool) else str(value)]
+            argv += [_option(flag), str(value).lower() if isinstance(value, bool) else str(value)]
     return argv

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from gateway.main import GatewayConfig
-from inflight.flags import _fields
+from inflight.flags import _env, _fields
 from worker.main import WorkerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,7 +73,7 @@ def env_names() -> set[str]:
 
     names = {"INFLIGHT_CACHE", "INFLIGHT_GC_SETTLE"}
     for cls in (GatewayConfig, SchedulerConfig, WorkerConfig, ServeConfig):
-        names |= {"INFLIGHT_" + flag.replace(".", "_").upper() for _, flag, _, _ in _fields(cls)}
+        names |= {_env(flag) for _, flag, _, _ in _fields(cls)}
     return names
 
 
