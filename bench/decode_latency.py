@@ -117,16 +117,17 @@ def hf_decode_ms(hf, batch: int, prompt_len: int, new: int, gen: torch.Generator
 
 # (cuda graphs, overlap, variant): the default table, and --ablation's.
 MODES = [(True, "on", "all"), (True, "off", "all"), (False, "on", "all"), (False, "off", "all")]
-ABLATION = [(True, "on", v) for v in ("all", "pdl+prefetch2", "pdl+prefetch8", "pdl", "none")]
+ABLATION = [(True, "on", v) for v in ("all", "pdl+prefetch", "pdl", "none")]
 
 
 def apply(variant: str) -> KernelConfig:
     """The decode-kernel changes for an engine: "all", "none" or a "+"-joined subset of
-    pdl (programmatic dependent launch) and prefetch[MB] (weights pulled into L2 before
-    the previous kernel ends; needs pdl)."""
-    parts = {"pdl", "prefetch"} if variant == "all" else set(variant.split("+")) - {"none"}
+    pdl (programmatic dependent launch), prefetch[MB] (weights pulled into L2 before the
+    previous kernel ends; needs pdl) and silu (SiLU-and-multiply in the gate_up skinny
+    matmul's epilogue)."""
+    parts = {"pdl", "prefetch", "silu"} if variant == "all" else set(variant.split("+")) - {"none"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
-    return KernelConfig(pdl="pdl" in parts,
+    return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts,
                         l2_prefetch_bytes=(int(mb[0]) * 2**20 if mb[0] else KernelConfig.l2_prefetch_bytes) if mb else 0)
 
 
@@ -139,7 +140,7 @@ def main() -> None:
     ap.add_argument("--hf-new-tokens", type=int, default=32, help="tokens per transformers baseline run (0 skips it)")
     ap.add_argument("--ablation", action="store_true",
                     help="instead of graphs/overlap on and off, take away one decode-kernel change at a time "
-                         "(programmatic dependent launch, weight prefetch into L2)")
+                         "(the fused SiLU, weight prefetch into L2, programmatic dependent launch)")
     ap.add_argument("--quantization", nargs="+", default=["none"],
                     choices=["none", "fp8", "fp8-upcast", "int8-weight-only", "int8-smoothquant"],
                     help="projection weights, one run each (fp8-upcast: fp8 with --fp8-skinny-matmul upcast); "

@@ -82,7 +82,7 @@ def check_fused(dtype: torch.dtype) -> list[dict]:
     record("rope_and_cache.v_cache", vc.view(-1, hkv, d)[slots], v_ref, 0.0)
 
     if dtype != torch.float32:  # the skinny matmul takes 16-bit only on a GPU (launched with PDL on Hopper)
-        from worker.embedded.kernels.gemv import gemv, gemv_config
+        from worker.embedded.kernels.gemv import gemv, gemv_config, gemv_gated_config
 
         for rows_, (n, k) in ((1, (3072, 2048)), (8, (2048, 8192)), (3, (16384, 2048))):
             xs = torch.randn(rows_, k, generator=g, device="cuda").to(dtype)
@@ -91,6 +91,17 @@ def check_fused(dtype: torch.dtype) -> list[dict]:
             us = 1000 * triton.testing.do_bench(lambda: gemv(xs, wm, None, *gemv_config(n, k)), return_mode="median")
             record(f"gemv.{rows_}x{n}x{k} vs f64", gemv(xs, wm, None, *gemv_config(n, k)), exact, us)
             record(f"torch.{rows_}x{n}x{k} vs f64", F.linear(xs, wm), exact, 0.0)
+        # gated (SiLU(gate) * up in the epilogue): Llama-3.2-1B's and SmolLM2's gate_up
+        for rows_, (n, k) in ((1, (8192, 2048)), (5, (1536, 576))):
+            xs = torch.randn(rows_, k, generator=g, device="cuda").to(dtype)
+            wm = (torch.randn(2 * n, k, generator=g, device="cuda") / k**0.5).to(dtype)
+            gate, up = (xs.double() @ wm.double().T).chunk(2, dim=-1)
+            cfg = gemv_gated_config(n, k)
+            ours = gemv(xs, wm, None, *cfg, gated=True)
+            us = 1000 * triton.testing.do_bench(lambda: gemv(xs, wm, None, *cfg, gated=True), return_mode="median")
+            record(f"gemv.gated.{rows_}x{n}x{k} vs f64", ours, F.silu(gate) * up, us)
+            unfused = silu_and_mul(gemv(xs, wm, None, *cfg))
+            rows[-1]["equals_unfused"] = torch.equal(ours, unfused)
     return rows
 
 

@@ -66,6 +66,12 @@ def test_gemv_kernel(checked):
     assert checked["kernels"]["gemv_rel_err"] < 1e-6
 
 
+def test_gated_gemv_kernel_equals_the_unfused_pair(checked):
+    r = checked["kernels"]["gemv_gated"]
+    assert r["float32"]["rel_err"] < 1e-6 and r["float16"]["rel_err"] < 3e-3, r
+    assert r["float32"]["equals_unfused"] and r["float16"]["equals_unfused"], r
+
+
 def test_add_rms_norm_kernel(checked):
     r = checked["kernels"]["add_rms_norm"]
     assert r["rel_err"] < 1e-6 and r["rel_err_no_residual"] < 1e-6, r
@@ -102,6 +108,7 @@ def test_fp8_kv_cache_kernels(checked):
     # the "dot" read adds the query's rounding to float8, on keys of an ordinary range
     assert max(r["decode_fp8_dot_splits_1"], r["decode_fp8_dot_splits_2"]) < 1.5e-2, r
     assert r["decode_fp8_dot_vs_words"] > 1e-4, r  # it did round the query: not the words read's output
+    assert r["decode_fp8_bits"] < 5e-3 and r["decode_fp8_bits_equals_words"], r  # 1/256 of each value, exactly
     assert r["k_equal"] and r["v_equal"] and not r["k_nan"] and not r["v_nan"], r
     assert r["v_clamped"] == [448.0, -448.0], r
 

@@ -105,6 +105,13 @@ def check_fp8_cache(gen: torch.Generator) -> dict:
     o = torch.full_like(q16, float("nan"))
     paged_decode_attention(q16, kc, vc, tables, ctx, d ** -0.5 * ks, o, 2, v_scale=vs)
     out["decode_bf16"] = rel_err(o, ref16)
+    # The "bits" read (bench.paged_decode_tune's experiment): the tiles widened by integer
+    # arithmetic to 1/256 of their values, the 256 folded into the scales: powers of two
+    # throughout, so the same output as the words read's, bit for bit.
+    bits = torch.full_like(q16, float("nan"))
+    paged_decode_attention(q16, kc, vc, tables, ctx, d ** -0.5 * ks, bits, 2, v_scale=vs, fp8_read="bits")
+    out["decode_fp8_bits"] = rel_err(bits, ref16)
+    out["decode_fp8_bits_equals_words"] = torch.equal(bits, o)
     # The "dot" read (bench.paged_decode_tune's experiment): the query rounded to float8 per
     # head and QK^T on float8 operands; against the reference with the query unrounded. Keys
     # of an ordinary range here: among every float8 value above, up to 448, the query's
@@ -181,6 +188,23 @@ def check_gemv(gen: torch.Generator) -> float:
     return max(err, rel_err(gemv(x, w, None, 16, 128), x.double() @ w.double().T))
 
 
+def check_gemv_gated(gen: torch.Generator) -> dict:
+    """The gated skinny matmul (SiLU(gate) * up in its epilogue) against float64, and equal
+    to the unfused pair (gemv, then silu_and_mul) bit for bit; a ragged K and a partial
+    last block of columns, in float16 and float32."""
+    from worker.embedded.kernels.fused import silu_and_mul
+    from worker.embedded.kernels.gemv import gemv
+
+    out = {}
+    for dt in (torch.float16, torch.float32):
+        x, w = torch.randn(5, 300, generator=gen).to(dt), (torch.randn(2 * 70, 300, generator=gen) / 300**0.5).to(dt)
+        gate, up = (x.double() @ w.double().T).chunk(2, dim=-1)
+        ours = gemv(x, w, None, 16, 128, gated=True)
+        out[str(dt).removeprefix("torch.")] = {"rel_err": rel_err(ours, F.silu(gate) * up),
+                                              "equals_unfused": torch.equal(ours, silu_and_mul(gemv(x, w, None, 16, 128)))}
+    return out
+
+
 def check_add_rms_norm(gen: torch.Generator) -> dict:
     """Residual add and RMSNorm; N=300 leaves most of the power-of-two block masked."""
     from worker.embedded.kernels.fused import add_rms_norm
@@ -246,6 +270,7 @@ def check_silu_and_mul(gen: torch.Generator) -> float:
 def kernel_checks() -> dict:
     gen = torch.Generator().manual_seed(0)
     return {"paged_decode": check_paged_decode(gen), "paged_varlen": check_paged_varlen(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
+            "gemv_gated": check_gemv_gated(gen),
             "add_rms_norm": check_add_rms_norm(gen), "rope_and_cache": check_rope_and_cache(gen),
             "silu_and_mul_rel_err": check_silu_and_mul(gen), "fp8_cache": check_fp8_cache(gen)}
 

@@ -16,7 +16,7 @@ from worker.embedded.quant import QuantLinear
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
-    from worker.embedded.kernels.gemv import MAX_ROWS, cublas_faster, gemv, gemv_config
+    from worker.embedded.kernels.gemv import MAX_ROWS, cublas_faster, gemv, gemv_config, gemv_gated_config
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
 from models.config import ModelConfig
@@ -136,13 +136,22 @@ class SkinnyLinear(nn.Linear):
 
     kernels: KernelConfig | None = None  # set on the Triton path
 
+    def skinny(self, x: torch.Tensor) -> bool:
+        """Whether `x` goes to our kernel rather than cuBLAS."""
+        return (self.kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32
+                and not cublas_faster(*self.weight.shape))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        kernels = self.kernels
-        if (kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32
-                and not cublas_faster(*self.weight.shape)):
+        if self.skinny(x):
             return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
-                        pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+                        pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
         return super().forward(x)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """SiLU(gate) * up of this fused [gate; up] projection, from one skinny-matmul
+        launch (call only where skinny(x))."""
+        return gemv(x, self.weight, None, *gemv_gated_config(self.weight.shape[0] // 2, self.weight.shape[1]),
+                    pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes, gated=True)
 
 
 class MLP(nn.Module):
@@ -154,7 +163,10 @@ class MLP(nn.Module):
 
     def forward(self, x):
         if self.kernels is not None:
-            return self.down_proj(silu_and_mul(self.gate_up_proj(x), pdl=self.kernels.pdl))
+            gate_up = self.gate_up_proj  # a QuantLinear once quantized: no gated path
+            if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x):
+                return self.down_proj(gate_up.gated(x))
+            return self.down_proj(silu_and_mul(gate_up(x), pdl=self.kernels.pdl))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -182,7 +194,7 @@ class LlamaForCausalLM(nn.Module):
         self.rotary = Rotary(cfg, max_positions)  # one table, shared by every layer
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.rotary) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = SkinnyLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 

@@ -37,21 +37,25 @@ def _prefetch_l2(ptrs):
 @triton.jit
 def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-          USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr):
+          USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr, GATED: tl.constexpr):
     pid = tl.program_id(0)
     m = tl.arange(0, 16)  # MAX_ROWS
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
     m_ok = m < M
     n_ok = n < N
+    up = n + N  # GATED: W is [gate; up], 2N rows, and this program reads both halves' rows n
     if PREFETCH_K > 0:
         # Weights never depend on earlier kernels: pull this program's first PREFETCH_K
         # columns towards L2 while the kernel before finishes (one address per 128-byte
         # line of 16-bit values).
         lines = tl.arange(0, PREFETCH_K // 64) * 64
         _prefetch_l2(W + tl.minimum(n, N - 1)[:, None] * stride_wn + lines[None, :])
+        if GATED:
+            _prefetch_l2(W + tl.minimum(up, 2 * N - 1)[:, None] * stride_wn + lines[None, :])
     enter(USE_GDC)
     acc = tl.zeros([16, BLOCK_N], tl.float32)
+    acc_up = tl.zeros([16, BLOCK_N], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k = k0 + kk
         x_ok = m_ok[:, None] if EVEN_K else m_ok[:, None] & (k < K)[None, :]
@@ -59,25 +63,40 @@ def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
         w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
         acc += tl.dot(x, tl.trans(w))
+        if GATED:
+            wu = tl.load(W + up[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
+            acc_up += tl.dot(x, tl.trans(wu))
     if HAS_BIAS:
         acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if GATED:
+        # SiLU(gate) * up rounded as the unfused path rounds: each projection to the
+        # output dtype, SiLU to it again (fused.silu_and_mul)
+        g = acc.to(Y.dtype.element_ty).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)
+        acc = s * acc_up.to(Y.dtype.element_ty).to(tl.float32)
     tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 16, block_k: int = 256,
          num_warps: int = 4, num_stages: int = 4, pdl: bool = KernelConfig.pdl,
-         prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
+         prefetch_bytes: int = KernelConfig.l2_prefetch_bytes, gated: bool = False) -> torch.Tensor:
     """x [M, K] (M <= 16, last dim contiguous) @ w[N, K].T (+ bias) -> [M, N]. With PDL,
     up to `prefetch_bytes` of w (the leading columns of its rows) are pulled towards L2
-    before the previous kernel ends."""
+    before the previous kernel ends.
+
+    gated: w is a fused [gate; up] projection of 2N rows (no bias) and the result is
+    SiLU(x @ gate.T) * (x @ up.T), [M, N], rounded exactly as silu_and_mul(gemv(x, w))
+    rounds, in one launch: each program reads rows n of both halves."""
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if gated else w.shape[0]
+    if gated and (bias is not None or w.shape[0] % 2):
+        raise ValueError("a gated gemv takes an even number of weight rows and no bias")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     use_pdl = pdl_on(x.device, M, pdl)
     _gemv[(triton.cdiv(N, block_n),)](
         x, w, w if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(N, K, w, prefetch_bytes) if use_pdl else 0,
+        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(w.shape[0], K, w, prefetch_bytes) if use_pdl else 0, GATED=gated,
         num_warps=num_warps, num_stages=num_stages, **launch_options(use_pdl),
     )
     return y
@@ -115,3 +134,11 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     if k <= 1024:  # small models
         return 32, 128, 4, 5
     return (16, 512, 4, 5) if n <= 2048 else (32, 256, 4, 5)
+
+
+def gemv_gated_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(block_n, block_k, warps, stages) of the gated kernel, n the output columns (the
+    intermediate size): each program reads block_n rows of gate and of up, so half the
+    plain kernel's block_n for the same rows."""
+    bn, bk, nw, ns = gemv_config(2 * n, k)
+    return max(16, bn // 2), bk, nw, ns

@@ -24,11 +24,12 @@ FP8_READS = ("words", "cast")  # "cast": the float8 tile through Triton's own ca
 
 
 @triton.jit
-def _e4m3_words_to_f16(w, ROWS: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr):
+def _e4m3_words_to_f16(w, ROWS: tl.constexpr, COLS: tl.constexpr, ASM: tl.constexpr, UNSCALED: tl.constexpr):
     """[ROWS, COLS // 4] int32 words, four E4M3 values each, lowest byte first ->
-    [ROWS, COLS] float16, exactly."""
+    [ROWS, COLS] float16, exactly (UNSCALED, by bit arithmetic: the values / 256, exactly,
+    for the caller to fold the 256 into a scale of its own)."""
     w = w.to(tl.uint32, bitcast=True)
-    if ASM:
+    if ASM and not UNSCALED:
         lo, hi = tl.inline_asm_elementwise(
             "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.rn.f16x2.e4m3x2 $0, l; cvt.rn.f16x2.e4m3x2 $1, h; }",
             "=r,=r,r", [w], dtype=(tl.uint32, tl.uint32), is_pure=True, pack=1)
@@ -46,21 +47,22 @@ def _e4m3_words_to_f16(w, ROWS: tl.constexpr, COLS: tl.constexpr, ASM: tl.conste
     x = tl.join(tl.join((lo & 0xFFFF).to(tl.uint16), (hi & 0xFFFF).to(tl.uint16)),
                 tl.join((lo >> 16).to(tl.uint16), (hi >> 16).to(tl.uint16)))
     x = tl.reshape(x, (ROWS, COLS)).to(tl.float16, bitcast=True)
-    if not ASM:
+    if not ASM and not UNSCALED:
         x = x * 256.0
     return x
 
 
 @triton.jit
 def kv_tile(CACHE, rows, t_ok, HEAD_DIM: tl.constexpr, TILE: tl.constexpr, KV_FP8: tl.constexpr,
-            FP8_WORDS: tl.constexpr, ASM: tl.constexpr):
+            FP8_WORDS: tl.constexpr, ASM: tl.constexpr, UNSCALED: tl.constexpr = False):
     """The [TILE, HEAD_DIM] tile of one KV head whose tokens start at element `rows` [TILE]
     of CACHE (in 32-bit words for an FP8 cache read as words); tokens not t_ok read 0. An
-    FP8 cache read as words comes back as float16; otherwise the tile is as stored (the
+    FP8 cache read as words comes back as float16 (UNSCALED: divided by 256, widened by
+    integer instructions instead of conversions); otherwise the tile is as stored (the
     caller casts it to the query's dtype, dot_query's)."""
     if KV_FP8 and FP8_WORDS:
         w = tl.load(CACHE + rows[:, None] + tl.arange(0, HEAD_DIM // 4)[None, :], mask=t_ok[:, None], other=0)
-        x = _e4m3_words_to_f16(w, TILE, HEAD_DIM, ASM)
+        x = _e4m3_words_to_f16(w, TILE, HEAD_DIM, ASM, UNSCALED)
     else:
         x = tl.load(CACHE + rows[:, None] + tl.arange(0, HEAD_DIM)[None, :], mask=t_ok[:, None], other=0.0)
     return x

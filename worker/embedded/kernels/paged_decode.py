@@ -26,11 +26,13 @@ from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import KernelConfig
 
 
-# How this kernel may read an FP8 cache: kv_tile.py's two reads, and "dot" (not the engine's:
-# an experiment for bench.paged_decode_tune): the query quantized to E4M3 per head and the K
-# tile straight into a float8 dot, V read as words. On an H200 it ran no faster than the words
-# read (BENCHMARKS.md, FP8 and INT8 on the GPU, run 17).
-DECODE_FP8_READS = (*FP8_READS, "dot")
+# How this kernel may read an FP8 cache: kv_tile.py's two reads, and two experiments for
+# bench.paged_decode_tune (not the engine's): "dot", the query quantized to E4M3 per head and
+# the K tile straight into a float8 dot, V read as words (on an H200 no faster than the words
+# read: BENCHMARKS.md, FP8 and INT8 on the GPU, run 17); and "bits", words widened by integer
+# shifts and masks instead of cvt instructions, the factor of 256 that leaves folded into the
+# softmax scale and the output's.
+DECODE_FP8_READS = (*FP8_READS, "dot", "bits")
 
 
 @triton.jit
@@ -43,7 +45,7 @@ def _paged_decode(
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
-    KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr,
+    KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr, FP8_BITS: tl.constexpr,
 ):
     enter(USE_GDC)
     b = tl.program_id(0)
@@ -84,7 +86,7 @@ def _paged_decode(
             s = tl.dot(q8, tl.trans(k8)) * row_scale[:, None]
         else:
             k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                        FP8_WORDS, ASM).to(q.dtype)
+                        FP8_WORDS, ASM, FP8_BITS).to(q.dtype)
             if IEEE:  # float32 models keep float32 products (no tf32)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
@@ -95,7 +97,7 @@ def _paged_decode(
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    FP8_WORDS, ASM).to(q.dtype)
+                    FP8_WORDS, ASM, FP8_BITS).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
@@ -169,7 +171,10 @@ def paged_decode_attention(
     if fp8_read not in DECODE_FP8_READS:
         raise ValueError(f"fp8_read must be one of {DECODE_FP8_READS}, not {fp8_read!r}")
     fp8_dot = kv_fp8 and fp8_read == "dot"
-    k_read, v_read = ("cast", "words") if fp8_read == "dot" else (fp8_read, fp8_read)  # "dot": K as float8 elements
+    fp8_bits = kv_fp8 and fp8_read == "bits"
+    if fp8_bits:  # the tiles come back divided by 256
+        scale, v_scale = scale * 256.0, v_scale * 256.0
+    k_read, v_read = {"dot": ("cast", "words"), "bits": ("words", "words")}.get(fp8_read, (fp8_read, fp8_read))
     k_cache, v_cache = cache_view(k_cache, k_read), cache_view(v_cache, v_read)
     _paged_decode[(B, Hkv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
@@ -180,7 +185,8 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
+        KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot", "bits"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
+        FP8_BITS=fp8_bits,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
     )
     if splits > 1:
