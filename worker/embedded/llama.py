@@ -16,7 +16,7 @@ from worker.embedded.quant import QuantLinear
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
-    from worker.embedded.kernels.gemv import MAX_ROWS, cublas_faster, gemv, gemv_config, gemv_gated_config
+    from worker.embedded.kernels.gemv import MAX_ROWS, gemv, gemv_config, gemv_gated_config
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
 from models.config import ModelConfig
@@ -132,14 +132,14 @@ class SkinnyLinear(nn.Linear):
     """nn.Linear that, on the Triton path, runs decode-sized inputs (at most 16 rows,
     16-bit) through our skinny-matmul kernel: with cold L2 it measured faster than cuBLAS
     on each of Llama-3.2-1B's projections, most on down_proj, where cuBLAS split K and
-    reduced in a second kernel (BENCHMARKS.md, decode latency, run 5; bench/gemv_tune.py)."""
+    reduced in a second kernel (BENCHMARKS.md, decode latency, run 5; bench/gemv_tune.py),
+    and on an H200 on the vocabulary's lm_head and Llama-3-8B's gate_up too (run 18)."""
 
     kernels: KernelConfig | None = None  # set on the Triton path
 
     def skinny(self, x: torch.Tensor) -> bool:
         """Whether `x` goes to our kernel rather than cuBLAS."""
-        return (self.kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32
-                and not cublas_faster(*self.weight.shape))
+        return self.kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skinny(x):

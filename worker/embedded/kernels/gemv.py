@@ -114,19 +114,12 @@ def prefetch_columns(n: int, k: int, w: torch.Tensor, budget_bytes: int) -> int:
     return 1 << (min(cols, k).bit_length() - 1)
 
 
-# Weights larger than this (elements) go to cuBLAS at decode sizes too: on Llama-3-8B's
-# gate_up this kernel was slower than cuBLAS, on every smaller projection it was not
-# (BENCHMARKS.md, kernel choices, 'skinny matmul, large weights').
-CUBLAS_ABOVE_ELEMENTS = 64 * 2**20
-
-
-def cublas_faster(n: int, k: int) -> bool:
-    return n * k > CUBLAS_ABOVE_ELEMENTS
-
-
 def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, warps, stages): the best measured on an H100 with cold L2 for
-    each kind of projection (bench/gemv_tune.py, docs/gpu-results/run5/gemv_tune.json)."""
+    each kind of projection (bench/gemv_tune.py, docs/gpu-results/run5/gemv_tune.json); the
+    vocabulary and the 8B gate_up on an H200 (run 18, where both beat cuBLAS by 3-8%)."""
+    if n >= 32768:  # lm_head
+        return 64, 256, 4, 3
     if n >= 8192:  # gate_up
         return 64, 128, 4, 3
     if k >= 8192:  # down
@@ -138,7 +131,9 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int, int]:
 
 def gemv_gated_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, warps, stages) of the gated kernel, n the output columns (the
-    intermediate size): each program reads block_n rows of gate and of up, so half the
-    plain kernel's block_n for the same rows."""
+    intermediate size): each program reads block_n rows of gate and of up. The best on an
+    H200 for the 1B and 8B shapes (run 18); elsewhere half the plain kernel's block_n."""
+    if n >= 4096:
+        return 32, 256, 4, 3
     bn, bk, nw, ns = gemv_config(2 * n, k)
     return max(16, bn // 2), bk, nw, ns
