@@ -256,7 +256,7 @@ class QuantLinear(nn.Module):
             bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
             return qgemv(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
                          num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
-        xq, xs = quantize_activation(x, act, triton=True)
+        xq, xs = quantize_activation(x, act, triton=True, pdl=kernels.pdl)
         bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, 1)
         return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, out_dtype=x.dtype, block_n=bn, block_k=bk,
                      num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
@@ -285,12 +285,14 @@ def fp8_upcast(choice: str, n: int, k: int) -> bool:
     return choice == "upcast" or (choice == "auto" and n * k < FP8_UPCAST_BELOW)
 
 
-def quantize_activation(x: torch.Tensor, dtype: torch.dtype, triton: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token quantization of x [M, K]: (q [M, K], scale [M, 1] float32)."""
+def quantize_activation(x: torch.Tensor, dtype: torch.dtype, triton: bool,
+                        pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token quantization of x [M, K]: (q [M, K], scale [M, 1] float32); `pdl`: the
+    Triton kernel's launch (quantize_rows)."""
     if triton:
         from worker.embedded.kernels.qgemv import quantize_rows as quantize_rows_kernel
 
-        return quantize_rows_kernel(x.contiguous(), dtype)
+        return quantize_rows_kernel(x.contiguous(), dtype, pdl)
     q, s = quantize_rows(x, dtype)
     return q, s[:, None]
 

@@ -37,7 +37,9 @@ def qmax(dtype: torch.dtype) -> float:
 
 
 @triton.jit
-def _quantize_rows(X, Q, S, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr):
+def _quantize_rows(X, Q, S, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS_INT: tl.constexpr, BLOCK: tl.constexpr,
+                   USE_GDC: tl.constexpr):
+    enter(USE_GDC)
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK)
     x = tl.load(X + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
@@ -50,15 +52,18 @@ def _quantize_rows(X, Q, S, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS_INT:
     tl.store(S + row, scale)
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] (last dim contiguous) -> (q [M, K] of `dtype`, scale [M, 1] float32) with
-    x ~= q * scale, each row scaled by its own amax."""
+    x ~= q * scale, each row scaled by its own amax. With `pdl` (the skinny path's
+    KernelConfig.pdl) launched as the decode step's other kernels are, so that it does not
+    break their chain of early starts (pdl.py)."""
     M, K = x.shape
     q = torch.empty((M, K), dtype=dtype, device=x.device)
     s = torch.empty((M, 1), dtype=torch.float32, device=x.device)
     block = triton.next_power_of_2(K)
+    use_pdl = pdl_on(x.device, M, pdl)
     _quantize_rows[(M,)](x, q, s, K, x.stride(0), q.stride(0), QMAX=qmax(dtype), IS_INT=dtype == torch.int8,
-                         BLOCK=block, num_warps=max(1, min(16, block // 512)))
+                         BLOCK=block, USE_GDC=use_pdl, num_warps=max(1, min(16, block // 512)), **launch_options(use_pdl))
     return q, s
 
 
