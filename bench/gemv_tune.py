@@ -74,7 +74,7 @@ def main() -> None:
         ref = x.double() @ w.double().T
         if gated:
             g, u = ref.chunk(2, dim=-1)
-            ref = torch.nn.functional.silu(g) * u
+            ref = F.silu(g) * u
         torch_us = bench(lambda: [post(F.linear(x, wi)) for wi in ws]) / copies
 
         def plain(bn, bk, nw, ns):

@@ -118,6 +118,16 @@ def rope_and_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch
 
 
 @triton.jit
+def silu_times(g, u):
+    """SiLU(g) * u for g and u in the output dtype, rounded as PyTorch rounds F.silu(g) * u:
+    SiLU to the input dtype, then the product. Shared with the gated skinny matmul
+    (gemv.py), whose output must equal this kernel's bit for bit."""
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
+
+
+@triton.jit
 def _silu_and_mul(GU, OUT, stride_gu, stride_o, N, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
     enter(USE_GDC)
     row = tl.program_id(0)
@@ -125,9 +135,7 @@ def _silu_and_mul(GU, OUT, stride_gu, stride_o, N, BLOCK: tl.constexpr, USE_GDC:
     ok = cols < N
     g = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0)
     u = tl.load(GU + row * stride_gu + N + cols, mask=ok, other=0.0)
-    gf = g.to(tl.float32)
-    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # SiLU rounds to the input dtype, as F.silu does
-    tl.store(OUT + row * stride_o + cols, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
+    tl.store(OUT + row * stride_o + cols, silu_times(g, u), mask=ok)
 
 
 def silu_and_mul(gate_up: torch.Tensor, pdl: bool = KernelConfig.pdl) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.embedded.kernels.fused import silu_times
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import KernelConfig
 
@@ -68,13 +69,10 @@ def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
             acc_up += tl.dot(x, tl.trans(wu))
     if HAS_BIAS:
         acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        # SiLU(gate) * up rounded as the unfused path rounds: each projection to the
-        # output dtype, SiLU to it again (fused.silu_and_mul)
-        g = acc.to(Y.dtype.element_ty).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(Y.dtype.element_ty).to(tl.float32)
-        acc = s * acc_up.to(Y.dtype.element_ty).to(tl.float32)
-    tl.store(Y + m[:, None] * stride_ym + n[None, :], acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    y = acc.to(Y.dtype.element_ty)
+    if GATED:  # each projection rounded to the output dtype first, as the unfused pair rounds
+        y = silu_times(y, acc_up.to(Y.dtype.element_ty))
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 16, block_k: int = 256,
