@@ -123,11 +123,12 @@ ABLATION = [(True, "on", v) for v in ("all", "pdl+prefetch", "pdl", "none")]
 def apply(variant: str) -> KernelConfig:
     """The decode-kernel changes for an engine: "all", "none" or a "+"-joined subset of
     pdl (programmatic dependent launch), prefetch[MB] (weights pulled into L2 before the
-    previous kernel ends; needs pdl) and silu (SiLU-and-multiply in the gate_up skinny
-    matmul's epilogue)."""
-    parts = {"pdl", "prefetch", "silu"} if variant == "all" else set(variant.split("+")) - {"none"}
+    previous kernel ends; needs pdl), silu (SiLU-and-multiply in the gate_up skinny
+    matmul's epilogue) and quant (the per-token quantization of FP8 and W8A8 projections'
+    inputs in the RMSNorm and SiLU kernels before them)."""
+    parts = {"pdl", "prefetch", "silu", "quant"} if variant == "all" else set(variant.split("+")) - {"none"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
-    return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts,
+    return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts,
                         l2_prefetch_bytes=(int(mb[0]) * 2**20 if mb[0] else KernelConfig.l2_prefetch_bytes) if mb else 0)
 
 
@@ -141,6 +142,9 @@ def main() -> None:
     ap.add_argument("--ablation", action="store_true",
                     help="instead of graphs/overlap on and off, take away one decode-kernel change at a time "
                          "(the fused SiLU, weight prefetch into L2, programmatic dependent launch)")
+    ap.add_argument("--variants", nargs="+", default=None,
+                    help="instead of the default table or --ablation: these kernel variants (see apply: all, none, or "
+                         "+-joined pdl, prefetch[MB], silu, quant), graphs and overlap on")
     ap.add_argument("--quantization", nargs="+", default=["none"],
                     choices=["none", "fp8", "fp8-upcast", "int8-weight-only", "int8-smoothquant"],
                     help="projection weights, one run each (fp8-upcast: fp8 with --fp8-skinny-matmul upcast); "
@@ -155,7 +159,8 @@ def main() -> None:
                        dtype=args.kv_cache_dtype)
     gen = torch.Generator().manual_seed(0)
     rows = []
-    modes = ABLATION if args.ablation else MODES if args.quantization == ["none"] else MODES[:1]
+    modes = ([(True, "on", v) for v in args.variants] if args.variants else ABLATION if args.ablation
+             else MODES if args.quantization == ["none"] else MODES[:1])
     runs = [(q, *m) for q in args.quantization for m in modes]
     for quant, graphs, overlap, variant in runs:
         kernels = apply(variant)

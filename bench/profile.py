@@ -2,13 +2,17 @@
 
 decode   kernel-level (torch.profiler) profile of steady decode steps at a given batch
          size, without CUDA graphs so every kernel shows: where a decode step's device
-         time goes.
+         time goes. With --graphs, the steps replay their CUDA graphs as the engine
+         serves them, and each kernel is charged the part of the step's timeline that it
+         alone holds (its end minus the later of its start and the previous kernel's end):
+         with PDL kernels overlap, and their own durations would count the overlap twice.
 offline  host-side (cProfile) profile of the offline workload through the engine: where
          the Python time of the steps goes. Prints the top functions and step counts.
 step     GPU-side (torch.profiler) profile of one mixed prefill+decode step and of one
          decode-only step of the offline workload: the kernels that take the time.
 
     python -m bench.profile decode --shape llama-3.2-1b --batch 1
+    python -m bench.profile decode --shape llama-3.2-1b --batch 1 --graphs --out prof_1b_graphs.json
     python -m bench.profile decode --shape llama-3-8b --batch 400 --prompt-len 1500 --quantization fp8 --kv-cache-dtype fp8
     python -m bench.profile offline --shape llama-3.2-1b --requests 192
     python -m bench.profile step --shape llama-3.2-1b
@@ -19,7 +23,10 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
+import json
+import os
 import pstats
+import tempfile
 import time
 
 import torch
@@ -49,7 +56,7 @@ def decode(args) -> None:
     # computed (about batch x prompt / 2,048 steps), and a pool that holds every request
     # whole: none waits, so the profiled steps run the whole batch.
     new_tokens = args.batch * args.prompt_len // 2048 + 64 + args.steps
-    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=4096, cuda_graphs=False,
+    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=4096, cuda_graphs=args.graphs,
                                          max_batch_size=max(256, args.batch), quantization=args.quantization,
                                          kv_cache=KvCacheConfig(max_tokens=args.batch * (args.prompt_len + new_tokens) + 4096,
                                                                 dtype=args.kv_cache_dtype)), cfg)
@@ -68,6 +75,9 @@ def decode(args) -> None:
         for _ in range(args.steps):
             engine.step()
         torch.cuda.synchronize()
+    if args.graphs:
+        timeline(prof, args)
+        return
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = sum(e.self_device_time_total for e in events)
     print(f"\n{args.shape}, {args.quantization} projections, {args.kv_cache_dtype} KV cache, batch {args.batch}, "
@@ -77,6 +87,65 @@ def decode(args) -> None:
         per_step = e.self_device_time_total / args.steps
         calls = e.count / args.steps
         print(f"{per_step:>8.1f} {calls:>10.1f} {per_step / calls if calls else 0:>8.2f}  {e.key[:110]}")
+
+
+def kernel_events(prof) -> list[dict]:
+    """The profile's kernels (and copies) from its Chrome trace, with grid sizes, by start."""
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            trace = json.load(f)
+    finally:
+        os.unlink(path)
+    evs = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")]
+    return sorted(evs, key=lambda e: e["ts"])
+
+
+def timeline(prof, args) -> None:
+    """Charge each kernel of the replayed steps the time it alone holds on the timeline.
+    A gap of more than `--host-gap-us` with no kernel running is counted as host time
+    between steps, shorter gaps as launch gaps inside a step."""
+    evs = kernel_events(prof)
+    if not evs:
+        print("no kernel events recorded (this torch/CUPTI does not trace kernels inside CUDA graph replays)")
+        return
+    rows = collections.defaultdict(lambda: {"calls": 0, "dur_us": 0.0, "held_us": 0.0})
+    gaps_in = gaps_between = 0.0
+    end = evs[0]["ts"]
+    for e in evs:
+        start, stop = e["ts"], e["ts"] + e["dur"]
+        gap = start - end
+        if gap > args.host_gap_us:
+            gaps_between += gap
+        elif gap > 0:
+            gaps_in += gap
+        grid = e.get("args", {}).get("grid")
+        key = f"{e['name'][:70]} grid={grid[0] if isinstance(grid, list) else '-'}"
+        r = rows[key]
+        r["calls"] += 1
+        r["dur_us"] += e["dur"]
+        r["held_us"] += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+    span = end - evs[0]["ts"]
+    n = args.steps
+    held = sum(r["held_us"] for r in rows.values())
+    print(f"\n{args.shape}, {args.quantization} projections, {args.kv_cache_dtype} KV cache, batch {args.batch}, CUDA graphs: "
+          f"{span / n:.1f} us a step from the first kernel to the last; kernels hold {held / n:.1f}, "
+          f"gaps inside steps {gaps_in / n:.1f}, gaps over {args.host_gap_us:g} us (host) {gaps_between / n:.1f}")
+    print(f"{'held us/step':>12} {'calls/step':>10} {'us/call':>8} {'held/call':>9}  kernel")
+    table = sorted(rows.items(), key=lambda kv: -kv[1]["held_us"])
+    for key, r in table[:40]:
+        calls = r["calls"] / n
+        print(f"{r['held_us'] / n:>12.1f} {calls:>10.1f} {r['dur_us'] / r['calls']:>8.2f} {r['held_us'] / r['calls']:>9.2f}  {key}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"shape": args.shape, "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
+                       "batch": args.batch, "steps": n, "device": torch.cuda.get_device_name(),
+                       "span_us_per_step": span / n, "held_us_per_step": held / n, "gaps_in_us_per_step": gaps_in / n,
+                       "host_gaps_us_per_step": gaps_between / n,
+                       "kernels": [{"kernel": k, **{f: v / n for f, v in r.items()}} for k, r in table]}, f, indent=1)
 
 
 def offline(args) -> None:
@@ -145,6 +214,10 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=192)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--graphs", action="store_true", help="replay the CUDA graphs as serving does; each kernel charged "
+                   "the part of the timeline it alone holds")
+    p.add_argument("--host-gap-us", type=float, default=20.0, help="with --graphs: gaps longer than this count as host time between steps")
+    p.add_argument("--out", default="", help="with --graphs: write the table as JSON here")
     p = modes.add_parser("offline", parents=[shape], help="host time of the offline workload's steps (cProfile)")
     p.add_argument("--requests", type=int, default=192)
     modes.add_parser("step", parents=[shape], help="kernels of one mixed and one decode-only step (torch.profiler)")

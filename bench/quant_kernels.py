@@ -69,6 +69,24 @@ def check(rows_list) -> list[dict]:
                         "path": cuda_path(scheme.activation, M), "nan": bool(torch.isnan(y).any()),
                         "rel_err": rel_err(y, reference(m, x, quantized_x)),
                         "bf16_rel_err": rel_err(F.linear(x, lin.weight).float(), x.double() @ lin.weight.double().T)})
+    # The RMSNorm and SiLU-and-multiply kernels quantizing their own output (fused_quant)
+    # against the separate kernel on that output: the share of 8-bit values that differ
+    # (0 expected) as rel_err.
+    from worker.embedded.kernels.fused import add_rms_norm, silu_and_mul
+
+    for dtype, (M, K) in itertools.product((FP8, torch.int8), ((1, 4096), (16, 14336), (300, 4096))):
+        h, res = (torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2))
+        nw = torch.rand(K, generator=g, device="cuda").to(torch.bfloat16) + 0.5
+        (y, q, s), _ = add_rms_norm(h, nw, 1e-5, res, quant=dtype)
+        q0, s0 = quantize_rows_kernel(add_rms_norm(h, nw, 1e-5, res)[0], dtype)
+        gu = torch.randn(M, 2 * K, generator=g, device="cuda").to(torch.bfloat16) * 3
+        y2, q2, s2 = silu_and_mul(gu, quant=dtype)
+        q20, s20 = quantize_rows_kernel(silu_and_mul(gu), dtype)
+        for kind, a, b, sa, sb in (("norm", q, q0, s, s0), ("silu", q2, q20, s2, s20)):
+            out.append({"shape": f"{kind}+quant {M}x{K}", "scheme": str(dtype).removeprefix("torch."), "rows": M,
+                        "path": "fused", "nan": bool(torch.isnan(sa).any()),
+                        "rel_err": (a.view(torch.uint8) != b.view(torch.uint8)).float().mean().item()
+                        + float((sa != sb).any())})
     for dtype, (M, K) in itertools.product((FP8, torch.int8), ((1, 576), (16, 4096), (300, 14336))):
         x = torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16)
         q, s = quantize_rows_kernel(x, dtype)
@@ -126,7 +144,9 @@ def timing(rows_list) -> list[dict]:
     return out
 
 
-def sweep(shapes: list[str]) -> list[dict]:
+def sweep(shapes: list[str], grid: dict) -> list[dict]:
+    """Tile configurations of the FP8 skinny kernel at one row; `grid`: lists of variants
+    ("fp8": x quantized beforehand, "upcast"), block_n, block_k, warps and stages."""
     out = []
     for name in shapes:
         N, K = SHAPES[name]
@@ -134,22 +154,29 @@ def sweep(shapes: list[str]) -> list[dict]:
         fp8 = [quantize_rows(torch.randn(N, K, device="cuda") * 0.02, FP8) for _ in range(copies)]
         x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
         xq, xs = quantize_rows_kernel(x, FP8)
-        for variant, bn, bk, ns in itertools.product(("fp8", "upcast"), (16, 32, 64), (256, 512, 1024), (3, 5)):
+        now = qgemv_config(N, K, 1)
+        now_us = bench_us(lambda: [qgemv(xq, w, s, None, xs, out_dtype=torch.bfloat16, block_n=now[0], block_k=now[1],
+                                         num_warps=now[2], num_stages=now[3]) for w, s in fp8], copies)
+        for variant, bn, bk, nw, ns in itertools.product(grid["variants"], grid["block_n"], grid["block_k"], grid["warps"],
+                                                         grid["stages"]):
             xb = 1 if variant == "fp8" else 2
             if (16 * xb + bn) * bk * ns > 200_000:
                 continue
             kw = dict(x_scale=xs, out_dtype=torch.bfloat16) if variant == "fp8" else {}
             xin = xq if variant == "fp8" else x
             try:
-                us = bench_us(lambda: [qgemv(xin, w, s, None, block_n=bn, block_k=bk, num_stages=ns, **kw) for w, s in fp8], copies)
+                us = bench_us(lambda: [qgemv(xin, w, s, None, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns, **kw)
+                                       for w, s in fp8], copies)
             except Exception as e:  # a configuration that does not compile or fit
                 us = None
-                print(f"sweep {name} {variant} {bn}/{bk}/{ns}: {type(e).__name__}")
-            out.append({"shape": name, "variant": variant, "block_n": bn, "block_k": bk, "stages": ns, "us": us})
-        for variant in ("fp8", "upcast"):
+                print(f"sweep {name} {variant} {bn}/{bk}/{nw}/{ns}: {type(e).__name__}")
+            out.append({"shape": name, "variant": variant, "block_n": bn, "block_k": bk, "warps": nw, "stages": ns, "us": us})
+        for variant in grid["variants"]:
             best = min((r for r in out if r["shape"] == name and r["variant"] == variant and r["us"]), key=lambda r: r["us"])
-            print(f"sweep {name:>12} {variant:>6}: best {best['block_n']}/{best['block_k']}/4/{best['stages']} {best['us']:.2f} us "
+            print(f"sweep {name:>12} {variant:>6}: best {best['block_n']}/{best['block_k']}/{best['warps']}/{best['stages']} "
+                  f"{best['us']:.2f} us; qgemv_config's {'/'.join(map(str, now))} {now_us:.2f} us "
                   f"(8-bit floor {N * K / 4.15e12 * 1e6:.2f})", flush=True)
+        out.append({"shape": name, "variant": "fp8", "config_now": list(now), "us": now_us})
     return out
 
 
@@ -158,6 +185,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--check-rows", type=int, nargs="+", default=[1, 5, 16, 17, 64, 256])
     ap.add_argument("--sweep", nargs="*", default=[], help="shapes whose FP8 skinny tiles to sweep at one row")
+    ap.add_argument("--sweep-variants", nargs="+", default=["fp8", "upcast"], choices=["fp8", "upcast"])
+    ap.add_argument("--sweep-block-n", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--sweep-block-k", type=int, nargs="+", default=[256, 512, 1024])
+    ap.add_argument("--sweep-warps", type=int, nargs="+", default=[4])
+    ap.add_argument("--sweep-stages", type=int, nargs="+", default=[3, 5])
+    ap.add_argument("--no-timing", action="store_true", help="the checks and --sweep only")
     ap.add_argument("--check-only", action="store_true", help="the correctness checks alone, no timing")
     ap.add_argument("--out", default="quant_kernels.json")
     args = ap.parse_args()
@@ -172,10 +205,12 @@ def main() -> None:
         json.dump(result, f, indent=1)
     if args.check_only:
         return
-    result["timing"] = timing(args.rows)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    result["sweep"] = sweep(args.sweep)
+    if not args.no_timing:
+        result["timing"] = timing(args.rows)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    result["sweep"] = sweep(args.sweep, {"variants": args.sweep_variants, "block_n": args.sweep_block_n,
+                                         "block_k": args.sweep_block_k, "warps": args.sweep_warps, "stages": args.sweep_stages})
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

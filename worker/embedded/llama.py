@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.embedded.attention import AttentionMetadata, paged_attention, write_kv
-from worker.embedded.quant import QuantLinear
+from worker.embedded.quant import QuantizedRows, QuantLinear, input_activation
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
@@ -31,10 +31,16 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.kernels: KernelConfig | None = None  # set on the Triton path: the fused kernel
+        # Set on the Triton path where the next projection quantizes its input
+        # (KernelConfig.fused_quant): the kernel quantizes its output for it.
+        self.quant: torch.dtype | None = None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """(RMSNorm(x + residual), x + residual); the first a QuantizedRows where `quant`
+        is set."""
         if self.kernels is not None:
-            return add_rms_norm(x, self.weight, self.eps, residual, pdl=self.kernels.pdl)
+            out, res = add_rms_norm(x, self.weight, self.eps, residual, pdl=self.kernels.pdl, quant=self.quant)
+            return (QuantizedRows(*out) if self.quant is not None else out), res
         if residual is not None:
             x = x + residual
         dtype = x.dtype
@@ -160,6 +166,7 @@ class MLP(nn.Module):
         self.gate_up_proj = SkinnyLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = SkinnyLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.kernels: KernelConfig | None = None  # set on the Triton path: the SiLU-and-multiply kernel
+        self.quant: torch.dtype | None = None  # as RMSNorm.quant, for down_proj's input
 
     def forward(self, x):
         if self.kernels is not None:
@@ -167,7 +174,8 @@ class MLP(nn.Module):
             if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) \
                     and gated_faster(*gate_up.weight.shape):
                 return self.down_proj(gate_up.gated(x))
-            return self.down_proj(silu_and_mul(gate_up(x), pdl=self.kernels.pdl))
+            h = silu_and_mul(gate_up(x), pdl=self.kernels.pdl, quant=self.quant)
+            return self.down_proj(QuantizedRows(*h) if self.quant is not None else h)
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -221,6 +229,11 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, SkinnyLinear, QuantLinear, MLP)):
                 m.kernels = kernels
+        fuse = kernels is not None and kernels.fused_quant
+        for layer in self.layers:
+            layer.input_layernorm.quant = input_activation(layer.self_attn.qkv_proj) if fuse else None
+            layer.post_attention_layernorm.quant = input_activation(layer.mlp.gate_up_proj) if fuse else None
+            layer.mlp.quant = input_activation(layer.mlp.down_proj) if fuse else None
 
     @torch.no_grad()
     def load_hf_weights(self, named_tensors) -> None:

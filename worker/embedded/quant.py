@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,22 @@ def fake_quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (q.float() * scale[:, None]).to(x.dtype)
 
 
+class QuantizedRows(NamedTuple):
+    """A 16-bit activation x [T, K] and its per-token quantization (q [T, K] 8-bit, scale
+    [T, 1] float32), made together by the kernel before a projection (kernels/fused.py's
+    add_rms_norm and silu_and_mul with `quant`, KernelConfig.fused_quant): QuantLinear
+    takes q and scale where it would quantize x itself, and x where it runs 16-bit."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    scale: torch.Tensor
+
+
+def input_activation(m: nn.Module) -> torch.dtype | None:
+    """What `m` quantizes its input to (a QuantLinear of FP8 or W8A8), else None."""
+    return m.scheme.activation if isinstance(m, QuantLinear) else None
+
+
 class QuantLinear(nn.Module):
     """y = x @ (weight * weight_scale[:, None]).T + bias, weight 8-bit [out, in]."""
 
@@ -205,9 +222,12 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
+        pre = None
+        if isinstance(x, QuantizedRows):
+            x, pre = x.x, (x if x.q.dtype == self.scheme.activation else None)
         if x.device.type == "cuda":
-            return self._cuda(x)
+            return self._cuda(x, pre)
         return self._emulate(x)
 
     def _emulate(self, x: torch.Tensor) -> torch.Tensor:
@@ -219,14 +239,14 @@ class QuantLinear(nn.Module):
             x = fake_quantize_rows(x.reshape(-1, x.shape[-1]), self.scheme.activation).reshape(x.shape)
         return F.linear(x, cached[2], self.bias)
 
-    def _cuda(self, x: torch.Tensor) -> torch.Tensor:
+    def _cuda(self, x: torch.Tensor, pre: QuantizedRows | None = None) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         M = x.shape[0]
         act, kernels = self.scheme.activation, self.kernels
         path = cuda_path(act, M) if kernels is not None else "torch"
         if path == "skinny":
-            return self._skinny(x, kernels).reshape(*shape[:-1], -1)
+            return self._skinny(x, kernels, pre).reshape(*shape[:-1], -1)
         if path == "w8a16_mm":
             from worker.embedded.kernels.qgemv import w8a16_mm
 
@@ -234,7 +254,7 @@ class QuantLinear(nn.Module):
         if act is None:  # W8A16: the 16-bit weight is made for the call (many rows: compute-bound)
             y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
         else:
-            xq, xs = quantize_activation(x, act, triton=kernels is not None)
+            xq, xs = (pre.q, pre.scale) if pre is not None else quantize_activation(x, act, triton=kernels is not None)
             if act == FP8:
                 y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale[None, :],
                                      out_dtype=x.dtype)
@@ -246,7 +266,7 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*shape[:-1], -1)
 
-    def _skinny(self, x: torch.Tensor, kernels: KernelConfig) -> torch.Tensor:
+    def _skinny(self, x: torch.Tensor, kernels: KernelConfig, pre: QuantizedRows | None = None) -> torch.Tensor:
         from worker.embedded.kernels.qgemv import qgemv, qgemv_config
 
         act = self.scheme.activation
@@ -256,7 +276,7 @@ class QuantLinear(nn.Module):
             bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
             return qgemv(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
                          num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
-        xq, xs = quantize_activation(x, act, triton=True, pdl=kernels.pdl)
+        xq, xs = (pre.q, pre.scale) if pre is not None else quantize_activation(x, act, triton=True, pdl=kernels.pdl)
         bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, 1)
         return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, out_dtype=x.dtype, block_n=bn, block_k=bk,
                      num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)

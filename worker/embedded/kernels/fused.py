@@ -4,7 +4,12 @@ rounds where the PyTorch formulation rounds, so results match it bit for bit or 
 
 - add_rms_norm: residual add and RMSNorm in one pass;
 - rope_and_cache: rotary embedding of q and k in place, and k and v into the paged cache;
-- silu_and_mul: SiLU(gate) * up from the fused gate_up projection."""
+- silu_and_mul: SiLU(gate) * up from the fused gate_up projection.
+
+add_rms_norm and silu_and_mul can also quantize their output per row for the 8-bit
+projection after them (`quant`: float8 E4M3 or int8), as kernels/qgemv.py's quantize_rows
+does and bit for bit like it (both call `quantize_row`): one launch where there were two
+before each FP8 or W8A8 qkv, gate_up and down projection."""
 
 from __future__ import annotations
 
@@ -17,8 +22,32 @@ from worker.engine_api import KernelConfig
 
 
 @triton.jit
-def _add_rms_norm(X, R, W, OUT, R_OUT, stride_x, stride_r, stride_o, stride_ro, N, eps,
-                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr):
+def quantize_row(x, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """x (one row, float32, zeros where masked) -> (x / scale on the 8-bit grid, still
+    float32 and clamped, ready for the cast; scale = amax / QMAX). Shared by every kernel
+    that quantizes activations per token, so that they agree bit for bit."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
+    q = x / scale
+    if IS_INT:  # round half away from zero (the cast truncates)
+        q = tl.where(q >= 0, q + 0.5, q - 0.5)
+    return tl.minimum(tl.maximum(q, -QMAX), QMAX), scale
+
+
+def quant_args(x: torch.Tensor, quant: torch.dtype | None) -> tuple[torch.Tensor | None, torch.Tensor | None, dict]:
+    """(q [T, K] of `quant`, scale [T, 1] float32, the kernel's constexprs) for a kernel
+    that quantizes its [T, K] output per row; (None, None, QUANT off) without `quant`."""
+    if quant is None:
+        return None, None, {"QUANT": False, "QMAX": 1.0, "IS_INT": False}
+    qmax = 127.0 if quant == torch.int8 else torch.finfo(quant).max
+    q = torch.empty(x.shape, dtype=quant, device=x.device)
+    s = torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device)
+    return q, s, {"QUANT": True, "QMAX": qmax, "IS_INT": quant == torch.int8}
+
+
+@triton.jit
+def _add_rms_norm(X, R, W, OUT, R_OUT, Q, S, stride_x, stride_r, stride_o, stride_ro, stride_q, N, eps,
+                  HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
+                  QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr):
     enter(USE_GDC)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -32,22 +61,30 @@ def _add_rms_norm(X, R, W, OUT, R_OUT, stride_x, stride_r, stride_o, stride_ro, 
     var = tl.sum(xf * xf, 0) / N
     normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(W + cols, mask=ok, other=0.0)
-    tl.store(OUT + row * stride_o + cols, (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype), mask=ok)
+    y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
+    tl.store(OUT + row * stride_o + cols, y, mask=ok)
+    if QUANT:
+        q, scale = quantize_row(y.to(tl.float32), QMAX, IS_INT)
+        tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
+        tl.store(S + row, scale)
 
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
-                 pdl: bool = KernelConfig.pdl):
+                 pdl: bool = KernelConfig.pdl, quant: torch.dtype | None = None):
     """RMSNorm(x + residual) and the new residual (x + residual); without a residual,
-    RMSNorm(x) and x."""
+    RMSNorm(x) and x. With `quant`, ((out, q, scale), new residual): out also quantized
+    per row to `quant` (q [T, N], scale [T, 1] float32, out ~= q * scale)."""
     T, N = x.shape
     out = torch.empty_like(x)
     new_res = torch.empty_like(x) if residual is not None else x
+    q, s, qargs = quant_args(x, quant)
     use_pdl = pdl_on(x.device, T, pdl)
-    _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res,
+    _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res, out if q is None else q,
+                        out if s is None else s,
                         x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0), new_res.stride(0),
-                        N, eps, HAS_RESIDUAL=residual is not None, BLOCK=triton.next_power_of_2(N), USE_GDC=use_pdl,
-                        num_warps=4, **launch_options(use_pdl))
-    return out, new_res
+                        0 if q is None else q.stride(0), N, eps, HAS_RESIDUAL=residual is not None,
+                        BLOCK=triton.next_power_of_2(N), USE_GDC=use_pdl, num_warps=4, **qargs, **launch_options(use_pdl))
+    return (out if q is None else (out, q, s)), new_res
 
 
 @triton.jit
@@ -138,12 +175,39 @@ def _silu_and_mul(GU, OUT, stride_gu, stride_o, N, BLOCK: tl.constexpr, USE_GDC:
     tl.store(OUT + row * stride_o + cols, silu_times(g, u), mask=ok)
 
 
-def silu_and_mul(gate_up: torch.Tensor, pdl: bool = KernelConfig.pdl) -> torch.Tensor:
+@triton.jit
+def _silu_and_mul_quant(GU, OUT, Q, S, stride_gu, stride_o, stride_q, N, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
+                        QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """silu_and_mul's row, whole in one program (the scale needs the row's amax), and its
+    quantization."""
+    enter(USE_GDC)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0)
+    u = tl.load(GU + row * stride_gu + N + cols, mask=ok, other=0.0)
+    y = silu_times(g, u)
+    tl.store(OUT + row * stride_o + cols, y, mask=ok)
+    q, scale = quantize_row(y.to(tl.float32), QMAX, IS_INT)
+    tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
+    tl.store(S + row, scale)
+
+
+def silu_and_mul(gate_up: torch.Tensor, pdl: bool = KernelConfig.pdl, quant: torch.dtype | None = None):
+    """SiLU(gate) * up of gate_up [T, 2n] -> [T, n]; with `quant`, (out, q, scale) as
+    add_rms_norm gives them."""
     T, two_n = gate_up.shape
     n = two_n // 2
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
-    block = 1024
     use_pdl = pdl_on(gate_up.device, T, pdl)
+    if quant is not None:
+        q, s, qargs = quant_args(out, quant)
+        del qargs["QUANT"]
+        block = triton.next_power_of_2(n)
+        _silu_and_mul_quant[(T,)](gate_up, out, q, s, gate_up.stride(0), out.stride(0), q.stride(0), n, BLOCK=block,
+                                  USE_GDC=use_pdl, num_warps=max(4, min(16, block // 512)), **qargs, **launch_options(use_pdl))
+        return out, q, s
+    block = 1024
     _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
                                               USE_GDC=use_pdl, num_warps=4, **launch_options(use_pdl))
     return out

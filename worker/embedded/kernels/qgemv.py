@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from worker.embedded.kernels.fused import quantize_row
 from worker.embedded.kernels.gemv import _prefetch_l2
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import KernelConfig
@@ -43,11 +44,7 @@ def _quantize_rows(X, Q, S, K, stride_xm, stride_qm, QMAX: tl.constexpr, IS_INT:
     row = tl.program_id(0)
     k = tl.arange(0, BLOCK)
     x = tl.load(X + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
-    q = x / scale
-    if IS_INT:  # round half away from zero (the cast truncates)
-        q = tl.where(q >= 0, q + 0.5, q - 0.5)
-    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    q, scale = quantize_row(x, QMAX, IS_INT)
     tl.store(Q + row * stride_qm + k, q.to(Q.dtype.element_ty), mask=k < K)
     tl.store(S + row, scale)
 
