@@ -125,14 +125,10 @@ def apply(variant: str) -> KernelConfig:
     pdl (programmatic dependent launch), prefetch[MB] (weights pulled into L2 before the
     previous kernel ends; needs pdl), silu (SiLU-and-multiply in the gate_up skinny
     matmul's epilogue) and quant (the per-token quantization of FP8 and W8A8 projections'
-    inputs in the RMSNorm and SiLU kernels before them); "all" is the defaults, and
-    "+last" on any of these has the last split program combine the paged-decode kernel's
-    splits (KernelConfig.split_combine "last")."""
-    given = set(variant.split("+"))
-    parts = ({"pdl", "prefetch", "silu", "quant"} if "all" in given else given - {"none"}) | (given & {"last"})
+    inputs in the RMSNorm and SiLU kernels before them)."""
+    parts = {"pdl", "prefetch", "silu", "quant"} if variant == "all" else set(variant.split("+")) - {"none"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
     return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts,
-                        split_combine="last" if "last" in parts else "kernel",
                         l2_prefetch_bytes=(int(mb[0]) * 2**20 if mb[0] else KernelConfig.l2_prefetch_bytes) if mb else 0)
 
 

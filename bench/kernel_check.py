@@ -157,11 +157,8 @@ def main() -> None:
     from worker.embedded.attention import to_cache
 
     fp8 = torch.float8_e4m3fn
-    # split None: the engine's choice, its splits combined by the second kernel or ("last")
-    # by the last split program
-    cases = [(c, sp, kv, comb) for c in CASES for sp, comb in ((1, "kernel"), (None, "kernel"), (None, "last"))
-             for kv in ("auto", "fp8") if kv == "auto" or c[-1] == torch.bfloat16]
-    for (B, hq, hkv, d, bs, max_ctx, dtype), splits, kv, combine in cases:
+    cases = [(c, sp, kv) for c in CASES for sp in (1, None) for kv in ("auto", "fp8") if kv == "auto" or c[-1] == torch.bfloat16]
+    for (B, hq, hkv, d, bs, max_ctx, dtype), splits, kv in cases:
         gen = torch.Generator(device="cuda").manual_seed(hash((B, hq, d)) % 2**31)
         ctx = torch.randint(1, max_ctx + 1, (B,), generator=gen, device="cuda", dtype=torch.int32)
         ctx[0] = max_ctx
@@ -175,18 +172,14 @@ def main() -> None:
             kc, vc = to_cache(kc, fp8), to_cache(vc, fp8)
         out = torch.full_like(q, float("nan"))
         scale = d ** -0.5
-        paged_decode_attention(q, kc, vc, tables, ctx, scale, out, splits, combine=combine)
+        paged_decode_attention(q, kc, vc, tables, ctx, scale, out, splits)
         ref = paged_decode_reference(q, kc.to(dtype), vc.to(dtype), tables, ctx, scale)
         rel = ((out.double() - ref).norm() / ref.norm()).item()
-        ms = triton.testing.do_bench(lambda: paged_decode_attention(q, kc, vc, tables, ctx, scale, out, splits, combine=combine),
-                                     warmup=25, rep=100, return_mode="median")
-        if combine == "last":  # after the timed launches too
-            paged_decode_attention(q, kc, vc, tables, ctx, scale, out, splits, combine=combine)
-            rel = max(rel, ((out.double() - ref).norm() / ref.norm()).item())
+        ms = triton.testing.do_bench(lambda: paged_decode_attention(q, kc, vc, tables, ctx, scale, out, splits), warmup=25, rep=100,
+                                     return_mode="median")
         kv_bytes = 2 * int(ctx.sum()) * hkv * d * kc.element_size()
         used = splits or num_splits(B * hkv, torch.cuda.get_device_properties(0).multi_processor_count, blocks_per_seq * bs, max(64, bs))
-        rows.append({"batch": B, "heads": f"{hq}/{hkv}", "head_dim": d, "block": bs, "max_ctx": max_ctx,
-                     "splits": f"{used}{'L' if combine == 'last' and used > 1 else ''}",
+        rows.append({"batch": B, "heads": f"{hq}/{hkv}", "head_dim": d, "block": bs, "max_ctx": max_ctx, "splits": used,
                      "dtype": str(dtype).removeprefix("torch.") + ("/fp8kv" if kv == "fp8" else ""), "rel_err": rel, "nan": bool(torch.isnan(out).any()),
                      "us": ms * 1000, "kv_GBps": kv_bytes / (ms / 1000) / 1e9})
     print(f"\npaged decode kernel on {torch.cuda.get_device_name()}")

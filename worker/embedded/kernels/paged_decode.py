@@ -8,12 +8,8 @@ of length 0 (a padding row of a captured graph) gets zeros.
 
 Split-K (flash-decoding): when the batch gives fewer (sequence, KV head) programs than
 the GPU has SMs, each sequence's context is split over SPLITS programs that run side by
-side; each writes its normalized partial output and log-sum-exp, and they are combined
-either by a second kernel or (`combine="last"`) by whichever of a head's split programs
-finishes last: each counts itself in on a per-(sequence, KV head) counter after its
-partials are written, and the one that completes the count combines them and sets the
-counter back to 0 for the next launch (no second launch, which at batch 1 is a launch
-per layer). Without splits, at batch 1, one program per head walked its tiles one after
+side; each writes its normalized partial output and log-sum-exp, and a second kernel
+combines them. Without it, at batch 1, one program per head walked its tiles one after
 another, far slower than the layer's KV can be read (BENCHMARKS.md, decode latency,
 run 5)."""
 
@@ -41,7 +37,7 @@ DECODE_FP8_READS = (*FP8_READS, "dot", "bits")
 
 @triton.jit
 def _paged_decode(
-    Q, K, V, O, PART_O, PART_LSE, COUNTS, TABLES, CTX_LENS, scale, v_scale,
+    Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -50,7 +46,6 @@ def _paged_decode(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
     KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr, FP8_BITS: tl.constexpr,
-    LAST_COMBINES: tl.constexpr,
 ):
     enter(USE_GDC)
     b = tl.program_id(0)
@@ -119,39 +114,6 @@ def _paged_decode(
         tl.store(PART_O + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
         tl.store(PART_LSE + row, lse, mask=g_ok)
-        if LAST_COMBINES:
-            # Every thread's partials stored before the count (the barrier; the release is
-            # cumulative over what the barrier ordered), the count's acquire before the
-            # last program reads the others' partials, which it reads from L2 (.cg): its
-            # L1 may hold lines of an earlier launch's.
-            tl.debug_barrier()
-            counter = COUNTS + b * tl.num_programs(1) + kvh
-            done = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if done == SPLITS - 1:
-                tl.debug_barrier()
-                first = (b * (tl.num_programs(1) * GROUP) + heads) * SPLITS
-                _combine_rows(PART_O, PART_LSE, O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], first,
-                              g_ok, GROUP_PAD, SPLITS, HEAD_DIM, ".cg")
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-
-
-@triton.jit
-def _combine_rows(PART_O, PART_LSE, OUT_PTRS, first, ok, ROWS: tl.constexpr, SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  CACHE: tl.constexpr):
-    """The output rows (at OUT_PTRS, masked by ok) from their SPLITS partials, whose first
-    lies at row `first` (a vector of rows, one a head)."""
-    sp = tl.arange(0, SPLITS)
-    d = tl.arange(0, HEAD_DIM)
-    lse = tl.load(PART_LSE + first[:, None] + sp[None, :], mask=ok[:, None], other=float("-inf"), cache_modifier=CACHE)
-    top = tl.max(lse, 1)
-    w = tl.where(lse == float("-inf"), 0.0, tl.exp(lse - tl.where(top == float("-inf"), 0.0, top)[:, None]))
-    total = tl.sum(w, 1)
-    acc = tl.zeros([ROWS, HEAD_DIM], tl.float32)
-    for i in tl.static_range(SPLITS):
-        o = tl.load(PART_O + (first + i)[:, None] * HEAD_DIM + d[None, :], mask=ok[:, None], other=0.0, cache_modifier=CACHE)
-        acc += tl.sum(tl.where(sp[None, :] == i, w, 0.0), 1)[:, None] * o
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(OUT_PTRS, out.to(OUT_PTRS.dtype.element_ty), mask=ok[:, None])
 
 
 @triton.jit
@@ -187,7 +149,6 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
     fp8_read: str = "words",  # how an FP8 cache is read: DECODE_FP8_READS
-    combine: str = "kernel",  # with splits: "kernel" (a second launch) or "last" (the last split program)
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -204,14 +165,9 @@ def paged_decode_attention(
         tile = max(wide_tile(kv_fp8, splits, D), block_size)
     part_o = part_lse = out  # unused when there is one split
     use_pdl = pdl_on(q.device, B, pdl)
-    counts = part_o
-    if combine not in ("kernel", "last"):
-        raise ValueError(f"combine must be 'kernel' or 'last', not {combine!r}")
-    last = splits > 1 and combine == "last"
     if splits > 1:
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-        counts = split_counters(q.device, B * Hkv) if last else part_o
     if fp8_read not in DECODE_FP8_READS:
         raise ValueError(f"fp8_read must be one of {DECODE_FP8_READS}, not {fp8_read!r}")
     fp8_dot = kv_fp8 and fp8_read == "dot"
@@ -221,7 +177,7 @@ def paged_decode_attention(
     k_read, v_read = {"dot": ("cast", "words"), "bits": ("words", "words")}.get(fp8_read, (fp8_read, fp8_read))
     k_cache, v_cache = cache_view(k_cache, k_read), cache_view(v_cache, v_read)
     _paged_decode[(B, Hkv, splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, counts, block_tables, context_lens, scale, v_scale,
+        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -230,28 +186,13 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
         KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot", "bits"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
-        FP8_BITS=fp8_bits, LAST_COMBINES=last,
+        FP8_BITS=fp8_bits,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
     )
-    if splits > 1 and not last:
+    if splits > 1:
         _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,
                                  USE_GDC=use_pdl, num_warps=1, **launch_options(use_pdl))
     return out
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def split_counters(device: torch.device, n: int) -> torch.Tensor:
-    """n int32 zeros that every launch with combine="last" leaves at zero: one buffer a
-    device, grown (outside CUDA-graph capture, where the zeroing would be captured into
-    the graph; warm-up calls come first) when a launch needs more."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < n:
-        if torch.cuda.is_available() and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("split_counters: first needed inside CUDA-graph capture; run the step eagerly first")
-        buf = _COUNTERS[device] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
 
 
 def wide_tile(kv_fp8: bool, splits: int, head_dim: int) -> int:
