@@ -125,7 +125,7 @@ def apply(variant: str) -> KernelConfig:
     pdl (programmatic dependent launch), prefetch[MB] (weights pulled into L2 before the
     previous kernel ends; needs pdl), silu (SiLU-and-multiply in the gate_up skinny
     matmul's epilogue) and quant (the per-token quantization of FP8 and W8A8 projections'
-    inputs in the RMSNorm and SiLU kernels before them)."""
+    inputs in the RMSNorm kernels before them)."""
     parts = {"pdl", "prefetch", "silu", "quant"} if variant == "all" else set(variant.split("+")) - {"none"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
     return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts,

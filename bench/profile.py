@@ -76,7 +76,7 @@ def decode(args) -> None:
             engine.step()
         torch.cuda.synchronize()
     if args.graphs:
-        timeline(prof, args)
+        timeline(prof, args, cfg.num_layers)
         return
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
     total = sum(e.self_device_time_total for e in events)
@@ -103,7 +103,7 @@ def kernel_events(prof) -> list[dict]:
     return sorted(evs, key=lambda e: e["ts"])
 
 
-def timeline(prof, args) -> None:
+def timeline(prof, args, layers: int) -> None:
     """Charge each kernel of the replayed steps the time it alone holds on the timeline.
     A gap of more than `--host-gap-us` with no kernel running is counted as host time
     between steps, shorter gaps as launch gaps inside a step."""
@@ -114,6 +114,16 @@ def timeline(prof, args) -> None:
     rows = collections.defaultdict(lambda: {"calls": 0, "dur_us": 0.0, "held_us": 0.0})
     gaps_in = gaps_between = 0.0
     end = evs[0]["ts"]
+
+    def kind(e) -> str:
+        grid = e.get("args", {}).get("grid")
+        return f"{e['name'][:70]} grid={grid[0] if isinstance(grid, list) else '-'}"
+
+    # A kind launched k times a layer (o_proj and down_proj may share a grid) gets "#i":
+    # its i-th launch within each layer, in order.
+    per_layer = {k: c // (args.steps * layers) for k, c in collections.Counter(map(kind, evs)).items()
+                 if c % (args.steps * layers) == 0 and c // (args.steps * layers) > 1}
+    seen = collections.Counter()
     for e in evs:
         start, stop = e["ts"], e["ts"] + e["dur"]
         gap = start - end
@@ -121,8 +131,11 @@ def timeline(prof, args) -> None:
             gaps_between += gap
         elif gap > 0:
             gaps_in += gap
-        grid = e.get("args", {}).get("grid")
-        key = f"{e['name'][:70]} grid={grid[0] if isinstance(grid, list) else '-'}"
+        key = kind(e)
+        if key in per_layer:
+            i = seen[key] % per_layer[key]
+            seen[key] += 1
+            key = f"{key} #{i}"
         r = rows[key]
         r["calls"] += 1
         r["dur_us"] += e["dur"]

@@ -166,7 +166,6 @@ class MLP(nn.Module):
         self.gate_up_proj = SkinnyLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = SkinnyLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.kernels: KernelConfig | None = None  # set on the Triton path: the SiLU-and-multiply kernel
-        self.quant: torch.dtype | None = None  # as RMSNorm.quant, for down_proj's input
 
     def forward(self, x):
         if self.kernels is not None:
@@ -174,8 +173,7 @@ class MLP(nn.Module):
             if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) \
                     and gated_faster(*gate_up.weight.shape):
                 return self.down_proj(gate_up.gated(x))
-            h = silu_and_mul(gate_up(x), pdl=self.kernels.pdl, quant=self.quant)
-            return self.down_proj(QuantizedRows(*h) if self.quant is not None else h)
+            return self.down_proj(silu_and_mul(gate_up(x), pdl=self.kernels.pdl))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -233,7 +231,6 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             layer.input_layernorm.quant = input_activation(layer.self_attn.qkv_proj) if fuse else None
             layer.post_attention_layernorm.quant = input_activation(layer.mlp.gate_up_proj) if fuse else None
-            layer.mlp.quant = input_activation(layer.mlp.down_proj) if fuse else None
 
     @torch.no_grad()
     def load_hf_weights(self, named_tensors) -> None:

@@ -6,10 +6,13 @@ rounds where the PyTorch formulation rounds, so results match it bit for bit or 
 - rope_and_cache: rotary embedding of q and k in place, and k and v into the paged cache;
 - silu_and_mul: SiLU(gate) * up from the fused gate_up projection.
 
-add_rms_norm and silu_and_mul can also quantize their output per row for the 8-bit
-projection after them (`quant`: float8 E4M3 or int8), as kernels/qgemv.py's quantize_rows
-does and bit for bit like it (both call `quantize_row`): one launch where there were two
-before each FP8 or W8A8 qkv, gate_up and down projection."""
+add_rms_norm can also quantize its output per row for the 8-bit projection after it
+(`quant`: float8 E4M3 or int8), as kernels/qgemv.py's quantize_rows does and bit for bit
+like it (both call `quantize_row`): one launch where there were two before each FP8 or
+W8A8 qkv and gate_up projection. The same in silu_and_mul, for down_proj, needs each row
+whole in one program (its scale is the row's amax); on an H200 that kernel held the FP8
+8B step 3.85 us a layer, more than the SiLU kernel and the quantization kernel after it
+together, so down_proj's input is quantized by the separate kernel (BENCHMARKS.md, run 19)."""
 
 from __future__ import annotations
 
@@ -175,38 +178,11 @@ def _silu_and_mul(GU, OUT, stride_gu, stride_o, N, BLOCK: tl.constexpr, USE_GDC:
     tl.store(OUT + row * stride_o + cols, silu_times(g, u), mask=ok)
 
 
-@triton.jit
-def _silu_and_mul_quant(GU, OUT, Q, S, stride_gu, stride_o, stride_q, N, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
-                        QMAX: tl.constexpr, IS_INT: tl.constexpr):
-    """silu_and_mul's row, whole in one program (the scale needs the row's amax), and its
-    quantization."""
-    enter(USE_GDC)
-    row = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < N
-    g = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0)
-    u = tl.load(GU + row * stride_gu + N + cols, mask=ok, other=0.0)
-    y = silu_times(g, u)
-    tl.store(OUT + row * stride_o + cols, y, mask=ok)
-    q, scale = quantize_row(y.to(tl.float32), QMAX, IS_INT)
-    tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
-    tl.store(S + row, scale)
-
-
-def silu_and_mul(gate_up: torch.Tensor, pdl: bool = KernelConfig.pdl, quant: torch.dtype | None = None):
-    """SiLU(gate) * up of gate_up [T, 2n] -> [T, n]; with `quant`, (out, q, scale) as
-    add_rms_norm gives them."""
+def silu_and_mul(gate_up: torch.Tensor, pdl: bool = KernelConfig.pdl) -> torch.Tensor:
     T, two_n = gate_up.shape
     n = two_n // 2
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
     use_pdl = pdl_on(gate_up.device, T, pdl)
-    if quant is not None:
-        q, s, qargs = quant_args(out, quant)
-        del qargs["QUANT"]
-        block = triton.next_power_of_2(n)
-        _silu_and_mul_quant[(T,)](gate_up, out, q, s, gate_up.stride(0), out.stride(0), q.stride(0), n, BLOCK=block,
-                                  USE_GDC=use_pdl, num_warps=max(4, min(16, block // 512)), **qargs, **launch_options(use_pdl))
-        return out, q, s
     block = 1024
     _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
                                               USE_GDC=use_pdl, num_warps=4, **launch_options(use_pdl))
