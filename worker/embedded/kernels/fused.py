@@ -30,7 +30,10 @@ def quantize_row(x, QMAX: tl.constexpr, IS_INT: tl.constexpr):
     float32 and clamped, ready for the cast; scale = amax / QMAX). Shared by every kernel
     that quantizes activations per token, so that they agree bit for bit."""
     scale = tl.maximum(tl.max(tl.abs(x), axis=0) / QMAX, 1e-12)
-    q = x / scale
+    # Rounded division, not the approximate one `/` compiles to: that one is free to differ
+    # between kernels (on an H200 the norm kernel's int8 output differed from the
+    # quantization kernel's in one value of 1.2M, a .5 boundary).
+    q = tl.div_rn(x, scale)
     if IS_INT:  # round half away from zero (the cast truncates)
         q = tl.where(q >= 0, q + 0.5, q - 0.5)
     return tl.minimum(tl.maximum(q, -QMAX), QMAX), scale

@@ -129,17 +129,22 @@ def qgemv(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.T
 
 def qgemv_config(n: int, k: int, x_bytes: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, warps, stages) for an 8-bit weight of [n, k] and x of `x_bytes`
-    an element, as measured on an H200 at one row (bench/quant_kernels.py, BENCHMARKS.md,
-    'FP8 and INT8 projections'): for 8-bit x, 32 x 1024 tiles in 3 stages where K >= 4096
-    (each of Llama-3-8B's projections; the --sweep's best on its qkv and down), else
-    gemv_config's tiles twice as deep (the same bytes a step; Llama-3.2-1B's and
-    SmolLM2's); for 16-bit x (W8A16), gemv_config's own (deeper ones measured slower on
-    Llama-3-8B's qkv). Fewer stages where the tiles would not fit in shared memory."""
+    an element, as measured on an H200 at one row (bench/quant_kernels.py --sweep,
+    BENCHMARKS.md, 'FP8 and INT8 on the GPU', run 19): for 8-bit x where K >= 4096 (each of
+    Llama-3-8B's projections), the sweep's best on each: 32 x 512 tiles in 2 stages for
+    gate_up-sized weights (n >= 16384), 64 x 512 in 4 for qkv (n above 4096), 32 x 1024 in 4
+    for o and down, 5-12% faster than run 3's 32 x 1024 in 3 stages for all; else gemv_config's
+    tiles twice as deep (the same bytes a step; Llama-3.2-1B's and SmolLM2's); for 16-bit x
+    (W8A16), gemv_config's own (deeper ones measured slower on Llama-3-8B's qkv). Fewer stages
+    where the tiles would not fit in shared memory."""
     from worker.embedded.kernels.gemv import gemv_config
 
     bn, bk, nw, ns = gemv_config(n, k)
     if x_bytes == 1:
-        bn, bk, nw, ns = (32, 1024, 4, 3) if k >= 4096 else (bn, min(2 * bk, 1024), nw, ns)
+        if k >= 4096:
+            bn, bk, nw, ns = (32, 512, 4, 2) if n >= 16384 else (64, 512, 4, 4) if n > 4096 else (32, 1024, 4, 4)
+        else:
+            bk = min(2 * bk, 1024)
     while ns > 2 and (16 * x_bytes + bn) * bk * ns > 200_000:
         ns -= 1
     return bn, bk, nw, ns
