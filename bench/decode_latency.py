@@ -125,13 +125,10 @@ def apply(variant: str) -> KernelConfig:
     pdl (programmatic dependent launch), prefetch[MB] (weights pulled into L2 before the
     previous kernel ends; needs pdl), silu (SiLU-and-multiply in the gate_up skinny
     matmul's epilogue) and quant (the per-token quantization of FP8 and W8A8 projections'
-    inputs in the RMSNorm kernels before them); "+rope" on any of these puts the rotary and
-    cache write in the qkv skinny matmul's epilogue (KernelConfig.fused_rope)."""
-    given = set(variant.split("+"))
-    parts = ({"pdl", "prefetch", "silu", "quant"} if "all" in given else given - {"none"}) | (given & {"rope"})
+    inputs in the RMSNorm kernels before them)."""
+    parts = {"pdl", "prefetch", "silu", "quant"} if variant == "all" else set(variant.split("+")) - {"none"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
     return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts,
-                        fused_rope="rope" in parts,
                         l2_prefetch_bytes=(int(mb[0]) * 2**20 if mb[0] else KernelConfig.l2_prefetch_bytes) if mb else 0)
 
 

@@ -256,45 +256,6 @@ def check_rope_and_cache(gen: torch.Generator) -> dict:
                                                                             and vc.view(-1, hkv, d)[others].isnan().all())}
 
 
-def check_gemv_rope(gen: torch.Generator) -> dict:
-    """The skinny matmul with the rotary and cache write in its epilogue (gemv_rope) against
-    gemv then rope_and_cache, bit for bit: the qkv output and both caches, whole. 8 pairs a
-    head (head_dim 16), so a program's 16 pairs span two heads; 3 query and 2 KV heads, so
-    programs straddle q, k and v; a bias, a ragged K, rows at random positions and slots; a
-    16-bit cache and an FP8 one (its scales)."""
-    from worker.embedded.kernels.fused import rope_and_cache
-    from worker.embedded.kernels.gemv import gemv, gemv_rope
-
-    out = {}
-    T, hq, hkv, d, bs, nblocks, max_pos, K = 5, 3, 2, 16, 4, 6, 64, 300
-    N = (hq + 2 * hkv) * d
-    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
-    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float32), inv)
-    cos, sin = freqs.cos(), freqs.sin()
-    for cache_dt in (torch.float16, torch.float8_e4m3fn):
-        x = torch.randn(T, K, generator=gen).half()
-        w = (torch.randn(N, K, generator=gen) / K**0.5).half()
-        bias = torch.randn(N, generator=gen).half()
-        pos = torch.randint(0, max_pos, (T,), generator=gen, dtype=torch.int32)
-        slots = torch.randperm(nblocks * bs, generator=gen)[:T]
-        caches = [torch.randn(nblocks, bs, hkv, d, generator=gen).to(cache_dt) for _ in range(2)]
-        kc0, vc0 = (c.clone() for c in caches)
-        kc1, vc1 = (c.clone() for c in caches)
-        ks, vs = (2.0, 0.5) if cache_dt != torch.float16 else (1.0, 1.0)
-        y0 = gemv(x, w, bias, 16, 128)
-        q, k, v = (t.view(T, -1, d) for t in y0.split([hq * d, hkv * d, hkv * d], dim=-1))
-        rope_and_cache(q, k, v, cos, sin, pos, slots, kc0, vc0, k_scale=ks, v_scale=vs)
-        y1 = gemv_rope(x, w, bias, cos, sin, pos, slots, kc1, vc1, hq, hkv, 16, 128, k_scale=ks, v_scale=vs)
-        name = str(cache_dt).removeprefix("torch.")
-        out[name] = {"output_equal": torch.equal(y1, y0),
-                     "k_cache_equal": torch.equal(kc1.view(torch.uint8) if cache_dt != torch.float16 else kc1,
-                                                  kc0.view(torch.uint8) if cache_dt != torch.float16 else kc0),
-                     "v_cache_equal": torch.equal(vc1.view(torch.uint8) if cache_dt != torch.float16 else vc1,
-                                                  vc0.view(torch.uint8) if cache_dt != torch.float16 else vc0),
-                     "cache_written": not torch.equal(kc1.float(), caches[0].float())}
-    return out
-
-
 def check_silu_and_mul(gen: torch.Generator) -> float:
     """SiLU(gate) * up over SmolLM2's 1536 columns (a full block of 1024 and a ragged one),
     from a strided view."""
@@ -309,7 +270,7 @@ def check_silu_and_mul(gen: torch.Generator) -> float:
 def kernel_checks() -> dict:
     gen = torch.Generator().manual_seed(0)
     return {"paged_decode": check_paged_decode(gen), "paged_varlen": check_paged_varlen(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
-            "gemv_gated": check_gemv_gated(gen), "gemv_rope": check_gemv_rope(gen),
+            "gemv_gated": check_gemv_gated(gen),
             "add_rms_norm": check_add_rms_norm(gen), "rope_and_cache": check_rope_and_cache(gen),
             "silu_and_mul_rel_err": check_silu_and_mul(gen), "fp8_cache": check_fp8_cache(gen)}
 

@@ -16,7 +16,7 @@ from worker.embedded.quant import QuantizedRows, QuantLinear, input_activation
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
-    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_gated_config, gemv_rope
+    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_gated_config
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = None
 from models.config import ModelConfig
@@ -117,24 +117,18 @@ class Attention(nn.Module):
         self.k_scale = self.v_scale = 1.0
 
     def forward(self, x, positions, k_cache, v_cache, meta: AttentionMetadata):
-        kernels, qkv_proj = self.kernels, self.qkv_proj
-        ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
-        fused = kernels is not None and kernels.fused_rope and isinstance(qkv_proj, SkinnyLinear) and qkv_proj.skinny(x)
-        if fused:  # q and k come back rotated, k and v already in the cache
-            qkv = qkv_proj.rope(x, self.rotary, positions, meta.slot_mapping, k_cache, v_cache, self.num_heads,
-                                self.num_kv_heads, ks, vs)
-        else:
-            qkv = qkv_proj(x)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if kernels is None:
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-            write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
-        elif not fused:
+        kernels = self.kernels
+        ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
+        if kernels is not None:
             rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
                            pdl=kernels.pdl, k_scale=ks, v_scale=vs)
+        else:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, pdl=kernels is not None and kernels.pdl,
                               k_scale=ks, v_scale=vs, decode_tile=(kernels.decode_tile or None) if kernels is not None else None)
         return self.o_proj(out.reshape(-1, self.q_size))
@@ -158,16 +152,6 @@ class SkinnyLinear(nn.Linear):
             return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
                         pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
         return super().forward(x)
-
-    def rope(self, x: torch.Tensor, rotary: "Rotary", positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
-             v_cache: torch.Tensor, num_heads: int, num_kv_heads: int, k_scale: float, v_scale: float) -> torch.Tensor:
-        """This fused qkv projection with q and k rotated and k and v written to the cache, in
-        one skinny-matmul launch (call only where skinny(x)): what rope_and_cache does after
-        forward(x), bit for bit."""
-        bn, bk, nw, ns = gemv_config(*self.weight.shape)
-        return gemv_rope(x, self.weight, self.bias, rotary.cos, rotary.sin, positions, slots, k_cache, v_cache, num_heads,
-                         num_kv_heads, max(16, bn // 2), bk, nw, ns, pdl=self.kernels.pdl,
-                         prefetch_bytes=self.kernels.l2_prefetch_bytes, k_scale=k_scale, v_scale=v_scale)
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up of this fused [gate; up] projection, from one skinny-matmul

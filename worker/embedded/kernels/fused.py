@@ -94,15 +94,6 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
 
 
 @triton.jit
-def rotate_pair(x1, x2, cos, sin):
-    """The rotary embedding of a pair of halves (x1, x2) in their dtype, computed in float32
-    and rounded once each, as the PyTorch reference rounds. Shared with the skinny matmul's
-    rotary epilogue (gemv.py), which must write what rope_and_cache writes."""
-    x1f, x2f = x1.to(tl.float32), x2.to(tl.float32)
-    return (x1f * cos - x2f * sin).to(x1.dtype), (x2f * cos + x1f * sin).to(x1.dtype)
-
-
-@triton.jit
 def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv,
                     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
                     HQ: tl.constexpr, HKV: tl.constexpr, HQ_PAD: tl.constexpr, HKV_PAD: tl.constexpr,
@@ -121,15 +112,17 @@ def _rope_and_cache(Q, K, V, COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv,
     qp = Q + t * stride_qt + hq * stride_qh + d[None, :]
     q1 = tl.load(qp, mask=q_ok, other=0.0)
     q2 = tl.load(qp + HALF, mask=q_ok, other=0.0)
-    q1, q2 = rotate_pair(q1, q2, cos, sin)
-    tl.store(qp, q1, mask=q_ok)
-    tl.store(qp + HALF, q2, mask=q_ok)
+    q1f, q2f = q1.to(tl.float32), q2.to(tl.float32)
+    tl.store(qp, (q1f * cos - q2f * sin).to(q1.dtype), mask=q_ok)
+    tl.store(qp + HALF, (q2f * cos + q1f * sin).to(q1.dtype), mask=q_ok)
     hk = tl.arange(0, HKV_PAD)[:, None]
     k_ok = hk < HKV
     kp = K + t * stride_kt + hk * stride_kh + d[None, :]
     k1 = tl.load(kp, mask=k_ok, other=0.0)
     k2 = tl.load(kp + HALF, mask=k_ok, other=0.0)
-    r1, r2 = rotate_pair(k1, k2, cos, sin)
+    k1f, k2f = k1.to(tl.float32), k2.to(tl.float32)
+    r1 = (k1f * cos - k2f * sin).to(k1.dtype)
+    r2 = (k2f * cos + k1f * sin).to(k1.dtype)
     tl.store(kp, r1, mask=k_ok)
     tl.store(kp + HALF, r2, mask=k_ok)
     # The cache is [blocks, block_size, HKV, 2 * HALF]: a slot's heads are contiguous.

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from worker.embedded.kernels.fused import _to_cache, rotate_pair, silu_times
+from worker.embedded.kernels.fused import silu_times
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import KernelConfig
 
@@ -37,37 +37,23 @@ def _prefetch_l2(ptrs):
 
 @triton.jit
 def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
-          COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv, stride_cos,
           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-          USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr, GATED: tl.constexpr, ROPE: tl.constexpr,
-          HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr):
+          USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr, GATED: tl.constexpr):
     pid = tl.program_id(0)
     m = tl.arange(0, 16)  # MAX_ROWS
-    m_ok = m < M
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     kk = tl.arange(0, BLOCK_K)
-    if ROPE:
-        # W is a fused qkv projection of N rows; this program reads BLOCK_N rotary pairs:
-        # rows n (first halves of their heads) and up = n + HEAD_DIM / 2 (their partners)
-        pair = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        head = pair // (HEAD_DIM // 2)
-        dim = pair % (HEAD_DIM // 2)
-        n = head * HEAD_DIM + dim
-        n_ok = pair < N // 2
-        up = n + HEAD_DIM // 2
-        last_up = N - 1
-    else:
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        up = n + N  # GATED: W is [gate; up], 2N rows, and this program reads both halves' rows n
-        last_up = 2 * N - 1
+    m_ok = m < M
+    n_ok = n < N
+    up = n + N  # GATED: W is [gate; up], 2N rows, and this program reads both halves' rows n
     if PREFETCH_K > 0:
         # Weights never depend on earlier kernels: pull this program's first PREFETCH_K
         # columns towards L2 while the kernel before finishes (one address per 128-byte
         # line of 16-bit values).
         lines = tl.arange(0, PREFETCH_K // 64) * 64
         _prefetch_l2(W + tl.minimum(n, N - 1)[:, None] * stride_wn + lines[None, :])
-        if GATED or ROPE:
-            _prefetch_l2(W + tl.minimum(up, last_up)[:, None] * stride_wn + lines[None, :])
+        if GATED:
+            _prefetch_l2(W + tl.minimum(up, 2 * N - 1)[:, None] * stride_wn + lines[None, :])
     enter(USE_GDC)
     acc = tl.zeros([16, BLOCK_N], tl.float32)
     acc_up = tl.zeros([16, BLOCK_N], tl.float32)
@@ -78,51 +64,15 @@ def _gemv(X, W, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
         w = tl.load(W + n[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
         acc += tl.dot(x, tl.trans(w))
-        if GATED or ROPE:
+        if GATED:
             wu = tl.load(W + up[:, None] * stride_wn + k[None, :], mask=w_ok, other=0.0)
             acc_up += tl.dot(x, tl.trans(wu))
     if HAS_BIAS:
         acc += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        if ROPE:
-            acc_up += tl.load(B + up, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     y = acc.to(Y.dtype.element_ty)
     if GATED:  # each projection rounded to the output dtype first, as the unfused pair rounds
         y = silu_times(y, acc_up.to(Y.dtype.element_ty))
-    if ROPE:
-        _rope_epilogue(Y, y, acc_up.to(Y.dtype.element_ty), m, m_ok, n, up, n_ok, head, dim, stride_ym,
-                       COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv, stride_cos, HQ, HKV, HEAD_DIM, KV_FP8)
-    else:
-        tl.store(Y + m[:, None] * stride_ym + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
-
-
-@triton.jit
-def _rope_epilogue(Y, y1, y2, m, m_ok, n, up, n_ok, head, dim, stride_ym, COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv,
-                   stride_cos, HQ: tl.constexpr, HKV: tl.constexpr, HEAD_DIM: tl.constexpr, KV_FP8: tl.constexpr):
-    """What fused.rope_and_cache does after the qkv projection, on this program's pairs:
-    q and k rotated (y1, y2: each pair's halves, rounded to the output dtype), the whole
-    row written to Y, and k and v to the paged cache at each token's slot."""
-    pos = tl.load(POS + m, mask=m_ok, other=0)
-    cos = tl.load(COS + pos[:, None] * stride_cos + dim[None, :])
-    sin = tl.load(SIN + pos[:, None] * stride_cos + dim[None, :])
-    r1, r2 = rotate_pair(y1, y2, cos, sin)
-    rotated = (head < HQ + HKV)[None, :]
-    r1 = tl.where(rotated, r1, y1)
-    r2 = tl.where(rotated, r2, y2)
-    ok = m_ok[:, None] & n_ok[None, :]
-    tl.store(Y + m[:, None] * stride_ym + n[None, :], r1, mask=ok)
-    tl.store(Y + m[:, None] * stride_ym + up[None, :], r2, mask=ok)
-    # The cache is [blocks, block_size, HKV, HEAD_DIM]: a slot's heads are contiguous.
-    slot = tl.load(SLOTS + m, mask=m_ok, other=0).to(tl.int64)
-    is_k = (head >= HQ) & (head < HQ + HKV)
-    is_v = head >= HQ + HKV
-    kv_head = tl.where(is_k, head - HQ, head - HQ - HKV)
-    at = slot[:, None] * (HKV * HEAD_DIM) + (kv_head * HEAD_DIM + dim)[None, :]
-    k_ok = ok & is_k[None, :]
-    v_ok = ok & is_v[None, :]
-    tl.store(KC + at, _to_cache(r1, k_inv, KV_FP8), mask=k_ok)
-    tl.store(KC + at + HEAD_DIM // 2, _to_cache(r2, k_inv, KV_FP8), mask=k_ok)
-    tl.store(VC + at, _to_cache(r1, v_inv, KV_FP8), mask=v_ok)
-    tl.store(VC + at + HEAD_DIM // 2, _to_cache(r2, v_inv, KV_FP8), mask=v_ok)
+    tl.store(Y + m[:, None] * stride_ym + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, block_n: int = 16, block_k: int = 256,
@@ -143,43 +93,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None, blo
     use_pdl = pdl_on(x.device, M, pdl)
     _gemv[(triton.cdiv(N, block_n),)](
         x, w, w if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-        *_NO_ROPE_ARGS(w), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(w.shape[0], K, w, prefetch_bytes) if use_pdl else 0, GATED=gated,
-        ROPE=False, HQ=1, HKV=1, HEAD_DIM=2, KV_FP8=False,
-        num_warps=num_warps, num_stages=num_stages, **launch_options(use_pdl),
-    )
-    return y
-
-
-def _NO_ROPE_ARGS(w: torch.Tensor) -> tuple:
-    """The rotary epilogue's pointer and scalar arguments, unused without it."""
-    return (w, w, w, w, w, w, 1.0, 1.0, 0)
-
-
-def gemv_rope(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-              positions: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              num_heads: int, num_kv_heads: int, block_n: int = 16, block_k: int = 256, num_warps: int = 4,
-              num_stages: int = 4, pdl: bool = KernelConfig.pdl, prefetch_bytes: int = KernelConfig.l2_prefetch_bytes,
-              k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
-    """The fused qkv projection x [M, K] (M <= 16) @ w[N, K].T (+ bias) with what
-    fused.rope_and_cache does after it done in the epilogue: q and k rotated (cos and sin
-    [max_pos, D/2] float32 at `positions`), k and v written to the paged cache at `slots`
-    (over k_scale and v_scale for an FP8 cache). Returns the [M, N] output, q and k rotated,
-    equal to gemv then rope_and_cache. block_n counts rotary pairs a program (it reads
-    2 * block_n weight rows)."""
-    M, K = x.shape
-    N = w.shape[0]
-    D = k_cache.shape[-1]
-    if N != (num_heads + 2 * num_kv_heads) * D or D % 2:
-        raise ValueError(f"gemv_rope: {N} weight rows are not {num_heads} + 2 x {num_kv_heads} heads of {D}")
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    use_pdl = pdl_on(x.device, M, pdl)
-    _gemv[(triton.cdiv(N // 2, block_n),)](
-        x, w, w if bias is None else bias, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-        cos, sin, positions, slots, k_cache, v_cache, 1.0 / k_scale, 1.0 / v_scale, cos.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(N, K, w, prefetch_bytes) if use_pdl else 0, GATED=False,
-        ROPE=True, HQ=num_heads, HKV=num_kv_heads, HEAD_DIM=D, KV_FP8=k_cache.dtype == torch.float8_e4m3fn,
+        USE_GDC=use_pdl, PREFETCH_K=prefetch_columns(w.shape[0], K, w, prefetch_bytes) if use_pdl else 0, GATED=gated,
         num_warps=num_warps, num_stages=num_stages, **launch_options(use_pdl),
     )
     return y
