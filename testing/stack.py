@@ -21,10 +21,20 @@ from prometheus_client.parser import text_string_to_metric_families
 ROOT = Path(__file__).resolve().parent.parent  # the children import cli/, and testing/ for the engine double
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now and not handed out before in this process: the kernel gives a port
+    just released back soon, and a stack's ports are all picked before any is bound (a
+    gateway's metrics port once came back as the scheduler's gateway port)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def children_of(pid: int) -> list[int]:
@@ -43,12 +53,15 @@ def free_port_range(n: int) -> int:
     """A first port such that it and the n-1 after it are free."""
     while True:
         base = free_port()
+        if _handed_out.intersection(range(base + 1, base + n)):
+            continue
         try:
             socks = []
             for p in range(base, base + n):
                 s = socket.socket()
                 socks.append(s)
                 s.bind(("0.0.0.0", p))
+            _handed_out.update(range(base, base + n))
             return base
         except OSError:
             continue
