@@ -11,6 +11,17 @@ import pytest
 from worker.engine_api import EngineConfig, KvCacheConfig, SchedulerConfig
 
 
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(items):
+    """test_compose_stack.py's images take minutes to make, mostly downloads, dpkg and pip:
+    they are made on a thread from now on while the other tests run, and that file's tests
+    run last."""
+    compose = [item for item in items if item.module.__name__.rpartition(".")[2] == "test_compose_stack"]
+    if compose:
+        items[:] = [item for item in items if item not in compose] + compose
+        compose[0].module.start_making_images()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def stacks_ended():
     """Stacks that tests let end in the background (Stack.stop_later) have all ended by the

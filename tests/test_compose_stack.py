@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from testing.compose_stack import check_prometheus, check_traces, log, one_request, receiver_spans, send_requests, wait_for
+from testing.stack import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".containers"  # ignored: the pip config for builds, mmdebstrap.log, storage.conf where overlay fails
@@ -59,19 +60,16 @@ pytestmark = [
 ]
 
 
-def podman(*args, timeout=600, check=True) -> str:
-    out = subprocess.run(["podman", *args], capture_output=True, text=True, timeout=timeout)
+# The images are made while the rest of the suite runs (start_making_images): at low priority,
+# so that the tests on the same cores keep theirs.
+NICE = ["nice", "-n", "10"]
+
+
+def podman(*args, timeout=600, check=True, nice=False) -> str:
+    out = subprocess.run([*(NICE if nice else []), "podman", *args], capture_output=True, text=True, timeout=timeout)
     if check and out.returncode != 0:
         raise AssertionError(f"podman {' '.join(args)}: {out.returncode}\n{out.stderr[-4000:]}")
     return out.stdout
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overlay_works() -> bool:
@@ -136,9 +134,9 @@ def ensure_base_image() -> None:
     for tmp in (roomy_tmpfs(), None):
         env = {**os.environ, "TMPDIR": tmp} if tmp else None
         with open(WORK / "mmdebstrap.log", "w+b") as log_file:
-            tree = subprocess.Popen(["mmdebstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", *BASE_LEAVE_OUT,
+            tree = subprocess.Popen([*NICE, "mmdebstrap", "--variant=minbase", f"--include={BASE_PACKAGES}", *BASE_LEAVE_OUT,
                                      "--dpkgopt=force-unsafe-io", "bookworm", "-"], stdout=subprocess.PIPE, stderr=log_file, env=env)
-            imported = subprocess.run(["podman", "import", "-", BASE_IMAGE], stdin=tree.stdout, capture_output=True, timeout=1200)
+            imported = subprocess.run([*NICE, "podman", "import", "-", BASE_IMAGE], stdin=tree.stdout, capture_output=True, timeout=1200)
             tree.stdout.close()
             made = tree.wait(timeout=60)
             if made == 0 and imported.returncode == 0:
@@ -175,7 +173,53 @@ def pip_build_volumes() -> list[str]:
 
 def build_image() -> None:
     podman("build", "--network", "host", "--build-arg", f"BASE_IMAGE={BASE_IMAGE}", *pip_build_volumes(),
-           "-t", IMAGE, str(ROOT), timeout=1800)
+           "-t", IMAGE, str(ROOT), timeout=1800, nice=True)
+
+
+class Images(threading.Thread):
+    """The base image and ours, made on a thread: most of their minutes are downloads, dpkg and
+    pip, which overlap the other tests' work. conftest.py starts it when the session's tests
+    are collected and runs this file's tests last; the stack fixture waits for it (and starts
+    it itself when this file runs alone)."""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="compose-images")
+        self.timings: dict[str, float] = {}
+        self.failure: BaseException | None = None
+        try:
+            self.driver = configure_podman()  # here, before the thread: it sets os.environ
+        except BaseException as e:
+            self.failure = e
+
+    def run(self):
+        if self.failure is not None:
+            return
+        try:
+            t = time.monotonic()
+            ensure_base_image()
+            self.timings["base image"] = time.monotonic() - t
+            t = time.monotonic()
+            build_image()
+            self.timings["image build"] = time.monotonic() - t
+        except BaseException as e:  # re-raised by wait() in the test that needs the images
+            self.failure = e
+
+    def wait(self) -> tuple[str, dict[str, float]]:
+        t = time.monotonic()
+        self.join()
+        if self.failure is not None:
+            raise self.failure
+        return self.driver, {**self.timings, "waited for them": time.monotonic() - t}
+
+
+_images: Images | None = None
+
+
+def start_making_images() -> None:
+    global _images
+    if _images is None and skip_reason() is None:
+        _images = Images()
+        _images.start()
 
 
 def compose(*args, env, timeout=900, check=True) -> subprocess.CompletedProcess:
@@ -231,14 +275,9 @@ def logs_tail() -> str:
 
 @pytest.fixture(scope="module")
 def stack():
-    timings = {}
     t0 = time.monotonic()
-    driver = configure_podman()
-    ensure_base_image()
-    timings["base image"] = time.monotonic() - t0
-    t = time.monotonic()
-    build_image()
-    timings["image build"] = time.monotonic() - t
+    start_making_images()
+    driver, timings = _images.wait()
     ports = {"INFLIGHT_PORT": free_port(), "PROMETHEUS_PORT": free_port(), "RECEIVER_PORT": free_port()}
     env = {**os.environ, "INFLIGHT_IMAGE": IMAGE, "INFLIGHT_BASE_IMAGE": BASE_IMAGE, **{k: str(v) for k, v in ports.items()}}
     compose("down", "-v", env=env, check=False)
