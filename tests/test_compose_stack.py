@@ -60,9 +60,9 @@ pytestmark = [
 ]
 
 
-# The images are made while the rest of the suite runs (start_making_images): at low priority,
-# so that the tests on the same cores keep theirs.
-NICE = ["nice", "-n", "10"]
+# The images are made while the rest of the suite runs (start_making_images): at low CPU and
+# disk priority, so that the tests on the same cores keep theirs.
+NICE = ["nice", "-n", "10", *(["ionice", "-c", "3"] if shutil.which("ionice") else [])]
 
 
 def podman(*args, timeout=600, check=True, nice=False) -> str:
