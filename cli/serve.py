@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -228,6 +229,15 @@ def run(config: ServeConfig, worker_args: list[str] | tuple = ()) -> int:
     if config.gateways < 1:
         print(f"inflight serve: error: --gateways {config.gateways}: at least 1 gateway process is needed", file=sys.stderr)
         return 2
+    if config.model:  # one line here rather than each child's own
+        from models.config import ModelConfig
+        from models.errors import ModelError
+
+        try:
+            ModelConfig.from_dir(Path(config.model))
+        except ModelError as e:
+            print(f"inflight serve: error: {e}", file=sys.stderr)
+            return 2
     if config.tls.cert and not config.metrics_port:
         print("inflight serve: error: with --tls-cert, serve waits for the gateways' HTTP /ready: "
               "--metrics-port must not be 0", file=sys.stderr)

@@ -17,6 +17,13 @@ def test_a_missing_model_is_one_line(tmp_path):
                                                    "a model directory needs config.json, *.safetensors and tokenizer.json")
 
 
+def test_serve_with_a_missing_model_is_one_line_before_any_process_starts(tmp_path):
+    res = inflight("serve", "--model", str(tmp_path / "nothing"), "--listen", "localhost:0", "--metrics-port", "0")
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [f"inflight serve: error: {tmp_path / 'nothing' / 'config.json'}: not found; "
+                                               "a model directory needs config.json, *.safetensors and tokenizer.json"]
+
+
 def test_triton_attention_on_the_cpu_is_refused_by_name():
     res = inflight("generate", "--attention", "triton", "--device", "cpu", "--max-tokens", "2", "hi")
     assert res.returncode == 2 and "Traceback" not in res.stderr
