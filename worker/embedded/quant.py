@@ -173,7 +173,7 @@ def fake_quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class QuantizedRows(NamedTuple):
     """A 16-bit activation x [T, K] and its per-token quantization (q [T, K] 8-bit, scale
     [T, 1] float32), made together by the kernel before a projection (kernels/fused.py's
-    add_rms_norm and silu_and_mul with `quant`, KernelConfig.fused_quant): QuantLinear
+    add_rms_norm with `quant`, KernelConfig.fused_quant): QuantLinear
     takes q and scale where it would quantize x itself, and x where it runs 16-bit."""
 
     x: torch.Tensor

@@ -185,8 +185,8 @@ def silu_and_mul(gate_up: torch.Tensor, pdl: bool = KernelConfig.pdl) -> torch.T
     T, two_n = gate_up.shape
     n = two_n // 2
     out = torch.empty((T, n), dtype=gate_up.dtype, device=gate_up.device)
-    use_pdl = pdl_on(gate_up.device, T, pdl)
     block = 1024
+    use_pdl = pdl_on(gate_up.device, T, pdl)
     _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
                                               USE_GDC=use_pdl, num_warps=4, **launch_options(use_pdl))
     return out
