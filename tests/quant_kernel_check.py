@@ -83,6 +83,20 @@ def main() -> None:
         else:
             ref = m._emulate(x).double()
         out[f"QuantLinear.{scheme.name}"] = rel_err(y, ref)
+    # The RMSNorm before a projection quantizes for it (fused_quant) only in the steps whose
+    # row count has it quantize: not for an FP8 weight the skinny kernel upcasts (under 8M
+    # elements, up to 16 rows), nor for int8 weights alone.
+    from worker.embedded.llama import RMSNorm
+    from worker.embedded.quant import QuantizedRows, quantizes_input
+
+    for scheme in SCHEMES.values():
+        m = QuantLinear.from_linear(torch.nn.Linear(96, 64, bias=False), scheme)
+        norm = RMSNorm(96, 1e-5)
+        norm.kernels = KernelConfig(pdl=False)
+        norm.next_quantization = m.input_quantization if quantizes_input(m) else None
+        for rows in (4, 40):
+            y, _ = norm(torch.randn(rows, 96, generator=g).half())
+            out[f"norm_quantizes_for.{scheme.name}.{rows}"] = str(y.q.dtype) if isinstance(y, QuantizedRows) else None
     print(json.dumps(out))
 
 

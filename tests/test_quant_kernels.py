@@ -28,3 +28,6 @@ def test_qgemv_and_row_quantization_in_the_interpreter():
                 "float8_e4m3fn.norm_quant_out_differ", "QuantLinear.fp8.prequantized_differs",
                 "QuantLinear.int8-smoothquant.prequantized_differs"):
         assert r[key] == 0, (key, r)
+    assert {k.removeprefix("norm_quantizes_for."): v for k, v in r.items() if k.startswith("norm_quantizes_for.")} == {
+        "fp8.4": None, "fp8.40": "torch.float8_e4m3fn", "int8-weight-only.4": None, "int8-weight-only.40": None,
+        "int8-smoothquant.4": "torch.int8", "int8-smoothquant.40": "torch.int8"}, r

@@ -6,13 +6,14 @@ run our Triton kernels, launched as the KernelConfig says."""
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from worker.embedded.attention import AttentionMetadata, paged_attention, write_kv
-from worker.embedded.quant import QuantizedRows, QuantLinear, input_activation
+from worker.embedded.quant import QuantizedRows, QuantLinear, quantizes_input
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
@@ -31,16 +32,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.kernels: KernelConfig | None = None  # set on the Triton path: the fused kernel
-        # Set on the Triton path where the next projection quantizes its input
-        # (KernelConfig.fused_quant): the kernel quantizes its output for it.
-        self.quant: torch.dtype | None = None
+        # Set on the Triton path where the projection after this norm may quantize its input
+        # (KernelConfig.fused_quant): its input_quantization, a bound method (a module here
+        # would be registered as this one's child). The kernel quantizes its output for the
+        # projection in the steps whose row count has it quantize.
+        self.next_quantization: Callable[[int, KernelConfig], torch.dtype | None] | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        """(RMSNorm(x + residual), x + residual); the first a QuantizedRows where `quant`
-        is set."""
+        """(RMSNorm(x + residual), x + residual); the first a QuantizedRows where the
+        projection it feeds quantizes x."""
         if self.kernels is not None:
-            out, res = add_rms_norm(x, self.weight, self.eps, residual, pdl=self.kernels.pdl, quant=self.quant)
-            return (QuantizedRows(*out) if self.quant is not None else out), res
+            quant = self.next_quantization(x.shape[0], self.kernels) if self.next_quantization is not None else None
+            out, res = add_rms_norm(x, self.weight, self.eps, residual, pdl=self.kernels.pdl, quant=quant)
+            return (QuantizedRows(*out) if quant is not None else out), res
         if residual is not None:
             x = x + residual
         dtype = x.dtype
@@ -232,8 +236,8 @@ class LlamaForCausalLM(nn.Module):
                 m.kernels = kernels
         fuse = kernels is not None and kernels.fused_quant
         for layer in self.layers:
-            layer.input_layernorm.quant = input_activation(layer.self_attn.qkv_proj) if fuse else None
-            layer.post_attention_layernorm.quant = input_activation(layer.mlp.gate_up_proj) if fuse else None
+            for norm, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj), (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
+                norm.next_quantization = proj.input_quantization if fuse and quantizes_input(proj) else None
 
     @torch.no_grad()
     def load_hf_weights(self, named_tensors) -> None:

@@ -181,9 +181,9 @@ class QuantizedRows(NamedTuple):
     scale: torch.Tensor
 
 
-def input_activation(m: nn.Module) -> torch.dtype | None:
-    """What `m` quantizes its input to (a QuantLinear of FP8 or W8A8), else None."""
-    return m.scheme.activation if isinstance(m, QuantLinear) else None
+def quantizes_input(m: nn.Module) -> bool:
+    """Whether `m` is a projection that may quantize its input (FP8 or W8A8)."""
+    return isinstance(m, QuantLinear) and m.scheme.activation is not None
 
 
 class QuantLinear(nn.Module):
@@ -266,12 +266,18 @@ class QuantLinear(nn.Module):
             y = y + self.bias
         return y.reshape(*shape[:-1], -1)
 
+    def input_quantization(self, rows: int, kernels: KernelConfig) -> torch.dtype | None:
+        """What an input of `rows` rows is quantized to on the Triton path; None where the
+        kernel reads it 16-bit (W8A16, and FP8 weights upcast in the skinny kernel)."""
+        act = self.scheme.activation
+        if act == FP8 and cuda_path(act, rows) == "skinny" and fp8_upcast(kernels.fp8_skinny_matmul, self.out_features, self.in_features):
+            return None
+        return act
+
     def _skinny(self, x: torch.Tensor, kernels: KernelConfig, pre: QuantizedRows | None = None) -> torch.Tensor:
         from worker.embedded.kernels.qgemv import qgemv, qgemv_config
 
-        act = self.scheme.activation
-        if act == FP8 and fp8_upcast(kernels.fp8_skinny_matmul, self.out_features, self.in_features):
-            act = None
+        act = self.input_quantization(x.shape[0], kernels)
         if act is None:
             bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
             return qgemv(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
