@@ -55,6 +55,9 @@ def main() -> None:
                     help="programmatic dependent launch for small-batch kernels (several: one run each)")
     ap.add_argument("--varlen", nargs="+", default=["on"], choices=["on", "off"],
                     help="prefill attention as one varlen flash-attention call, or SDPA per sequence (several: one run each)")
+    ap.add_argument("--fused-quant", nargs="+", default=["on"], choices=["on", "off"],
+                    help="KernelConfig.fused_quant: the norm and SiLU kernels quantize for the 8-bit projection after them "
+                         "(several: one run each)")
     ap.add_argument("--quantization", nargs="+", default=["none"],
                     choices=["none", "fp8", "int8-weight-only", "int8-smoothquant"], help="projection weights (several: one run each)")
     ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8"],
@@ -72,10 +75,10 @@ def main() -> None:
     reqs = workload(args.requests, cfg.vocab_size, **({"lengths": lengths} if lengths else {}))
     max_seq_len = max(2048, sum(args.lengths or ()))
     runs = []
-    for mbs, overlap, use_pdl, varlen, quant, kv_dtype in (
-            (m, o, p, v, q, d) for m in args.max_batch_size for o in args.overlap for p in args.pdl for v in args.varlen
-            for q in args.quantization for d in args.kv_cache_dtype):
-        kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on")
+    for mbs, overlap, use_pdl, varlen, quant, kv_dtype, fq in (
+            (m, o, p, v, q, d, f) for m in args.max_batch_size for o in args.overlap for p in args.pdl for v in args.varlen
+            for q in args.quantization for d in args.kv_cache_dtype for f in args.fused_quant):
+        kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on", fused_quant=fq == "on")
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max_seq_len, max_batch_size=mbs,
                                              overlap_scheduler=overlap, kernels=kernels, quantization=quant,
                                              kv_cache=KvCacheConfig(dtype=kv_dtype),
@@ -88,6 +91,7 @@ def main() -> None:
         ours["varlen"] = varlen
         ours["quantization"] = quant
         ours["kv_cache_dtype"] = kv_dtype
+        ours["fused_quant"] = fq
         ours["kv_tokens"] = engine.pool.num_blocks * engine.pool.tokens_per_block
         ours["preemptions"] = engine.stats().preemptions
         runs.append(ours)
@@ -99,15 +103,16 @@ def main() -> None:
         hf_res = run_hf(hf, reqs[: args.hf_requests], args.hf_batch)
     print(f"\noffline throughput, {args.shape}, bf16, {torch.cuda.get_device_name()}, "
           f"{'%d in / %d out' % tuple(args.lengths) if args.lengths else 'mixed lengths'}")
-    print(f"{'engine':>90} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")
+    print(f"{'engine':>108} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")
     for ours in runs:
         ratio = ours["output_tok_per_s"] / hf_res["output_tok_per_s"] if hf_res else 0.0
         label = (f"inflight {ours['quantization']}, max batch {ours['max_batch_size']}, overlap {ours['overlap']}, "
-                 f"pdl {ours['pdl']}, varlen {ours['varlen']}, KV {ours['kv_tokens']} tok {ours['kv_cache_dtype']}")
-        print(f"{label:>90} {ours['requests']:>8} {ours['output_tokens']:>10} "
+                 f"pdl {ours['pdl']}, varlen {ours['varlen']}, fused quant {ours['fused_quant']}, "
+                 f"KV {ours['kv_tokens']} tok {ours['kv_cache_dtype']}")
+        print(f"{label:>108} {ours['requests']:>8} {ours['output_tokens']:>10} "
               f"{ours['seconds']:>8.1f} {ours['output_tok_per_s']:>10.0f} {ratio:>5.1f}x {ours['preemptions']:>9}")
     if hf_res:
-        print(f"{'transformers, batch ' + str(hf_res['batch']):>90} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
+        print(f"{'transformers, batch ' + str(hf_res['batch']):>108} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
               f"{hf_res['seconds']:>8.1f} {hf_res['output_tok_per_s']:>10.0f}")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "lengths": args.lengths, "device": torch.cuda.get_device_name(), "ours": runs, "transformers": hf_res}, f, indent=2)

@@ -9,6 +9,8 @@ emulation's rounding), and the per-token quantization kernel against torch's.
 Timing: inside a CUDA graph cycling through enough weight copies to overflow L2, as
 bench/gemv_tune.py does; a quantized-activation path includes its quantization kernel
 (fp8: quantize_rows then qgemv's 8-bit dot; upcast: W8A16 in qgemv).
+The RMSNorm and SiLU kernels quantizing their own output are timed against the 16-bit
+kernel and the separate quantization kernel, at --fused-rows rows.
 --sweep tries a few tile configurations of the FP8 skinny kernel (x quantized
 beforehand, or not at all) at one row.
 Prints tables and writes JSON.
@@ -69,17 +71,20 @@ def check(rows_list) -> list[dict]:
                         "path": cuda_path(scheme.activation, M), "nan": bool(torch.isnan(y).any()),
                         "rel_err": rel_err(y, reference(m, x, quantized_x)),
                         "bf16_rel_err": rel_err(F.linear(x, lin.weight).float(), x.double() @ lin.weight.double().T)})
-    # The RMSNorm kernel quantizing its own output (fused_quant)
-    # against the separate kernel on that output: the share of 8-bit values that differ
-    # (0 expected) as rel_err.
-    from worker.embedded.kernels.fused import add_rms_norm
+    # The RMSNorm and SiLU-and-multiply kernels quantizing their own output (fused_quant)
+    # against the separate kernel on their 16-bit output: the share of 8-bit values that
+    # differ (0 expected) as rel_err, plus 1 if any scale differs.
+    from worker.embedded.kernels.fused import add_rms_norm, silu_and_mul, silu_and_mul_quant
 
-    for dtype, (M, K) in itertools.product((FP8, torch.int8), ((1, 4096), (16, 14336), (300, 4096))):
+    for dtype, (M, K) in itertools.product((FP8, torch.int8), ((1, 4096), (16, 14336), (300, 4096), (300, 14336))):
         h, res = (torch.randn(M, K, generator=g, device="cuda").to(torch.bfloat16) for _ in range(2))
         nw = torch.rand(K, generator=g, device="cuda").to(torch.bfloat16) + 0.5
-        (y, q, s), _ = add_rms_norm(h, nw, 1e-5, res, quant=dtype)
+        (q, s), _ = add_rms_norm(h, nw, 1e-5, res, quant=dtype)
         q0, s0 = quantize_rows_kernel(add_rms_norm(h, nw, 1e-5, res)[0], dtype)
-        for kind, a, b, sa, sb in (("norm", q, q0, s, s0),):
+        gu = torch.randn(M, 2 * K, generator=g, device="cuda").to(torch.bfloat16) * 3
+        q2, s2 = silu_and_mul_quant(gu, dtype)
+        q20, s20 = quantize_rows_kernel(silu_and_mul(gu), dtype)
+        for kind, a, b, sa, sb in (("norm", q, q0, s, s0), ("silu", q2, q20, s2, s20)):
             out.append({"shape": f"{kind}+quant {M}x{K}", "scheme": str(dtype).removeprefix("torch."), "rows": M,
                         "path": "fused", "nan": bool(torch.isnan(sa).any()),
                         "rel_err": (a.view(torch.uint8) != b.view(torch.uint8)).float().mean().item()
@@ -141,6 +146,30 @@ def timing(rows_list) -> list[dict]:
     return out
 
 
+def fused_timing(rows_list, widths=(4096, 14336)) -> list[dict]:
+    """The kernels before an 8-bit projection over many rows, FP8, us a call: the RMSNorm
+    (residual add) and SiLU-and-multiply kernels quantizing their own output (fused_quant),
+    against the 16-bit kernel followed by the separate quantization kernel."""
+    from worker.embedded.kernels.fused import add_rms_norm, silu_and_mul, silu_and_mul_quant
+
+    out = []
+    for K, M in itertools.product(widths, rows_list):
+        copies = max(2, -(-256 * 2**20 // (M * K * 2)))  # the inputs overflow L2, as the weights above
+        hs = [torch.randn(M, K, device="cuda").to(torch.bfloat16) for _ in range(copies)]
+        nw = torch.rand(K, device="cuda").to(torch.bfloat16) + 0.5
+        gus = [torch.randn(M, 2 * K, device="cuda").to(torch.bfloat16) for _ in range(copies)]
+        r = {"K": K, "rows": M,
+             "norm_then_quant_us": bench_us(lambda: [quantize_rows_kernel(add_rms_norm(h, nw, 1e-5, h)[0], FP8) for h in hs], copies),
+             "norm_quant_us": bench_us(lambda: [add_rms_norm(h, nw, 1e-5, h, quant=FP8) for h in hs], copies),
+             "silu_then_quant_us": bench_us(lambda: [quantize_rows_kernel(silu_and_mul(gu), FP8) for gu in gus], copies),
+             "silu_quant_us": bench_us(lambda: [silu_and_mul_quant(gu, FP8) for gu in gus], copies)}
+        out.append(r)
+        print(f"K={K:<6} M={M:<5} norm+quantize {r['norm_then_quant_us']:8.2f} fused {r['norm_quant_us']:8.2f} | "
+              f"silu+quantize {r['silu_then_quant_us']:8.2f} fused {r['silu_quant_us']:8.2f} us", flush=True)
+        del hs, gus
+    return out
+
+
 def sweep(shapes: list[str], grid: dict) -> list[dict]:
     """Tile configurations of the FP8 skinny kernel at one row; `grid`: lists of variants
     ("fp8": x quantized beforehand, "upcast"), block_n, block_k, warps and stages."""
@@ -187,7 +216,9 @@ def main() -> None:
     ap.add_argument("--sweep-block-k", type=int, nargs="+", default=[256, 512, 1024])
     ap.add_argument("--sweep-warps", type=int, nargs="+", default=[4])
     ap.add_argument("--sweep-stages", type=int, nargs="+", default=[3, 5])
-    ap.add_argument("--no-timing", action="store_true", help="the checks and --sweep only")
+    ap.add_argument("--fused-rows", type=int, nargs="*", default=[1, 16, 64, 256, 1024, 2048],
+                    help="row counts at which to time the norm and SiLU kernels quantizing their output, FP8 (none: skip)")
+    ap.add_argument("--no-timing", action="store_true", help="no projection timing: the checks, --fused-rows and --sweep only")
     ap.add_argument("--check-only", action="store_true", help="the correctness checks alone, no timing")
     ap.add_argument("--out", default="quant_kernels.json")
     args = ap.parse_args()
@@ -204,8 +235,10 @@ def main() -> None:
         return
     if not args.no_timing:
         result["timing"] = timing(args.rows)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    if args.fused_rows:
+        result["fused_timing"] = fused_timing(args.fused_rows)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
     result["sweep"] = sweep(args.sweep, {"variants": args.sweep_variants, "block_n": args.sweep_block_n,
                                          "block_k": args.sweep_block_k, "warps": args.sweep_warps, "stages": args.sweep_stages})
     with open(args.out, "w") as f:

@@ -45,39 +45,43 @@ def main() -> None:
             q, s = quantize_rows_kernel(x, dt)
             out[f"{name}.quantize_rows_steps_off"] = int((q.int() - xq.int()).abs().max())
             out[f"{name}.quantize_rows_scale"] = rel_err(s[:, 0], xs.double())
-    # The RMSNorm kernel quantizing its output (fused_quant):
+    # The RMSNorm and SiLU-and-multiply kernels quantizing their output (fused_quant):
     # the same bytes and scales as the separate kernel on their 16-bit output (the
     # interpreter's float8 rounding is the same in both, so FP8 is checked here too). 300
     # columns: masked tails; float16 (the interpreter's bfloat16 is broken).
-    from worker.embedded.kernels.fused import add_rms_norm
+    from worker.embedded.kernels.fused import add_rms_norm, silu_and_mul, silu_and_mul_quant
 
     for dt in (torch.int8, FP8):
         name = str(dt).removeprefix("torch.")
         h = torch.randn(5, 300, generator=g).half()
         res = torch.randn(5, 300, generator=g).half()
         nw = (torch.rand(300, generator=g) + 0.5).half()
-        (y, q, s), new_res = add_rms_norm(h, nw, 1e-5, res, pdl=False, quant=dt)
+        (q, s), new_res = add_rms_norm(h, nw, 1e-5, res, pdl=False, quant=dt)
         y0, res0 = add_rms_norm(h, nw, 1e-5, res, pdl=False)
         q0, s0 = quantize_rows_kernel(y0, dt)
         out[f"{name}.norm_quant_bytes_differ"] = int((q.view(torch.uint8) != q0.view(torch.uint8)).sum())
-        out[f"{name}.norm_quant_out_differ"] = int((y != y0).sum() + (new_res != res0).sum() + (s != s0).sum())
-    # QuantLinear's skinny path as the engine calls it (tiles from qgemv_config, K = 576 as
+        out[f"{name}.norm_quant_out_differ"] = int((new_res != res0).sum() + (s != s0).sum())
+        gu = (torch.randn(5, 600, generator=g) * 3).half()
+        q, s = silu_and_mul_quant(gu, dt, pdl=False)
+        q0, s0 = quantize_rows_kernel(silu_and_mul(gu, pdl=False), dt)
+        out[f"{name}.silu_quant_bytes_differ"] = int((q.view(torch.uint8) != q0.view(torch.uint8)).sum())
+        out[f"{name}.silu_quant_scale_differ"] = int((s != s0).sum())
+    # QuantLinear's Triton path as the engine calls it (tiles from qgemv_config, K = 576 as
     # SmolLM2's), against its own CPU emulation; FP8 under "auto" runs W8A16 at this size.
-    from worker.embedded.quant import SCHEMES, QuantLinear
+    from worker.embedded.quant import SCHEMES, QuantizedRows, QuantLinear
     from worker.engine_api import KernelConfig
 
     for scheme in SCHEMES.values():
         lin = torch.nn.Linear(576, 96, bias=True)
         m = QuantLinear.from_linear(lin, scheme)
+        m.kernels = KernelConfig(pdl=False)
         x = torch.randn(4, 576, generator=g)
-        y = m._skinny(x, KernelConfig(pdl=False))
+        y = m._cuda(x)  # the interpreter runs the GPU path's kernels on the CPU
         if scheme.activation is not None:  # given its input already quantized (fused_quant): the same output
-            from worker.embedded.quant import QuantizedRows
-
+            m.kernels = KernelConfig(pdl=False, fp8_skinny_matmul="fp8")
             xq, xs = quantize_rows_kernel(x, scheme.activation)
-            yq = m._skinny(x * 7, KernelConfig(pdl=False, fp8_skinny_matmul="fp8"), QuantizedRows(x * 7, xq, xs))
-            y8 = m._skinny(x, KernelConfig(pdl=False, fp8_skinny_matmul="fp8"))
-            out[f"QuantLinear.{scheme.name}.prequantized_differs"] = int((yq != y8).sum())
+            yq = m(QuantizedRows(xq, xs, x.dtype))
+            out[f"QuantLinear.{scheme.name}.prequantized_differs"] = int((yq != m._cuda(x)).sum())
         if scheme.name == "fp8":
             ref = x.double() @ (m.weight.double() * m.weight_scale.double()[:, None]).T + lin.bias.double()
         else:
@@ -85,18 +89,37 @@ def main() -> None:
         out[f"QuantLinear.{scheme.name}"] = rel_err(y, ref)
     # The RMSNorm before a projection quantizes for it (fused_quant) only in the steps whose
     # row count has it quantize: not for an FP8 weight the skinny kernel upcasts (under 8M
-    # elements, up to 16 rows), nor for int8 weights alone.
-    from worker.embedded.llama import RMSNorm
-    from worker.embedded.quant import QuantizedRows, quantizes_input
+    # elements, up to 16 rows), nor for int8 weights alone. The SiLU kernel before down_proj
+    # quantizes only past the skinny kernel's 16 rows (one program a row).
+    from types import SimpleNamespace
+
+    from worker.embedded.llama import MLP, RMSNorm
+    from worker.embedded.quant import quantizes_input
+
+    class Seen(Exception):
+        pass
+
+    def stop_with_input(module, args):
+        raise Seen(str(args[0].q.dtype) if isinstance(args[0], QuantizedRows) else None)
 
     for scheme in SCHEMES.values():
         m = QuantLinear.from_linear(torch.nn.Linear(96, 64, bias=False), scheme)
         norm = RMSNorm(96, 1e-5)
         norm.kernels = KernelConfig(pdl=False)
         norm.next_quantization = m.input_quantization if quantizes_input(m) else None
+        mlp = MLP(SimpleNamespace(hidden_size=96, intermediate_size=64))
+        mlp.kernels = KernelConfig(pdl=False)
+        mlp.gate_up_proj = torch.nn.Linear(96, 128, bias=False).half()
+        mlp.down_proj = QuantLinear.from_linear(torch.nn.Linear(64, 96, bias=False), scheme)
+        mlp.next_quantization = mlp.down_proj.input_quantization if quantizes_input(mlp.down_proj) else None
+        mlp.down_proj.register_forward_pre_hook(stop_with_input)
         for rows in (4, 40):
             y, _ = norm(torch.randn(rows, 96, generator=g).half())
             out[f"norm_quantizes_for.{scheme.name}.{rows}"] = str(y.q.dtype) if isinstance(y, QuantizedRows) else None
+            try:
+                mlp(torch.randn(rows, 96, generator=g).half())
+            except Seen as seen:
+                out[f"silu_quantizes_for.{scheme.name}.{rows}"] = seen.args[0]
     print(json.dumps(out))
 
 

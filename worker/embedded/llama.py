@@ -13,15 +13,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.embedded.attention import AttentionMetadata, paged_attention, write_kv
-from worker.embedded.quant import QuantizedRows, QuantLinear, quantizes_input
+from worker.embedded.quant import SKINNY_ROWS, QuantizedRows, QuantLinear, quantizes_input
 
 try:
-    from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul
+    from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul, silu_and_mul_quant
     from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_gated_config
 except ImportError:  # no Triton here: the PyTorch path only
-    add_rms_norm = rope_and_cache = silu_and_mul = None
+    add_rms_norm = rope_and_cache = silu_and_mul = silu_and_mul_quant = None
 from models.config import ModelConfig
 from worker.engine_api import KernelConfig
+
+
+# The SiLU kernel quantizes for down_proj (one program a row) only in steps of more rows
+# than this: at one row it was slower than the SiLU kernel and the separate quantization
+# (run 19); past the skinny kernel's rows there are programs for every SM, and it saves the
+# 16-bit intermediate's write and read.
+SILU_QUANT_MIN_ROWS = SKINNY_ROWS
 
 
 class RMSNorm(nn.Module):
@@ -44,7 +51,7 @@ class RMSNorm(nn.Module):
         if self.kernels is not None:
             quant = self.next_quantization(x.shape[0], self.kernels) if self.next_quantization is not None else None
             out, res = add_rms_norm(x, self.weight, self.eps, residual, pdl=self.kernels.pdl, quant=quant)
-            return (QuantizedRows(*out) if quant is not None else out), res
+            return (QuantizedRows(*out, x.dtype) if quant is not None else out), res
         if residual is not None:
             x = x + residual
         dtype = x.dtype
@@ -170,6 +177,10 @@ class MLP(nn.Module):
         self.gate_up_proj = SkinnyLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = SkinnyLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.kernels: KernelConfig | None = None  # set on the Triton path: the SiLU-and-multiply kernel
+        # As RMSNorm.next_quantization, for down_proj's input: the SiLU kernel quantizes
+        # its output in steps of more than SILU_QUANT_MIN_ROWS rows that down_proj reads
+        # quantized.
+        self.next_quantization: Callable[[int, KernelConfig], torch.dtype | None] | None = None
 
     def forward(self, x):
         if self.kernels is not None:
@@ -177,7 +188,13 @@ class MLP(nn.Module):
             if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) \
                     and gated_faster(*gate_up.weight.shape):
                 return self.down_proj(gate_up.gated(x))
-            return self.down_proj(silu_and_mul(gate_up(x), pdl=self.kernels.pdl))
+            h = gate_up(x)
+            rows = h.shape[0]
+            quant = self.next_quantization(rows, self.kernels) \
+                if self.next_quantization is not None and rows > SILU_QUANT_MIN_ROWS else None
+            if quant is not None:
+                return self.down_proj(QuantizedRows(*silu_and_mul_quant(h, quant, pdl=self.kernels.pdl), h.dtype))
+            return self.down_proj(silu_and_mul(h, pdl=self.kernels.pdl))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -236,8 +253,9 @@ class LlamaForCausalLM(nn.Module):
                 m.kernels = kernels
         fuse = kernels is not None and kernels.fused_quant
         for layer in self.layers:
-            for norm, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj), (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
-                norm.next_quantization = proj.input_quantization if fuse and quantizes_input(proj) else None
+            for before, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj),
+                                 (layer.post_attention_layernorm, layer.mlp.gate_up_proj), (layer.mlp, layer.mlp.down_proj)):
+                before.next_quantization = proj.input_quantization if fuse and quantizes_input(proj) else None
 
     @torch.no_grad()
     def load_hf_weights(self, named_tensors) -> None:

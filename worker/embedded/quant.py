@@ -171,14 +171,15 @@ def fake_quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class QuantizedRows(NamedTuple):
-    """A 16-bit activation x [T, K] and its per-token quantization (q [T, K] 8-bit, scale
-    [T, 1] float32), made together by the kernel before a projection (kernels/fused.py's
-    add_rms_norm with `quant`, KernelConfig.fused_quant): QuantLinear
-    takes q and scale where it would quantize x itself, and x where it runs 16-bit."""
+    """An activation [T, K] made only in its per-token quantized form (q [T, K] 8-bit,
+    scale [T, 1] float32) by the kernel before a projection (kernels/fused.py's
+    add_rms_norm with `quant` and silu_and_mul_quant, KernelConfig.fused_quant), for a
+    QuantLinear that reads exactly that; `dtype` is the 16-bit dtype the rows stand for,
+    the projection's output dtype. No 16-bit copy is written: nothing would read it."""
 
-    x: torch.Tensor
     q: torch.Tensor
     scale: torch.Tensor
+    dtype: torch.dtype
 
 
 def quantizes_input(m: nn.Module) -> bool:
@@ -223,11 +224,12 @@ class QuantLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 
     def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
-        pre = None
         if isinstance(x, QuantizedRows):
-            x, pre = x.x, (x if x.q.dtype == self.scheme.activation else None)
+            if x.q.dtype != self.scheme.activation:  # the engine quantizes only for a projection that reads it
+                raise ValueError(f"{self.scheme.name} projection given {x.q.dtype} rows; it reads {self.scheme.activation}")
+            return self._dot_8bit(x.q, x.scale, x.dtype)
         if x.device.type == "cuda":
-            return self._cuda(x, pre)
+            return self._cuda(x)
         return self._emulate(x)
 
     def _emulate(self, x: torch.Tensor) -> torch.Tensor:
@@ -239,32 +241,50 @@ class QuantLinear(nn.Module):
             x = fake_quantize_rows(x.reshape(-1, x.shape[-1]), self.scheme.activation).reshape(x.shape)
         return F.linear(x, cached[2], self.bias)
 
-    def _cuda(self, x: torch.Tensor, pre: QuantizedRows | None = None) -> torch.Tensor:
+    def _cuda(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         M = x.shape[0]
-        act, kernels = self.scheme.activation, self.kernels
-        path = cuda_path(act, M) if kernels is not None else "torch"
-        if path == "skinny":
-            return self._skinny(x, kernels, pre).reshape(*shape[:-1], -1)
-        if path == "w8a16_mm":
+        kernels = self.kernels
+        path = cuda_path(self.scheme.activation, M) if kernels is not None else "torch"
+        act = self.input_quantization(M, kernels) if kernels is not None else self.scheme.activation
+        if act is not None:
+            xq, xs = quantize_activation(x, act, triton=kernels is not None, pdl=path == "skinny" and kernels.pdl)
+            return self._dot_8bit(xq, xs, x.dtype).reshape(*shape[:-1], -1)
+        if path == "skinny":  # W8A16, or FP8 weights upcast
+            from worker.embedded.kernels.qgemv import qgemv, qgemv_config
+
+            bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
+            y = qgemv(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
+                      num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+        elif path == "w8a16_mm":
             from worker.embedded.kernels.qgemv import w8a16_mm
 
-            return w8a16_mm(x.contiguous(), self.weight, self.weight_scale, self.bias).reshape(*shape[:-1], -1)
-        if act is None:  # W8A16: the 16-bit weight is made for the call (many rows: compute-bound)
+            y = w8a16_mm(x.contiguous(), self.weight, self.weight_scale, self.bias)
+        else:  # W8A16 over many rows: the 16-bit weight is made for the call (compute-bound)
             y = F.linear(x, self.weight.to(x.dtype)) * self.weight_scale.to(x.dtype)
-        else:
-            xq, xs = (pre.q, pre.scale) if pre is not None else quantize_activation(x, act, triton=kernels is not None)
-            if act == FP8:
-                y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale[None, :],
-                                     out_dtype=x.dtype)
-            else:
-                if M <= 16:  # torch._int_mm takes more than 16 rows
-                    xq = F.pad(xq, (0, 0, 0, 17 - M))
-                y = (torch._int_mm(xq, self.weight.t())[:M].float() * xs * self.weight_scale[None, :]).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
+            if self.bias is not None:
+                y = y + self.bias
         return y.reshape(*shape[:-1], -1)
+
+    def _dot_8bit(self, xq: torch.Tensor, xs: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+        """x quantized per token (xq [M, K], xs [M, 1] float32) times the 8-bit weight, in
+        out_dtype: our skinny kernel up to SKINNY_ROWS rows on the Triton path, else
+        torch._scaled_mm (FP8) or torch._int_mm (int8)."""
+        M, kernels = xq.shape[0], self.kernels
+        if kernels is not None and cuda_path(self.scheme.activation, M) == "skinny":
+            from worker.embedded.kernels.qgemv import qgemv, qgemv_config
+
+            bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, 1)
+            return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, out_dtype=out_dtype, block_n=bn, block_k=bk,
+                         num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+        if xq.dtype == FP8:
+            y = torch._scaled_mm(xq, self.weight.t(), scale_a=xs, scale_b=self.weight_scale[None, :], out_dtype=out_dtype)
+        else:
+            if M <= 16:  # torch._int_mm takes more than 16 rows
+                xq = F.pad(xq, (0, 0, 0, 17 - M))
+            y = (torch._int_mm(xq, self.weight.t())[:M].float() * xs * self.weight_scale[None, :]).to(out_dtype)
+        return y + self.bias if self.bias is not None else y
 
     def input_quantization(self, rows: int, kernels: KernelConfig) -> torch.dtype | None:
         """What an input of `rows` rows is quantized to on the Triton path; None where the
@@ -273,19 +293,6 @@ class QuantLinear(nn.Module):
         if act == FP8 and cuda_path(act, rows) == "skinny" and fp8_upcast(kernels.fp8_skinny_matmul, self.out_features, self.in_features):
             return None
         return act
-
-    def _skinny(self, x: torch.Tensor, kernels: KernelConfig, pre: QuantizedRows | None = None) -> torch.Tensor:
-        from worker.embedded.kernels.qgemv import qgemv, qgemv_config
-
-        act = self.input_quantization(x.shape[0], kernels)
-        if act is None:
-            bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, x.element_size())
-            return qgemv(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
-                         num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
-        xq, xs = (pre.q, pre.scale) if pre is not None else quantize_activation(x, act, triton=True, pdl=kernels.pdl)
-        bn, bk, nw, ns = qgemv_config(self.out_features, self.in_features, 1)
-        return qgemv(xq, self.weight, self.weight_scale, self.bias, xs, out_dtype=x.dtype, block_n=bn, block_k=bk,
-                     num_warps=nw, num_stages=ns, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
 
 
 def cuda_path(activation: torch.dtype | None, rows: int) -> str:

@@ -9,10 +9,15 @@ rounds where the PyTorch formulation rounds, so results match it bit for bit or 
 add_rms_norm can also quantize its output per row for the 8-bit projection after it
 (`quant`: float8 E4M3 or int8), as kernels/qgemv.py's quantize_rows does and bit for bit
 like it (both call `quantize_row`): one launch where there were two before each FP8 or
-W8A8 qkv and gate_up projection. The same in silu_and_mul, for down_proj, needs each row
-whole in one program (its scale is the row's amax); on an H200 that kernel held the FP8
-8B step 3.85 us a layer, more than the SiLU kernel and the quantization kernel after it
-together, so down_proj's input is quantized by the separate kernel (BENCHMARKS.md, run 19)."""
+W8A8 qkv and gate_up projection. It then writes only the 8-bit rows and their scales: the
+projection reads nothing else.
+
+silu_and_mul_quant does the same for down_proj, but needs each row whole in one program
+(its scale is the row's amax). At one row that program held the FP8 8B step 3.85 us a
+layer on an H200, more than the SiLU kernel and the quantization kernel after it together
+(BENCHMARKS.md, run 19), so the MLP uses it only in steps of many rows, where there are
+programs enough for every SM and what it saves is the 16-bit intermediate's round trip
+through memory."""
 
 from __future__ import annotations
 
@@ -68,8 +73,9 @@ def _add_rms_norm(X, R, W, OUT, R_OUT, Q, S, stride_x, stride_r, stride_o, strid
     normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(W + cols, mask=ok, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
-    tl.store(OUT + row * stride_o + cols, y, mask=ok)
-    if QUANT:
+    if not QUANT:
+        tl.store(OUT + row * stride_o + cols, y, mask=ok)
+    else:
         q, scale = quantize_row(y.to(tl.float32), QMAX, IS_INT)
         tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
         tl.store(S + row, scale)
@@ -78,19 +84,20 @@ def _add_rms_norm(X, R, W, OUT, R_OUT, Q, S, stride_x, stride_r, stride_o, strid
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
                  pdl: bool = KernelConfig.pdl, quant: torch.dtype | None = None):
     """RMSNorm(x + residual) and the new residual (x + residual); without a residual,
-    RMSNorm(x) and x. With `quant`, ((out, q, scale), new residual): out also quantized
-    per row to `quant` (q [T, N], scale [T, 1] float32, out ~= q * scale)."""
+    RMSNorm(x) and x. With `quant`, ((q, scale), new residual): the normed rows quantized
+    per row to `quant` (q [T, N], scale [T, 1] float32, RMSNorm(...) ~= q * scale), and not
+    written in 16 bits."""
     T, N = x.shape
-    out = torch.empty_like(x)
-    new_res = torch.empty_like(x) if residual is not None else x
     q, s, qargs = quant_args(x, quant)
+    out = torch.empty_like(x) if q is None else q
+    new_res = torch.empty_like(x) if residual is not None else x
     use_pdl = pdl_on(x.device, T, pdl)
-    _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res, out if q is None else q,
+    _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res, out,
                         out if s is None else s,
                         x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0), new_res.stride(0),
-                        0 if q is None else q.stride(0), N, eps, HAS_RESIDUAL=residual is not None,
+                        out.stride(0), N, eps, HAS_RESIDUAL=residual is not None,
                         BLOCK=triton.next_power_of_2(N), USE_GDC=use_pdl, num_warps=4, **qargs, **launch_options(use_pdl))
-    return (out if q is None else (out, q, s)), new_res
+    return (out if q is None else (q, s)), new_res
 
 
 @triton.jit
@@ -190,3 +197,34 @@ def silu_and_mul(gate_up: torch.Tensor, pdl: bool = KernelConfig.pdl) -> torch.T
     _silu_and_mul[(T, triton.cdiv(n, block))](gate_up, out, gate_up.stride(0), out.stride(0), n, BLOCK=block,
                                               USE_GDC=use_pdl, num_warps=4, **launch_options(use_pdl))
     return out
+
+
+@triton.jit
+def _silu_and_mul_quant(GU, Q, S, stride_gu, stride_q, N, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
+                        QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """silu_and_mul's row, whole in one program (the scale needs the row's amax),
+    quantized; the 16-bit row itself is not written."""
+    enter(USE_GDC)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    g = tl.load(GU + row * stride_gu + cols, mask=ok, other=0.0)
+    u = tl.load(GU + row * stride_gu + N + cols, mask=ok, other=0.0)
+    q, scale = quantize_row(silu_times(g, u).to(tl.float32), QMAX, IS_INT)
+    tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
+    tl.store(S + row, scale)
+
+
+def silu_and_mul_quant(gate_up: torch.Tensor, quant: torch.dtype,
+                       pdl: bool = KernelConfig.pdl) -> tuple[torch.Tensor, torch.Tensor]:
+    """SiLU(gate) * up of gate_up [T, 2n], quantized per row to `quant`: (q [T, n], scale
+    [T, 1] float32), bit for bit silu_and_mul then kernels/qgemv.py's quantize_rows."""
+    T, two_n = gate_up.shape
+    n = two_n // 2
+    q, s, qargs = quant_args(gate_up[:, :n], quant)
+    del qargs["QUANT"]
+    block = triton.next_power_of_2(n)
+    use_pdl = pdl_on(gate_up.device, T, pdl)
+    _silu_and_mul_quant[(T,)](gate_up, q, s, gate_up.stride(0), q.stride(0), n, BLOCK=block, USE_GDC=use_pdl,
+                              num_warps=max(4, min(16, block // 512)), **qargs, **launch_options(use_pdl))
+    return q, s
