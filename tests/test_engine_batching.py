@@ -13,11 +13,12 @@ import pytest
 from inflight.errors import RequestError
 from inflight.sampling_params import SamplingParams
 
-# Twelve prompts of 12 tokens each: 8 start at once and 4 arrive while they decode, which is enough
+# Twelve prompts of 8 tokens each: 8 start at once and 4 arrive while they decode, which is enough
 # to mix chunked prefills with decodes and to run a small pool out (on the 2-core CI machine
-# a decode step of the default model in float32 takes about 75 ms, bound by memory bandwidth).
+# a decode step of the default model in float32 takes about 75 ms, bound by memory bandwidth,
+# so each token fewer saves about a second over the file's reference and staggered runs).
 N_PROMPTS = 12
-GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
 
 
 def prompts(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
@@ -121,12 +122,12 @@ def test_prefix_reuse_shows_in_stats_and_keeps_outputs(make_engine, engine_for, 
 
 def test_seeded_sampling_reproduces_in_any_batch(engine_for, workload, overlap):
     engine = engine_for(overlap_scheduler=overlap)
-    seeded = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=50, seed=1234, ignore_eos=True)
     alone = engine.generate([workload[0]], seeded)[0]
-    others = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True)
+    others = SamplingParams(max_tokens=10, temperature=1.0, ignore_eos=True)
     batch = engine.generate(workload[:6], [seeded] + [others] * 5)
     assert batch[0] == alone
-    other_seed = engine.generate([workload[0]], SamplingParams(max_tokens=16, temperature=0.9, top_p=0.95, top_k=50, seed=99, ignore_eos=True))[0]
+    other_seed = engine.generate([workload[0]], SamplingParams(max_tokens=10, temperature=0.9, top_p=0.95, top_k=50, seed=99, ignore_eos=True))[0]
     assert other_seed != alone
 
 
@@ -153,8 +154,10 @@ def test_max_tokens_min_tokens_and_stop_ids(engine_for, tokenizer, workload, ove
     stop_at = full[3]
     cut = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0, stop_token_ids=(stop_at,)))[0]
     assert cut == full[: full.index(stop_at) + 1]
-    longer = engine.generate([prompt], SamplingParams(max_tokens=40, temperature=0, min_tokens=len(full) + 5))[0]
-    assert len(longer) >= len(full) + 5 and not set(longer[: len(full) + 4]) & set(engine.eos_token_ids)
+    # max_tokens at min_tokens: what comes after the minimum is not looked at, and without
+    # min_tokens the answer would end at its end token, len(full) tokens in.
+    longer = engine.generate([prompt], SamplingParams(max_tokens=len(full) + 5, temperature=0, min_tokens=len(full) + 5))[0]
+    assert len(longer) == len(full) + 5 and not set(longer[: len(full) + 4]) & set(engine.eos_token_ids)
     assert len(engine.generate([prompt], SamplingParams(max_tokens=3, temperature=0))[0]) == 3
 
 
@@ -217,7 +220,7 @@ def test_request_larger_than_pool_refused(engine_for, workload):
 def test_penalties_turn_overlap_off_while_they_run(engine_for, workload):
     """Penalties read every output token, so an overlap engine runs sync steps while a
     request with penalties is in; its outputs and its neighbours' equal the sync engine's."""
-    penalized = SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, ignore_eos=True)
+    penalized = SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.3, frequency_penalty=0.5, ignore_eos=True)
     params = [GREEDY, penalized, GREEDY]
     want = engine_for(overlap_scheduler="off").generate(workload[:3], params)
     engine = engine_for(overlap_scheduler="on")

@@ -326,7 +326,7 @@ def engine_paths(model_dir: str, names=tuple(PATHS)) -> dict:
     # SmolLM2's layer shape (9 query heads over 3 KV heads, 64 wide, its rope) in two
     # layers: the same code paths as the whole model for a fifteenth of the interpreted work.
     model = dataclasses.replace(ModelConfig.from_dir(model_dir), num_layers=2)
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)  # 3 decode steps after each prefill: overlap reads a step late
     out = {}
     for name in names:
         attention, graphs, overlap, kv_dtype = PATHS[name]
