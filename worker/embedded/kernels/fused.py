@@ -56,9 +56,11 @@ def quant_args(x: torch.Tensor, quant: torch.dtype | None) -> tuple[torch.Tensor
 
 
 @triton.jit
-def _add_rms_norm(X, R, W, OUT, R_OUT, Q, S, stride_x, stride_r, stride_o, stride_ro, stride_q, N, eps,
+def _add_rms_norm(X, R, W, OUT, R_OUT, S, stride_x, stride_r, stride_o, stride_ro, N, eps,
                   HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, USE_GDC: tl.constexpr,
                   QUANT: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """OUT: the normed row in x's dtype, or with QUANT the row quantized (and its scale
+    in S)."""
     enter(USE_GDC)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
@@ -73,12 +75,12 @@ def _add_rms_norm(X, R, W, OUT, R_OUT, Q, S, stride_x, stride_r, stride_o, strid
     normed = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(W + cols, mask=ok, other=0.0)
     y = (w.to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
-    if not QUANT:
-        tl.store(OUT + row * stride_o + cols, y, mask=ok)
-    else:
+    if QUANT:
         q, scale = quantize_row(y.to(tl.float32), QMAX, IS_INT)
-        tl.store(Q + row * stride_q + cols, q.to(Q.dtype.element_ty), mask=ok)
+        tl.store(OUT + row * stride_o + cols, q.to(OUT.dtype.element_ty), mask=ok)
         tl.store(S + row, scale)
+    else:
+        tl.store(OUT + row * stride_o + cols, y, mask=ok)
 
 
 def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
@@ -92,10 +94,9 @@ def add_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     out = torch.empty_like(x) if q is None else q
     new_res = torch.empty_like(x) if residual is not None else x
     use_pdl = pdl_on(x.device, T, pdl)
-    _add_rms_norm[(T,)](x, residual if residual is not None else x, weight, out, new_res, out,
-                        out if s is None else s,
-                        x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0), new_res.stride(0),
-                        out.stride(0), N, eps, HAS_RESIDUAL=residual is not None,
+    res = residual if residual is not None else x
+    _add_rms_norm[(T,)](x, res, weight, out, new_res, out if s is None else s,
+                        x.stride(0), res.stride(0), out.stride(0), new_res.stride(0), N, eps, HAS_RESIDUAL=residual is not None,
                         BLOCK=triton.next_power_of_2(N), USE_GDC=use_pdl, num_warps=4, **qargs, **launch_options(use_pdl))
     return (out if q is None else (q, s)), new_res
 
