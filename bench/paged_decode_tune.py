@@ -37,6 +37,24 @@ def bench_us(fn, copies: int) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=15, return_mode="median") * 1000 / copies
 
 
+def compiled() -> list[dict]:
+    """Every compiled variant of the decode kernels so far, in compile order, with the
+    resources that bound how many programs an SM holds (shared memory, registers a thread,
+    spills); empty where this Triton keeps its cache otherwise."""
+    from worker.embedded.kernels import paged_decode
+
+    rows = []
+    for fn in (paged_decode._paged_decode, paged_decode._paged_decode_warps):
+        try:
+            kernels = [k for cache in fn.device_caches.values() for k in cache[0].values()]
+            for k in kernels:
+                rows.append({"kernel": fn.__name__, "id": id(k), "shared": k.metadata.shared, "regs": getattr(k, "n_regs", None),
+                             "spills": getattr(k, "n_spills", None)})
+        except Exception:  # noqa: BLE001 - Triton's internals, which vary by version: report nothing
+            continue
+    return rows
+
+
 def make_case(heads: str, batch: int, context: str, gen: torch.Generator, cache_dtype: torch.dtype):
     Hq, Hkv, D = HEADS[heads]
     if context == "mixed":  # a serving mix: 128 to 1,536 tokens
@@ -75,12 +93,16 @@ def main() -> None:
     ap.add_argument("--fp8-reads", nargs="+", choices=DECODE_FP8_READS, default=["words", "cast"],
                     help="with --kv-cache-dtype fp8, the reads to time (default words and cast; dot: the query in "
                          "float8 and K straight into the dot, an experiment)")
+    ap.add_argument("--warp-tiles", type=int, nargs="+", default=[1],
+                    help="sub-tiles a loop tile is cut into, each with a softmax of its own (1: the 2-D kernel; "
+                         "more: _paged_decode_warps)")
     ap.add_argument("--out", default="paged_decode_tune.json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda")
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     reads = args.fp8_reads if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
-    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads))
+    configs = [c for c in itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.warp_tiles)
+               if c[5] == 1 or (c[4] == "words" and c[1] // c[5] >= 16)]
     results = []
     print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
     for heads, batch, context in itertools.product(args.heads, args.batches, args.contexts):
@@ -91,30 +113,35 @@ def main() -> None:
         engine_tile = 128 if args.kv_cache_dtype == "fp8" else 64  # paged_decode_attention's default
         today_splits = num_splits(batch * Hkv, _num_sms(q.device), tables.shape[1] * BLOCK_SIZE, engine_tile)
         timings = []
-        for splits, tile, warps, stages, read in configs:
-            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read)
+        for splits, tile, warps, stages, read, wt in configs:
+            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read,
+                      warp_tiles=wt)
             fn = lambda: [paged_decode_attention(q, k, v, tables, lens, 0.1, out, **kw) for k, v in caches]  # noqa: E731
             try:
+                before = {r["id"] for r in compiled()}
                 fn()
+                made = [r for r in compiled() if r["id"] not in before]  # this configuration's kernel
                 us = bench_us(fn, len(caches))
             except Exception as exc:  # a configuration that does not fit (shared memory)
                 print(f"  skip {kw}: {type(exc).__name__}")
                 continue
             timings.append({"splits": splits, "tile": tile, "warps": warps, "stages": stages, "fp8_read": read,
-                            "us": us, "tb_s": kv_bytes / us / 1e6})
+                            "warp_tiles": wt, "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": made[0] if made else None})
         best = min(timings, key=lambda t: t["us"])
         engine = (today_splits, engine_tile, 4, 2 if args.kv_cache_dtype == "fp8" else 0)
         today, cast = (next((t for t in timings if (t["splits"], t["tile"], t["warps"], t["stages"]) == engine
-                             and t["fp8_read"] == read), None) for read in ("words", "cast"))
+                             and t["fp8_read"] == read and t["warp_tiles"] == 1), None) for read in ("words", "cast"))
         k, v = caches[0]
         y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], tile=best["tile"],
-                                   num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"])
+                                   num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"],
+                                   warp_tiles=best["warp_tiles"])
         ref = paged_decode_reference(q, k.float(), v.float(), tables, lens, 0.1)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         name = f"{heads} B={batch} ctx={context}"
         t_s, c_s = (f"{t['us']:8.1f} us {t['tb_s']:4.2f} TB/s" if t else "-" for t in (today, cast))
         print(f"{name:>22} {t_s:>24} {c_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
-              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}  {err:.1e}", flush=True)
+              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}/{best['warp_tiles']}  "
+              f"{err:.1e}  {best['kernel']}", flush=True)
         results.append({"heads": heads, "batch": batch, "context": context, "kv_bytes": kv_bytes,
                         "kv_cache_dtype": args.kv_cache_dtype, "today_splits": today_splits, "today": today,
                         "cast": cast, "best": best, "rel_err": err, "timings": timings})

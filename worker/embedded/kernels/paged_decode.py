@@ -117,6 +117,91 @@ def _paged_decode(
 
 
 @triton.jit
+def _paged_decode_warps(
+    Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, scale, v_scale,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_vb, stride_vt, stride_vh,
+    stride_ob, stride_oh,
+    stride_tb,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
+    KV_FP8: tl.constexpr, ASM: tl.constexpr, WARP_TILES: tl.constexpr,
+):
+    """_paged_decode with each loop tile cut into WARP_TILES sub-tiles of consecutive tokens,
+    each with an online softmax of its own ([WARP_TILES, ...] batched dots, whose batch axis
+    Triton spreads over the warps): the row maxima, sums and the softmax weights' way into the
+    second dot stay inside a warp, where the 2-D kernel's warps split each tile's tokens and
+    meet in shared memory three times a tile. The sub-tiles' states are merged once, at the
+    end. An FP8 cache is read as words."""
+    enter(USE_GDC)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    SUB: tl.constexpr = TILE // WARP_TILES
+    ctx = tl.load(CTX_LENS + b).to(tl.int32)
+    per_split = tl.cdiv(tl.cdiv(ctx, TILE), SPLITS) * TILE
+    lo = split * per_split
+    hi = tl.minimum(ctx, lo + per_split)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    t = tl.arange(0, TILE)
+    g_ok = g < GROUP
+    heads = kvh * GROUP + g
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
+    q = dot_query(q, KV_FP8, True, IEEE)
+    q = tl.broadcast_to(q[None, :, :], (WARP_TILES, GROUP_PAD, HEAD_DIM))
+    m = tl.full([WARP_TILES, GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([WARP_TILES, GROUP_PAD], tl.float32)
+    acc = tl.zeros([WARP_TILES, GROUP_PAD, HEAD_DIM], tl.float32)
+    for start in range(lo, hi, TILE):
+        tok = start + t
+        t_ok = tok < ctx
+        blocks = tl.load(TABLES + b * stride_tb + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
+        offset = tok % BLOCK_SIZE
+        k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                    True, ASM).to(q.dtype)
+        k = tl.reshape(k, (WARP_TILES, SUB, HEAD_DIM))
+        if IEEE:
+            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k, (0, 2, 1))).to(tl.float32) * scale  # [WARP_TILES, GROUP_PAD, SUB]
+        ok3 = tl.reshape(t_ok, (WARP_TILES, SUB))[:, None, :]
+        s = tl.where(ok3, s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 2))
+        # a sub-tile may not have reached a valid token yet (its whole row -inf): exp(-inf - 0) = 0
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - m_use)
+        p = tl.exp(s - m_use[:, :, None])
+        l = l * alpha + tl.sum(p, 2)
+        v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                    True, ASM).to(q.dtype)
+        v = tl.reshape(v, (WARP_TILES, SUB, HEAD_DIM))
+        if IEEE:
+            acc = acc * alpha[:, :, None] + tl.dot(p, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+        m = m_new
+    # merge the sub-tiles: each one's state weighed by exp(its max - the overall max)
+    top = tl.max(m, 0)  # [GROUP_PAD]
+    top_use = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp(m - top_use[None, :])  # 0 for a sub-tile that saw no token
+    l = tl.sum(l * w, 0)
+    acc = tl.sum(acc * w[:, :, None], 0)
+    empty = l == 0.0
+    out = acc / tl.where(empty, 1.0, l)[:, None]
+    if KV_FP8:
+        out = out * v_scale
+    if SPLITS == 1:
+        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=g_ok[:, None])
+    else:
+        row = (b * (tl.num_programs(1) * GROUP) + heads) * SPLITS + split
+        tl.store(PART_O + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
+        lse = tl.where(empty, float("-inf"), top_use + tl.log(tl.where(empty, 1.0, l)))
+        tl.store(PART_LSE + row, lse, mask=g_ok)
+
+
+@triton.jit
 def _combine_splits(PART_O, PART_LSE, O, stride_ob, stride_oh, Hq,
                     SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, USE_GDC: tl.constexpr):
     enter(USE_GDC)
@@ -149,6 +234,7 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
     fp8_read: str = "words",  # how an FP8 cache is read: DECODE_FP8_READS
+    warp_tiles: int = 1,  # > 1: _paged_decode_warps, each tile cut into this many sub-tiles (words reads only)
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -170,25 +256,30 @@ def paged_decode_attention(
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     if fp8_read not in DECODE_FP8_READS:
         raise ValueError(f"fp8_read must be one of {DECODE_FP8_READS}, not {fp8_read!r}")
+    if warp_tiles > 1 and (fp8_read != "words" or tile % warp_tiles or tile // warp_tiles < 16):
+        raise ValueError(f"warp_tiles {warp_tiles} needs the words read and sub-tiles of 16 tokens or more "
+                         f"(tile {tile}, read {fp8_read!r})")
     fp8_dot = kv_fp8 and fp8_read == "dot"
     fp8_bits = kv_fp8 and fp8_read == "bits"
     if fp8_bits:  # the tiles come back divided by 256
         scale, v_scale = scale * 256.0, v_scale * 256.0
     k_read, v_read = {"dot": ("cast", "words"), "bits": ("words", "words")}.get(fp8_read, (fp8_read, fp8_read))
     k_cache, v_cache = cache_view(k_cache, k_read), cache_view(v_cache, v_read)
-    _paged_decode[(B, Hkv, splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        block_tables.stride(0),
-        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
-        BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot", "bits"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
-        FP8_BITS=fp8_bits,
-        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
-    )
+    args = (q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
+            q.stride(0), q.stride(1),
+            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+            out.stride(0), out.stride(1),
+            block_tables.stride(0))
+    common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
+                  BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
+                  KV_FP8=kv_fp8, ASM=q.device.type == "cuda", num_warps=num_warps,
+                  **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl))
+    if warp_tiles > 1:
+        _paged_decode_warps[(B, Hkv, splits)](*args, WARP_TILES=warp_tiles, **common)
+    else:
+        _paged_decode[(B, Hkv, splits)](*args, FP8_WORDS=fp8_read in ("words", "dot", "bits"), FP8_DOT=fp8_dot,
+                                        FP8_BITS=fp8_bits, **common)
     if splits > 1:
         _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,
                                  USE_GDC=use_pdl, num_warps=1, **launch_options(use_pdl))
