@@ -27,7 +27,7 @@ import torch
 import triton.testing
 
 from worker.embedded.attention import to_cache
-from worker.embedded.kernels.paged_decode import DECODE_FP8_READS, _num_sms, num_splits, paged_decode_attention, paged_decode_reference
+from worker.embedded.kernels.paged_decode import DECODE_FORMS, DECODE_FP8_READS, _num_sms, num_splits, paged_decode_attention, paged_decode_reference
 
 HEADS = {"8b": (32, 8, 128), "1b": (32, 8, 64)}  # Hq, Hkv, head_dim (Llama-3-8B, Llama-3.2-1B)
 BLOCK_SIZE = 32  # EngineConfig.tokens_per_block's default
@@ -44,7 +44,7 @@ def compiled() -> list[dict]:
     from worker.embedded.kernels import paged_decode
 
     rows = []
-    for fn in (paged_decode._paged_decode, paged_decode._paged_decode_warps):
+    for fn in (paged_decode._paged_decode, paged_decode._paged_decode_alt):
         try:
             kernels = [k for cache in fn.device_caches.values() for k in cache[0].values()]
             for k in kernels:
@@ -93,16 +93,16 @@ def main() -> None:
     ap.add_argument("--fp8-reads", nargs="+", choices=DECODE_FP8_READS, default=["words", "cast"],
                     help="with --kv-cache-dtype fp8, the reads to time (default words and cast; dot: the query in "
                          "float8 and K straight into the dot, an experiment)")
-    ap.add_argument("--warp-tiles", type=int, nargs="+", default=[1],
-                    help="sub-tiles a loop tile is cut into, each with a softmax of its own (1: the 2-D kernel; "
-                         "more: _paged_decode_warps)")
+    ap.add_argument("--forms", nargs="+", default=["mma"], choices=DECODE_FORMS,
+                    help="the kernel's loop: mma (the engine's), or _paged_decode_alt's experiments: fma (CUDA-core "
+                         "dots over the real group), kq (transposed dots, the tile's tokens as M)")
     ap.add_argument("--out", default="paged_decode_tune.json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda")
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     reads = args.fp8_reads if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
-    configs = [c for c in itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.warp_tiles)
-               if c[5] == 1 or (c[4] == "words" and c[1] // c[5] >= 16)]
+    configs = [c for c in itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.forms)
+               if c[5] == "mma" or c[4] == "words"]
     results = []
     print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
     for heads, batch, context in itertools.product(args.heads, args.batches, args.contexts):
@@ -113,9 +113,9 @@ def main() -> None:
         engine_tile = 128 if args.kv_cache_dtype == "fp8" else 64  # paged_decode_attention's default
         today_splits = num_splits(batch * Hkv, _num_sms(q.device), tables.shape[1] * BLOCK_SIZE, engine_tile)
         timings = []
-        for splits, tile, warps, stages, read, wt in configs:
+        for splits, tile, warps, stages, read, form in configs:
             kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read,
-                      warp_tiles=wt)
+                      form=form)
             fn = lambda: [paged_decode_attention(q, k, v, tables, lens, 0.1, out, **kw) for k, v in caches]  # noqa: E731
             try:
                 before = {r["id"] for r in compiled()}
@@ -126,21 +126,21 @@ def main() -> None:
                 print(f"  skip {kw}: {type(exc).__name__}")
                 continue
             timings.append({"splits": splits, "tile": tile, "warps": warps, "stages": stages, "fp8_read": read,
-                            "warp_tiles": wt, "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": made[0] if made else None})
+                            "form": form, "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": made[0] if made else None})
         best = min(timings, key=lambda t: t["us"])
         engine = (today_splits, engine_tile, 4, 2 if args.kv_cache_dtype == "fp8" else 0)
         today, cast = (next((t for t in timings if (t["splits"], t["tile"], t["warps"], t["stages"]) == engine
-                             and t["fp8_read"] == read and t["warp_tiles"] == 1), None) for read in ("words", "cast"))
+                             and t["fp8_read"] == read and t["form"] == "mma"), None) for read in ("words", "cast"))
         k, v = caches[0]
         y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], tile=best["tile"],
                                    num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"],
-                                   warp_tiles=best["warp_tiles"])
+                                   form=best["form"])
         ref = paged_decode_reference(q, k.float(), v.float(), tables, lens, 0.1)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         name = f"{heads} B={batch} ctx={context}"
         t_s, c_s = (f"{t['us']:8.1f} us {t['tb_s']:4.2f} TB/s" if t else "-" for t in (today, cast))
         print(f"{name:>22} {t_s:>24} {c_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
-              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}/{best['warp_tiles']}  "
+              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}/{best['form']}  "
               f"{err:.1e}  {best['kernel']}", flush=True)
         results.append({"heads": heads, "batch": batch, "context": context, "kv_bytes": kv_bytes,
                         "kv_cache_dtype": args.kv_cache_dtype, "today_splits": today_splits, "today": today,

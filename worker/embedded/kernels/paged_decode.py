@@ -33,6 +33,7 @@ from worker.engine_api import KernelConfig
 # shifts and masks instead of cvt instructions, the factor of 256 that leaves folded into the
 # softmax scale and the output's.
 DECODE_FP8_READS = (*FP8_READS, "dot", "bits")
+DECODE_FORMS = ("mma", "fma", "kq")  # the engine's loop, and _paged_decode_alt's two experiments
 
 
 @triton.jit
@@ -117,7 +118,7 @@ def _paged_decode(
 
 
 @triton.jit
-def _paged_decode_warps(
+def _paged_decode_alt(
     Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
@@ -126,19 +127,19 @@ def _paged_decode_warps(
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
-    KV_FP8: tl.constexpr, ASM: tl.constexpr, WARP_TILES: tl.constexpr,
+    KV_FP8: tl.constexpr, ASM: tl.constexpr, FORM: tl.constexpr,
 ):
-    """_paged_decode with each loop tile cut into WARP_TILES sub-tiles of consecutive tokens,
-    each with an online softmax of its own ([WARP_TILES, ...] batched dots, whose batch axis
-    Triton spreads over the warps): the row maxima, sums and the softmax weights' way into the
-    second dot stay inside a warp, where the 2-D kernel's warps split each tile's tokens and
-    meet in shared memory three times a tile. The sub-tiles' states are merged once, at the
-    end. An FP8 cache is read as words."""
+    """Two other forms of _paged_decode's loop, experiments for bench.paged_decode_tune (not
+    the engine's), both reading an FP8 cache as words:
+    - FORM "fma": the dots on the CUDA cores over the group's real rows (GROUP_PAD is the
+      group rounded to a power of two, not to 16): no tensor-core tile, no shared memory;
+    - FORM "kq": the transposed dots, S^T = K Q^T and O^T = V^T P^T, so that the tile's
+      tokens are the dots' M dimension (64 or 128: a Hopper warpgroup MMA), and the widened K
+      tile can be its operand from registers instead of shared memory."""
     enter(USE_GDC)
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    SUB: tl.constexpr = TILE // WARP_TILES
     ctx = tl.load(CTX_LENS + b).to(tl.int32)
     per_split = tl.cdiv(tl.cdiv(ctx, TILE), SPLITS) * TILE
     lo = split * per_split
@@ -149,45 +150,50 @@ def _paged_decode_warps(
     g_ok = g < GROUP
     heads = kvh * GROUP + g
     q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
-    q = dot_query(q, KV_FP8, True, IEEE)
-    q = tl.broadcast_to(q[None, :, :], (WARP_TILES, GROUP_PAD, HEAD_DIM))
-    m = tl.full([WARP_TILES, GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([WARP_TILES, GROUP_PAD], tl.float32)
-    acc = tl.zeros([WARP_TILES, GROUP_PAD, HEAD_DIM], tl.float32)
+    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([GROUP_PAD], tl.float32)
+    if FORM == "fma":
+        q = q.to(tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    else:
+        q_t = tl.trans(dot_query(q, KV_FP8, True, IEEE))  # [HEAD_DIM, GROUP_PAD]
+        acc = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)  # O^T
     for start in range(lo, hi, TILE):
         tok = start + t
         t_ok = tok < ctx
         blocks = tl.load(TABLES + b * stride_tb + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
         offset = tok % BLOCK_SIZE
         k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    True, ASM).to(q.dtype)
-        k = tl.reshape(k, (WARP_TILES, SUB, HEAD_DIM))
-        if IEEE:
-            s = tl.dot(q, tl.trans(k, (0, 2, 1)), input_precision="ieee") * scale
-        else:
-            s = tl.dot(q, tl.trans(k, (0, 2, 1))).to(tl.float32) * scale  # [WARP_TILES, GROUP_PAD, SUB]
-        ok3 = tl.reshape(t_ok, (WARP_TILES, SUB))[:, None, :]
-        s = tl.where(ok3, s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 2))
-        # a sub-tile may not have reached a valid token yet (its whole row -inf): exp(-inf - 0) = 0
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
-        p = tl.exp(s - m_use[:, :, None])
-        l = l * alpha + tl.sum(p, 2)
+                    True, ASM)
         v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    True, ASM).to(q.dtype)
-        v = tl.reshape(v, (WARP_TILES, SUB, HEAD_DIM))
-        if IEEE:
-            acc = acc * alpha[:, :, None] + tl.dot(p, v, input_precision="ieee")
+                    True, ASM)
+        if FORM == "fma":
+            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale  # [GROUP_PAD, TILE]
+            s = tl.where(t_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp(m - m_new)
+            p = tl.exp(s - m_new[:, None])
+            l = l * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
         else:
-            acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v).to(tl.float32)
+            k = k.to(q_t.dtype)
+            if IEEE:
+                s_t = tl.dot(k, q_t, input_precision="ieee") * scale
+            else:
+                s_t = tl.dot(k, q_t).to(tl.float32) * scale  # [TILE, GROUP_PAD]
+            s_t = tl.where(t_ok[:, None], s_t, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s_t, 0))
+            alpha = tl.exp(m - m_new)
+            p_t = tl.exp(s_t - m_new[None, :])
+            l = l * alpha + tl.sum(p_t, 0)
+            v_t = tl.trans(v.to(q_t.dtype))  # [HEAD_DIM, TILE]
+            if IEEE:
+                acc = acc * alpha[None, :] + tl.dot(v_t, p_t, input_precision="ieee")
+            else:
+                acc = acc * alpha[None, :] + tl.dot(v_t, p_t.to(v_t.dtype)).to(tl.float32)
         m = m_new
-    # merge the sub-tiles: each one's state weighed by exp(its max - the overall max)
-    top = tl.max(m, 0)  # [GROUP_PAD]
-    top_use = tl.where(top == float("-inf"), 0.0, top)
-    w = tl.exp(m - top_use[None, :])  # 0 for a sub-tile that saw no token
-    l = tl.sum(l * w, 0)
-    acc = tl.sum(acc * w[:, :, None], 0)
+    if FORM != "fma":
+        acc = tl.trans(acc)
     empty = l == 0.0
     out = acc / tl.where(empty, 1.0, l)[:, None]
     if KV_FP8:
@@ -197,9 +203,8 @@ def _paged_decode_warps(
     else:
         row = (b * (tl.num_programs(1) * GROUP) + heads) * SPLITS + split
         tl.store(PART_O + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
-        lse = tl.where(empty, float("-inf"), top_use + tl.log(tl.where(empty, 1.0, l)))
+        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
         tl.store(PART_LSE + row, lse, mask=g_ok)
-
 
 @triton.jit
 def _combine_splits(PART_O, PART_LSE, O, stride_ob, stride_oh, Hq,
@@ -234,7 +239,7 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
     fp8_read: str = "words",  # how an FP8 cache is read: DECODE_FP8_READS
-    warp_tiles: int = 1,  # > 1: _paged_decode_warps, each tile cut into this many sub-tiles (words reads only)
+    form: str = "mma",  # "fma" or "kq": _paged_decode_alt's experiments (words reads only)
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -256,9 +261,8 @@ def paged_decode_attention(
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     if fp8_read not in DECODE_FP8_READS:
         raise ValueError(f"fp8_read must be one of {DECODE_FP8_READS}, not {fp8_read!r}")
-    if warp_tiles > 1 and (fp8_read != "words" or tile % warp_tiles or tile // warp_tiles < 16):
-        raise ValueError(f"warp_tiles {warp_tiles} needs the words read and sub-tiles of 16 tokens or more "
-                         f"(tile {tile}, read {fp8_read!r})")
+    if form not in DECODE_FORMS or (form != "mma" and fp8_read != "words"):
+        raise ValueError(f"form must be one of {DECODE_FORMS} (others than mma with the words read), not {form!r}")
     fp8_dot = kv_fp8 and fp8_read == "dot"
     fp8_bits = kv_fp8 and fp8_read == "bits"
     if fp8_bits:  # the tiles come back divided by 256
@@ -271,12 +275,12 @@ def paged_decode_attention(
             v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
             out.stride(0), out.stride(1),
             block_tables.stride(0))
-    common = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
+    common = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group) if form == "fma" else max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
                   BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
                   KV_FP8=kv_fp8, ASM=q.device.type == "cuda", num_warps=num_warps,
                   **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl))
-    if warp_tiles > 1:
-        _paged_decode_warps[(B, Hkv, splits)](*args, WARP_TILES=warp_tiles, **common)
+    if form != "mma":
+        _paged_decode_alt[(B, Hkv, splits)](*args, FORM=form, **common)
     else:
         _paged_decode[(B, Hkv, splits)](*args, FP8_WORDS=fp8_read in ("words", "dot", "bits"), FP8_DOT=fp8_dot,
                                         FP8_BITS=fp8_bits, **common)
