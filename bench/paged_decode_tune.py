@@ -4,7 +4,8 @@ batches serving meets, timed inside a CUDA graph that cycles through enough copi
 KV cache to overflow L2, with each sequence's blocks scattered over the cache as a long-
 running server leaves them. Prints, per case, the configuration the engine picks today
 and the best one found, as time and KV bytes read per second; checks the best against a
-float64 reference. Writes every timing as JSON.
+float64 reference. Writes every timing as JSON, with the shared memory, registers and
+spills of the kernel each configuration compiled to (what bounds the programs an SM holds).
 
 With `--kv-cache-dtype fp8` the cache is float8 E4M3 and each configuration is also timed
 reading it through Triton's own cast (`fp8_read` "cast", the kernel before kv_tile.py's
@@ -27,7 +28,7 @@ import torch
 import triton.testing
 
 from worker.embedded.attention import to_cache
-from worker.embedded.kernels.paged_decode import DECODE_FORMS, DECODE_FP8_READS, _num_sms, num_splits, paged_decode_attention, paged_decode_reference
+from worker.embedded.kernels.paged_decode import DECODE_FP8_READS, _num_sms, num_splits, paged_decode_attention, paged_decode_reference
 
 HEADS = {"8b": (32, 8, 128), "1b": (32, 8, 64)}  # Hq, Hkv, head_dim (Llama-3-8B, Llama-3.2-1B)
 BLOCK_SIZE = 32  # EngineConfig.tokens_per_block's default
@@ -37,22 +38,18 @@ def bench_us(fn, copies: int) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=15, return_mode="median") * 1000 / copies
 
 
-def compiled() -> list[dict]:
-    """Every compiled variant of the decode kernels so far, in compile order, with the
-    resources that bound how many programs an SM holds (shared memory, registers a thread,
-    spills); empty where this Triton keeps its cache otherwise."""
-    from worker.embedded.kernels import paged_decode
+def compiled() -> dict[int, dict]:
+    """The decode kernel's compiled variants so far, each with the resources that bound how
+    many programs an SM holds (shared memory bytes, registers a thread, spills); empty where
+    this Triton keeps its cache otherwise."""
+    from worker.embedded.kernels.paged_decode import _paged_decode
 
-    rows = []
-    for fn in (paged_decode._paged_decode, paged_decode._paged_decode_alt):
-        try:
-            kernels = [k for cache in fn.device_caches.values() for k in cache[0].values()]
-            for k in kernels:
-                rows.append({"kernel": fn.__name__, "id": id(k), "shared": k.metadata.shared, "regs": getattr(k, "n_regs", None),
-                             "spills": getattr(k, "n_spills", None)})
-        except Exception:  # noqa: BLE001 - Triton's internals, which vary by version: report nothing
-            continue
-    return rows
+    try:
+        return {id(k): {"shared": k.metadata.shared, "regs": getattr(k, "n_regs", None),
+                        "spills": getattr(k, "n_spills", None)}
+                for cache in _paged_decode.device_caches.values() for k in cache[0].values()}
+    except Exception:  # noqa: BLE001 - Triton's internals, which vary by version: report nothing
+        return {}
 
 
 def make_case(heads: str, batch: int, context: str, gen: torch.Generator, cache_dtype: torch.dtype):
@@ -93,17 +90,14 @@ def main() -> None:
     ap.add_argument("--fp8-reads", nargs="+", choices=DECODE_FP8_READS, default=["words", "cast"],
                     help="with --kv-cache-dtype fp8, the reads to time (default words and cast; dot: the query in "
                          "float8 and K straight into the dot, an experiment)")
-    ap.add_argument("--forms", nargs="+", default=["mma"], choices=DECODE_FORMS,
-                    help="the kernel's loop: mma (the engine's), or _paged_decode_alt's experiments: fma (CUDA-core "
-                         "dots over the real group), kq (transposed dots, the tile's tokens as M)")
     ap.add_argument("--out", default="paged_decode_tune.json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda")
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     reads = args.fp8_reads if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
-    configs = [c for c in itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.forms)
-               if c[5] == "mma" or c[4] == "words"]
+    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads))
     results = []
+    resources = {}  # configuration -> its kernel's shared memory, registers and spills
     print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
     for heads, batch, context in itertools.product(args.heads, args.batches, args.contexts):
         gen.manual_seed(0)
@@ -113,34 +107,34 @@ def main() -> None:
         engine_tile = 128 if args.kv_cache_dtype == "fp8" else 64  # paged_decode_attention's default
         today_splits = num_splits(batch * Hkv, _num_sms(q.device), tables.shape[1] * BLOCK_SIZE, engine_tile)
         timings = []
-        for splits, tile, warps, stages, read, form in configs:
-            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read,
-                      form=form)
+        for splits, tile, warps, stages, read in configs:
+            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read)
             fn = lambda: [paged_decode_attention(q, k, v, tables, lens, 0.1, out, **kw) for k, v in caches]  # noqa: E731
             try:
-                before = {r["id"] for r in compiled()}
+                before = compiled()
                 fn()
-                made = [r for r in compiled() if r["id"] not in before]  # this configuration's kernel
+                made = [r for i, r in compiled().items() if i not in before]  # this configuration's kernel
+                if made:
+                    resources[(splits, tile, warps, stages, read)] = made[0]
                 us = bench_us(fn, len(caches))
             except Exception as exc:  # a configuration that does not fit (shared memory)
                 print(f"  skip {kw}: {type(exc).__name__}")
                 continue
             timings.append({"splits": splits, "tile": tile, "warps": warps, "stages": stages, "fp8_read": read,
-                            "form": form, "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": made[0] if made else None})
+                            "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": resources.get((splits, tile, warps, stages, read))})
         best = min(timings, key=lambda t: t["us"])
         engine = (today_splits, engine_tile, 4, 2 if args.kv_cache_dtype == "fp8" else 0)
         today, cast = (next((t for t in timings if (t["splits"], t["tile"], t["warps"], t["stages"]) == engine
-                             and t["fp8_read"] == read and t["form"] == "mma"), None) for read in ("words", "cast"))
+                             and t["fp8_read"] == read), None) for read in ("words", "cast"))
         k, v = caches[0]
         y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], tile=best["tile"],
-                                   num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"],
-                                   form=best["form"])
+                                   num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"])
         ref = paged_decode_reference(q, k.float(), v.float(), tables, lens, 0.1)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         name = f"{heads} B={batch} ctx={context}"
         t_s, c_s = (f"{t['us']:8.1f} us {t['tb_s']:4.2f} TB/s" if t else "-" for t in (today, cast))
         print(f"{name:>22} {t_s:>24} {c_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
-              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}/{best['form']}  "
+              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}  "
               f"{err:.1e}  {best['kernel']}", flush=True)
         results.append({"heads": heads, "batch": batch, "context": context, "kv_bytes": kv_bytes,
                         "kv_cache_dtype": args.kv_cache_dtype, "today_splits": today_splits, "today": today,

@@ -33,7 +33,6 @@ from worker.engine_api import KernelConfig
 # shifts and masks instead of cvt instructions, the factor of 256 that leaves folded into the
 # softmax scale and the output's.
 DECODE_FP8_READS = (*FP8_READS, "dot", "bits")
-DECODE_FORMS = ("mma", "fma", "kq")  # the engine's loop, and _paged_decode_alt's two experiments
 
 
 @triton.jit
@@ -118,95 +117,6 @@ def _paged_decode(
 
 
 @triton.jit
-def _paged_decode_alt(
-    Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, scale, v_scale,
-    stride_qb, stride_qh,
-    stride_kb, stride_kt, stride_kh,
-    stride_vb, stride_vt, stride_vh,
-    stride_ob, stride_oh,
-    stride_tb,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
-    KV_FP8: tl.constexpr, ASM: tl.constexpr, FORM: tl.constexpr,
-):
-    """Two other forms of _paged_decode's loop, experiments for bench.paged_decode_tune (not
-    the engine's), both reading an FP8 cache as words:
-    - FORM "fma": the dots on the CUDA cores over the group's real rows (GROUP_PAD is the
-      group rounded to a power of two, not to 16): no tensor-core tile, no shared memory;
-    - FORM "kq": the transposed dots, S^T = K Q^T and O^T = V^T P^T, so that the tile's
-      tokens are the dots' M dimension (64 or 128: a Hopper warpgroup MMA), and the widened K
-      tile can be its operand from registers instead of shared memory."""
-    enter(USE_GDC)
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    ctx = tl.load(CTX_LENS + b).to(tl.int32)
-    per_split = tl.cdiv(tl.cdiv(ctx, TILE), SPLITS) * TILE
-    lo = split * per_split
-    hi = tl.minimum(ctx, lo + per_split)
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, HEAD_DIM)
-    t = tl.arange(0, TILE)
-    g_ok = g < GROUP
-    heads = kvh * GROUP + g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
-    m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([GROUP_PAD], tl.float32)
-    if FORM == "fma":
-        q = q.to(tl.float32)
-        acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    else:
-        q_t = tl.trans(dot_query(q, KV_FP8, True, IEEE))  # [HEAD_DIM, GROUP_PAD]
-        acc = tl.zeros([HEAD_DIM, GROUP_PAD], tl.float32)  # O^T
-    for start in range(lo, hi, TILE):
-        tok = start + t
-        t_ok = tok < ctx
-        blocks = tl.load(TABLES + b * stride_tb + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
-        offset = tok % BLOCK_SIZE
-        k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    True, ASM)
-        v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    True, ASM)
-        if FORM == "fma":
-            s = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], 2) * scale  # [GROUP_PAD, TILE]
-            s = tl.where(t_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(s - m_new[:, None])
-            l = l * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], 1)
-        else:
-            k = k.to(q_t.dtype)
-            if IEEE:
-                s_t = tl.dot(k, q_t, input_precision="ieee") * scale
-            else:
-                s_t = tl.dot(k, q_t).to(tl.float32) * scale  # [TILE, GROUP_PAD]
-            s_t = tl.where(t_ok[:, None], s_t, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s_t, 0))
-            alpha = tl.exp(m - m_new)
-            p_t = tl.exp(s_t - m_new[None, :])
-            l = l * alpha + tl.sum(p_t, 0)
-            v_t = tl.trans(v.to(q_t.dtype))  # [HEAD_DIM, TILE]
-            if IEEE:
-                acc = acc * alpha[None, :] + tl.dot(v_t, p_t, input_precision="ieee")
-            else:
-                acc = acc * alpha[None, :] + tl.dot(v_t, p_t.to(v_t.dtype)).to(tl.float32)
-        m = m_new
-    if FORM != "fma":
-        acc = tl.trans(acc)
-    empty = l == 0.0
-    out = acc / tl.where(empty, 1.0, l)[:, None]
-    if KV_FP8:
-        out = out * v_scale
-    if SPLITS == 1:
-        tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=g_ok[:, None])
-    else:
-        row = (b * (tl.num_programs(1) * GROUP) + heads) * SPLITS + split
-        tl.store(PART_O + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
-        lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
-        tl.store(PART_LSE + row, lse, mask=g_ok)
-
-@triton.jit
 def _combine_splits(PART_O, PART_LSE, O, stride_ob, stride_oh, Hq,
                     SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, USE_GDC: tl.constexpr):
     enter(USE_GDC)
@@ -239,7 +149,6 @@ def paged_decode_attention(
     num_warps: int = 4,
     num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
     fp8_read: str = "words",  # how an FP8 cache is read: DECODE_FP8_READS
-    form: str = "mma",  # "fma" or "kq": _paged_decode_alt's experiments (words reads only)
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -261,29 +170,25 @@ def paged_decode_attention(
         part_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     if fp8_read not in DECODE_FP8_READS:
         raise ValueError(f"fp8_read must be one of {DECODE_FP8_READS}, not {fp8_read!r}")
-    if form not in DECODE_FORMS or (form != "mma" and fp8_read != "words"):
-        raise ValueError(f"form must be one of {DECODE_FORMS} (others than mma with the words read), not {form!r}")
     fp8_dot = kv_fp8 and fp8_read == "dot"
     fp8_bits = kv_fp8 and fp8_read == "bits"
     if fp8_bits:  # the tiles come back divided by 256
         scale, v_scale = scale * 256.0, v_scale * 256.0
     k_read, v_read = {"dot": ("cast", "words"), "bits": ("words", "words")}.get(fp8_read, (fp8_read, fp8_read))
     k_cache, v_cache = cache_view(k_cache, k_read), cache_view(v_cache, v_read)
-    args = (q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
-            q.stride(0), q.stride(1),
-            k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-            out.stride(0), out.stride(1),
-            block_tables.stride(0))
-    common = dict(GROUP=group, GROUP_PAD=triton.next_power_of_2(group) if form == "fma" else max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
-                  BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-                  KV_FP8=kv_fp8, ASM=q.device.type == "cuda", num_warps=num_warps,
-                  **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl))
-    if form != "mma":
-        _paged_decode_alt[(B, Hkv, splits)](*args, FORM=form, **common)
-    else:
-        _paged_decode[(B, Hkv, splits)](*args, FP8_WORDS=fp8_read in ("words", "dot", "bits"), FP8_DOT=fp8_dot,
-                                        FP8_BITS=fp8_bits, **common)
+    _paged_decode[(B, Hkv, splits)](
+        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
+        BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
+        KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot", "bits"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
+        FP8_BITS=fp8_bits,
+        num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
+    )
     if splits > 1:
         _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,
                                  USE_GDC=use_pdl, num_warps=1, **launch_options(use_pdl))

@@ -1,0 +1,86 @@
+"""Compiles the paged-decode kernel (worker/embedded/kernels/paged_decode.py) for a GPU
+architecture on any machine, no GPU needed (Triton's bundled ptxas), and prints what
+bounds it there: the shared memory a program takes (with the registers, which only the
+device reports, that decides how many programs an SM holds), and the loop's traffic
+through shared memory as PTX instructions (cp.async, ld/st.shared, ldmatrix), next to its
+MMAs, conversions and barriers, for each configuration given.
+
+It is how a kernel change can be judged before a GPU is lent: on an H200 (ncu, run 21 in
+BENCHMARKS.md) the FP8-cache kernel is held by shared-memory traffic, and the shared
+memory reported here for sm_90 equals what ncu reported there (73,728 B for an FP8
+cache's 128-token tiles, 38,912 B for a 16-bit cache's 64). Pointers and strides are
+compiled as divisible by 16, as the engine's launches are specialised.
+
+    python -m bench.kernel_ir --kv-cache-dtype fp8 bf16 --tiles 64 128 --warps 4 --stages 2 --dump ir/
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import re
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from worker.embedded.kernels.paged_decode import _paged_decode
+
+HEADS = {"8b": (4, 128), "1b": (4, 64)}  # query heads a KV head, head dim (Llama-3-8B, Llama-3.2-1B)
+PTX_COUNTS = {  # what each column counts in the PTX
+    "cp.async": r"cp\.async\.c[ag]",
+    "ld.shared": r"ld\.shared",
+    "st.shared": r"st\.shared",
+    "ldmatrix": r"ldmatrix",
+    "mma": r"mma\.sync",
+    "wgmma": r"wgmma\.mma_async",
+    "cvt e4m3": r"e4m3x2",
+    "barriers": r"bar\.sync|barrier\.sync",
+}
+
+
+def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, arch: int, block_size: int = 32):
+    group, head_dim = HEADS[heads]
+    names = _paged_decode.arg_names
+    pointers = {"Q": "*bf16", "O": "*bf16", "K": "*i32" if kv_fp8 else "*bf16", "V": "*i32" if kv_fp8 else "*bf16",
+                "PART_O": "*fp32", "PART_LSE": "*fp32", "TABLES": "*i32", "CTX_LENS": "*i32"}
+    constants = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                     BLOCK_SIZE=block_size, TILE=tile, IEEE=False, SPLITS=1, USE_GDC=False, KV_FP8=kv_fp8,
+                     FP8_WORDS=True, ASM=True, FP8_DOT=False, FP8_BITS=False)
+    signature = {n: pointers.get(n) or ("fp32" if n in ("scale", "v_scale") else
+                                         "i32" if n.startswith("stride") else "constexpr") for n in names}
+    divisible = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if signature[n].startswith("*") or n.startswith("stride")}
+    src = ASTSource(fn=_paged_decode, signature=signature, attrs=divisible,
+                    constexprs={(names.index(n),): v for n, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--kv-cache-dtype", nargs="+", choices=["bf16", "fp8"], default=["fp8", "bf16"])
+    ap.add_argument("--heads", choices=list(HEADS), default="8b")
+    ap.add_argument("--tiles", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--warps", type=int, nargs="+", default=[4])
+    ap.add_argument("--stages", type=int, nargs="+", default=[2])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability as a number (90: Hopper)")
+    ap.add_argument("--dump", type=Path, help="also write each configuration's TTGIR and PTX into this folder")
+    args = ap.parse_args()
+    print(f"{'cache':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'shared B':>9} "
+          + " ".join(f"{c:>9}" for c in PTX_COUNTS) + "  (PTX instructions in the kernel)")
+    for dtype, tile, warps, stages in itertools.product(args.kv_cache_dtype, args.tiles, args.warps, args.stages):
+        kernel = compile_decode(dtype == "fp8", args.heads, tile, warps, stages, args.arch)
+        ptx = kernel.asm["ptx"]
+        counts = [len(re.findall(p, ptx)) for p in PTX_COUNTS.values()]
+        print(f"{dtype:>5} {tile:>4} {warps:>5} {stages:>6} {kernel.metadata.shared:>9} "
+              + " ".join(f"{c:>9}" for c in counts), flush=True)
+        if args.dump:
+            args.dump.mkdir(parents=True, exist_ok=True)
+            stem = args.dump / f"paged_decode_{dtype}_{tile}_{warps}_{stages}_sm{args.arch}"
+            stem.with_suffix(".ttgir").write_text(kernel.asm["ttgir"])
+            stem.with_suffix(".ptx").write_text(ptx)
+
+
+if __name__ == "__main__":
+    main()
