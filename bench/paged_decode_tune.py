@@ -90,12 +90,14 @@ def main() -> None:
     ap.add_argument("--fp8-reads", nargs="+", choices=DECODE_FP8_READS, default=["words", "cast"],
                     help="with --kv-cache-dtype fp8, the reads to time (default words and cast; dot: the query in "
                          "float8 and K straight into the dot, an experiment)")
+    ap.add_argument("--max-regs", type=int, nargs="+", default=[0],
+                    help="caps on registers a thread (Triton's maxnreg; 0: none), so that more programs fit an SM")
     ap.add_argument("--out", default="paged_decode_tune.json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda")
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     reads = args.fp8_reads if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
-    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads))
+    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.max_regs))
     results = []
     resources = {}  # configuration -> its kernel's shared memory, registers and spills
     print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
@@ -107,34 +109,37 @@ def main() -> None:
         engine_tile = 128 if args.kv_cache_dtype == "fp8" else 64  # paged_decode_attention's default
         today_splits = num_splits(batch * Hkv, _num_sms(q.device), tables.shape[1] * BLOCK_SIZE, engine_tile)
         timings = []
-        for splits, tile, warps, stages, read in configs:
-            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read)
+        for config in configs:
+            splits, tile, warps, stages, read, regs = config
+            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read,
+                      max_regs=regs or None)
             fn = lambda: [paged_decode_attention(q, k, v, tables, lens, 0.1, out, **kw) for k, v in caches]  # noqa: E731
             try:
                 before = compiled()
                 fn()
                 made = [r for i, r in compiled().items() if i not in before]  # this configuration's kernel
                 if made:
-                    resources[(splits, tile, warps, stages, read)] = made[0]
+                    resources[config] = made[0]
                 us = bench_us(fn, len(caches))
             except Exception as exc:  # a configuration that does not fit (shared memory)
                 print(f"  skip {kw}: {type(exc).__name__}")
                 continue
             timings.append({"splits": splits, "tile": tile, "warps": warps, "stages": stages, "fp8_read": read,
-                            "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": resources.get((splits, tile, warps, stages, read))})
+                            "max_regs": regs, "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": resources.get(config)})
         best = min(timings, key=lambda t: t["us"])
         engine = (today_splits, engine_tile, 4, 2 if args.kv_cache_dtype == "fp8" else 0)
         today, cast = (next((t for t in timings if (t["splits"], t["tile"], t["warps"], t["stages"]) == engine
-                             and t["fp8_read"] == read), None) for read in ("words", "cast"))
+                             and t["fp8_read"] == read and not t["max_regs"]), None) for read in ("words", "cast"))
         k, v = caches[0]
         y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], tile=best["tile"],
-                                   num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"])
+                                   num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"],
+                                   max_regs=best["max_regs"] or None)
         ref = paged_decode_reference(q, k.float(), v.float(), tables, lens, 0.1)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         name = f"{heads} B={batch} ctx={context}"
         t_s, c_s = (f"{t['us']:8.1f} us {t['tb_s']:4.2f} TB/s" if t else "-" for t in (today, cast))
         print(f"{name:>22} {t_s:>24} {c_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
-              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}  "
+              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}/{best['max_regs']}  "
               f"{err:.1e}  {best['kernel']}", flush=True)
         results.append({"heads": heads, "batch": batch, "context": context, "kv_bytes": kv_bytes,
                         "kv_cache_dtype": args.kv_cache_dtype, "today_splits": today_splits, "today": today,
