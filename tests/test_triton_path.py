@@ -109,6 +109,7 @@ def test_fp8_kv_cache_kernels(checked):
     assert max(r["decode_fp8_dot_splits_1"], r["decode_fp8_dot_splits_2"]) < 1.5e-2, r
     assert r["decode_fp8_dot_vs_words"] > 1e-4, r  # it did round the query: not the words read's output
     assert r["decode_fp8_bits"] < 5e-3 and r["decode_fp8_bits_equals_words"], r  # 1/256 of each value, exactly
+    assert r["decode_fp8_kcast_equals_words"], r  # K widened by a cast: the same float16 values
     assert r["k_equal"] and r["v_equal"] and not r["k_nan"] and not r["v_nan"], r
     assert r["v_clamped"] == [448.0, -448.0], r
 

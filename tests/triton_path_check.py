@@ -112,6 +112,11 @@ def check_fp8_cache(gen: torch.Generator) -> dict:
     paged_decode_attention(q16, kc, vc, tables, ctx, d ** -0.5 * ks, bits, 2, v_scale=vs, fp8_read="bits")
     out["decode_fp8_bits"] = rel_err(bits, ref16)
     out["decode_fp8_bits_equals_words"] = torch.equal(bits, o)
+    # The "kcast" read: K as float8 bytes widened by a cast on its way into the dot, V as words.
+    # Both widen exactly to float16, so the same output as the words read's, bit for bit.
+    kcast = torch.full_like(q16, float("nan"))
+    paged_decode_attention(q16, kc, vc, tables, ctx, d ** -0.5 * ks, kcast, 2, v_scale=vs, fp8_read="kcast")
+    out["decode_fp8_kcast_equals_words"] = torch.equal(kcast, o)
     # The "dot" read (bench.paged_decode_tune's experiment): the query rounded to float8 per
     # head and QK^T on float8 operands; against the reference with the query unrounded. Keys
     # of an ordinary range here: among every float8 value above, up to 448, the query's

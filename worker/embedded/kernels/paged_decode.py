@@ -31,8 +31,12 @@ from worker.engine_api import KernelConfig
 # the K tile straight into a float8 dot, V read as words (on an H200 no faster than the words
 # read: BENCHMARKS.md, FP8 and INT8 on the GPU, run 17); and "bits", words widened by integer
 # shifts and masks instead of cvt instructions, the factor of 256 that leaves folded into the
-# softmax scale and the output's.
-DECODE_FP8_READS = (*FP8_READS, "dot", "bits")
+# softmax scale and the output's; and "kcast", K loaded as float8 and widened by Triton's own
+# cast on its way into the QK^T dot, V read as words. On sm_90 Triton then keeps the K tile in
+# shared memory as bytes and widens it in the dot's registers, where the words read stores it
+# again as float16 (bench.kernel_ir: a quarter less shared-memory traffic a tile); the
+# same output as the words read's, bit for bit.
+DECODE_FP8_READS = (*FP8_READS, "dot", "bits", "kcast")
 
 
 @triton.jit
@@ -46,6 +50,7 @@ def _paged_decode(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
     KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr, FP8_BITS: tl.constexpr,
+    K_CAST: tl.constexpr = False,
 ):
     enter(USE_GDC)
     b = tl.program_id(0)
@@ -86,7 +91,7 @@ def _paged_decode(
             s = tl.dot(q8, tl.trans(k8)) * row_scale[:, None]
         else:
             k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                        FP8_WORDS, ASM, FP8_BITS).to(q.dtype)
+                        FP8_WORDS and not K_CAST, ASM, FP8_BITS).to(q.dtype)
             if IEEE:  # float32 models keep float32 products (no tf32)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
@@ -175,7 +180,8 @@ def paged_decode_attention(
     fp8_bits = kv_fp8 and fp8_read == "bits"
     if fp8_bits:  # the tiles come back divided by 256
         scale, v_scale = scale * 256.0, v_scale * 256.0
-    k_read, v_read = {"dot": ("cast", "words"), "bits": ("words", "words")}.get(fp8_read, (fp8_read, fp8_read))
+    k_read, v_read = {"dot": ("cast", "words"), "bits": ("words", "words"), "kcast": ("cast", "words")}.get(
+        fp8_read, (fp8_read, fp8_read))
     k_cache, v_cache = cache_view(k_cache, k_read), cache_view(v_cache, v_read)
     _paged_decode[(B, Hkv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
@@ -186,8 +192,8 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot", "bits"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
-        FP8_BITS=fp8_bits,
+        KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot", "bits", "kcast"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
+        FP8_BITS=fp8_bits, K_CAST=kv_fp8 and fp8_read == "kcast",
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
         **({} if max_regs is None else {"maxnreg": max_regs}),
     )
