@@ -3,7 +3,8 @@ architecture on any machine, no GPU needed (Triton's bundled ptxas), and prints 
 bounds it there: the shared memory a program takes (with the registers, which only the
 device reports, that decides how many programs an SM holds), and the loop's traffic
 through shared memory as PTX instructions (cp.async, ld/st.shared, ldmatrix), next to its
-MMAs, conversions and barriers, for each configuration given.
+MMAs, conversions and barriers, for each configuration given, and the bytes a thread moves
+through shared memory in the code as written (a loop body once: per tile).
 
 It is how a kernel change can be judged before a GPU is lent: on an H200 (ncu, run 21 in
 BENCHMARKS.md) the FP8-cache kernel is held by shared-memory traffic, and the shared
@@ -11,7 +12,7 @@ memory reported here for sm_90 equals what ncu reported there (73,728 B for an F
 cache's 128-token tiles, 38,912 B for a 16-bit cache's 64). Pointers and strides are
 compiled as divisible by 16, as the engine's launches are specialised.
 
-    python -m bench.kernel_ir --kv-cache-dtype fp8 bf16 --tiles 64 128 --warps 4 --stages 2 --dump ir/
+    python -m bench.kernel_ir --kv-cache-dtype fp8 bf16 --fp8-reads words kcast --tiles 64 128 --stages 2 --dump ir/
 """
 
 from __future__ import annotations
@@ -40,14 +41,28 @@ PTX_COUNTS = {  # what each column counts in the PTX
 }
 
 
-def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, arch: int, block_size: int = 32):
+def shared_bytes(ptx: str) -> int:
+    """Bytes one thread moves through shared memory in the kernel's code (each instruction
+    once, as written: a loop body counts once): loads, stores, ldmatrix and cp.async."""
+    total = 0
+    for vec, bits in re.findall(r"(?:ld|st)\.shared(?:\.v(\d))?\.[bsuf](\d+)", ptx):
+        total += int(vec or 1) * int(bits) // 8
+    total += sum(4 * int(x) for x in re.findall(r"ldmatrix\.sync\.aligned\.m8n8\.x(\d)", ptx))
+    total += sum(int(n, 0) for n in re.findall(r"cp\.async\.c[ag]\.shared\.global(?:\.[a-z0-9]+)*\s*\[[^]]*\],\s*\[[^]]*\],\s*(0x[0-9a-f]+|\d+)", ptx))
+    return total
+
+
+def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, arch: int, block_size: int = 32,
+                   fp8_read: str = "words"):
     group, head_dim = HEADS[heads]
     names = _paged_decode.arg_names
-    pointers = {"Q": "*bf16", "O": "*bf16", "K": "*i32" if kv_fp8 else "*bf16", "V": "*i32" if kv_fp8 else "*bf16",
+    k_cache = ("*fp8e4nv" if fp8_read == "kcast" else "*i32") if kv_fp8 else "*bf16"
+    pointers = {"Q": "*bf16", "O": "*bf16", "K": k_cache, "V": "*i32" if kv_fp8 else "*bf16",
                 "PART_O": "*fp32", "PART_LSE": "*fp32", "TABLES": "*i32", "CTX_LENS": "*i32"}
     constants = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                      BLOCK_SIZE=block_size, TILE=tile, IEEE=False, SPLITS=1, USE_GDC=False, KV_FP8=kv_fp8,
-                     FP8_WORDS=True, ASM=True, FP8_DOT=False, FP8_BITS=False)
+                     FP8_WORDS=True, ASM=True, FP8_DOT=False, FP8_BITS=False,
+                     K_CAST=kv_fp8 and fp8_read == "kcast")
     signature = {n: pointers.get(n) or ("fp32" if n in ("scale", "v_scale") else
                                          "i32" if n.startswith("stride") else "constexpr") for n in names}
     divisible = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -60,6 +75,8 @@ def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int,
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kv-cache-dtype", nargs="+", choices=["bf16", "fp8"], default=["fp8", "bf16"])
+    ap.add_argument("--fp8-reads", nargs="+", choices=["words", "kcast"], default=["words"],
+                    help="how the kernel reads an FP8 cache (paged_decode.DECODE_FP8_READS)")
     ap.add_argument("--heads", choices=list(HEADS), default="8b")
     ap.add_argument("--tiles", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--warps", type=int, nargs="+", default=[4])
@@ -67,17 +84,19 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability as a number (90: Hopper)")
     ap.add_argument("--dump", type=Path, help="also write each configuration's TTGIR and PTX into this folder")
     args = ap.parse_args()
-    print(f"{'cache':>5} {'tile':>4} {'warps':>5} {'stages':>6} {'shared B':>9} "
-          + " ".join(f"{c:>9}" for c in PTX_COUNTS) + "  (PTX instructions in the kernel)")
-    for dtype, tile, warps, stages in itertools.product(args.kv_cache_dtype, args.tiles, args.warps, args.stages):
-        kernel = compile_decode(dtype == "fp8", args.heads, tile, warps, stages, args.arch)
+    print(f"{'cache':>11} {'tile':>4} {'warps':>5} {'stages':>6} {'shared B':>9} "
+          + " ".join(f"{c:>9}" for c in PTX_COUNTS) + f" {'shared B/thread':>15}  (PTX instructions in the kernel)")
+    cases = [(dtype, read) for dtype in args.kv_cache_dtype for read in (args.fp8_reads if dtype == "fp8" else ["-"])]
+    for (dtype, read), tile, warps, stages in itertools.product(cases, args.tiles, args.warps, args.stages):
+        kernel = compile_decode(dtype == "fp8", args.heads, tile, warps, stages, args.arch, fp8_read=read)
+        dtype = dtype if read == "-" else f"{dtype} {read}"
         ptx = kernel.asm["ptx"]
         counts = [len(re.findall(p, ptx)) for p in PTX_COUNTS.values()]
-        print(f"{dtype:>5} {tile:>4} {warps:>5} {stages:>6} {kernel.metadata.shared:>9} "
-              + " ".join(f"{c:>9}" for c in counts), flush=True)
+        print(f"{dtype:>11} {tile:>4} {warps:>5} {stages:>6} {kernel.metadata.shared:>9} "
+              + " ".join(f"{c:>9}" for c in counts) + f" {shared_bytes(ptx):>15}", flush=True)
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
-            stem = args.dump / f"paged_decode_{dtype}_{tile}_{warps}_{stages}_sm{args.arch}"
+            stem = args.dump / f"paged_decode_{dtype.replace(' ', '_')}_{tile}_{warps}_{stages}_sm{args.arch}"
             stem.with_suffix(".ttgir").write_text(kernel.asm["ttgir"])
             stem.with_suffix(".ptx").write_text(ptx)
 
