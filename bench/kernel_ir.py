@@ -9,7 +9,10 @@ through shared memory in the code as written (a loop body once: per tile).
 It is how a kernel change can be judged before a GPU is lent: on an H200 (ncu, run 21 in
 BENCHMARKS.md) the FP8-cache kernel is held by shared-memory traffic, and the shared
 memory reported here for sm_90 equals what ncu reported there (73,728 B for an FP8
-cache's 128-token tiles, 38,912 B for a 16-bit cache's 64). Pointers and strides are
+cache's 128-token tiles, 38,912 B for a 16-bit cache's 64). What Triton makes of a kernel
+changes between its versions (the FP8 "kcast" read saves shared memory under Triton 3.9, not
+under the device's 3.6): install the device's version beside this one
+(`pip install --target DIR triton==X`, then PYTHONPATH=DIR) to see what it will run. Pointers and strides are
 compiled as divisible by 16, as the engine's launches are specialised.
 
     python -m bench.kernel_ir --kv-cache-dtype fp8 bf16 --fp8-reads words kcast --tiles 64 128 --stages 2 --dump ir/
@@ -84,6 +87,8 @@ def main() -> None:
     ap.add_argument("--arch", type=int, default=90, help="compute capability as a number (90: Hopper)")
     ap.add_argument("--dump", type=Path, help="also write each configuration's TTGIR and PTX into this folder")
     args = ap.parse_args()
+    print(f"Triton {triton.__version__}, sm_{args.arch} (what a kernel compiles to depends on the Triton version: "
+          "check the device's)")
     print(f"{'cache':>11} {'tile':>4} {'warps':>5} {'stages':>6} {'shared B':>9} "
           + " ".join(f"{c:>9}" for c in PTX_COUNTS) + f" {'shared B/thread':>15}  (PTX instructions in the kernel)")
     cases = [(dtype, read) for dtype in args.kv_cache_dtype for read in (args.fp8_reads if dtype == "fp8" else ["-"])]

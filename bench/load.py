@@ -48,6 +48,10 @@ class Target:
     load_cpus: list[int] | None = None  # for the load processes
     pin: tuple | None = None  # ({role: CPUs}, other CPUs): pin_stack once the load is connected
     engine_steps: bool = False  # count the worker's forward passes by mode (its /metrics)
+    # each load process opens a connection of its own for every this many of its streams (in open
+    # loop: of the streams it expects open at once), as a fleet of callers would: a gateway fleet
+    # on one port (SO_REUSEPORT) spreads connections, not streams
+    streams_per_connection: int = 32
 
 
 def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | None = None, max_tokens: int = 128,
@@ -96,7 +100,8 @@ def run_load(targets: dict[str, Target], concurrency: int, *, seconds: float | N
         lists = [None if listed is None else [r for r in listed if (r[0] // per_stream if arrivals else r[0]) % n_procs == j]
                  for j in range(n_procs)]
         procs[k] = [spawn.Process(target=_load_process, args=(t.address, n, seconds, max_tokens, part, per_stream, model,
-                                                              queues[k], go, start, stop, t.load_cpus, trace))
+                                                              queues[k], go, start, stop, t.load_cpus, trace,
+                                                              t.streams_per_connection))
                     for n, part in zip(shares, lists) if (part if arrivals else n)]
 
     def get(k: str):
@@ -179,17 +184,17 @@ class Timing:
 
 
 def _load_process(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop, cpus,
-                  trace) -> None:
+                  trace, streams_per_connection) -> None:
     import uvloop
 
     if cpus:
         os.sched_setaffinity(0, cpus)  # before gRPC starts its threads, which inherit it
     results.put(uvloop.run(_streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop,
-                                    trace)))
+                                    trace, streams_per_connection)))
 
 
 async def _streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop,
-                   trace=0) -> dict:
+                   trace=0, streams_per_connection=32) -> dict:
     """One load process's streams: says "ready" on `results` once connected, starts on
     `go` at `start`; with `stop`, sets it when done, and notes the tokens received when it
     is set. `requests`: [(key, prompt, output tokens, arrival s or None)], or None for the
@@ -200,8 +205,10 @@ async def _streams(address, concurrency, seconds, max_tokens, requests, per_stre
     errors = collections.Counter()
     tokens = messages = 0
     window = None
-    # several connections, as a fleet of callers would
-    clients = [Client(address) for _ in range(max(1, concurrency // 32))]
+    # several connections, as a fleet of callers would: each channel a connection of its own (by
+    # default grpc gives a process's channels to one target a single shared connection)
+    clients = [Client(address, options=[("grpc.use_local_subchannel_pool", 1)])
+               for _ in range(max(1, -(-concurrency // streams_per_connection)))]
     for c in clients:
         await asyncio.wait_for(c.channel.channel_ready(), 60)
     results.put("ready")

@@ -277,6 +277,10 @@ def main() -> None:
                          "point's time to first token went, hop by hop (bench/path_breakdown.py), beside the engine's "
                          "own queue and first steps when driven directly; needs --per-stream 1. Tracing costs the "
                          "serving processes a little CPU (BENCHMARKS.md, tracing cost)")
+    ap.add_argument("--streams-per-connection", type=int, nargs="+", default=[32], metavar="N",
+                    help="each load process opens a connection of its own for every N of its streams (open loop: of "
+                         "the streams expected open at once); several values serve every point once for each, "
+                         "against one stack")
     ap.add_argument("--out", default="serving_load.json", help="the JSON results: arguments, and every point's both sides in full")
     args = ap.parse_args()
     if args.breakdown and args.per_stream != 1:
@@ -354,20 +358,24 @@ def main() -> None:
             env |= otlp_env(endpoint) | {"OTEL_BSP_SCHEDULE_DELAY": "200"}  # spans out soon after each point
         stack = Stack(env=env, extra=shlex.split(args.serve_flags),
                       model=model_dir, device=args.device, host="127.0.0.1", tokens_per_block=None, timeout=900)
-        served = []
+        served = {}  # streams a connection -> each point's summary
         try:
-            target = {"": Target(stack.target, stack, processes=args.load_procs)}
             name = model_dir.name if model_dir else ""
-            if warmup:
-                run_load(target, len(warmup), requests=warmup, model=name)
-            for i, p in enumerate(points):
-                # open loop: the streams expected open at once set the connections (one per 32)
-                got = run_load(target, p.get("concurrency", 128 * args.load_procs), requests=p["requests"], model=name,
-                               arrivals=p["arrivals"], per_stream=args.per_stream, trace=i + 1 if args.breakdown else 0)[""]
-                served.append(point_summary(got, p, args))
-                if args.breakdown:
-                    served[-1]["breakdown"] = traced_breakdown(got["records"], spans_file, i + 1)
-                print(f"served {p['name']}: {served[-1]['tok_per_s']:.0f} tok/s", flush=True)
+            for k, per_connection in enumerate(args.streams_per_connection):
+                target = {"": Target(stack.target, stack, processes=args.load_procs, streams_per_connection=per_connection)}
+                if warmup and k == 0:
+                    run_load(target, len(warmup), requests=warmup, model=name)
+                served[per_connection] = []
+                for i, p in enumerate(points):
+                    # open loop: the streams expected open at once set the connections
+                    trace = k * len(points) + i + 1 if args.breakdown else 0
+                    got = run_load(target, p.get("concurrency", 128 * args.load_procs), requests=p["requests"], model=name,
+                                   arrivals=p["arrivals"], per_stream=args.per_stream, trace=trace)[""]
+                    served[per_connection].append(point_summary(got, p, args))
+                    if args.breakdown:
+                        served[per_connection][-1]["breakdown"] = traced_breakdown(got["records"], spans_file, trace)
+                    print(f"served {p['name']}, {per_connection} streams a connection: "
+                          f"{served[per_connection][-1]['tok_per_s']:.0f} tok/s", flush=True)
         except BaseException:
             print("".join(stack.log)[-3000:])
             raise
@@ -382,8 +390,8 @@ def main() -> None:
     finish(args, points, direct, served, step_times, device, model)
 
 
-def finish(args, points: list[dict], direct: list[dict], served: list[dict] | None, step_times: dict, device: str,
-           model: str) -> None:
+def finish(args, points: list[dict], direct: list[dict], served: dict[int, list[dict]] | None, step_times: dict,
+           device: str, model: str) -> None:
     """Print the table (direct only where nothing was served) and write the JSON."""
     if served is None:
         print(f"\nengine direct only: {args.shape or model}, {device}; step_time_learning {args.step_time_learning}")
@@ -391,18 +399,23 @@ def finish(args, points: list[dict], direct: list[dict], served: list[dict] | No
         for p, d in zip(points, direct):
             print(f"{p['name']:>14} {d['tok_per_s']:8.0f} {pct(d, 'ttft'):>22} {pct(d, 'itl'):>22} {d['goodput_share']:14.1%}")
     rows = []
-    for p, d, s in zip(points, direct, served or [None] * len(direct)):
-        rows.append({"point": p["name"], "rate": p.get("rate"), "concurrency": p.get("concurrency"), "requests": len(p["requests"]),
-                     "offered_rps": p.get("offered_rps"), "offered_tok_per_s": p.get("offered_tok_per_s"),
-                     "direct": d, "served": s, "vs_direct": compare(s, d) if s else None})
+    for per_connection, sides in (served or {None: [None] * len(direct)}).items():
+        for p, d, s in zip(points, direct, sides):
+            rows.append({"point": p["name"], "rate": p.get("rate"), "concurrency": p.get("concurrency"),
+                         "requests": len(p["requests"]), "offered_rps": p.get("offered_rps"),
+                         "offered_tok_per_s": p.get("offered_tok_per_s"), "streams_per_connection": per_connection,
+                         "direct": d, "served": s, "vs_direct": compare(s, d) if s else None})
     streams = "a stream per request" if args.per_stream == 1 else f"{args.per_stream} requests per stream"
-    if served is not None:
-        print_table(rows, f"served (inflight serve) vs engine direct: {args.shape or model} "
-                      f"({'random weights' if args.shape else 'real weights'}), {device}, {streams}; "
-                      f"SLO TTFT <= {args.slo_ttft_ms:g} ms, mean ITL <= {args.slo_itl_ms:g} ms")
+    for per_connection in served or ():
+        print_table([r for r in rows if r["streams_per_connection"] == per_connection],
+                    f"served (inflight serve) vs engine direct: {args.shape or model} "
+                    f"({'random weights' if args.shape else 'real weights'}), {device}, {streams}, "
+                    f"a connection per {per_connection} streams of a load process; "
+                    f"SLO TTFT <= {args.slo_ttft_ms:g} ms, mean ITL <= {args.slo_itl_ms:g} ms")
     for row in rows:
         if row["served"] and "breakdown" in row["served"]:
-            print_breakdown(f"time to first token, hop by hop: {row['point']}", row["served"]["breakdown"],
+            print_breakdown(f"time to first token, hop by hop: {row['point']}, a connection per "
+                            f"{row['streams_per_connection']} streams", row["served"]["breakdown"],
                             row["direct"].get("breakdown"))
     with open(args.out, "w") as f:
         json.dump({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "model": model,
