@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from worker.embedded.kernels.paged_decode import _paged_decode
+from worker.embedded.kernels.paged_decode import _paged_decode, tile_reads
 
 HEADS = {"8b": (4, 128), "1b": (4, 64)}  # query heads a KV head, head dim (Llama-3-8B, Llama-3.2-1B)
 PTX_COUNTS = {  # what each column counts in the PTX
@@ -59,13 +59,13 @@ def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int,
                    fp8_read: str = "words"):
     group, head_dim = HEADS[heads]
     names = _paged_decode.arg_names
-    k_cache = ("*fp8e4nv" if fp8_read == "kcast" else "*i32") if kv_fp8 else "*bf16"
-    pointers = {"Q": "*bf16", "O": "*bf16", "K": k_cache, "V": "*i32" if kv_fp8 else "*bf16",
+    k_read, v_read = tile_reads(fp8_read)
+    cache = {"words": "*i32", "cast": "*fp8e4nv"} if kv_fp8 else {"words": "*bf16", "cast": "*bf16"}
+    pointers = {"Q": "*bf16", "O": "*bf16", "K": cache[k_read], "V": cache[v_read],
                 "PART_O": "*fp32", "PART_LSE": "*fp32", "TABLES": "*i32", "CTX_LENS": "*i32"}
     constants = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                      BLOCK_SIZE=block_size, TILE=tile, IEEE=False, SPLITS=1, USE_GDC=False, KV_FP8=kv_fp8,
-                     FP8_WORDS=True, ASM=True, FP8_DOT=False, FP8_BITS=False,
-                     K_CAST=kv_fp8 and fp8_read == "kcast")
+                     K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=True, FP8_DOT=False, FP8_BITS=False)
     signature = {n: pointers.get(n) or ("fp32" if n in ("scale", "v_scale") else
                                          "i32" if n.startswith("stride") else "constexpr") for n in names}
     divisible = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
@@ -93,7 +93,8 @@ def main() -> None:
           + " ".join(f"{c:>9}" for c in PTX_COUNTS) + f" {'shared B/thread':>15}  (PTX instructions in the kernel)")
     cases = [(dtype, read) for dtype in args.kv_cache_dtype for read in (args.fp8_reads if dtype == "fp8" else ["-"])]
     for (dtype, read), tile, warps, stages in itertools.product(cases, args.tiles, args.warps, args.stages):
-        kernel = compile_decode(dtype == "fp8", args.heads, tile, warps, stages, args.arch, fp8_read=read)
+        kernel = compile_decode(dtype == "fp8", args.heads, tile, warps, stages, args.arch,
+                                fp8_read=read if dtype == "fp8" else "words")
         dtype = dtype if read == "-" else f"{dtype} {read}"
         ptx = kernel.asm["ptx"]
         counts = [len(re.findall(p, ptx)) for p in PTX_COUNTS.values()]

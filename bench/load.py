@@ -194,7 +194,7 @@ def _load_process(address, concurrency, seconds, max_tokens, requests, per_strea
 
 
 async def _streams(address, concurrency, seconds, max_tokens, requests, per_stream, model, results, go, start, stop,
-                   trace=0, streams_per_connection=32) -> dict:
+                   trace, streams_per_connection) -> dict:
     """One load process's streams: says "ready" on `results` once connected, starts on
     `go` at `start`; with `stop`, sets it when done, and notes the tokens received when it
     is set. `requests`: [(key, prompt, output tokens, arrival s or None)], or None for the

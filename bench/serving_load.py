@@ -361,7 +361,7 @@ def main() -> None:
         served = {}  # streams a connection -> each point's summary
         try:
             name = model_dir.name if model_dir else ""
-            for k, per_connection in enumerate(args.streams_per_connection):
+            for k, per_connection in enumerate(dict.fromkeys(args.streams_per_connection)):  # each value once
                 target = {"": Target(stack.target, stack, processes=args.load_procs, streams_per_connection=per_connection)}
                 if warmup and k == 0:
                     run_load(target, len(warmup), requests=warmup, model=name)

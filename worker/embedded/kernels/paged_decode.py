@@ -49,8 +49,8 @@ def _paged_decode(
     stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
-    KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr, FP8_BITS: tl.constexpr,
-    K_CAST: tl.constexpr = False,
+    KV_FP8: tl.constexpr, K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr,
+    FP8_BITS: tl.constexpr,
 ):
     enter(USE_GDC)
     b = tl.program_id(0)
@@ -75,7 +75,7 @@ def _paged_decode(
         q_scale = tl.where(q_amax > 0, q_amax / 448.0, 1.0)
         q8 = (qf / q_scale[:, None]).to(tl.float8e4nv)
         row_scale = scale * q_scale
-    q = dot_query(q, KV_FP8, FP8_WORDS, IEEE)
+    q = dot_query(q, KV_FP8, K_WORDS or V_WORDS, IEEE)
     m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
@@ -87,11 +87,11 @@ def _paged_decode(
         offset = tok % BLOCK_SIZE
         if FP8_DOT:
             k8 = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                         False, ASM)
+                         K_WORDS, ASM)  # the float8 tile as stored (K_WORDS is off for this read)
             s = tl.dot(q8, tl.trans(k8)) * row_scale[:, None]
         else:
             k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                        FP8_WORDS and not K_CAST, ASM, FP8_BITS).to(q.dtype)
+                        K_WORDS, ASM, FP8_BITS).to(q.dtype)
             if IEEE:  # float32 models keep float32 products (no tf32)
                 s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
             else:
@@ -102,7 +102,7 @@ def _paged_decode(
         p = tl.exp(s - m_new[:, None])
         l = l * alpha + tl.sum(p, 1)
         v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    FP8_WORDS, ASM, FP8_BITS).to(q.dtype)
+                    V_WORDS, ASM, FP8_BITS).to(q.dtype)
         if IEEE:
             acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
         else:
@@ -180,8 +180,7 @@ def paged_decode_attention(
     fp8_bits = kv_fp8 and fp8_read == "bits"
     if fp8_bits:  # the tiles come back divided by 256
         scale, v_scale = scale * 256.0, v_scale * 256.0
-    k_read, v_read = {"dot": ("cast", "words"), "bits": ("words", "words"), "kcast": ("cast", "words")}.get(
-        fp8_read, (fp8_read, fp8_read))
+    k_read, v_read = tile_reads(fp8_read)
     k_cache, v_cache = cache_view(k_cache, k_read), cache_view(v_cache, v_read)
     _paged_decode[(B, Hkv, splits)](
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
@@ -192,8 +191,8 @@ def paged_decode_attention(
         block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
-        KV_FP8=kv_fp8, FP8_WORDS=fp8_read in ("words", "dot", "bits", "kcast"), ASM=q.device.type == "cuda", FP8_DOT=fp8_dot,
-        FP8_BITS=fp8_bits, K_CAST=kv_fp8 and fp8_read == "kcast",
+        KV_FP8=kv_fp8, K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=q.device.type == "cuda",
+        FP8_DOT=fp8_dot, FP8_BITS=fp8_bits,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
         **({} if max_regs is None else {"maxnreg": max_regs}),
     )
@@ -201,6 +200,13 @@ def paged_decode_attention(
         _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,
                                  USE_GDC=use_pdl, num_warps=1, **launch_options(use_pdl))
     return out
+
+
+def tile_reads(fp8_read: str) -> tuple[str, str]:
+    """kv_tile.py's read (words or cast) for the K tiles and for the V tiles under each of
+    DECODE_FP8_READS: the kernel's flags and the cache views both follow from it."""
+    return {"dot": ("cast", "words"), "bits": ("words", "words"), "kcast": ("cast", "words")}.get(
+        fp8_read, (fp8_read, fp8_read))
 
 
 def wide_tile(kv_fp8: bool, splits: int, head_dim: int) -> int:
