@@ -32,6 +32,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.decode_latency import apply
 from bench.shapes import SHAPES, model_config
 from bench.workload import workload
 from inflight.sampling_params import SamplingParams
@@ -58,6 +59,7 @@ def decode(args) -> None:
     new_tokens = args.batch * args.prompt_len // 2048 + 64 + args.steps
     engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=4096, cuda_graphs=args.graphs,
                                          max_batch_size=max(256, args.batch), quantization=args.quantization,
+                                         kernels=apply(args.variant),
                                          kv_cache=KvCacheConfig(max_tokens=args.batch * (args.prompt_len + new_tokens) + 4096,
                                                                 dtype=args.kv_cache_dtype)), cfg)
     gen = torch.Generator().manual_seed(0)
@@ -229,6 +231,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--graphs", action="store_true", help="replay the CUDA graphs as serving does; each kernel charged "
                    "the part of the timeline it alone holds")
+    p.add_argument("--variant", default="all", help="kernel variant, as bench.decode_latency's --variants (e.g. all+fma)")
     p.add_argument("--host-gap-us", type=float, default=20.0, help="with --graphs: gaps longer than this count as host time between steps")
     p.add_argument("--out", default="", help="with --graphs: write the table as JSON here")
     p = modes.add_parser("offline", parents=[shape], help="host time of the offline workload's steps (cProfile)")

@@ -66,6 +66,13 @@ def test_gemv_kernel(checked):
     assert checked["kernels"]["gemv_rel_err"] < 1e-6
 
 
+def test_one_row_gemv_on_the_cuda_cores(checked):
+    r = checked["kernels"]["gemv_fma"]
+    # float16 outputs: the error is the output's rounding (float64 sums would be exact)
+    assert r["16bit"] < 1e-3 and r["float8_e4m3fn"] < 1e-3 and r["int8"] < 1e-3, r
+    assert r["gated"]["rel_err"] < 2e-3 and r["gated"]["equals_unfused"], r
+
+
 def test_gated_gemv_kernel_equals_the_unfused_pair(checked):
     r = checked["kernels"]["gemv_gated"]
     assert r["float32"]["rel_err"] < 1e-6 and r["float16"]["rel_err"] < 3e-3, r

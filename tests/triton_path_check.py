@@ -210,6 +210,33 @@ def check_gemv_gated(gen: torch.Generator) -> dict:
     return out
 
 
+def check_gemv_fma(gen: torch.Generator) -> dict:
+    """The one-row matmul on the CUDA cores (batch-1 decode's default) against float64:
+    16-bit weights with a bias, a ragged K and a partial last block of rows, both of its
+    sums (acc_2d) and an unrolled K loop; 8-bit weights (FP8 and int8) with per-row scales
+    read by 16-bit x; and its gated form equal to itself then silu_and_mul bit for bit."""
+    from worker.embedded.kernels.fused import silu_and_mul
+    from worker.embedded.kernels.gemv import gemv_fma
+    from worker.embedded.quant import FP8, quantize_rows
+
+    x, w, bias = torch.randn(1, 300, generator=gen).half(), torch.randn(70, 300, generator=gen).half(), torch.randn(70, generator=gen).half()
+    want = x.double() @ w.double().T + bias.double()
+    out = {"16bit": max(rel_err(gemv_fma(x, w, None, bias, block_n=bn, block_k=bk, unroll=u, acc_2d=acc, pdl=False), want)
+                        for bn, bk, u, acc in ((16, 64, 1, False), (8, 128, 2, True), (4, 512, 4, True)))}
+    for dt in (FP8, torch.int8):
+        wq, ws = quantize_rows(torch.randn(40, 300, generator=gen), dt)
+        want = x.double() @ (wq.double() * ws.double()[:, None]).T
+        out[str(dt).removeprefix("torch.")] = max(
+            rel_err(gemv_fma(x, wq, ws, block_n=bn, block_k=bk, acc_2d=acc, pdl=False), want)
+            for bn, bk, acc in ((8, 128, True), (16, 256, False)))
+    wg = (torch.randn(2 * 70, 300, generator=gen) / 300**0.5).half()
+    gate, up = (x.double() @ wg.double().T).chunk(2, dim=-1)
+    ours = gemv_fma(x, wg, gated=True, block_n=8, block_k=128, pdl=False)
+    out["gated"] = {"rel_err": rel_err(ours, F.silu(gate) * up),
+                    "equals_unfused": torch.equal(ours, silu_and_mul(gemv_fma(x, wg, block_n=8, block_k=128, pdl=False)))}
+    return out
+
+
 def check_add_rms_norm(gen: torch.Generator) -> dict:
     """Residual add and RMSNorm; N=300 leaves most of the power-of-two block masked."""
     from worker.embedded.kernels.fused import add_rms_norm
@@ -275,7 +302,7 @@ def check_silu_and_mul(gen: torch.Generator) -> float:
 def kernel_checks() -> dict:
     gen = torch.Generator().manual_seed(0)
     return {"paged_decode": check_paged_decode(gen), "paged_varlen": check_paged_varlen(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
-            "gemv_gated": check_gemv_gated(gen),
+            "gemv_gated": check_gemv_gated(gen), "gemv_fma": check_gemv_fma(gen),
             "add_rms_norm": check_add_rms_norm(gen), "rope_and_cache": check_rope_and_cache(gen),
             "silu_and_mul_rel_err": check_silu_and_mul(gen), "fp8_cache": check_fp8_cache(gen)}
 

@@ -17,7 +17,7 @@ from worker.embedded.quant import SKINNY_ROWS, QuantizedRows, QuantLinear, quant
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul, silu_and_mul_quant
-    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_gated_config
+    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_fma, gemv_fma_config, gemv_gated_config, fma_faster
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = silu_and_mul_quant = None
 from models.config import ModelConfig
@@ -160,6 +160,10 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skinny(x):
+            if x.shape[0] == 1 and fma_faster(self.kernels.one_row_matmul, self.weight.shape[0]):
+                bn, bk, nw, unroll, acc_2d = gemv_fma_config(*self.weight.shape, self.weight.element_size())
+                return gemv_fma(x, self.weight, None, self.bias, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll,
+                                acc_2d=acc_2d, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
             return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
                         pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
         return super().forward(x)
@@ -167,7 +171,12 @@ class SkinnyLinear(nn.Linear):
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up of this fused [gate; up] projection, from one skinny-matmul
         launch (call only where skinny(x))."""
-        return gemv(x, self.weight, None, *gemv_gated_config(self.weight.shape[0] // 2, self.weight.shape[1]),
+        n, k = self.weight.shape[0] // 2, self.weight.shape[1]
+        if x.shape[0] == 1 and fma_faster(self.kernels.one_row_matmul, n):
+            bn, bk, nw, unroll, acc_2d = gemv_fma_config(n, k, self.weight.element_size(), gated=True)
+            return gemv_fma(x, self.weight, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll, acc_2d=acc_2d,
+                            gated=True, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
+        return gemv(x, self.weight, None, *gemv_gated_config(n, k),
                     pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes, gated=True)
 
 
