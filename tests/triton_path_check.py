@@ -234,6 +234,23 @@ def check_gemv_fma(gen: torch.Generator) -> dict:
     ours = gemv_fma(x, wg, gated=True, block_n=8, block_k=128, pdl=False)
     out["gated"] = {"rel_err": rel_err(ours, F.silu(gate) * up),
                     "equals_unfused": torch.equal(ours, silu_and_mul(gemv_fma(x, wg, block_n=8, block_k=128, pdl=False)))}
+    # The RMSNorm in its prologue (KernelConfig.fused_norm): the norm kernel then gemv_fma,
+    # bit for bit, with and without a residual, and the residual stream's next value.
+    from worker.embedded.kernels.fused import add_rms_norm
+    from worker.embedded.quant import RowNorm
+
+    r, nw = torch.randn(1, 300, generator=gen).half(), (torch.rand(300, generator=gen) + 0.5).half()
+    norm = {}
+    for name, res in (("residual", r), ("first_layer", None)):
+        normed, res0 = add_rms_norm(x, nw, 1e-5, res, pdl=False)
+        res_out = torch.empty_like(x) if res is not None else None
+        row = RowNorm(x, res, nw, 1e-5, res_out)
+        norm[name] = (torch.equal(gemv_fma(row, w, None, bias, block_n=8, block_k=128, pdl=False),
+                                  gemv_fma(normed, w, None, bias, block_n=8, block_k=128, pdl=False))
+                      and torch.equal(gemv_fma(row, wg, gated=True, block_n=8, block_k=128, pdl=False),
+                                      gemv_fma(normed, wg, gated=True, block_n=8, block_k=128, pdl=False))
+                      and (res is None or torch.equal(res_out, res0)))
+    out["norm_equals_unfused"] = norm
     return out
 
 
