@@ -125,14 +125,13 @@ def apply(variant: str) -> KernelConfig:
     pdl (programmatic dependent launch), prefetch[MB] (weights pulled into L2 before the
     previous kernel ends; needs pdl), silu (SiLU-and-multiply in the gate_up skinny
     matmul's epilogue) and quant (the per-token quantization of FP8 and W8A8 projections'
-    inputs in the RMSNorm kernels before them), norm (at one row, the RMSNorm in the next
-    projection's prologue); "+dot": one-row projections on the tensor
+    inputs in the RMSNorm kernels before them); "+dot": one-row projections on the tensor
     cores (KernelConfig.one_row_matmul "dot"; else the CUDA cores, its default)."""
     parts = set(variant.split("+")) - {"none"}
     if "all" in parts:
-        parts = parts - {"all"} | {"pdl", "prefetch", "silu", "quant", "norm"}
+        parts = parts - {"all"} | {"pdl", "prefetch", "silu", "quant"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
-    return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts, fused_norm="norm" in parts,
+    return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts,
                         one_row_matmul="dot" if "dot" in parts else KernelConfig.one_row_matmul,
                         l2_prefetch_bytes=(int(mb[0]) * 2**20 if mb[0] else KernelConfig.l2_prefetch_bytes) if mb else 0)
 

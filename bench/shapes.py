@@ -79,3 +79,37 @@ def make_model_dir(shape: str, tokenizer: Path, vocab_size: int | None = None) -
         t["lm_head.weight"] = rnd(cfg["vocab_size"], h)
     save_file(t, str(d / "model.safetensors"))
     return d
+
+
+def random_weights(cfg, seed: int = 0):
+    """Hugging Face-named random tensors whose outputs depend on the whole context: each
+    projection scaled by its fan-in, so that every layer moves the residual stream. (The
+    engine's own draws, 0.02 everywhere, give a model that repeats one token whatever
+    came before, under which any two paths agree.) The embedding stays small: tied to the
+    LM head, a large one would make each token predict itself."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    h, d = cfg.hidden_size, cfg.head_dim
+
+    def proj(n, k):
+        return torch.randn(n, k, generator=gen) / k ** 0.5
+
+    def gain():
+        return 1 + 0.1 * torch.randn(h, generator=gen)
+
+    yield "model.embed_tokens.weight", 0.02 * torch.randn(cfg.vocab_size, h, generator=gen)
+    for i in range(cfg.num_layers):
+        layer = f"model.layers.{i}."
+        yield layer + "self_attn.q_proj.weight", proj(cfg.num_heads * d, h)
+        yield layer + "self_attn.k_proj.weight", proj(cfg.num_kv_heads * d, h)
+        yield layer + "self_attn.v_proj.weight", proj(cfg.num_kv_heads * d, h)
+        yield layer + "self_attn.o_proj.weight", proj(h, cfg.num_heads * d)
+        yield layer + "mlp.gate_proj.weight", proj(cfg.intermediate_size, h)
+        yield layer + "mlp.up_proj.weight", proj(cfg.intermediate_size, h)
+        yield layer + "mlp.down_proj.weight", proj(h, cfg.intermediate_size)
+        yield layer + "input_layernorm.weight", gain()
+        yield layer + "post_attention_layernorm.weight", gain()
+    yield "model.norm.weight", gain()
+    if not cfg.tie_word_embeddings:
+        yield "lm_head.weight", 0.02 * torch.randn(cfg.vocab_size, h, generator=gen)

@@ -14,6 +14,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench.shapes import random_weights
 from inflight.sampling_params import SamplingParams
 from models.config import ModelConfig
 from worker.embedded.engine import EmbeddedEngine
@@ -234,23 +235,6 @@ def check_gemv_fma(gen: torch.Generator) -> dict:
     ours = gemv_fma(x, wg, gated=True, block_n=8, block_k=128, pdl=False)
     out["gated"] = {"rel_err": rel_err(ours, F.silu(gate) * up),
                     "equals_unfused": torch.equal(ours, silu_and_mul(gemv_fma(x, wg, block_n=8, block_k=128, pdl=False)))}
-    # The RMSNorm in its prologue (KernelConfig.fused_norm): the norm kernel then gemv_fma,
-    # bit for bit, with and without a residual, and the residual stream's next value.
-    from worker.embedded.kernels.fused import add_rms_norm
-    from worker.embedded.quant import RowNorm
-
-    r, nw = torch.randn(1, 300, generator=gen).half(), (torch.rand(300, generator=gen) + 0.5).half()
-    norm = {}
-    for name, res in (("residual", r), ("first_layer", None)):
-        normed, res0 = add_rms_norm(x, nw, 1e-5, res, pdl=False)
-        res_out = torch.empty_like(x) if res is not None else None
-        row = RowNorm(x, res, nw, 1e-5, res_out)
-        norm[name] = (torch.equal(gemv_fma(row, w, None, bias, block_n=8, block_k=128, pdl=False),
-                                  gemv_fma(normed, w, None, bias, block_n=8, block_k=128, pdl=False))
-                      and torch.equal(gemv_fma(row, wg, gated=True, block_n=8, block_k=128, pdl=False),
-                                      gemv_fma(normed, wg, gated=True, block_n=8, block_k=128, pdl=False))
-                      and (res is None or torch.equal(res_out, res0)))
-    out["norm_equals_unfused"] = norm
     return out
 
 
@@ -326,38 +310,6 @@ def kernel_checks() -> dict:
 
 PROMPTS = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2], [1, 4093, 198, 22464, 17, 2],
            [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2, 198, 1, 4093, 198, 504, 3575, 282, 4649, 314, 2]]
-
-
-def random_weights(cfg: ModelConfig, seed: int = 0):
-    """Hugging Face-named random tensors whose outputs depend on the whole context: each
-    projection scaled by its fan-in, so that every layer moves the residual stream. (The
-    engine's own draws, 0.02 everywhere, give a model that repeats one token whatever
-    came before, under which any two paths agree.) The embedding stays small: tied to the
-    LM head, a large one would make each token predict itself."""
-    gen = torch.Generator().manual_seed(seed)
-    h, d = cfg.hidden_size, cfg.head_dim
-
-    def proj(n, k):
-        return torch.randn(n, k, generator=gen) / k ** 0.5
-
-    def gain():
-        return 1 + 0.1 * torch.randn(h, generator=gen)
-
-    yield "model.embed_tokens.weight", 0.02 * torch.randn(cfg.vocab_size, h, generator=gen)
-    for i in range(cfg.num_layers):
-        layer = f"model.layers.{i}."
-        yield layer + "self_attn.q_proj.weight", proj(cfg.num_heads * d, h)
-        yield layer + "self_attn.k_proj.weight", proj(cfg.num_kv_heads * d, h)
-        yield layer + "self_attn.v_proj.weight", proj(cfg.num_kv_heads * d, h)
-        yield layer + "self_attn.o_proj.weight", proj(h, cfg.num_heads * d)
-        yield layer + "mlp.gate_proj.weight", proj(cfg.intermediate_size, h)
-        yield layer + "mlp.up_proj.weight", proj(cfg.intermediate_size, h)
-        yield layer + "mlp.down_proj.weight", proj(h, cfg.intermediate_size)
-        yield layer + "input_layernorm.weight", gain()
-        yield layer + "post_attention_layernorm.weight", gain()
-    yield "model.norm.weight", gain()
-    if not cfg.tie_word_embeddings:
-        yield "lm_head.weight", 0.02 * torch.randn(cfg.vocab_size, h, generator=gen)
 
 
 # Each engine path by name: (attention, cuda_graphs, overlap_scheduler, kv_cache dtype).

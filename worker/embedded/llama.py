@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.embedded.attention import AttentionMetadata, paged_attention, write_kv
-from worker.embedded.quant import SKINNY_ROWS, QuantizedRows, QuantLinear, RowNorm, quantizes_input
+from worker.embedded.quant import SKINNY_ROWS, QuantizedRows, QuantLinear, quantizes_input
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul, silu_and_mul_quant
@@ -45,13 +45,9 @@ class RMSNorm(nn.Module):
         # projection in the steps whose row count has it quantize.
         self.next_quantization: Callable[[int, KernelConfig], torch.dtype | None] | None = None
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, reader: nn.Module | None = None):
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """(RMSNorm(x + residual), x + residual); the first a QuantizedRows where the
-        projection it feeds quantizes x, or a RowNorm where `reader` (the module that reads
-        it) computes the norm itself (KernelConfig.fused_norm)."""
-        if self.kernels is not None and self.kernels.fused_norm and reader is not None and reader.takes_row_norm(x):
-            res_out = torch.empty_like(x) if residual is not None else None
-            return RowNorm(x, residual, self.weight, self.eps, res_out), (res_out if residual is not None else x)
+        projection it feeds quantizes x."""
         if self.kernels is not None:
             quant = self.next_quantization(x.shape[0], self.kernels) if self.next_quantization is not None else None
             out, res = add_rms_norm(x, self.weight, self.eps, residual, pdl=self.kernels.pdl, quant=quant)
@@ -162,30 +158,21 @@ class SkinnyLinear(nn.Linear):
         """Whether `x` goes to our kernel rather than cuBLAS."""
         return self.kernels is not None and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.dtype != torch.float32
 
-    def one_row(self, x: torch.Tensor, gated: bool = False) -> bool:
-        """Whether `x` is one row for gemv_fma (KernelConfig.one_row_matmul)."""
-        n = self.weight.shape[0] // 2 if gated else self.weight.shape[0]
-        return self.skinny(x) and x.shape[0] == 1 and fma_faster(self.kernels.one_row_matmul, n)
-
-    def takes_row_norm(self, x: torch.Tensor, gated: bool = False) -> bool:
-        """Whether the RMSNorm before may hand this projection a RowNorm of `x`."""
-        return self.one_row(x, gated) and x.device.type == "cuda"
-
-    def forward(self, x: torch.Tensor | RowNorm) -> torch.Tensor:
-        if isinstance(x, RowNorm) or self.skinny(x) and self.one_row(x):
-            bn, bk, nw, unroll, acc_2d = gemv_fma_config(*self.weight.shape, self.weight.element_size())
-            return gemv_fma(x, self.weight, None, self.bias, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll,
-                            acc_2d=acc_2d, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skinny(x):
+            if x.shape[0] == 1 and fma_faster(self.kernels.one_row_matmul, self.weight.shape[0]):
+                bn, bk, nw, unroll, acc_2d = gemv_fma_config(*self.weight.shape, self.weight.element_size())
+                return gemv_fma(x, self.weight, None, self.bias, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll,
+                                acc_2d=acc_2d, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
             return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
                         pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
         return super().forward(x)
 
-    def gated(self, x: torch.Tensor | RowNorm) -> torch.Tensor:
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up of this fused [gate; up] projection, from one skinny-matmul
-        launch (call only where skinny(x), or with a RowNorm)."""
+        launch (call only where skinny(x))."""
         n, k = self.weight.shape[0] // 2, self.weight.shape[1]
-        if isinstance(x, RowNorm) or self.one_row(x, gated=True):
+        if x.shape[0] == 1 and fma_faster(self.kernels.one_row_matmul, n):
             bn, bk, nw, unroll, acc_2d = gemv_fma_config(n, k, self.weight.element_size(), gated=True)
             return gemv_fma(x, self.weight, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll, acc_2d=acc_2d,
                             gated=True, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
@@ -204,24 +191,13 @@ class MLP(nn.Module):
         # quantized.
         self.next_quantization: Callable[[int, KernelConfig], torch.dtype | None] | None = None
 
-    def gated(self, x: torch.Tensor | RowNorm) -> bool:
-        """Whether gate_up runs gated (SiLU(gate) * up in its epilogue) on `x`."""
-        gate_up = self.gate_up_proj  # a QuantLinear once quantized: no gated path
-        return self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gated_faster(*gate_up.weight.shape) \
-            and (isinstance(x, RowNorm) or gate_up.skinny(x))
-
-    def takes_row_norm(self, x: torch.Tensor) -> bool:
-        """Whether the RMSNorm before may hand this MLP a RowNorm of `x`."""
-        if self.kernels is None:
-            return False
-        gated = self.gated(x)
-        return self.gate_up_proj.takes_row_norm(x, gated=True) if gated else self.gate_up_proj.takes_row_norm(x)
-
     def forward(self, x):
         if self.kernels is not None:
-            if self.gated(x):
-                return self.down_proj(self.gate_up_proj.gated(x))
-            h = self.gate_up_proj(x)
+            gate_up = self.gate_up_proj  # a QuantLinear once quantized: no gated path
+            if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) \
+                    and gated_faster(*gate_up.weight.shape):
+                return self.down_proj(gate_up.gated(x))
+            h = gate_up(x)
             rows = h.shape[0]
             quant = self.next_quantization(rows, self.kernels) \
                 if self.next_quantization is not None and rows > SILU_QUANT_MIN_ROWS else None
@@ -241,9 +217,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x, residual, positions, k_cache, v_cache, meta):
-        h, residual = self.input_layernorm(x, residual, self.self_attn.qkv_proj)
+        h, residual = self.input_layernorm(x, residual)
         h = self.self_attn(h, positions, k_cache, v_cache, meta)
-        h, residual = self.post_attention_layernorm(h, residual, self.mlp)
+        h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
 

@@ -182,19 +182,6 @@ class QuantizedRows(NamedTuple):
     dtype: torch.dtype
 
 
-class RowNorm(NamedTuple):
-    """RMSNorm(x + residual) of one row with `weight`, left for the projection that reads
-    it to compute in its prologue (kernels/gemv.py's gemv_fma, KernelConfig.fused_norm):
-    one launch fewer. `residual_out` receives x + residual (None without a residual: x is
-    the residual stream then)."""
-
-    x: torch.Tensor
-    residual: torch.Tensor | None
-    weight: torch.Tensor
-    eps: float
-    residual_out: torch.Tensor | None
-
-
 def quantizes_input(m: nn.Module) -> bool:
     """Whether `m` is a projection that may quantize its input (FP8 or W8A8)."""
     return isinstance(m, QuantLinear) and m.scheme.activation is not None
@@ -236,9 +223,7 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}"
 
-    def forward(self, x: torch.Tensor | QuantizedRows | RowNorm) -> torch.Tensor:
-        if isinstance(x, RowNorm):
-            return self._fma(x)
+    def forward(self, x: torch.Tensor | QuantizedRows) -> torch.Tensor:
         if isinstance(x, QuantizedRows):
             if x.q.dtype != self.scheme.activation:  # the engine quantizes only for a projection that reads it
                 raise ValueError(f"{self.scheme.name} projection given {x.q.dtype} rows; it reads {self.scheme.activation}")
@@ -267,7 +252,11 @@ class QuantLinear(nn.Module):
             xq, xs = quantize_activation(x, act, triton=kernels is not None, pdl=path == "skinny" and kernels.pdl)
             return self._dot_8bit(xq, xs, x.dtype).reshape(*shape[:-1], -1)
         if path == "skinny" and self.one_row_fma(M, kernels):
-            y = self._fma(x)
+            from worker.embedded.kernels.gemv import gemv_fma, gemv_fma_config
+
+            bn, bk, nw, unroll, acc_2d = gemv_fma_config(self.out_features, self.in_features, 1)
+            y = gemv_fma(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
+                         unroll=unroll, acc_2d=acc_2d, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
         elif path == "skinny":  # W8A16, or FP8 weights upcast
             from worker.embedded.kernels.qgemv import qgemv, qgemv_config
 
@@ -302,19 +291,6 @@ class QuantLinear(nn.Module):
                 xq = F.pad(xq, (0, 0, 0, 17 - M))
             y = (torch._int_mm(xq, self.weight.t())[:M].float() * xs * self.weight_scale[None, :]).to(out_dtype)
         return y + self.bias if self.bias is not None else y
-
-    def _fma(self, x: torch.Tensor | RowNorm) -> torch.Tensor:
-        """One 16-bit row (or a RowNorm's) times the 8-bit weight on the CUDA cores."""
-        from worker.embedded.kernels.gemv import gemv_fma, gemv_fma_config
-
-        bn, bk, nw, unroll, acc_2d = gemv_fma_config(self.out_features, self.in_features, 1)
-        return gemv_fma(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll,
-                        acc_2d=acc_2d, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
-
-    def takes_row_norm(self, x: torch.Tensor) -> bool:
-        """Whether the RMSNorm before may hand this projection a RowNorm of `x`."""
-        return self.kernels is not None and x.dim() == 2 and x.dtype in (torch.float16, torch.bfloat16) \
-            and x.device.type == "cuda" and self.one_row_fma(x.shape[0], self.kernels)
 
     def one_row_fma(self, rows: int, kernels: KernelConfig) -> bool:
         """Whether `rows` rows run kernels/gemv.py's gemv_fma (16-bit x, no activation

@@ -25,7 +25,6 @@ import triton.language as tl
 
 from worker.embedded.kernels.fused import silu_times
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
-from worker.embedded.quant import RowNorm
 from worker.engine_api import KernelConfig
 
 MAX_ROWS = 16  # x is padded to this many rows: tl.dot needs at least 16
@@ -150,20 +149,8 @@ def gated_faster(n: int, k: int) -> bool:
 
 
 @triton.jit
-def _norm_row(X, R, NW, k, ok, rstd, HAS_RES: tl.constexpr):
-    """RMSNorm(x + r) at columns k, rounded as _add_rms_norm rounds (the sum, the normed row
-    and its product with the weight each to x's dtype)."""
-    x = tl.load(X + k, mask=ok, other=0.0)
-    if HAS_RES:
-        x = (x.to(tl.float32) + tl.load(R + k, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
-    normed = (x.to(tl.float32) * rstd).to(x.dtype)
-    return (tl.load(NW + k, mask=ok, other=0.0).to(tl.float32) * normed.to(tl.float32)).to(x.dtype)
-
-
-@triton.jit
-def _gemv_fma(X, SX, W, SW, B, Y, R, NW, R_OUT, N, K, stride_wn, eps,
+def _gemv_fma(X, SX, W, SW, B, Y, N, K, stride_wn,
               HAS_SX: tl.constexpr, HAS_SW: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-              NORM: tl.constexpr, HAS_RES: tl.constexpr, K_POW2: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_GDC: tl.constexpr,
               PREFETCH_K: tl.constexpr, LINE: tl.constexpr, ACC_2D: tl.constexpr, UNROLL: tl.constexpr):
     """One row of x times W on the CUDA cores: each weight tile loaded straight into
@@ -173,10 +160,7 @@ def _gemv_fma(X, SX, W, SW, B, Y, R, NW, R_OUT, N, K, stride_wn, eps,
     the end; else each tile is reduced across threads as it is read. UNROLL: K steps
     unrolled (Triton does not pipeline these loads: unrolling is how a program keeps more
     of them in flight). GATED: W is [gate; up] (2N rows) and y = SiLU(gate) * up, each
-    rounded to y's dtype first, as _gemv's gated form.
-    NORM: the input is RMSNorm(x + r) with weight NW, computed here as _add_rms_norm does
-    (every program reads the whole row once for its mean square, then norms each tile as it
-    reads it); program 0 writes x + r to R_OUT (HAS_RES), the residual stream's next value."""
+    rounded to y's dtype first, as _gemv's gated form."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -188,31 +172,16 @@ def _gemv_fma(X, SX, W, SW, B, Y, R, NW, R_OUT, N, K, stride_wn, eps,
         if GATED:
             _prefetch_l2(W + (rows + N)[:, None] * stride_wn + lines)
     enter(USE_GDC)
-    rstd = 0.0
-    if NORM:
-        cols = tl.arange(0, K_POW2)
-        cols_ok = cols < K
-        xr = tl.load(X + cols, mask=cols_ok, other=0.0)
-        if HAS_RES:
-            xr = (xr.to(tl.float32) + tl.load(R + cols, mask=cols_ok, other=0.0).to(tl.float32)).to(xr.dtype)
-            if pid == 0:
-                tl.store(R_OUT + cols, xr, mask=cols_ok)
-        xf = xr.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K] if ACC_2D else [BLOCK_N], tl.float32)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K] if ACC_2D else [BLOCK_N], tl.float32)
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
         k = k0 + kk
         k_ok = (k < K)[None, :]
-        if NORM:
-            x = _norm_row(X, R, NW, k, k < K, rstd, HAS_RES).to(tl.float32)[None, :]
-        elif EVEN_K:
-            x = tl.load(X + k).to(tl.float32)[None, :]
-        else:
-            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
         if EVEN_K:
+            x = tl.load(X + k).to(tl.float32)[None, :]
             w = tl.load(W + rows[:, None] * stride_wn + k[None, :])
         else:
+            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
             w = tl.load(W + rows[:, None] * stride_wn + k[None, :], mask=k_ok, other=0.0)
         p = w.to(tl.float32) * x
         acc += p if ACC_2D else tl.sum(p, axis=1)
@@ -237,21 +206,14 @@ def _gemv_fma(X, SX, W, SW, B, Y, R, NW, R_OUT, N, K, stride_wn, eps,
     tl.store(Y + n, y, mask=n_ok)
 
 
-def gemv_fma(x: torch.Tensor | RowNorm, w: torch.Tensor, w_scale: torch.Tensor | None = None,
-             bias: torch.Tensor | None = None, x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-             block_n: int = 16, block_k: int = 512, num_warps: int = 4, unroll: int = 1, acc_2d: bool = False,
-             gated: bool = False, pdl: bool = KernelConfig.pdl,
-             prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
+def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+             x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int = 16,
+             block_k: int = 512, num_warps: int = 4, unroll: int = 1, acc_2d: bool = False, gated: bool = False,
+             pdl: bool = KernelConfig.pdl, prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
     """x [1, K] @ (w [N, K] (* w_scale[N, None])).T (+ bias) -> [1, N] on the CUDA cores
     (_gemv_fma). w 16- or 8-bit; x 16-bit, or 8-bit standing for x * x_scale [1, 1]
-    (quantize_rows), or a RowNorm whose normed row is x (16-bit). Output in `out_dtype`
-    (default x's dtype, or bfloat16 for 8-bit x). gated: as gemv's (w a 16-bit [gate; up]
-    of 2N rows, no scales or bias)."""
-    norm = x if isinstance(x, RowNorm) else None
-    if norm is not None:
-        x = norm.x
-        if x_scale is not None:
-            raise ValueError("a RowNorm input is 16-bit: no x_scale")
+    (quantize_rows). Output in `out_dtype` (default x's dtype, or bfloat16 for 8-bit x).
+    gated: as gemv's (w a 16-bit [gate; up] of 2N rows, no scales or bias)."""
     M, K = x.shape
     if M != 1:
         raise ValueError(f"gemv_fma takes one row of x, got {M}")
@@ -263,14 +225,10 @@ def gemv_fma(x: torch.Tensor | RowNorm, w: torch.Tensor, w_scale: torch.Tensor |
     line = 128 // w.element_size()
     cols = prefetch_bytes // (w.shape[0] * w.element_size())
     prefetch_k = 0 if not use_pdl or min(cols, K) < line else 1 << (min(cols, K).bit_length() - 1)
-    has_res = norm is not None and norm.residual is not None
     _gemv_fma[(triton.cdiv(N, block_n),)](
         x, x if x_scale is None else x_scale, w, x if w_scale is None else w_scale, x if bias is None else bias, y,
-        norm.residual if has_res else x, norm.weight if norm is not None else x, norm.residual_out if has_res else x,
-        N, K, w.stride(0), norm.eps if norm is not None else 0.0,
-        HAS_SX=x_scale is not None, HAS_SW=w_scale is not None, HAS_BIAS=bias is not None, GATED=gated,
-        NORM=norm is not None, HAS_RES=has_res, K_POW2=triton.next_power_of_2(K),
-        BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, USE_GDC=use_pdl, PREFETCH_K=prefetch_k,
+        N, K, w.stride(0), HAS_SX=x_scale is not None, HAS_SW=w_scale is not None, HAS_BIAS=bias is not None,
+        GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, USE_GDC=use_pdl, PREFETCH_K=prefetch_k,
         LINE=line, ACC_2D=acc_2d, UNROLL=unroll, num_warps=num_warps, num_stages=1, **launch_options(use_pdl),
     )
     return y
