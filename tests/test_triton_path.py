@@ -71,6 +71,7 @@ def test_one_row_gemv_on_the_cuda_cores(checked):
     # float16 outputs: the error is the output's rounding (float64 sums would be exact)
     assert r["16bit"] < 1e-3 and r["float8_e4m3fn"] < 1e-3 and r["int8"] < 1e-3, r
     assert r["gated"]["rel_err"] < 2e-3 and r["gated"]["equals_unfused"], r
+    assert r["float32_x"]["dtype"] == "torch.float32" and r["float32_x"]["rel_err"] < 1e-6, r
 
 
 def test_gated_gemv_kernel_equals_the_unfused_pair(checked):

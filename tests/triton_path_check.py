@@ -230,6 +230,10 @@ def check_gemv_fma(gen: torch.Generator) -> dict:
         out[str(dt).removeprefix("torch.")] = max(
             rel_err(gemv_fma(x, wq, ws, block_n=bn, block_k=bk, acc_2d=acc, pdl=False), want)
             for bn, bk, acc in ((8, 128, True), (16, 256, False)))
+    # float32 x (a float32 engine's quantized projection) keeps float32; a strided row is read right
+    xs = torch.randn(300, 2, generator=gen)[:, :1].T
+    y32 = gemv_fma(xs, wq, ws, block_n=8, block_k=128, pdl=False)
+    out["float32_x"] = {"dtype": str(y32.dtype), "rel_err": rel_err(y32, xs.double() @ (wq.double() * ws.double()[:, None]).T)}
     wg = (torch.randn(2 * 70, 300, generator=gen) / 300**0.5).half()
     gate, up = (x.double() @ wg.double().T).chunk(2, dim=-1)
     ours = gemv_fma(x, wg, gated=True, block_n=8, block_k=128, pdl=False)

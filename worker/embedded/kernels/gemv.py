@@ -212,15 +212,17 @@ def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = No
              pdl: bool = KernelConfig.pdl, prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
     """x [1, K] @ (w [N, K] (* w_scale[N, None])).T (+ bias) -> [1, N] on the CUDA cores
     (_gemv_fma). w 16- or 8-bit; x 16-bit, or 8-bit standing for x * x_scale [1, 1]
-    (quantize_rows). Output in `out_dtype` (default x's dtype, or bfloat16 for 8-bit x).
-    gated: as gemv's (w a 16-bit [gate; up] of 2N rows, no scales or bias)."""
+    (quantize_rows), or float32. Output in `out_dtype` (default x's dtype, or bfloat16 for
+    8-bit x). gated: as gemv's (w a 16-bit [gate; up] of 2N rows, no scales or bias)."""
     M, K = x.shape
     if M != 1:
         raise ValueError(f"gemv_fma takes one row of x, got {M}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     N = w.shape[0] // 2 if gated else w.shape[0]
     if gated and (bias is not None or w_scale is not None or w.shape[0] % 2):
         raise ValueError("a gated gemv_fma takes an even number of weight rows, no scale and no bias")
-    y = torch.empty((1, N), dtype=out_dtype or (x.dtype if x.element_size() == 2 else torch.bfloat16), device=x.device)
+    y = torch.empty((1, N), dtype=out_dtype or (torch.bfloat16 if x.element_size() == 1 else x.dtype), device=x.device)
     use_pdl = pdl_on(x.device, M, pdl)
     line = 128 // w.element_size()
     cols = prefetch_bytes // (w.shape[0] * w.element_size())
