@@ -27,12 +27,14 @@ from models.config import ModelConfig
 from models.loader import iter_safetensors
 from models.locate import locate_model
 from worker.embedded.engine import EmbeddedEngine
-from worker.embedded.quant import weight_bytes
+from worker.embedded.quant import QuantLinear, weight_bytes
 from worker.embedded.smoothquant import forward_prompt
 from worker.engine_api import EngineConfig, KvCacheConfig
 
-# --quantization modes, and "+kv-fp8" for --kv-cache-dtype fp8 on top ("kv-fp8" alone: 16/32-bit projections).
-MODES = ["fp8", "int8-weight-only", "int8-smoothquant", "kv-fp8", "fp8+kv-fp8"]
+# --quantization modes, and "+kv-fp8" for --kv-cache-dtype fp8 on top ("kv-fp8" alone: 16/32-bit projections);
+# "fp8-one-row": FP8 weights times 16-bit activations at every position, what a step of one
+# token computes under --quantization fp8 on a GPU (KernelConfig.one_row_matmul "fma").
+MODES = ["fp8", "fp8-one-row", "int8-weight-only", "int8-smoothquant", "kv-fp8", "fp8+kv-fp8"]
 PROMPTS = [  # none of them is in smoothquant.CALIBRATION_TEXTS
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
@@ -100,9 +102,14 @@ def main() -> None:
     del ref
     for mode in args.modes:
         t0 = time.monotonic()
-        quant = mode.removesuffix("kv-fp8").removesuffix("+") or "none"
+        quant = mode.removesuffix("kv-fp8").removesuffix("+").removesuffix("-one-row") or "none"
         kv = dataclasses.replace(base.kv_cache, dtype="fp8" if mode.endswith("kv-fp8") else "auto")
         engine = build(model_dir, dataclasses.replace(base, quantization=quant, kv_cache=kv), mc, tensors)
+        if mode.endswith("-one-row"):  # every row as a one-row step computes it: activations not quantized
+            for m in engine.model.modules():
+                if isinstance(m, QuantLinear):
+                    m.scheme = dataclasses.replace(m.scheme, activation=None)
+            engine.model.use_kernels(engine.model.layers[0].input_layernorm.kernels)  # the norms stop quantizing
         row = {"load_s": time.monotonic() - t0, "weight_bytes": weight_bytes(engine.model),
                **compare(ref_logits, engine, sequences),
                "answers": [tok.decode(o) for o in engine.generate(answer_ids, answer)]}
