@@ -5,6 +5,11 @@ program per BLOCK_N output columns streams its rows of W in BLOCK_K steps; x is 
 to 16 rows in registers so the products run on tensor cores. Float32 accumulation, no
 split-K (an atomic reduction would cost two more launches).
 
+One row (batch-1 decode) runs gemv_fma instead by default (KernelConfig.one_row_matmul):
+the weight loaded straight into registers and multiplied on the CUDA cores, with no shared
+memory and no padding, faster than the tensor-core kernel on every projection but the
+vocabulary's (BENCHMARKS.md, run 22).
+
 On Hopper the kernel is launched with programmatic dependent launch (pdl.py) and pulls
 the first `prefetch_bytes` of its weight (KernelConfig.l2_prefetch_bytes) towards L2
 while the kernel before it finishes.
