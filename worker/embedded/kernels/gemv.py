@@ -7,8 +7,9 @@ split-K (an atomic reduction would cost two more launches).
 
 One row (batch-1 decode) runs gemv_fma instead by default (KernelConfig.one_row_matmul):
 the weight loaded straight into registers and multiplied on the CUDA cores, with no shared
-memory and no padding, faster than the tensor-core kernel on every projection but the
-vocabulary's (BENCHMARKS.md, run 22).
+memory and no padding. It was faster than the tensor-core kernel on every projection
+measured (BENCHMARKS.md, run 22). The vocabulary's lm_head keeps this kernel: it already ran
+at its floor, and it was not measured on the CUDA cores.
 
 On Hopper the kernel is launched with programmatic dependent launch (pdl.py) and pulls
 the first `prefetch_bytes` of its weight (KernelConfig.l2_prefetch_bytes) towards L2
