@@ -6,7 +6,8 @@ after the per-token quantization kernel, or with x already quantized as the RMSN
 kernel leaves it; for int8 weights qgemv's W8A16).
 
 Each case sweeps gemv_fma's tiles (block_n, block_k, warps, unroll, acc_2d) and reports
-the best next to the engine's kernel and to gemv_fma_config's choice, each timed inside a
+the best next to the engine's tensor-core kernel and to gemv_fma_config's choice, at --rows
+rows of x, each timed inside a
 CUDA graph that cycles through enough weight copies to overflow L2 (as bench/gemv_tune.py),
 and checked against a float64 reference. The 8-bit gemv_fma reads x in 16 bits: it needs
 no quantization kernel. Kernels are compiled first by --compile-workers processes.
@@ -67,7 +68,8 @@ def is_gated(name: str, kind: str) -> bool:
 
 def grid(kind: str, K: int, args) -> list[tuple]:
     bks = args.block_k_8bit if kind != "bf16" else args.block_k
-    return [c for c in itertools.product(args.block_n, bks, args.warps, args.unroll, args.acc_2d) if c[1] <= K]
+    return [c for c in itertools.product(args.block_n, bks, args.warps, args.unroll, args.acc_2d)
+            if c[1] <= K and not (c[4] and args.rows > 1)]  # acc_2d: one row only
 
 
 def run_fma(x, w, s, name, kind, c):
@@ -78,10 +80,10 @@ def run_fma(x, w, s, name, kind, c):
 
 def _compile(task) -> int:
     """In a worker process: run each configuration once, so Triton's cache holds it."""
-    name, kind, configs = task
+    name, kind, configs, rows = task
     N, K = SHAPES[name]
     (w, s), = weights(name, kind, 1)
-    x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
+    x = torch.randn(rows, K, device="cuda").to(torch.bfloat16)
     for c in configs:
         run_fma(x, w, s, name, kind, c)
     torch.cuda.synchronize()
@@ -125,6 +127,7 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--unroll", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--acc-2d", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (1-4; the engine's tensor-core kernel pads to 16)")
     ap.add_argument("--compile-workers", type=int, default=8)
     ap.add_argument("--out", default="gemv_fma.json")
     args = ap.parse_args()
@@ -133,7 +136,7 @@ def main() -> None:
     if args.compile_workers > 1:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.compile_workers, mp_context=ctx) as pool:
-            chunks = [(n, k, cs[i::args.compile_workers]) for n, k, cs in tasks for i in range(args.compile_workers)]
+            chunks = [(n, k, cs[i::args.compile_workers], args.rows) for n, k, cs in tasks for i in range(args.compile_workers)]
             print(f"compiled {sum(pool.map(_compile, chunks))} kernels in {args.compile_workers} processes", flush=True)
     results = []
     print(f"{'case':>15} {'floor':>7} {'engine':>7} {'fma best':>8} {'x':>5}  {'best tiles':<18} {'config':>7} {'rel err':>8}  (us)")
@@ -142,7 +145,7 @@ def main() -> None:
         wbytes = 2 if kind == "bf16" else 1
         copies = max(2, -(-256 * 2**20 // (N * K * wbytes)))
         ws = weights(name, kind, copies)
-        x = torch.randn(1, K, device="cuda").to(torch.bfloat16)
+        x = torch.randn(args.rows, K, device="cuda").to(torch.bfloat16)
         w0, s0 = ws[0]
         ref = reference(x, w0, s0, name, kind)
         engine_us = bench_us(lambda: [engine_kernel(x, w, s, name, kind) for w, s in ws], copies)
@@ -159,12 +162,12 @@ def main() -> None:
             us = bench_us(lambda: [run_fma(x, w, s, name, kind, c) for w, s in ws], copies)
             rows.append({"block_n": c[0], "block_k": c[1], "warps": c[2], "unroll": c[3], "acc_2d": c[4], "us": us, "rel_err": err})
         best = min(rows, key=lambda r: r["us"])
-        chosen = gemv_fma_config(N // 2 if is_gated(name, kind) else N, K, wbytes, gated=is_gated(name, kind))
+        chosen = gemv_fma_config(N // 2 if is_gated(name, kind) else N, K, wbytes, gated=is_gated(name, kind), rows=args.rows)
         chosen_us = next((r["us"] for r in rows if (r["block_n"], r["block_k"], r["warps"], r["unroll"], bool(r["acc_2d"])) == chosen), None)
         if chosen_us is None:
             chosen_us = bench_us(lambda: [run_fma(x, w, s, name, kind, chosen) for w, s in ws], copies)
         floor = N * K * wbytes / BANDWIDTH * 1e6
-        results.append({"case": f"{name}:{kind}", "N": N, "K": K, "gated": is_gated(name, kind), "floor_us": floor,
+        results.append({"case": f"{name}:{kind}", "rows": args.rows, "N": N, "K": K, "gated": is_gated(name, kind), "floor_us": floor,
                         "engine_us": engine_us, "engine_prequantized_us": prequantized_us, "engine_rel_err": engine_err, "fma_best": best, "fma_config": list(chosen),
                         "fma_config_us": chosen_us, "sweep": rows})
         tiles = f"{best['block_n']}/{best['block_k']}/{best['warps']}/u{best['unroll']}/{'2d' if best['acc_2d'] else '1d'}"

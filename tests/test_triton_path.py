@@ -72,6 +72,7 @@ def test_one_row_gemv_on_the_cuda_cores(checked):
     assert r["16bit"] < 1e-3 and r["float8_e4m3fn"] < 1e-3 and r["int8"] < 1e-3, r
     assert r["gated"]["rel_err"] < 2e-3 and r["gated"]["equals_unfused"], r
     assert r["float32_x"]["dtype"] == "torch.float32" and r["float32_x"]["rel_err"] < 1e-6, r
+    assert r["rows"] < 1e-3 and r["rows_gated"] < 2e-3 and r["rows_fp8_x"] < 1e-6, r
 
 
 def test_gated_gemv_kernel_equals_the_unfused_pair(checked):
@@ -137,6 +138,15 @@ def test_fp8_kv_cache_engine(checked):
     same = sum(a == b for x, y in zip(auto["again"], ref["again"]) for a, b in zip(x, y))
     assert same >= 0.5 * sum(len(x) for x in auto["again"]), (auto["again"], ref["again"])
     assert all(x[0] == y[0] for x, y in zip(auto["again"], ref["again"])), (auto["again"], ref["again"])
+
+
+@pytest.mark.parametrize("rows", [0, 5])
+def test_fma_rows_the_kernel_cannot_take_are_refused_by_name(rows):
+    from worker.embedded.engine import EmbeddedEngine
+    from worker.engine_api import EngineConfig, EngineConfigError, KernelConfig
+
+    with pytest.raises(EngineConfigError, match=f"fma_max_rows must be from 1 to 4, got {rows}"):
+        EmbeddedEngine(EngineConfig(device="cpu", kernels=KernelConfig(fma_max_rows=rows)))
 
 
 @pytest.mark.parametrize("tile", [100, 8, 512])

@@ -99,6 +99,8 @@ class EmbeddedEngine:
         tile = config.kernels.decode_tile
         if tile and not (16 <= tile <= 256 and tile & (tile - 1) == 0):
             raise EngineConfigError(f"decode_tile must be 0 (auto) or a power of two from 16 to 256, got {tile}")
+        if not 1 <= config.kernels.fma_max_rows <= 4:  # kernels/gemv.py FMA_MAX_ROWS
+            raise EngineConfigError(f"fma_max_rows must be from 1 to 4, got {config.kernels.fma_max_rows}")
         self.kv_dtype = self._kv_dtype()
         self._shipped_kv_scales: dict[tuple[int, str], float] = {}  # a quantized checkpoint's, filled while loading
         self.model = self._build_model(weights)

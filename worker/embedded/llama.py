@@ -160,8 +160,8 @@ class SkinnyLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skinny(x):
-            if x.shape[0] == 1 and fma_faster(self.kernels.one_row_matmul, self.weight.shape[0]):
-                bn, bk, nw, unroll, acc_2d = gemv_fma_config(*self.weight.shape, self.weight.element_size())
+            if fma_faster(self.kernels, x.shape[0], self.weight.shape[0]):
+                bn, bk, nw, unroll, acc_2d = gemv_fma_config(*self.weight.shape, self.weight.element_size(), rows=x.shape[0])
                 return gemv_fma(x, self.weight, None, self.bias, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll,
                                 acc_2d=acc_2d, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
             return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
@@ -172,8 +172,8 @@ class SkinnyLinear(nn.Linear):
         """SiLU(gate) * up of this fused [gate; up] projection, from one skinny-matmul
         launch (call only where skinny(x))."""
         n, k = self.weight.shape[0] // 2, self.weight.shape[1]
-        if x.shape[0] == 1 and fma_faster(self.kernels.one_row_matmul, n):
-            bn, bk, nw, unroll, acc_2d = gemv_fma_config(n, k, self.weight.element_size(), gated=True)
+        if fma_faster(self.kernels, x.shape[0], n):
+            bn, bk, nw, unroll, acc_2d = gemv_fma_config(n, k, self.weight.element_size(), gated=True, rows=x.shape[0])
             return gemv_fma(x, self.weight, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll, acc_2d=acc_2d,
                             gated=True, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
         return gemv(x, self.weight, None, *gemv_gated_config(n, k),

@@ -251,10 +251,10 @@ class QuantLinear(nn.Module):
         if act is not None:
             xq, xs = quantize_activation(x, act, triton=kernels is not None, pdl=path == "skinny" and kernels.pdl)
             return self._dot_8bit(xq, xs, x.dtype).reshape(*shape[:-1], -1)
-        if path == "skinny" and self.one_row_fma(M, kernels):
+        if path == "skinny" and self.few_rows_fma(M, kernels):
             from worker.embedded.kernels.gemv import gemv_fma, gemv_fma_config
 
-            bn, bk, nw, unroll, acc_2d = gemv_fma_config(self.out_features, self.in_features, 1)
+            bn, bk, nw, unroll, acc_2d = gemv_fma_config(self.out_features, self.in_features, 1, rows=M)
             y = gemv_fma(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
                          unroll=unroll, acc_2d=acc_2d, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
         elif path == "skinny":  # W8A16, or FP8 weights upcast
@@ -292,20 +292,19 @@ class QuantLinear(nn.Module):
             y = (torch._int_mm(xq, self.weight.t())[:M].float() * xs * self.weight_scale[None, :]).to(out_dtype)
         return y + self.bias if self.bias is not None else y
 
-    def one_row_fma(self, rows: int, kernels: KernelConfig) -> bool:
+    def few_rows_fma(self, rows: int, kernels: KernelConfig) -> bool:
         """Whether `rows` rows run kernels/gemv.py's gemv_fma (16-bit x, no activation
-        quantization), as KernelConfig.one_row_matmul says."""
+        quantization), as KernelConfig.one_row_matmul and fma_max_rows say."""
         from worker.embedded.kernels.gemv import fma_faster
 
-        return rows == 1 and self.scheme.activation in (None, FP8) \
-            and fma_faster(kernels.one_row_matmul, self.out_features)
+        return self.scheme.activation in (None, FP8) and fma_faster(kernels, rows, self.out_features)
 
     def input_quantization(self, rows: int, kernels: KernelConfig) -> torch.dtype | None:
         """What an input of `rows` rows is quantized to on the Triton path; None where the
         kernel reads it 16-bit (W8A16, and FP8 weights upcast in the skinny kernel)."""
         act = self.scheme.activation
         if act == FP8 and cuda_path(act, rows) == "skinny" and (
-                fp8_upcast(kernels.fp8_skinny_matmul, self.out_features, self.in_features) or self.one_row_fma(rows, kernels)):
+                fp8_upcast(kernels.fp8_skinny_matmul, self.out_features, self.in_features) or self.few_rows_fma(rows, kernels)):
             return None
         return act
 

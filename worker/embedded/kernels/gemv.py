@@ -155,99 +155,148 @@ def gated_faster(n: int, k: int) -> bool:
 
 
 @triton.jit
-def _gemv_fma(X, SX, W, SW, B, Y, N, K, stride_wn,
+def _fma_tile(acc, w, x, ROWS: tl.constexpr, ACC_2D: tl.constexpr):
+    """acc plus a weight tile w [BLOCK_N, BLOCK_K] times x: one row ([1, BLOCK_K] float32,
+    acc [BLOCK_N] or, ACC_2D, [BLOCK_N, BLOCK_K]), or ROWS rows ([ROWS, BLOCK_K], acc
+    [ROWS, BLOCK_N])."""
+    if ROWS == 1:
+        p = w.to(tl.float32) * x
+        if ACC_2D:
+            acc += p
+        else:
+            acc += tl.sum(p, axis=1)
+    else:
+        acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _gemv_fma(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
               HAS_SX: tl.constexpr, HAS_SW: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, USE_GDC: tl.constexpr,
-              PREFETCH_K: tl.constexpr, LINE: tl.constexpr, ACC_2D: tl.constexpr, UNROLL: tl.constexpr):
-    """One row of x times W on the CUDA cores: each weight tile loaded straight into
-    registers, converted to float32 and multiplied, with no shared memory staging and no
-    tensor cores (the tl.dot kernels stage every weight byte through shared memory and pad
-    x to 16 rows). ACC_2D keeps a [BLOCK_N, BLOCK_K] float32 sum and reduces it once at
-    the end; else each tile is reduced across threads as it is read. UNROLL: K steps
-    unrolled (Triton does not pipeline these loads: unrolling is how a program keeps more
-    of them in flight). GATED: W is [gate; up] (2N rows) and y = SiLU(gate) * up, each
-    rounded to y's dtype first, as _gemv's gated form."""
+              ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+              USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr, ACC_2D: tl.constexpr,
+              UNROLL: tl.constexpr):
+    """A few rows of x (M <= ROWS, a power of two) times W on the CUDA cores: each weight
+    tile loaded straight into registers, converted to float32 and multiplied, with no
+    shared memory staging and no tensor cores (the tl.dot kernels stage every weight byte
+    through shared memory and pad x to 16 rows). ACC_2D (one row only) keeps a
+    [BLOCK_N, BLOCK_K] float32 sum and reduces it once at the end; else each tile is reduced
+    across threads as it is read. UNROLL: K steps unrolled (Triton does not pipeline these
+    loads: unrolling is how a program keeps more of them in flight). GATED: W is [gate; up]
+    (2N rows) and y = SiLU(gate) * up, each rounded to y's dtype first, as _gemv's gated
+    form."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     rows = tl.minimum(n, N - 1)  # rows past N read row N - 1 and are not stored
     kk = tl.arange(0, BLOCK_K)
+    m = tl.arange(0, ROWS)
+    m_ok = m < M
     if PREFETCH_K > 0:
         lines = (tl.arange(0, PREFETCH_K // LINE) * LINE)[None, :]
         _prefetch_l2(W + rows[:, None] * stride_wn + lines)
         if GATED:
             _prefetch_l2(W + (rows + N)[:, None] * stride_wn + lines)
     enter(USE_GDC)
-    acc = tl.zeros([BLOCK_N, BLOCK_K] if ACC_2D else [BLOCK_N], tl.float32)
-    acc_up = tl.zeros([BLOCK_N, BLOCK_K] if ACC_2D else [BLOCK_N], tl.float32)
+    if ACC_2D:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+    elif ROWS == 1:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+    else:
+        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
+    acc_up = tl.zeros_like(acc)
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
         k = k0 + kk
         k_ok = (k < K)[None, :]
+        if ROWS == 1:
+            if EVEN_K:
+                x = tl.load(X + k).to(tl.float32)[None, :]
+            else:
+                x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+        else:
+            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32)
         if EVEN_K:
-            x = tl.load(X + k).to(tl.float32)[None, :]
             w = tl.load(W + rows[:, None] * stride_wn + k[None, :])
         else:
-            x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
             w = tl.load(W + rows[:, None] * stride_wn + k[None, :], mask=k_ok, other=0.0)
-        p = w.to(tl.float32) * x
-        acc += p if ACC_2D else tl.sum(p, axis=1)
+        acc = _fma_tile(acc, w, x, ROWS, ACC_2D)
         if GATED:
             if EVEN_K:
                 wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :])
             else:
                 wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :], mask=k_ok, other=0.0)
-            pu = wu.to(tl.float32) * x
-            acc_up += pu if ACC_2D else tl.sum(pu, axis=1)
+            acc_up = _fma_tile(acc_up, wu, x, ROWS, ACC_2D)
     out = tl.sum(acc, axis=1) if ACC_2D else acc
     if HAS_SW:
         out = out * tl.load(SW + rows)
     if HAS_SX:
-        out = out * tl.load(SX)
+        if ROWS == 1:
+            out = out * tl.load(SX)
+        else:
+            out = out * tl.load(SX + m, mask=m_ok, other=0.0)[:, None]
     if HAS_BIAS:
         out += tl.load(B + rows).to(tl.float32)
     y = out.to(Y.dtype.element_ty)
     if GATED:
         up = tl.sum(acc_up, axis=1) if ACC_2D else acc_up
         y = silu_times(y, up.to(Y.dtype.element_ty))
-    tl.store(Y + n, y, mask=n_ok)
+    if ROWS == 1:
+        tl.store(Y + n, y, mask=n_ok)
+    else:
+        tl.store(Y + m[:, None] * stride_ym + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+
+
+# Most rows gemv_fma takes (a measured choice is KernelConfig.fma_max_rows's, 1 by default).
+FMA_MAX_ROWS = 4
 
 
 def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
              x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int = 16,
              block_k: int = 512, num_warps: int = 4, unroll: int = 1, acc_2d: bool = False, gated: bool = False,
              pdl: bool = KernelConfig.pdl, prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
-    """x [1, K] @ (w [N, K] (* w_scale[N, None])).T (+ bias) -> [1, N] on the CUDA cores
-    (_gemv_fma). w 16- or 8-bit; x 16-bit, or 8-bit standing for x * x_scale [1, 1]
-    (quantize_rows), or float32. Output in `out_dtype` (default x's dtype, or bfloat16 for
-    8-bit x). gated: as gemv's (w a 16-bit [gate; up] of 2N rows, no scales or bias)."""
+    """x [M, K] (M <= FMA_MAX_ROWS) @ (w [N, K] (* w_scale[N, None])).T (+ bias) -> [M, N] on
+    the CUDA cores (_gemv_fma). w 16- or 8-bit; x 16-bit, or 8-bit standing for x * x_scale
+    [M, 1] (quantize_rows), or float32. Output in `out_dtype` (default x's dtype, or bfloat16
+    for 8-bit x). gated: as gemv's (w a 16-bit [gate; up] of 2N rows, no scales or bias).
+    acc_2d: one row only."""
     M, K = x.shape
-    if M != 1:
-        raise ValueError(f"gemv_fma takes one row of x, got {M}")
+    if not 1 <= M <= FMA_MAX_ROWS:
+        raise ValueError(f"gemv_fma takes 1 to {FMA_MAX_ROWS} rows of x, got {M}")
+    if acc_2d and M > 1:
+        raise ValueError("gemv_fma's acc_2d takes one row of x")
     if x.stride(-1) != 1:
         x = x.contiguous()
     N = w.shape[0] // 2 if gated else w.shape[0]
     if gated and (bias is not None or w_scale is not None or w.shape[0] % 2):
         raise ValueError("a gated gemv_fma takes an even number of weight rows, no scale and no bias")
-    y = torch.empty((1, N), dtype=out_dtype or (torch.bfloat16 if x.element_size() == 1 else x.dtype), device=x.device)
+    y = torch.empty((M, N), dtype=out_dtype or (torch.bfloat16 if x.element_size() == 1 else x.dtype), device=x.device)
     use_pdl = pdl_on(x.device, M, pdl)
     line = 128 // w.element_size()
     cols = prefetch_bytes // (w.shape[0] * w.element_size())
     prefetch_k = 0 if not use_pdl or min(cols, K) < line else 1 << (min(cols, K).bit_length() - 1)
     _gemv_fma[(triton.cdiv(N, block_n),)](
         x, x if x_scale is None else x_scale, w, x if w_scale is None else w_scale, x if bias is None else bias, y,
-        N, K, w.stride(0), HAS_SX=x_scale is not None, HAS_SW=w_scale is not None, HAS_BIAS=bias is not None,
-        GATED=gated, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0, USE_GDC=use_pdl, PREFETCH_K=prefetch_k,
-        LINE=line, ACC_2D=acc_2d, UNROLL=unroll, num_warps=num_warps, num_stages=1, **launch_options(use_pdl),
+        M, N, K, x.stride(0), w.stride(0), y.stride(0),
+        HAS_SX=x_scale is not None, HAS_SW=w_scale is not None, HAS_BIAS=bias is not None,
+        GATED=gated, ROWS=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        USE_GDC=use_pdl, PREFETCH_K=prefetch_k, LINE=line, ACC_2D=acc_2d, UNROLL=unroll, num_warps=num_warps,
+        num_stages=1, **launch_options(use_pdl),
     )
     return y
 
 
-def gemv_fma_config(n: int, k: int, w_bytes: int, gated: bool = False) -> tuple[int, int, int, int, bool]:
+def gemv_fma_config(n: int, k: int, w_bytes: int, gated: bool = False, rows: int = 1) -> tuple[int, int, int, int, bool]:
     """(block_n, block_k, warps, unroll, acc_2d) of gemv_fma for a weight of [n, k] with
     `w_bytes` an element (gated: n output columns from 2n rows of [gate; up]): the best of
-    bench/gemv_fma.py's sweeps on an H200 for each kind of projection of Llama-3.2-1B and
-    Llama-3-8B (BENCHMARKS.md, run 22). Four warps throughout; the tiles differ by up to
-    1.5x between shapes."""
+    bench/gemv_fma.py's sweeps at one row on an H200 for each kind of projection of
+    Llama-3.2-1B and Llama-3-8B (BENCHMARKS.md, run 22). Four warps throughout; the tiles
+    differ by up to 1.5x between shapes. More rows: the same tiles with the sum reduced a
+    tile at a time (not yet swept)."""
+    bn, bk, nw, unroll, acc_2d = _one_row_config(n, k, w_bytes, gated)
+    return (bn, bk, nw, unroll, acc_2d) if rows == 1 else (bn, bk, nw, unroll, False)
+
+
+def _one_row_config(n: int, k: int, w_bytes: int, gated: bool) -> tuple[int, int, int, int, bool]:
     if gated:  # 16-bit; each program reads block_n rows of gate and of up
         return (2, 1024, 4, 1, False) if n * k >= 8 * 2**20 else (4, 1024, 4, 4, True)
     if w_bytes == 2:
@@ -259,8 +308,8 @@ def gemv_fma_config(n: int, k: int, w_bytes: int, gated: bool = False) -> tuple[
     return (8, 512, 4, 2, True) if n > 4096 else (8, 1024, 4, 2, True)  # qkv; o, down
 
 
-def fma_faster(choice: str, n: int) -> bool:
-    """Whether a one-row projection of n output columns runs gemv_fma, given
-    KernelConfig.one_row_matmul: never a vocabulary's lm_head (n >= 32768), which runs at
-    its floor with the dot already."""
-    return choice == "fma" and n < 32768
+def fma_faster(kernels: KernelConfig, rows: int, n: int) -> bool:
+    """Whether `rows` rows of a projection of n output columns run gemv_fma, given
+    KernelConfig.one_row_matmul and fma_max_rows: never a vocabulary's lm_head
+    (n >= 32768), which runs at its floor with the dot already."""
+    return kernels.one_row_matmul == "fma" and 1 <= rows <= min(kernels.fma_max_rows, FMA_MAX_ROWS) and n < 32768
