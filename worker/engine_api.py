@@ -39,6 +39,11 @@ class SchedulerConfig:
     capacity_scheduler_policy: CapacityPolicy = dataclasses.field(default="GUARANTEED_NO_EVICT", metadata={"help": "admit only what can finish (GUARANTEED_NO_EVICT) or admit greedily and preempt (MAX_UTILIZATION)"})
 
 
+# The most rows of x the CUDA-core skinny matmul takes (kernels/gemv.py's gemv_fma), the
+# bound of KernelConfig.fma_max_rows.
+FMA_MAX_ROWS = 4
+
+
 @dataclasses.dataclass
 class KernelConfig:
     """The embedded engine's kernel and path choices; BENCHMARKS.md holds what each was
@@ -52,8 +57,8 @@ class KernelConfig:
     decode_tile: int = dataclasses.field(default=0, metadata={"help": "context tokens the paged-decode kernel reads a loop iteration (a power of two, 16-256); 0 = auto (128 over an FP8 cache, and over a 16-bit one with heads of 128 or more at batches that fill the GPU; else 64; kernels/paged_decode.py wide_tile)"})
     fused_silu: bool = dataclasses.field(default=True, metadata={"help": "steps of at most 16 tokens: the gate_up skinny matmul applies SiLU(gate) * up as it writes (one launch, not two) where that measured faster (gate_up weights up to 64M elements); off: a separate SiLU-and-multiply kernel"})
     fused_quant: bool = dataclasses.field(default=True, metadata={"help": "with --quantization fp8 or int8-smoothquant: the RMSNorm kernels before the qkv and gate_up projections, and in steps of more than 16 tokens the SiLU-and-multiply kernel before down_proj, quantize their output per token for them and write only that (one launch and one pass over memory, not two); off: a separate quantization kernel before each"})
-    one_row_matmul: Literal["fma", "dot"] = dataclasses.field(default="fma", metadata={"help": "steps of one token (batch-1 decode): fma (the CUDA cores, weights loaded straight into registers; 8-bit weights then read 16-bit x, with no activation quantization) or dot (the tensor-core skinny matmul, x padded to 16 rows); the gated gate_up and the lm_head keep the dot"})
-    fma_max_rows: int = dataclasses.field(default=1, metadata={"help": "with --one-row-matmul fma: steps of up to this many tokens (1-4) run the CUDA-core kernel; 1 until more is measured on a GPU"})
+    one_row_matmul: Literal["fma", "dot"] = dataclasses.field(default="fma", metadata={"help": "steps of one token (batch-1 decode): fma (the CUDA cores, weights loaded straight into registers; 8-bit weights then read 16-bit x, with no activation quantization) or dot (the tensor-core skinny matmul, x padded to 16 rows); the vocabulary's lm_head keeps the dot"})
+    fma_max_rows: int = dataclasses.field(default=1, metadata={"help": f"with --one-row-matmul fma: steps of up to this many tokens (1-{FMA_MAX_ROWS}) run the CUDA-core kernel; 1 until more is measured on a GPU"})
     fp8_skinny_matmul: Literal["auto", "fp8", "upcast"] = dataclasses.field(default="auto", metadata={"help": "with --quantization fp8, steps of 2-16 tokens (and of one under --one-row-matmul dot): fp8 (activations quantized per token by one kernel, then an FP8 dot), upcast (the FP8 weight converted to 16-bit in the kernel, activations not quantized) or auto (upcast for weights under 8M elements, where it measured faster)"})
 
 

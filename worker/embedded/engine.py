@@ -25,7 +25,7 @@ from worker.embedded.sampler import DeviceSample
 from worker.embedded.scheduler import BatchScheduler, ScheduledChunk
 from worker.embedded.sequence import Sequence, SeqStatus
 from worker.embedded.smoothquant import calibration_token_ids, input_mean_squares, smooth_model
-from worker.engine_api import EngineConfig, EngineConfigError
+from worker.engine_api import FMA_MAX_ROWS, EngineConfig, EngineConfigError
 from models.config import ModelConfig
 from models.loader import iter_safetensors
 from models.quantized_checkpoint import CheckpointQuantization, quantized_tensors
@@ -99,8 +99,8 @@ class EmbeddedEngine:
         tile = config.kernels.decode_tile
         if tile and not (16 <= tile <= 256 and tile & (tile - 1) == 0):
             raise EngineConfigError(f"decode_tile must be 0 (auto) or a power of two from 16 to 256, got {tile}")
-        if not 1 <= config.kernels.fma_max_rows <= 4:  # kernels/gemv.py FMA_MAX_ROWS
-            raise EngineConfigError(f"fma_max_rows must be from 1 to 4, got {config.kernels.fma_max_rows}")
+        if not 1 <= config.kernels.fma_max_rows <= FMA_MAX_ROWS:
+            raise EngineConfigError(f"fma_max_rows must be from 1 to {FMA_MAX_ROWS}, got {config.kernels.fma_max_rows}")
         self.kv_dtype = self._kv_dtype()
         self._shipped_kv_scales: dict[tuple[int, str], float] = {}  # a quantized checkpoint's, filled while loading
         self.model = self._build_model(weights)

@@ -17,7 +17,7 @@ from worker.embedded.quant import SKINNY_ROWS, QuantizedRows, QuantLinear, quant
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul, silu_and_mul_quant
-    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_fma, gemv_fma_config, gemv_gated_config, fma_faster
+    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_gated_config, fma_faster, fma_projection
 except ImportError:  # no Triton here: the PyTorch path only
     add_rms_norm = rope_and_cache = silu_and_mul = silu_and_mul_quant = None
 from models.config import ModelConfig
@@ -161,9 +161,7 @@ class SkinnyLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.skinny(x):
             if fma_faster(self.kernels, x.shape[0], self.weight.shape[0]):
-                bn, bk, nw, unroll, acc_2d = gemv_fma_config(*self.weight.shape, self.weight.element_size(), rows=x.shape[0])
-                return gemv_fma(x, self.weight, None, self.bias, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll,
-                                acc_2d=acc_2d, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
+                return fma_projection(x, self.weight, self.kernels, bias=self.bias)
             return gemv(x, self.weight, self.bias, *gemv_config(*self.weight.shape),
                         pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
         return super().forward(x)
@@ -173,9 +171,7 @@ class SkinnyLinear(nn.Linear):
         launch (call only where skinny(x))."""
         n, k = self.weight.shape[0] // 2, self.weight.shape[1]
         if fma_faster(self.kernels, x.shape[0], n):
-            bn, bk, nw, unroll, acc_2d = gemv_fma_config(n, k, self.weight.element_size(), gated=True, rows=x.shape[0])
-            return gemv_fma(x, self.weight, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll, acc_2d=acc_2d,
-                            gated=True, pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
+            return fma_projection(x, self.weight, self.kernels, gated=True)
         return gemv(x, self.weight, None, *gemv_gated_config(n, k),
                     pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes, gated=True)
 

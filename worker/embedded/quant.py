@@ -252,11 +252,9 @@ class QuantLinear(nn.Module):
             xq, xs = quantize_activation(x, act, triton=kernels is not None, pdl=path == "skinny" and kernels.pdl)
             return self._dot_8bit(xq, xs, x.dtype).reshape(*shape[:-1], -1)
         if path == "skinny" and self.few_rows_fma(M, kernels):
-            from worker.embedded.kernels.gemv import gemv_fma, gemv_fma_config
+            from worker.embedded.kernels.gemv import fma_projection
 
-            bn, bk, nw, unroll, acc_2d = gemv_fma_config(self.out_features, self.in_features, 1, rows=M)
-            y = gemv_fma(x, self.weight, self.weight_scale, self.bias, block_n=bn, block_k=bk, num_warps=nw,
-                         unroll=unroll, acc_2d=acc_2d, pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
+            y = fma_projection(x, self.weight, kernels, self.weight_scale, self.bias)
         elif path == "skinny":  # W8A16, or FP8 weights upcast
             from worker.embedded.kernels.qgemv import qgemv, qgemv_config
 

@@ -31,7 +31,7 @@ import triton.language as tl
 
 from worker.embedded.kernels.fused import silu_times
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
-from worker.engine_api import KernelConfig
+from worker.engine_api import FMA_MAX_ROWS, KernelConfig
 
 MAX_ROWS = 16  # x is padded to this many rows: tl.dot needs at least 16
 
@@ -246,10 +246,6 @@ def _gemv_fma(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
         tl.store(Y + m[:, None] * stride_ym + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
 
 
-# Most rows gemv_fma takes (a measured choice is KernelConfig.fma_max_rows's, 1 by default).
-FMA_MAX_ROWS = 4
-
-
 def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
              x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int = 16,
              block_k: int = 512, num_warps: int = 4, unroll: int = 1, acc_2d: bool = False, gated: bool = False,
@@ -313,3 +309,13 @@ def fma_faster(kernels: KernelConfig, rows: int, n: int) -> bool:
     KernelConfig.one_row_matmul and fma_max_rows: never a vocabulary's lm_head
     (n >= 32768), which runs at its floor with the dot already."""
     return kernels.one_row_matmul == "fma" and 1 <= rows <= min(kernels.fma_max_rows, FMA_MAX_ROWS) and n < 32768
+
+
+def fma_projection(x: torch.Tensor, w: torch.Tensor, kernels: KernelConfig, w_scale: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """gemv_fma as the engine launches it (call where fma_faster): its tiles from
+    gemv_fma_config, PDL and the L2 prefetch from `kernels`."""
+    n = w.shape[0] // 2 if gated else w.shape[0]
+    bn, bk, nw, unroll, acc_2d = gemv_fma_config(n, w.shape[1], w.element_size(), gated=gated, rows=x.shape[0])
+    return gemv_fma(x, w, w_scale, bias, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll, acc_2d=acc_2d, gated=gated,
+                    pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
