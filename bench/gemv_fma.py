@@ -30,7 +30,7 @@ import triton
 import triton.testing
 
 from bench.gemv_tune import SHAPES as GEMV_SHAPES
-from worker.embedded.kernels.gemv import gated_faster, gemv, gemv_config, gemv_fma, gemv_fma_config, gemv_gated_config
+from worker.embedded.kernels.gemv import ACC_2D_MAX, gated_faster, gemv, gemv_config, gemv_fma, gemv_fma_config, gemv_gated_config
 from worker.embedded.kernels.qgemv import qgemv, qgemv_config, quantize_rows
 from worker.embedded.quant import FP8
 
@@ -69,7 +69,7 @@ def is_gated(name: str, kind: str) -> bool:
 def grid(kind: str, K: int, args) -> list[tuple]:
     bks = args.block_k_8bit if kind != "bf16" else args.block_k
     return [c for c in itertools.product(args.block_n, bks, args.warps, args.unroll, args.acc_2d)
-            if c[1] <= K and not (c[4] and args.rows > 1)]  # acc_2d: one row only
+            if c[1] <= K and not (c[4] and c[0] * c[1] * args.rows > ACC_2D_MAX)]
 
 
 def run_fma(x, w, s, name, kind, c):

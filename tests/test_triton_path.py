@@ -72,7 +72,7 @@ def test_one_row_gemv_on_the_cuda_cores(checked):
     assert r["16bit"] < 1e-3 and r["float8_e4m3fn"] < 1e-3 and r["int8"] < 1e-3, r
     assert r["gated"]["rel_err"] < 2e-3 and r["gated"]["equals_unfused"], r
     assert r["float32_x"]["dtype"] == "torch.float32" and r["float32_x"]["rel_err"] < 1e-6, r
-    assert r["rows"] < 1e-3 and r["rows_gated"] < 2e-3 and r["rows_fp8_x"] < 1e-6, r
+    assert r["rows"] < 1e-3 and r["rows_gated"] < 2e-3 and r["rows_fp8_x"] < 1e-6 and r["rows_as_alone"], r
 
 
 def test_gated_gemv_kernel_equals_the_unfused_pair(checked):
@@ -147,6 +147,22 @@ def test_fma_rows_the_kernel_cannot_take_are_refused_by_name(rows):
 
     with pytest.raises(EngineConfigError, match=f"fma_max_rows must be from 1 to 4, got {rows}"):
         EmbeddedEngine(EngineConfig(device="cpu", kernels=KernelConfig(fma_max_rows=rows)))
+
+
+def test_which_steps_run_the_cuda_core_matmul():
+    """One row (the default): every projection but a vocabulary's lm_head. Up to
+    fma_max_rows rows: only 16-bit projections that are not a fused gate_up; --one-row-matmul
+    dot: none."""
+    from worker.embedded.kernels.gemv import fma_faster
+    from worker.engine_api import KernelConfig
+
+    k = KernelConfig()
+    assert fma_faster(k, 1, 2048) and fma_faster(k, 1, 2048, eight_bit=True) and fma_faster(k, 1, 8192, gated=True)
+    assert not fma_faster(k, 1, 128256) and not fma_faster(k, 2, 3072)
+    k2 = KernelConfig(fma_max_rows=2)
+    assert fma_faster(k2, 2, 3072) and not fma_faster(k2, 2, 3072, eight_bit=True) and not fma_faster(k2, 2, 8192, gated=True)
+    assert not fma_faster(k2, 3, 3072) and fma_faster(KernelConfig(fma_max_rows=4), 3, 3072)
+    assert not fma_faster(KernelConfig(one_row_matmul="dot"), 1, 2048)
 
 
 @pytest.mark.parametrize("tile", [100, 8, 512])

@@ -8,6 +8,7 @@ of the checks ("kernels" and engine paths by name, as in PATHS), so that the tes
 two shares at once on two cores; none: all of them."""
 
 import dataclasses
+import functools
 import json
 import sys
 
@@ -234,17 +235,21 @@ def check_gemv_fma(gen: torch.Generator) -> dict:
     xs = torch.randn(300, 2, generator=gen)[:, :1].T
     y32 = gemv_fma(xs, wq, ws, block_n=8, block_k=128, pdl=False)
     out["float32_x"] = {"dtype": str(y32.dtype), "rel_err": rel_err(y32, xs.double() @ (wq.double() * ws.double()[:, None]).T)}
-    # 2-4 rows (KernelConfig.fma_max_rows): 16-bit x, and 8-bit x with a scale a row
-    xm = torch.randn(3, 300, generator=gen).half()
+    # 2-4 rows (KernelConfig.fma_max_rows): 16-bit x, both sums, each row bit for bit as
+    # if alone (its own sums, the same order); 8-bit x with a scale a row; the gated form
+    xm = torch.randn(4, 300, generator=gen).half()
     w16 = torch.randn(70, 300, generator=gen).half()
-    out["rows"] = max(rel_err(gemv_fma(xm[:m], w16, None, bias, block_n=8, block_k=128, unroll=2, pdl=False),
-                              xm[:m].double() @ w16.double().T + bias.double()) for m in (2, 3))
+    fma = functools.partial(gemv_fma, block_n=8, block_k=128, unroll=2, pdl=False)
+    out["rows"] = max(rel_err(fma(xm[:m], w16, None, bias, acc_2d=acc), xm[:m].double() @ w16.double().T + bias.double())
+                      for m in (2, 3, 4) for acc in (False, True))
+    out["rows_as_alone"] = all(torch.equal(fma(xm[:m], w16, None, bias, acc_2d=acc)[r], fma(xm[r:r + 1], w16, None, bias, acc_2d=acc)[0])
+                               for m in (2, 4) for acc in (False, True) for r in range(m))
     xq, xqs = quantize_rows(xm.float(), FP8)
-    out["rows_fp8_x"] = rel_err(gemv_fma(xq, wq, ws, x_scale=xqs[:, None], out_dtype=torch.float32, block_n=8, block_k=128,
-                                         pdl=False), (xq.double() * xqs.double()[:, None]) @ (wq.double() * ws.double()[:, None]).T)
+    out["rows_fp8_x"] = rel_err(fma(xq, wq, ws, x_scale=xqs[:, None], out_dtype=torch.float32),
+                                (xq.double() * xqs.double()[:, None]) @ (wq.double() * ws.double()[:, None]).T)
     wg = (torch.randn(2 * 70, 300, generator=gen) / 300**0.5).half()
     gm, um = (xm.double() @ wg.double().T).chunk(2, dim=-1)
-    out["rows_gated"] = rel_err(gemv_fma(xm, wg, gated=True, block_n=8, block_k=128, pdl=False), F.silu(gm) * um)
+    out["rows_gated"] = max(rel_err(fma(xm[:m], wg, gated=True, acc_2d=acc), (F.silu(gm) * um)[:m]) for m in (3, 4) for acc in (False, True))
     gate, up = (x.double() @ wg.double().T).chunk(2, dim=-1)
     ours = gemv_fma(x, wg, gated=True, block_n=8, block_k=128, pdl=False)
     out["gated"] = {"rel_err": rel_err(ours, F.silu(gate) * up),

@@ -170,7 +170,7 @@ class SkinnyLinear(nn.Linear):
         """SiLU(gate) * up of this fused [gate; up] projection, from one skinny-matmul
         launch (call only where skinny(x))."""
         n, k = self.weight.shape[0] // 2, self.weight.shape[1]
-        if fma_faster(self.kernels, x.shape[0], n):
+        if fma_faster(self.kernels, x.shape[0], n, gated=True):
             return fma_projection(x, self.weight, self.kernels, gated=True)
         return gemv(x, self.weight, None, *gemv_gated_config(n, k),
                     pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes, gated=True)

@@ -295,7 +295,7 @@ class QuantLinear(nn.Module):
         quantization), as KernelConfig.one_row_matmul and fma_max_rows say."""
         from worker.embedded.kernels.gemv import fma_faster
 
-        return self.scheme.activation in (None, FP8) and fma_faster(kernels, rows, self.out_features)
+        return self.scheme.activation in (None, FP8) and fma_faster(kernels, rows, self.out_features, eight_bit=True)
 
     def input_quantization(self, rows: int, kernels: KernelConfig) -> torch.dtype | None:
         """What an input of `rows` rows is quantized to on the Triton path; None where the

@@ -8,8 +8,10 @@ split-K (an atomic reduction would cost two more launches).
 One row (batch-1 decode) runs gemv_fma instead by default (KernelConfig.one_row_matmul):
 the weight loaded straight into registers and multiplied on the CUDA cores, with no shared
 memory and no padding. It was faster than the tensor-core kernel on every projection
-measured (BENCHMARKS.md, run 22). The vocabulary's lm_head keeps this kernel: it already ran
-at its floor, and it was not measured on the CUDA cores.
+measured (BENCHMARKS.md, run 22). It takes 2-4 rows too (KernelConfig.fma_max_rows, 1 by
+default: whole two-token steps were no faster, run 23; fma_faster says where). The vocabulary's
+lm_head keeps this kernel: it already ran at its floor, and it was not measured on the
+CUDA cores.
 
 On Hopper the kernel is launched with programmatic dependent launch (pdl.py) and pulls
 the first `prefetch_bytes` of its weight (KernelConfig.l2_prefetch_bytes) towards L2
@@ -34,6 +36,7 @@ from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import FMA_MAX_ROWS, KernelConfig
 
 MAX_ROWS = 16  # x is padded to this many rows: tl.dot needs at least 16
+ACC_2D_MAX = 8192  # float32 sums a gemv_fma program keeps over its rows at 2-4 rows: 64 registers a thread at 4 warps
 
 
 @triton.jit
@@ -155,43 +158,66 @@ def gated_faster(n: int, k: int) -> bool:
 
 
 @triton.jit
-def _fma_tile(acc, w, x, ROWS: tl.constexpr, ACC_2D: tl.constexpr):
-    """acc plus a weight tile w [BLOCK_N, BLOCK_K] times x: one row ([1, BLOCK_K] float32,
-    acc [BLOCK_N] or, ACC_2D, [BLOCK_N, BLOCK_K]), or ROWS rows ([ROWS, BLOCK_K], acc
-    [ROWS, BLOCK_N])."""
-    if ROWS == 1:
-        p = w.to(tl.float32) * x
-        if ACC_2D:
-            acc += p
-        else:
-            acc += tl.sum(p, axis=1)
+def _x_row(X, r: tl.constexpr, stride_xm, k, K, EVEN_K: tl.constexpr):
+    """Row r of x at columns k, as float32 [1, BLOCK_K]."""
+    if EVEN_K:
+        x = tl.load(X + r * stride_xm + k)
     else:
-        acc += tl.sum(w.to(tl.float32)[None, :, :] * x[:, None, :], axis=2)
+        x = tl.load(X + r * stride_xm + k, mask=k < K, other=0.0)
+    return x.to(tl.float32)[None, :]
+
+
+@triton.jit
+def _fma_tile(acc, wf, x, ACC_2D: tl.constexpr):
+    """acc plus a float32 weight tile wf [BLOCK_N, BLOCK_K] times one row x [1, BLOCK_K]:
+    acc [BLOCK_N], or ACC_2D [BLOCK_N, BLOCK_K] (reduced once, at the end)."""
+    p = wf * x
+    if ACC_2D:
+        acc += p
+    else:
+        acc += tl.sum(p, axis=1)
     return acc
 
 
 @triton.jit
-def _gemv_fma(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
+def _fma_store(acc, acc_up, r: tl.constexpr, SX, SW, B, Y, n, n_ok, rows, stride_ym,
+               HAS_SX: tl.constexpr, HAS_SW: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+               ACC_2D: tl.constexpr):
+    """Row r of y from its sums: scales, bias, and SiLU(gate) * up when GATED."""
+    out = tl.sum(acc, axis=1) if ACC_2D else acc
+    if HAS_SW:
+        out = out * tl.load(SW + rows)
+    if HAS_SX:
+        out = out * tl.load(SX + r)
+    if HAS_BIAS:
+        out += tl.load(B + rows).to(tl.float32)
+    y = out.to(Y.dtype.element_ty)
+    if GATED:
+        up = tl.sum(acc_up, axis=1) if ACC_2D else acc_up
+        y = silu_times(y, up.to(Y.dtype.element_ty))
+    tl.store(Y + r * stride_ym + n, y, mask=n_ok)
+
+
+@triton.jit
+def _gemv_fma(X, SX, W, SW, B, Y, N, K, stride_xm, stride_wn, stride_ym,
               HAS_SX: tl.constexpr, HAS_SW: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr, ACC_2D: tl.constexpr,
               UNROLL: tl.constexpr):
-    """A few rows of x (M <= ROWS, a power of two) times W on the CUDA cores: each weight
-    tile loaded straight into registers, converted to float32 and multiplied, with no
+    """ROWS rows of x (1 to 4, exactly M) times W on the CUDA cores: each weight tile loaded
+    straight into registers, converted to float32 once and multiplied by every row, with no
     shared memory staging and no tensor cores (the tl.dot kernels stage every weight byte
-    through shared memory and pad x to 16 rows). ACC_2D (one row only) keeps a
-    [BLOCK_N, BLOCK_K] float32 sum and reduces it once at the end; else each tile is reduced
-    across threads as it is read. UNROLL: K steps unrolled (Triton does not pipeline these
-    loads: unrolling is how a program keeps more of them in flight). GATED: W is [gate; up]
-    (2N rows) and y = SiLU(gate) * up, each rounded to y's dtype first, as _gemv's gated
-    form."""
+    through shared memory and pad x to 16 rows). Each row has sums of its own: ACC_2D keeps
+    a [BLOCK_N, BLOCK_K] float32 sum and reduces it once at the end; else each tile is
+    reduced across threads as it is read. UNROLL: K steps unrolled (Triton does not
+    pipeline these loads: unrolling is how a program keeps more of them in flight). GATED:
+    W is [gate; up] (2N rows) and y = SiLU(gate) * up, each rounded to y's dtype first, as
+    _gemv's gated form."""
     pid = tl.program_id(0)
     n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
     rows = tl.minimum(n, N - 1)  # rows past N read row N - 1 and are not stored
     kk = tl.arange(0, BLOCK_K)
-    m = tl.arange(0, ROWS)
-    m_ok = m < M
     if PREFETCH_K > 0:
         lines = (tl.arange(0, PREFETCH_K // LINE) * LINE)[None, :]
         _prefetch_l2(W + rows[:, None] * stride_wn + lines)
@@ -199,51 +225,58 @@ def _gemv_fma(X, SX, W, SW, B, Y, M, N, K, stride_xm, stride_wn, stride_ym,
             _prefetch_l2(W + (rows + N)[:, None] * stride_wn + lines)
     enter(USE_GDC)
     if ACC_2D:
-        acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
-    elif ROWS == 1:
-        acc = tl.zeros([BLOCK_N], tl.float32)
+        acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     else:
-        acc = tl.zeros([ROWS, BLOCK_N], tl.float32)
-    acc_up = tl.zeros_like(acc)
+        acc0 = tl.zeros([BLOCK_N], tl.float32)
+    up0 = tl.zeros_like(acc0)  # the up half's sums (GATED), per row as acc
+    if ROWS >= 2:
+        acc1 = tl.zeros_like(acc0)
+        up1 = tl.zeros_like(acc0)
+    if ROWS >= 3:
+        acc2 = tl.zeros_like(acc0)
+        up2 = tl.zeros_like(acc0)
+    if ROWS >= 4:
+        acc3 = tl.zeros_like(acc0)
+        up3 = tl.zeros_like(acc0)
     for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
         k = k0 + kk
-        k_ok = (k < K)[None, :]
-        if ROWS == 1:
-            if EVEN_K:
-                x = tl.load(X + k).to(tl.float32)[None, :]
-            else:
-                x = tl.load(X + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
-        else:
-            x = tl.load(X + m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok, other=0.0).to(tl.float32)
+        x = _x_row(X, 0, stride_xm, k, K, EVEN_K)
         if EVEN_K:
             w = tl.load(W + rows[:, None] * stride_wn + k[None, :])
         else:
-            w = tl.load(W + rows[:, None] * stride_wn + k[None, :], mask=k_ok, other=0.0)
-        acc = _fma_tile(acc, w, x, ROWS, ACC_2D)
+            w = tl.load(W + rows[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
+        wf = w.to(tl.float32)
         if GATED:
             if EVEN_K:
                 wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :])
             else:
-                wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :], mask=k_ok, other=0.0)
-            acc_up = _fma_tile(acc_up, wu, x, ROWS, ACC_2D)
-    out = tl.sum(acc, axis=1) if ACC_2D else acc
-    if HAS_SW:
-        out = out * tl.load(SW + rows)
-    if HAS_SX:
-        if ROWS == 1:
-            out = out * tl.load(SX)
-        else:
-            out = out * tl.load(SX + m, mask=m_ok, other=0.0)[:, None]
-    if HAS_BIAS:
-        out += tl.load(B + rows).to(tl.float32)
-    y = out.to(Y.dtype.element_ty)
-    if GATED:
-        up = tl.sum(acc_up, axis=1) if ACC_2D else acc_up
-        y = silu_times(y, up.to(Y.dtype.element_ty))
-    if ROWS == 1:
-        tl.store(Y + n, y, mask=n_ok)
-    else:
-        tl.store(Y + m[:, None] * stride_ym + n[None, :], y, mask=m_ok[:, None] & n_ok[None, :])
+                wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
+            wuf = wu.to(tl.float32)
+        acc0 = _fma_tile(acc0, wf, x, ACC_2D)
+        if GATED:
+            up0 = _fma_tile(up0, wuf, x, ACC_2D)
+        if ROWS >= 2:
+            x = _x_row(X, 1, stride_xm, k, K, EVEN_K)
+            acc1 = _fma_tile(acc1, wf, x, ACC_2D)
+            if GATED:
+                up1 = _fma_tile(up1, wuf, x, ACC_2D)
+        if ROWS >= 3:
+            x = _x_row(X, 2, stride_xm, k, K, EVEN_K)
+            acc2 = _fma_tile(acc2, wf, x, ACC_2D)
+            if GATED:
+                up2 = _fma_tile(up2, wuf, x, ACC_2D)
+        if ROWS >= 4:
+            x = _x_row(X, 3, stride_xm, k, K, EVEN_K)
+            acc3 = _fma_tile(acc3, wf, x, ACC_2D)
+            if GATED:
+                up3 = _fma_tile(up3, wuf, x, ACC_2D)
+    _fma_store(acc0, up0, 0, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
+    if ROWS >= 2:
+        _fma_store(acc1, up1, 1, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
+    if ROWS >= 3:
+        _fma_store(acc2, up2, 2, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
+    if ROWS >= 4:
+        _fma_store(acc3, up3, 3, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
 
 
 def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -254,14 +287,14 @@ def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = No
     the CUDA cores (_gemv_fma). w 16- or 8-bit; x 16-bit, or 8-bit standing for x * x_scale
     [M, 1] (quantize_rows), or float32. Output in `out_dtype` (default x's dtype, or bfloat16
     for 8-bit x). gated: as gemv's (w a 16-bit [gate; up] of 2N rows, no scales or bias).
-    acc_2d: one row only."""
+    acc_2d: each row keeps a [block_n, block_k] sum (registers grow with the rows)."""
     M, K = x.shape
     if not 1 <= M <= FMA_MAX_ROWS:
         raise ValueError(f"gemv_fma takes 1 to {FMA_MAX_ROWS} rows of x, got {M}")
-    if acc_2d and M > 1:
-        raise ValueError("gemv_fma's acc_2d takes one row of x")
     if x.stride(-1) != 1:
         x = x.contiguous()
+    if x_scale is not None:
+        x_scale = x_scale.contiguous()  # read as x_scale[r]
     N = w.shape[0] // 2 if gated else w.shape[0]
     if gated and (bias is not None or w_scale is not None or w.shape[0] % 2):
         raise ValueError("a gated gemv_fma takes an even number of weight rows, no scale and no bias")
@@ -272,9 +305,9 @@ def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = No
     prefetch_k = 0 if not use_pdl or min(cols, K) < line else 1 << (min(cols, K).bit_length() - 1)
     _gemv_fma[(triton.cdiv(N, block_n),)](
         x, x if x_scale is None else x_scale, w, x if w_scale is None else w_scale, x if bias is None else bias, y,
-        M, N, K, x.stride(0), w.stride(0), y.stride(0),
+        N, K, x.stride(0), w.stride(0), y.stride(0),
         HAS_SX=x_scale is not None, HAS_SW=w_scale is not None, HAS_BIAS=bias is not None,
-        GATED=gated, ROWS=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
+        GATED=gated, ROWS=M, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
         USE_GDC=use_pdl, PREFETCH_K=prefetch_k, LINE=line, ACC_2D=acc_2d, UNROLL=unroll, num_warps=num_warps,
         num_stages=1, **launch_options(use_pdl),
     )
@@ -286,10 +319,14 @@ def gemv_fma_config(n: int, k: int, w_bytes: int, gated: bool = False, rows: int
     `w_bytes` an element (gated: n output columns from 2n rows of [gate; up]): the best of
     bench/gemv_fma.py's sweeps at one row on an H200 for each kind of projection of
     Llama-3.2-1B and Llama-3-8B (BENCHMARKS.md, run 22). Four warps throughout; the tiles
-    differ by up to 1.5x between shapes. More rows: the same tiles with the sum reduced a
-    tile at a time (not yet swept)."""
+    differ by up to 1.5x between shapes. Two rows (16-bit, not gated: fma_faster): the
+    tiles best or within 2% of the best on every such projection at 2 rows (run 23). Else
+    the one-row tiles, each row's sums 2-D only while all rows' fit in registers
+    (ACC_2D_MAX)."""
+    if rows == 2 and w_bytes == 2 and not gated:
+        return (2, 1024, 4, 1, True) if n >= 16384 else (4, 1024, 4, 2, True)
     bn, bk, nw, unroll, acc_2d = _one_row_config(n, k, w_bytes, gated)
-    return (bn, bk, nw, unroll, acc_2d) if rows == 1 else (bn, bk, nw, unroll, False)
+    return bn, bk, nw, unroll, acc_2d and (rows == 1 or bn * bk * rows * (2 if gated else 1) <= ACC_2D_MAX)
 
 
 def _one_row_config(n: int, k: int, w_bytes: int, gated: bool) -> tuple[int, int, int, int, bool]:
@@ -304,11 +341,18 @@ def _one_row_config(n: int, k: int, w_bytes: int, gated: bool) -> tuple[int, int
     return (8, 512, 4, 2, True) if n > 4096 else (8, 1024, 4, 2, True)  # qkv; o, down
 
 
-def fma_faster(kernels: KernelConfig, rows: int, n: int) -> bool:
+def fma_faster(kernels: KernelConfig, rows: int, n: int, eight_bit: bool = False, gated: bool = False) -> bool:
     """Whether `rows` rows of a projection of n output columns run gemv_fma, given
     KernelConfig.one_row_matmul and fma_max_rows: never a vocabulary's lm_head
-    (n >= 32768), which runs at its floor with the dot already."""
-    return kernels.one_row_matmul == "fma" and 1 <= rows <= min(kernels.fma_max_rows, FMA_MAX_ROWS) and n < 32768
+    (n >= 32768), which runs at its floor with the dot already; above one row only 16-bit
+    weights that are not a fused gate_up. At 2 rows, alone, gemv_fma took 0.75-0.98x the
+    dot's time on those and 1.0-1.5x on the others (FP8 against the dot with its
+    quantization kernel), and at 4 rows 1.1-2.1x on every projection (BENCHMARKS.md, run 23).
+    Inside the step the dot did better than alone, and the 8B's (unfused) gate_up is faster
+    on the dot, hence fma_max_rows 1."""
+    if kernels.one_row_matmul != "fma" or n >= 32768 or not 1 <= rows <= min(kernels.fma_max_rows, FMA_MAX_ROWS):
+        return False
+    return rows == 1 or not (eight_bit or gated)
 
 
 def fma_projection(x: torch.Tensor, w: torch.Tensor, kernels: KernelConfig, w_scale: torch.Tensor | None = None,
