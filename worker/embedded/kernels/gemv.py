@@ -346,7 +346,7 @@ def fma_faster(kernels: KernelConfig, rows: int, n: int, eight_bit: bool = False
     KernelConfig.one_row_matmul and fma_max_rows: never a vocabulary's lm_head
     (n >= 32768), which runs at its floor with the dot already; above one row only 16-bit
     weights that are not a fused gate_up. At 2 rows, alone, gemv_fma took 0.75-0.98x the
-    dot's time on those and 1.0-1.5x on the others (FP8 against the dot with its
+    dot's time on those and 0.98-1.5x on the others (FP8 against the dot with its
     quantization kernel), and at 4 rows 1.1-2.1x on every projection (BENCHMARKS.md, run 23).
     Inside the step the dot did better than alone, and the 8B's (unfused) gate_up is faster
     on the dot, hence fma_max_rows 1."""
