@@ -56,17 +56,16 @@ def shared_bytes(ptx: str) -> int:
 
 
 def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, arch: int, block_size: int = 32,
-                   fp8_read: str = "words", splits: int = 1, fused_combine: bool = False):
+                   fp8_read: str = "words"):
     group, head_dim = HEADS[heads]
     names = _paged_decode.arg_names
     k_read, v_read = tile_reads(fp8_read)
     cache = {"words": "*i32", "cast": "*fp8e4nv"} if kv_fp8 else {"words": "*bf16", "cast": "*bf16"}
     pointers = {"Q": "*bf16", "O": "*bf16", "K": cache[k_read], "V": cache[v_read],
-                "PART_O": "*fp32", "PART_LSE": "*fp32", "TABLES": "*i32", "CTX_LENS": "*i32", "SEM": "*i32"}
+                "PART_O": "*fp32", "PART_LSE": "*fp32", "TABLES": "*i32", "CTX_LENS": "*i32"}
     constants = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                     BLOCK_SIZE=block_size, TILE=tile, IEEE=False, SPLITS=splits, USE_GDC=False, KV_FP8=kv_fp8,
-                     K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=True, FP8_DOT=False, FP8_BITS=False,
-                     FUSED_COMBINE=fused_combine)
+                     BLOCK_SIZE=block_size, TILE=tile, IEEE=False, SPLITS=1, USE_GDC=False, KV_FP8=kv_fp8,
+                     K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=True, FP8_DOT=False, FP8_BITS=False)
     signature = {n: pointers.get(n) or ("fp32" if n in ("scale", "v_scale") else
                                          "i32" if n.startswith("stride") else "constexpr") for n in names}
     divisible = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

@@ -94,12 +94,10 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, pdl: bool,
-                    k_scale: float = 1.0, v_scale: float = 1.0, decode_tile: int | None = None,
-                    fused_combine: bool = True) -> torch.Tensor:
+                    k_scale: float = 1.0, v_scale: float = 1.0, decode_tile: int | None = None) -> torch.Tensor:
     """q, k, v: this step's new tokens [T, heads, dim], already written to the cache; `pdl`
     allows the decode kernel programmatic dependent launch (KernelConfig.pdl), `decode_tile`
-    sets its tokens a loop iteration (KernelConfig.decode_tile; None: its own choice), and
-    `fused_combine` whether its last split combines (KernelConfig.fused_decode_combine). The cache
+    sets its tokens a loop iteration (KernelConfig.decode_tile; None: its own choice). The cache
     holds keys / k_scale and values / v_scale (an FP8 cache's calibrated scales; 1
     otherwise): the kernels fold k_scale into the softmax scale and v_scale into the output."""
     if meta.attention == "reference":
@@ -110,7 +108,7 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
         n = meta.num_decodes
         paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale * k_scale,
-                               out[:n], pdl=pdl, v_scale=v_scale, tile=decode_tile, fused_combine=fused_combine)
+                               out[:n], pdl=pdl, v_scale=v_scale, tile=decode_tile)
     if meta.prefill_cu_seq is not None:
         rows = slice(meta.num_decodes, q.shape[0])
         out[rows] = varlen_prefill(q[rows], k[rows], v[rows], meta.prefill_cu_seq, meta.prefill_max_len, scale)

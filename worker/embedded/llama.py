@@ -141,8 +141,7 @@ class Attention(nn.Module):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, pdl=kernels is not None and kernels.pdl,
-                              k_scale=ks, v_scale=vs, decode_tile=(kernels.decode_tile or None) if kernels is not None else None,
-                              fused_combine=kernels is None or kernels.fused_decode_combine)
+                              k_scale=ks, v_scale=vs, decode_tile=(kernels.decode_tile or None) if kernels is not None else None)
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -239,8 +239,7 @@ class ModelRunner:
             table = torch.zeros((batch, 1), dtype=torch.int32, device=dev)
             ctx = torch.ones(batch, dtype=torch.int32, device=dev)
             for splits in (1, 2, 4, 8, 16, 32):
-                paged_decode_attention(q, k_cache, v_cache, table, ctx, 1.0, splits=splits, pdl=self.kernels.pdl,
-                                       fused_combine=self.kernels.fused_decode_combine)
+                paged_decode_attention(q, k_cache, v_cache, table, ctx, 1.0, splits=splits, pdl=self.kernels.pdl)
 
     @torch.inference_mode()
     def run(self, chunks: list[ScheduledChunk], eos_token_ids: tuple[int, ...]) -> tuple[DeviceSample | None, list[Sequence]]:

@@ -41,7 +41,7 @@ DECODE_FP8_READS = (*FP8_READS, "dot", "bits", "kcast")
 
 @triton.jit
 def _paged_decode(
-    Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, SEM, scale, v_scale,
+    Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -50,7 +50,7 @@ def _paged_decode(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
     KV_FP8: tl.constexpr, K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr,
-    FP8_BITS: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+    FP8_BITS: tl.constexpr,
 ):
     enter(USE_GDC)
     b = tl.program_id(0)
@@ -119,30 +119,6 @@ def _paged_decode(
         tl.store(PART_O + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
         tl.store(PART_LSE + row, lse, mask=g_ok)
-        if FUSED_COMBINE:
-            # The head's last split to finish combines the partials (no second kernel): every
-            # thread's stores before the counter's release, read back from L2 after its acquire.
-            tl.debug_barrier()
-            sem = SEM + b * tl.num_programs(1) + kvh
-            if tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-                first = (b * (tl.num_programs(1) * GROUP) + heads) * SPLITS
-                used = tl.cdiv(ctx, tl.maximum(per_split, 1))  # the splits with tokens; the rest hold -inf and zeros
-                top = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-                for sp in range(0, used):
-                    top = tl.maximum(top, tl.load(PART_LSE + first + sp, mask=g_ok, other=float("-inf"), cache_modifier=".cg"))
-                top = tl.where(top == float("-inf"), 0.0, top)
-                total = tl.zeros([GROUP_PAD], tl.float32)
-                acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-                for sp in range(0, used):
-                    lse_s = tl.load(PART_LSE + first + sp, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
-                    w = tl.where(lse_s == float("-inf"), 0.0, tl.exp(lse_s - top))
-                    o = tl.load(PART_O + (first + sp)[:, None] * HEAD_DIM + d[None, :], mask=g_ok[:, None], other=0.0,
-                                cache_modifier=".cg")
-                    total += w
-                    acc += w[:, None] * o
-                out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-                tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=g_ok[:, None])
-                tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
@@ -179,7 +155,6 @@ def paged_decode_attention(
     num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
     fp8_read: str = "words",  # how an FP8 cache is read: DECODE_FP8_READS
     max_regs: int | None = None,  # a cap on registers a thread (Triton's maxnreg), for bench.paged_decode_tune
-    fused_combine: bool = KernelConfig.fused_decode_combine,  # the last split combines (else a second kernel)
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -195,7 +170,6 @@ def paged_decode_attention(
     if auto_tile:
         tile = max(wide_tile(kv_fp8, splits, D), block_size)
     part_o = part_lse = out  # unused when there is one split
-    fused_combine = fused_combine and splits > 1
     use_pdl = pdl_on(q.device, B, pdl)
     if splits > 1:
         part_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
@@ -209,8 +183,7 @@ def paged_decode_attention(
     k_read, v_read = tile_reads(fp8_read)
     k_cache, v_cache = cache_view(k_cache, k_read), cache_view(v_cache, v_read)
     _paged_decode[(B, Hkv, splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens,
-        _semaphores(q.device, B * Hkv) if fused_combine else context_lens, scale, v_scale,
+        q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -219,11 +192,11 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
         KV_FP8=kv_fp8, K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=q.device.type == "cuda",
-        FP8_DOT=fp8_dot, FP8_BITS=fp8_bits, FUSED_COMBINE=fused_combine,
+        FP8_DOT=fp8_dot, FP8_BITS=fp8_bits,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
         **({} if max_regs is None else {"maxnreg": max_regs}),
     )
-    if splits > 1 and not fused_combine:
+    if splits > 1:
         _combine_splits[(B, Hq)](part_o, part_lse, out, out.stride(0), out.stride(1), Hq, SPLITS=splits, HEAD_DIM=D,
                                  USE_GDC=use_pdl, num_warps=1, **launch_options(use_pdl))
     return out
@@ -257,23 +230,6 @@ def num_splits(programs: int, sms: int, max_context: int, tile: int) -> int:
         return 1
     want = min(32, -(-sms // programs), -(-max_context // tile))
     return 1 << max(0, (want - 1).bit_length()) if want > 1 else 1
-
-
-_SEMAPHORES: dict[torch.device, torch.Tensor] = {}
-
-
-def _semaphores(device: torch.device, n: int) -> torch.Tensor:
-    """The split counters of a fused combine, one per (sequence, KV head), zero between
-    launches (the last split resets its own). Kept for the process: CUDA graphs capture
-    their address. Split launches have fewer programs than SMs, so the first allocation
-    (at least one counter an SM, made when the engine compiles the split variants before
-    any capture) holds every engine launch; a larger one (a bench's forced splits) replaces it."""
-    sem = _SEMAPHORES.get(device)
-    if sem is None or sem.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the paged-decode split counters must be allocated before CUDA graph capture")
-        sem = _SEMAPHORES[device] = torch.zeros(max(n, _num_sms(device), 256), dtype=torch.int32, device=device)
-    return sem
 
 
 @functools.cache
