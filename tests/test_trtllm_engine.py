@@ -7,6 +7,7 @@ tests/test_engine_contract.py."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -199,6 +200,28 @@ def test_finish_reasons(trtllm, hf_dir):
     }
     assert [translate.finish(r) for r in ("stop", "length", "timeout", "cancelled", None, "not_finished")] == [
         ("stop", None), ("length", None), (None, "DEADLINE_EXCEEDED"), (None, "CANCELLED"), (None, "INTERNAL"), (None, "INTERNAL")]
+
+
+def test_close_ends_a_task_that_swallows_its_first_cancellation(trtllm, hf_dir):
+    """asyncio.wait_for on Python 3.11 can swallow a cancellation (its inner await done in
+    the same loop iteration), as the stats reader's may when a record lands at shutdown:
+    close() cancels such a task again instead of waiting SUBMIT_TIMEOUT and failing."""
+    engine = trtllm(hf_dir)
+    swallowed = []
+
+    async def stubborn():
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            swallowed.append(True)
+        await asyncio.sleep(3600)
+
+    asyncio.run_coroutine_threadsafe(stubborn(), engine._loop)
+    while not any(t.get_coro().__name__ == "stubborn" for t in asyncio.all_tasks(engine._loop)):
+        time.sleep(0.01)
+    start = time.monotonic()
+    engine.close()
+    assert swallowed == [True] and time.monotonic() - start < 5 and engine._loop.is_closed()
 
 
 def test_abort_cancels_in_trtllm_and_returns_nothing_more(trtllm, hf_dir):

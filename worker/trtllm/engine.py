@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 STEP_WAIT = 0.05  # seconds step() waits for output: the longest the worker's intake waits on it
 SUBMIT_TIMEOUT = 30.0  # generate_async only queues the request; longer means TensorRT-LLM is stuck
 START_TIMEOUT = 600.0  # the warm-up request at start
+CANCEL_AGAIN = 0.1  # seconds close() gives cancelled tasks before cancelling those still running again
 STATS_TIMEOUT, STATS_RETRY = 2.0, 0.5  # stats iterator's wait for a record; pause before asking again
 DEFAULT_MAX_NUM_TOKENS = 8192  # TensorRT-LLM's, where EngineConfig leaves it unset
 INSTALL = ("pip install 'inflight[trtllm]' (TensorRT-LLM 1.2; Linux with an NVIDIA GPU and its CUDA driver), or run "
@@ -320,10 +321,15 @@ class TrtllmEngine:
                 log.exception("TensorRT-LLM could not abort request %s", stream.request_id)
 
     async def _cancel_tasks(self) -> None:
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Cancel every task on the loop and wait for them to end. A task that swallowed its
+        cancellation is cancelled again: asyncio.wait_for (Python 3.11) returns its inner
+        result instead of raising when both land in the same loop iteration, as a stats
+        record put just before shutdown can."""
+        tasks = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+        while tasks:
+            for t in tasks:
+                t.cancel()
+            _, tasks = await asyncio.wait(tasks, timeout=CANCEL_AGAIN)
 
     async def _start_stats(self) -> asyncio.Task:
         return self._loop.create_task(self._poll_stats())
