@@ -180,6 +180,15 @@ def _fma_tile(acc, wf, x, ACC_2D: tl.constexpr):
 
 
 @triton.jit
+def _fma_row(acc, up, wf, wuf, x, GATED: tl.constexpr, ACC_2D: tl.constexpr):
+    """One row's sums (and its up half's, GATED) plus the weight tiles times its x."""
+    acc = _fma_tile(acc, wf, x, ACC_2D)
+    if GATED:
+        up = _fma_tile(up, wuf, x, ACC_2D)
+    return acc, up
+
+
+@triton.jit
 def _fma_store(acc, acc_up, r: tl.constexpr, SX, SW, B, Y, n, n_ok, rows, stride_ym,
                HAS_SX: tl.constexpr, HAS_SW: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                ACC_2D: tl.constexpr):
@@ -246,30 +255,20 @@ def _gemv_fma(X, SX, W, SW, B, Y, N, K, stride_xm, stride_wn, stride_ym,
         else:
             w = tl.load(W + rows[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
         wf = w.to(tl.float32)
+        wuf = wf  # the up half's tile (GATED)
         if GATED:
             if EVEN_K:
                 wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :])
             else:
                 wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
             wuf = wu.to(tl.float32)
-        acc0 = _fma_tile(acc0, wf, x, ACC_2D)
-        if GATED:
-            up0 = _fma_tile(up0, wuf, x, ACC_2D)
+        acc0, up0 = _fma_row(acc0, up0, wf, wuf, x, GATED, ACC_2D)
         if ROWS >= 2:
-            x = _x_row(X, 1, stride_xm, k, K, EVEN_K)
-            acc1 = _fma_tile(acc1, wf, x, ACC_2D)
-            if GATED:
-                up1 = _fma_tile(up1, wuf, x, ACC_2D)
+            acc1, up1 = _fma_row(acc1, up1, wf, wuf, _x_row(X, 1, stride_xm, k, K, EVEN_K), GATED, ACC_2D)
         if ROWS >= 3:
-            x = _x_row(X, 2, stride_xm, k, K, EVEN_K)
-            acc2 = _fma_tile(acc2, wf, x, ACC_2D)
-            if GATED:
-                up2 = _fma_tile(up2, wuf, x, ACC_2D)
+            acc2, up2 = _fma_row(acc2, up2, wf, wuf, _x_row(X, 2, stride_xm, k, K, EVEN_K), GATED, ACC_2D)
         if ROWS >= 4:
-            x = _x_row(X, 3, stride_xm, k, K, EVEN_K)
-            acc3 = _fma_tile(acc3, wf, x, ACC_2D)
-            if GATED:
-                up3 = _fma_tile(up3, wuf, x, ACC_2D)
+            acc3, up3 = _fma_row(acc3, up3, wf, wuf, _x_row(X, 3, stride_xm, k, K, EVEN_K), GATED, ACC_2D)
     _fma_store(acc0, up0, 0, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
     if ROWS >= 2:
         _fma_store(acc1, up1, 1, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
