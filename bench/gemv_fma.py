@@ -30,7 +30,7 @@ import triton
 import triton.testing
 
 from bench.gemv_tune import SHAPES as GEMV_SHAPES
-from worker.embedded.kernels.gemv import ACC_2D_MAX, gated_faster, gemv, gemv_config, gemv_fma, gemv_fma_config, gemv_gated_config
+from worker.embedded.kernels.gemv import acc_2d_fits, gated_faster, gemv, gemv_config, gemv_fma, gemv_fma_config, gemv_gated_config
 from worker.embedded.kernels.qgemv import qgemv, qgemv_config, quantize_rows
 from worker.embedded.quant import FP8
 
@@ -66,10 +66,10 @@ def is_gated(name: str, kind: str) -> bool:
     return kind == "bf16" and "gate_up" in name and gated_faster(N, K)
 
 
-def grid(kind: str, K: int, args) -> list[tuple]:
+def grid(name: str, kind: str, K: int, args) -> list[tuple]:
     bks = args.block_k_8bit if kind != "bf16" else args.block_k
     return [c for c in itertools.product(args.block_n, bks, args.warps, args.unroll, args.acc_2d)
-            if c[1] <= K and not (c[4] and c[0] * c[1] * args.rows > ACC_2D_MAX)]
+            if c[1] <= K and (not c[4] or acc_2d_fits(c[0], c[1], args.rows, is_gated(name, kind)))]
 
 
 def run_fma(x, w, s, name, kind, c):
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--out", default="gemv_fma.json")
     args = ap.parse_args()
     cases = [c.split(":") for c in args.cases]
-    tasks = [(name, kind, grid(kind, SHAPES[name][1], args)) for name, kind in cases]
+    tasks = [(name, kind, grid(name, kind, SHAPES[name][1], args)) for name, kind in cases]
     if args.compile_workers > 1:
         ctx = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.compile_workers, mp_context=ctx) as pool:

@@ -325,7 +325,14 @@ def gemv_fma_config(n: int, k: int, w_bytes: int, gated: bool = False, rows: int
     if rows == 2 and w_bytes == 2 and not gated:
         return (2, 1024, 4, 1, True) if n >= 16384 else (4, 1024, 4, 2, True)
     bn, bk, nw, unroll, acc_2d = _one_row_config(n, k, w_bytes, gated)
-    return bn, bk, nw, unroll, acc_2d and (rows == 1 or bn * bk * rows * (2 if gated else 1) <= ACC_2D_MAX)
+    return bn, bk, nw, unroll, acc_2d and acc_2d_fits(bn, bk, rows, gated)
+
+
+def acc_2d_fits(block_n: int, block_k: int, rows: int, gated: bool) -> bool:
+    """Whether gemv_fma's 2-D sums (acc_2d) are offered at these tiles: always at one row
+    (the one-row sweeps chose them where they won), above it while every row's sums (and
+    their up halves', gated) stay within ACC_2D_MAX floats."""
+    return rows == 1 or block_n * block_k * rows * (2 if gated else 1) <= ACC_2D_MAX
 
 
 def _one_row_config(n: int, k: int, w_bytes: int, gated: bool) -> tuple[int, int, int, int, bool]:
