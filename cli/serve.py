@@ -56,7 +56,7 @@ class ServeConfig:
     stop_timeout: float = dataclasses.field(default=45.0, metadata={"help": "on Ctrl-C or SIGTERM, seconds each stage (gateway, workers, scheduler) may take to drain and stop before it is killed"})
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # Linux: the child gets SIGTERM if `inflight serve` dies, so nothing is orphaned.
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
@@ -92,7 +92,9 @@ class Child:
 
     def start(self) -> None:
         cmd = [sys.executable, "-m", "cli", *self.args]
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, preexec_fn=_die_with_parent)
+        # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground process group)
+        # reaches serve only, which stops the stages in order.
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, preexec_fn=die_with_parent, start_new_session=True)
         self.started = time.monotonic()
         self.restart_at = None
 
@@ -102,6 +104,15 @@ class Stack:
         self.config = config
         self.worker_args = list(worker_args)  # flags every worker gets (given_argv)
         self.children: list[Child] = []
+        self.signals = 0  # Ctrl-C or SIGTERM received: 1 stops in order, 2 kills what is left
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals += 1
+        if self.signals == 1:
+            print(f"inflight: stopping: each stage drains for up to {self.config.stop_timeout:.0f}s "
+                  f"(Ctrl-C again kills what is left)", file=sys.stderr, flush=True)
+        elif self.signals == 2:
+            print("inflight: killing what is left", file=sys.stderr, flush=True)
 
     def spawn(self, name: str, args: list[str], env: dict | None = None) -> None:
         child = Child(name, args, env)
@@ -167,6 +178,8 @@ class Stack:
         with grpc.insecure_channel(c.listen) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
+                if self.signals:
+                    return "stopped while starting"
                 dead = self.dead_child()
                 if dead:
                     return dead
@@ -196,7 +209,8 @@ class Stack:
 
     def stop(self) -> None:
         """In order, each stage drained before the next is told: the gateways (they finish
-        their streams, which needs the workers), then the workers, then the scheduler."""
+        their streams, which needs the workers), then the workers, then the scheduler. A
+        second signal meanwhile kills every child still running."""
         stages = [[c for c in self.children if c.name.startswith("gateway-")], [c for c in self.children if c.name.startswith("worker-")],
                   [c for c in self.children if c.name == "scheduler"]]
         for stage in stages:
@@ -204,11 +218,12 @@ class Stack:
                 if child.proc.poll() is None:
                     child.proc.terminate()
             deadline = time.monotonic() + self.config.stop_timeout
+            while self.signals < 2 and time.monotonic() < deadline and any(c.proc.poll() is None for c in stage):
+                time.sleep(0.05)
             for child in stage:
-                try:
-                    child.proc.wait(max(0.1, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    print(f"inflight: {child.name} did not stop in time; killing it", file=sys.stderr)
+                if child.proc.poll() is None:
+                    if self.signals < 2:
+                        print(f"inflight: {child.name} did not stop in time; killing it", file=sys.stderr)
                     child.proc.kill()
                     child.proc.wait()
 
@@ -243,25 +258,19 @@ def run(config: ServeConfig, worker_args: list[str] | tuple = ()) -> int:
               "--metrics-port must not be 0", file=sys.stderr)
         return 2
     stack = Stack(config, worker_args)
-    stopping = False
-
-    def on_signal(signum, frame):
-        nonlocal stopping
-        stopping = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, stack.on_signal)
+    signal.signal(signal.SIGTERM, stack.on_signal)
     stack.start()
     try:
         problem = stack.wait_ready()
-        if problem and not stopping:
+        if problem and not stack.signals:
             print(f"inflight: the stack did not start: {problem}", file=sys.stderr)
             return 1
-        if not stopping:
+        if not stack.signals:
             http = f"; OpenAI HTTP API at http{'s' if config.tls.cert else ''}://{config.http_listen}/v1" if config.http_listen else ""
             print(f"inflight: serving on {config.listen} with {config.gateways} gateway process(es) and {config.workers} worker(s)"
                   f"{http}; try `inflight chat \"Hello\"` (Ctrl-C stops)", flush=True)
-        while not stopping:
+        while not stack.signals:
             stack.restart_dead()
             time.sleep(0.2)
         return 0

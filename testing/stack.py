@@ -18,6 +18,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli.serve import die_with_parent
+
 ROOT = Path(__file__).resolve().parent.parent  # the children import cli/, and testing/ for the engine double
 
 
@@ -102,8 +104,11 @@ class Stack:
         # Small blocks by default so that the tests' short prompts fill whole ones.
         block = {"INFLIGHT_KV_CACHE_TOKENS_PER_BLOCK": str(tokens_per_block)} if tokens_per_block else {}
         path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        # A process group of its own, as a shell gives a command it starts in a terminal, so
+        # that ctrl_c() can signal it as a terminal's Ctrl-C does; SIGTERM should this process
+        # die first, since a Ctrl-C here no longer reaches it.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                     env={**base, **path, **block, **(env or {})})
+                                     env={**base, **path, **block, **(env or {})}, process_group=0, preexec_fn=die_with_parent)
         self.log: list[str] = []
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -178,6 +183,10 @@ class Stack:
                 return value
             time.sleep(0.1)
         raise AssertionError(f"{name} stayed at {value}")
+
+    def ctrl_c(self) -> None:
+        """SIGINT to serve's process group: what a Ctrl-C in serve's terminal does."""
+        os.killpg(self.proc.pid, signal.SIGINT)
 
     def stop(self, timeout: float = 30) -> None:
         if self.proc.poll() is None:

@@ -269,10 +269,11 @@ def test_client_deadline_ends_request_and_frees_the_worker(stack):
     stack.wait_metric(0, "inflight_worker_requests{state=running}", lambda v: v == 0)
 
 
-def test_serve_stops_every_child_on_sigterm(stack):
-    """SIGTERM to the module's stack, which served the tests above."""
+def test_ctrl_c_drains_the_streams_in_flight_then_stops_every_child(stack):
+    """Ctrl-C in serve's terminal (SIGINT to its process group) while a stream is in flight:
+    the stream still gets every token, then every child stops. The module's stack, which
+    served the tests above, ends here."""
     import os
-    import signal
     import time
 
     from testing.stack import count_children
@@ -280,8 +281,28 @@ def test_serve_stops_every_child_on_sigterm(stack):
     s = stack
     children = [int(p) for p in os.popen(f"ps -o pid= --ppid {s.proc.pid}").read().split()]
     assert len(children) == 3  # scheduler, worker, gateway
-    s.proc.send_signal(signal.SIGTERM)
-    assert s.proc.wait(30) == 0
+    want = 40
+
+    async def go():
+        async with Client(s.target) as client:
+            session = client.session()
+            session.start("long", text="Tell me a very long story.", max_tokens=want, ignore_eos=True)
+            session.close()
+            out = {"ids": [], "end": None}
+            async for event in session.events():
+                kind = event.WhichOneof("kind")
+                if kind == "delta":
+                    if not out["ids"]:
+                        s.ctrl_c()  # once the stream is under way
+                    out["ids"] += list(event.delta.token_ids)
+                else:
+                    out["end"] = (kind, getattr(event, kind))
+            return out
+
+    out = run(go())
+    assert out["end"][0] == "finished", out["end"]
+    assert len(out["ids"]) == want
+    assert s.proc.wait(60) == 0
 
     def alive():
         out = []
