@@ -61,3 +61,29 @@ def test_serve_takes_every_worker_flag_and_passes_on_those_given():
     assert res.returncode == 2 and "unrecognized arguments: --worker-id w" in res.stderr
     res = inflight("serve", "--quantization", "int4")
     assert res.returncode == 2 and "argument --quantization: invalid choice: 'int4'" in res.stderr
+
+
+def test_serve_stops_at_once_when_told_to_while_the_stack_starts():
+    """SIGTERM while serve waits for the stack to serve (here it never would: no worker)
+    stops it then, not after --ready-timeout."""
+    import os
+    import signal
+    import time
+
+    from testing.stack import count_children, free_port
+
+    cmd = [sys.executable, "-m", "cli", "serve", "--workers", "0", "--listen", f"localhost:{free_port()}", "--http-listen", "",
+           "--metrics-port", "0", "--gateway-address", f"tcp://127.0.0.1:{free_port()}", "--worker-address", f"tcp://127.0.0.1:{free_port()}"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while count_children(proc.pid) < 2 and time.monotonic() < deadline:  # the scheduler and the gateway
+            time.sleep(0.1)
+        time.sleep(1)
+        children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        assert "stopping" in proc.stderr.read()
+        assert len(children) == 2 and not any(os.path.exists(f"/proc/{pid}") for pid in children)
+    finally:
+        proc.kill()
