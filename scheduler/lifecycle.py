@@ -127,7 +127,8 @@ class RequestLifecycle:
         if self.tracing:
             state.span = telemetry.start_span(SCOPE, "inflight.scheduler.schedule", submit.traceparent,
                                               attributes={"gen_ai.request.model": submit.model})
-        if not len(self.queue) and self.dispatch(submit):
+        # Behind the queued requests of its model; those of other models do not hold it up.
+        if not self.queue.waiting_for(submit.model) and self.dispatch(submit):
             return
         if not self.queue.offer(submit):
             self.fail(submit, errors.RESOURCE_EXHAUSTED, f"the admission queue is full ({self.config.max_queued} waiting); retry later")
@@ -212,6 +213,7 @@ class RequestLifecycle:
                 log.info("worker %s is draining its %d requests", worker.info.worker_id, len(worker.requests))
                 worker.leaving = True
                 self.broadcast_models()
+                self.fail_queued_without_worker(worker.info.model)
             return
         if isinstance(msg, schema.Heartbeat):
             name = worker.info.worker_id
@@ -251,6 +253,17 @@ class RequestLifecycle:
         w = self.workers.pop(identity)
         self.broadcast_models()
         self.move_requests(w, why)
+        self.fail_queued_without_worker(w.info.model)
+
+    def fail_queued_without_worker(self, model: str) -> None:
+        """Where no worker serves `model` any more, its queued requests end with UNAVAILABLE
+        now, as a new one would, instead of waiting for a worker that may never come."""
+        if any(w.info.model == model for w in self.serving()):
+            return
+        for submit in self.queue.waiting():
+            if submit.model == model:
+                self.queue.remove(submit.request_id)
+                self.fail(submit, errors.UNAVAILABLE, f"no worker serves model {model!r} any more")
 
     def move_requests(self, w: WorkerState, why: str) -> None:
         """Continue each request `w` held on another worker, from its prompt and the tokens

@@ -464,3 +464,30 @@ def test_with_only_a_leaving_worker_new_requests_are_unavailable():
     s.sent()
     s.submit("g/1")
     assert s.sent()[0] == [(b"g", error_batch("g/1", errors.UNAVAILABLE, "no worker serves model 'm' right now"))]
+
+
+@pytest.mark.parametrize("how", ["silent", "leaving"])
+def test_queued_requests_end_unavailable_once_no_worker_serves_their_model(how):
+    """Requests queued behind a full worker (no deadline of their own) end when the model's
+    last worker goes silent or starts leaving; those of another model wait on."""
+    s = Scheduler(worker_timeout=10.0)
+    s.gateway_joins(b"g")
+    s.worker_joins("w1", max_batch_size=1)
+    s.worker_joins("o1", model="other", max_batch_size=1)
+    s.submit("g/1")
+    s.submit("g/2")  # queued: w1 is full
+    s.submit("g/3", model="other")
+    s.submit("g/4", model="other")  # queued: o1 is full
+    assert [w for w, _ in s.sent()[1]] == [b"w1", b"o1"]  # g/3 did not wait behind g/2, queued for another model
+    if how == "silent":
+        s.clock.now += 10.5
+        s.gateway_joins(b"g")
+        s.core.on_worker_message(b"o1", hello("o1", "other"), b"")  # o1 stays alive
+        s.core.sweep(s.clock.now, 0.0)
+    else:
+        s.core.on_worker_message(b"w1", schema.Leaving("w1"), b"")
+    errors_sent = {i.request_id: i.error_message for _, m in s.sent()[0] if isinstance(m, schema.TokenBatch) for i in m.items}
+    assert errors_sent.get("g/2") == "no worker serves model 'm' any more"
+    assert "g/3" not in errors_sent and "g/4" not in errors_sent
+    assert [q.request_id for q in s.core.queue.waiting()] == ["g/4"]
+    assert ("g/1" in errors_sent) == (how == "silent")  # a leaving worker finishes what it holds
