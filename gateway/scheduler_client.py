@@ -109,4 +109,12 @@ class SchedulerClient:
                 try:
                     handler(item)
                 except Exception:
-                    log.exception("handling tokens of %s failed", item.request_id)
+                    # The request ends here, with INTERNAL, rather than stay open with its
+                    # stream waiting for an end that will not come.
+                    log.exception("handling tokens of %s failed; ending it", item.request_id)
+                    if not item.finished:
+                        self.abort([item.request_id])
+                    try:
+                        handler(error_output(item.request_id, errors.INTERNAL, "the gateway failed to handle this request's output"))
+                    except Exception:
+                        log.exception("ending %s failed", item.request_id)

@@ -130,8 +130,11 @@ class Worker:
                     lifecycle.hello()
                     next_hello = time.monotonic() + HELLO_INTERVAL
         lifecycle.leaving(gone=True)
-        sock.setsockopt(zmq.LINGER, 2000)  # the last outputs and the goodbye still go out
-        sock.close()
+        # The last outputs and the goodbye still go out: closing with a linger only queues
+        # them, and the context's I/O thread, which sends them, ends with the process unless
+        # the context is terminated (which waits for them, 2 s at most).
+        sock.close(linger=2000)
+        zmq.Context.instance().term()
 
 
 def run(config: WorkerConfig) -> None:
