@@ -56,7 +56,7 @@ class ServeConfig:
     stop_timeout: float = dataclasses.field(default=45.0, metadata={"help": "on Ctrl-C or SIGTERM, seconds each stage (gateway, workers, scheduler) may take to drain and stop before it is killed"})
 
 
-def die_with_parent() -> None:
+def _die_with_parent() -> None:
     # Linux: the child gets SIGTERM if `inflight serve` dies, so nothing is orphaned.
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
@@ -94,7 +94,7 @@ class Child:
         cmd = [sys.executable, "-m", "cli", *self.args]
         # A session of its own: a terminal's Ctrl-C (SIGINT to the foreground process group)
         # reaches serve only, which stops the stages in order.
-        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, preexec_fn=die_with_parent, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **self.env}, preexec_fn=_die_with_parent, start_new_session=True)
         self.started = time.monotonic()
         self.restart_at = None
 

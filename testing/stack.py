@@ -18,8 +18,6 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from cli.serve import die_with_parent
-
 ROOT = Path(__file__).resolve().parent.parent  # the children import cli/, and testing/ for the engine double
 
 
@@ -86,7 +84,7 @@ class Stack:
 
     def __init__(self, workers: int = 1, env: dict | None = None, extra: list[str] | None = None, *, gateways: int = 1,
                  model: str | os.PathLike | None = None, device: str = "cpu", host: str = "localhost",
-                 metrics: bool = True, tokens_per_block: int | None = 16, timeout: float = 180):
+                 metrics: bool = True, tokens_per_block: int | None = 16, timeout: float = 180, own_group: bool = False):
         self.port = free_port()
         self.target = f"{host}:{self.port}"
         self.http_target = f"{host}:{free_port()}"  # the OpenAI HTTP API
@@ -104,11 +102,11 @@ class Stack:
         # Small blocks by default so that the tests' short prompts fill whole ones.
         block = {"INFLIGHT_KV_CACHE_TOKENS_PER_BLOCK": str(tokens_per_block)} if tokens_per_block else {}
         path = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-        # A process group of its own, as a shell gives a command it starts in a terminal, so
-        # that ctrl_c() can signal it as a terminal's Ctrl-C does; SIGTERM should this process
-        # die first, since a Ctrl-C here no longer reaches it.
+        # own_group: a process group of its own, as a shell gives a command it starts in a
+        # terminal, so that ctrl_c() can signal it as a terminal's Ctrl-C does (a Ctrl-C given
+        # to the tests then no longer reaches it: their teardown stops it).
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
-                                     env={**base, **path, **block, **(env or {})}, process_group=0, preexec_fn=die_with_parent)
+                                     env={**base, **path, **block, **(env or {})}, process_group=0 if own_group else None)
         self.log: list[str] = []
         sel = selectors.DefaultSelector()
         sel.register(self.proc.stdout, selectors.EVENT_READ)
@@ -185,7 +183,9 @@ class Stack:
         raise AssertionError(f"{name} stayed at {value}")
 
     def ctrl_c(self) -> None:
-        """SIGINT to serve's process group: what a Ctrl-C in serve's terminal does."""
+        """SIGINT to serve's process group (a stack started with own_group): what a Ctrl-C
+        in serve's terminal does."""
+        assert os.getpgid(self.proc.pid) == self.proc.pid, "ctrl_c() needs a Stack(own_group=True)"
         os.killpg(self.proc.pid, signal.SIGINT)
 
     def stop(self, timeout: float = 30) -> None:

@@ -44,7 +44,7 @@ def default_stack():
 
     def get() -> Stack:
         if not held or held[-1].proc.poll() is not None:
-            held.append(Stack(workers=1))
+            held.append(Stack(workers=1, own_group=True))  # test_service.py's last test gives it a Ctrl-C
         return held[-1]
 
     yield get
