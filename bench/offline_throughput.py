@@ -43,6 +43,12 @@ def run_hf(hf, reqs, batch: int) -> dict:
     return {"requests": len(reqs), "batch": batch, "output_tokens": useful, "seconds": secs, "output_tok_per_s": useful / secs}
 
 
+def fixed_lengths(lengths: list[int]) -> tuple[int, int, int, int]:
+    """workload()'s ranges for every request IN prompt tokens and OUT output tokens."""
+    n_in, n_out = lengths
+    return n_in, n_in, n_out, n_out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama-3.2-1b", choices=sorted(SHAPES))
@@ -65,21 +71,24 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs=2, metavar=("IN", "OUT"),
                     help="every request IN prompt tokens and OUT output tokens, as trtllm-bench runs them "
                          "(default: the mixed workload)")
+    ap.add_argument("--max-num-tokens", type=int, nargs="+", default=[0],
+                    help="the engine's max_num_tokens, tokens a step computes at most (several: one run each; 0: the "
+                         "engine's default, 2,048 on a GPU; steps above 2,048 run eagerly, without CUDA graphs)")
     ap.add_argument("--step-time-target-ms", type=float, default=0.0,
                     help="the engine's step_time_target_ms (default 0, off: with every request submitted at once, "
                          "steps take up to max_num_tokens, as trtllm-bench runs TensorRT-LLM)")
     ap.add_argument("--out", default="offline_throughput.json")
     args = ap.parse_args()
     cfg = model_config(args.shape)
-    lengths = (*args.lengths[:1] * 2, *args.lengths[1:] * 2) if args.lengths else None
-    reqs = workload(args.requests, cfg.vocab_size, **({"lengths": lengths} if lengths else {}))
+    reqs = workload(args.requests, cfg.vocab_size, **({"lengths": fixed_lengths(args.lengths)} if args.lengths else {}))
     max_seq_len = max(2048, sum(args.lengths or ()))
     runs = []
-    for mbs, overlap, use_pdl, varlen, quant, kv_dtype, fq in (
-            (m, o, p, v, q, d, f) for m in args.max_batch_size for o in args.overlap for p in args.pdl for v in args.varlen
-            for q in args.quantization for d in args.kv_cache_dtype for f in args.fused_quant):
+    for mbs, overlap, use_pdl, varlen, quant, kv_dtype, fq, mnt in (
+            (m, o, p, v, q, d, f, t) for m in args.max_batch_size for o in args.overlap for p in args.pdl for v in args.varlen
+            for q in args.quantization for d in args.kv_cache_dtype for f in args.fused_quant for t in args.max_num_tokens):
         kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on", fused_quant=fq == "on")
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max_seq_len, max_batch_size=mbs,
+                                             max_num_tokens=mnt or None,
                                              overlap_scheduler=overlap, kernels=kernels, quantization=quant,
                                              kv_cache=KvCacheConfig(dtype=kv_dtype),
                                              step_time_target_ms=args.step_time_target_ms), cfg)
@@ -92,6 +101,7 @@ def main() -> None:
         ours["quantization"] = quant
         ours["kv_cache_dtype"] = kv_dtype
         ours["fused_quant"] = fq
+        ours["max_num_tokens"] = engine.max_num_tokens
         ours["kv_tokens"] = engine.pool.num_blocks * engine.pool.tokens_per_block
         ours["preemptions"] = engine.stats().preemptions
         runs.append(ours)
@@ -103,16 +113,16 @@ def main() -> None:
         hf_res = run_hf(hf, reqs[: args.hf_requests], args.hf_batch)
     print(f"\noffline throughput, {args.shape}, bf16, {torch.cuda.get_device_name()}, "
           f"{'%d in / %d out' % tuple(args.lengths) if args.lengths else 'mixed lengths'}")
-    print(f"{'engine':>108} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")
+    print(f"{'engine':>124} {'requests':>8} {'out tokens':>10} {'seconds':>8} {'out tok/s':>10} {'vs HF':>6} {'preempted':>9}")
     for ours in runs:
         ratio = ours["output_tok_per_s"] / hf_res["output_tok_per_s"] if hf_res else 0.0
         label = (f"inflight {ours['quantization']}, max batch {ours['max_batch_size']}, overlap {ours['overlap']}, "
                  f"pdl {ours['pdl']}, varlen {ours['varlen']}, fused quant {ours['fused_quant']}, "
-                 f"KV {ours['kv_tokens']} tok {ours['kv_cache_dtype']}")
-        print(f"{label:>108} {ours['requests']:>8} {ours['output_tokens']:>10} "
+                 f"KV {ours['kv_tokens']} tok {ours['kv_cache_dtype']}, step {ours['max_num_tokens']} tok")
+        print(f"{label:>124} {ours['requests']:>8} {ours['output_tokens']:>10} "
               f"{ours['seconds']:>8.1f} {ours['output_tok_per_s']:>10.0f} {ratio:>5.1f}x {ours['preemptions']:>9}")
     if hf_res:
-        print(f"{'transformers, batch ' + str(hf_res['batch']):>108} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
+        print(f"{'transformers, batch ' + str(hf_res['batch']):>124} {hf_res['requests']:>8} {hf_res['output_tokens']:>10} "
               f"{hf_res['seconds']:>8.1f} {hf_res['output_tok_per_s']:>10.0f}")
     with open(args.out, "w") as f:
         json.dump({"shape": args.shape, "lengths": args.lengths, "device": torch.cuda.get_device_name(), "ours": runs, "transformers": hf_res}, f, indent=2)

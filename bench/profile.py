@@ -10,12 +10,18 @@ offline  host-side (cProfile) profile of the offline workload through the engine
          the Python time of the steps goes. Prints the top functions and step counts.
 step     GPU-side (torch.profiler) profile of one mixed prefill+decode step and of one
          decode-only step of the offline workload: the kernels that take the time.
+window   GPU-side profile of a window of steps in the middle of an offline run at fixed
+         lengths (trtllm-bench's conditions: every request at once), CUDA graphs as the
+         engine runs them: how much of the window the kernels hold and how much the device
+         sat idle between steps, the steps' make-up (decodes, their context, prompt tokens),
+         and the kernels charged as in `decode --graphs`.
 
     python -m bench.profile decode --shape llama-3.2-1b --batch 1
     python -m bench.profile decode --shape llama-3.2-1b --batch 1 --graphs --out prof_1b_graphs.json
     python -m bench.profile decode --shape llama-3-8b --batch 400 --prompt-len 1500 --quantization fp8 --kv-cache-dtype fp8
     python -m bench.profile offline --shape llama-3.2-1b --requests 192
     python -m bench.profile step --shape llama-3.2-1b
+    python -m bench.profile window --shape llama-3-8b --lengths 2048 128 --requests 1000 --quantization fp8 --kv-cache-dtype fp8
 """
 
 from __future__ import annotations
@@ -78,6 +84,7 @@ def decode(args) -> None:
             engine.step()
         torch.cuda.synchronize()
     if args.graphs:
+        args.what = f"batch {args.batch}"
         timeline(prof, args, cfg.num_layers)
         return
     events = [e for e in prof.key_averages() if e.device_type.name == "CUDA" or getattr(e, "self_device_time_total", 0)]
@@ -146,7 +153,7 @@ def timeline(prof, args, layers: int) -> None:
     span = end - evs[0]["ts"]
     n = args.steps
     held = sum(r["held_us"] for r in rows.values())
-    print(f"\n{args.shape}, {args.quantization} projections, {args.kv_cache_dtype} KV cache, batch {args.batch}, CUDA graphs: "
+    print(f"\n{args.shape}, {args.quantization} projections, {args.kv_cache_dtype} KV cache, {args.what}, CUDA graphs: "
           f"{span / n:.1f} us a step from the first kernel to the last; kernels hold {held / n:.1f}, "
           f"gaps inside steps {gaps_in / n:.1f}, gaps over {args.host_gap_us:g} us (host) {gaps_between / n:.1f}")
     print(f"{'held us/step':>12} {'calls/step':>10} {'us/call':>8} {'held/call':>9}  kernel")
@@ -157,7 +164,7 @@ def timeline(prof, args, layers: int) -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"shape": args.shape, "quantization": args.quantization, "kv_cache_dtype": args.kv_cache_dtype,
-                       "batch": args.batch, "steps": n, "device": torch.cuda.get_device_name(),
+                       "what": args.what, "batch": getattr(args, "batch", None), "steps": n, "device": torch.cuda.get_device_name(), **getattr(args, "extra", {}),
                        "span_us_per_step": span / n, "held_us_per_step": held / n, "gaps_in_us_per_step": gaps_in / n,
                        "host_gaps_us_per_step": gaps_between / n,
                        "kernels": [{"kernel": k, **{f: v / n for f, v in r.items()}} for k, r in table]}, f, indent=1)
@@ -195,6 +202,63 @@ def offline(args) -> None:
     print(f"\n{args.requests} requests in {time.perf_counter() - t:.1f}s; steps: " +
           ", ".join(f"{k} {kinds[k]} ({1000 * times[k] / kinds[k]:.1f} ms each)" for k in kinds))
     pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+
+
+def window(args) -> None:
+    from bench.offline_throughput import fixed_lengths
+
+    cfg = model_config(args.shape)
+    reqs = workload(args.requests, cfg.vocab_size, lengths=fixed_lengths(args.lengths))
+    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max(2048, sum(args.lengths)),
+                                         max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
+                                         overlap_scheduler="on", quantization=args.quantization, step_time_target_ms=0,
+                                         kv_cache=KvCacheConfig(dtype=args.kv_cache_dtype)), cfg)
+    warm_up(engine, reqs[:16], 16)
+    submit(engine, reqs)
+    made_up = collections.Counter()
+    orig_run = engine.runner.run
+
+    def run(chunks, eos):  # the steps' make-up, inside the window
+        if recording:
+            made_up["steps"] += 1
+            for c in chunks:
+                if c.num_tokens == 1:
+                    made_up["decodes"] += 1
+                    made_up["decode_context"] += c.seq.num_computed + 1
+                else:
+                    made_up["prompt_tokens"] += c.num_tokens
+                    made_up["prompt_chunks"] += 1
+        return orig_run(chunks, eos)
+
+    engine.runner.run = run
+    recording = False
+    t = time.perf_counter()
+    for _ in range(args.skip):
+        engine.step()
+    torch.cuda.synchronize()
+    recording = True
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        w = time.perf_counter()
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - w
+    recording = False
+    while engine.has_work():
+        engine.step()
+    torch.cuda.synchronize()
+    total = time.perf_counter() - t
+    n = made_up["steps"]
+    mix = {k: v / max(n, 1) for k, v in made_up.items() if k != "steps"}
+    args.what = (f"{args.lengths[0]}/{args.lengths[1]} x {args.requests}, steps {args.skip}-{args.skip + args.steps}, "
+                 f"max_num_tokens {engine.max_num_tokens}")
+    args.extra = {"wall_ms_per_step": 1000 * wall / args.steps, "whole_run_s": total, "step_mix": mix,
+                  "output_tok_per_s_whole_run": sum(o for _, o in reqs) / total}
+    print(f"\nwindow: {1000 * wall / args.steps:.2f} ms a step of wall time; a step holds {mix.get('decodes', 0):.0f} decodes "
+          f"reading {mix.get('decode_context', 0) / max(mix.get('decodes', 1), 1):.0f} tokens each, "
+          f"{mix.get('prompt_tokens', 0):.0f} prompt tokens in {mix.get('prompt_chunks', 0):.1f} chunks; the whole run "
+          f"{total:.1f}s ({args.extra['output_tok_per_s_whole_run']:.0f} output tok/s, the profiled window included)")
+    timeline(prof, args, cfg.num_layers)
 
 
 def step(args) -> None:
@@ -237,8 +301,18 @@ def main() -> None:
     p = modes.add_parser("offline", parents=[shape], help="host time of the offline workload's steps (cProfile)")
     p.add_argument("--requests", type=int, default=192)
     modes.add_parser("step", parents=[shape], help="kernels of one mixed and one decode-only step (torch.profiler)")
+    p = modes.add_parser("window", parents=[shape], help="kernels and idle time of a window of steps in an offline run at "
+                         "fixed lengths (torch.profiler, CUDA graphs as served)")
+    p.add_argument("--lengths", type=int, nargs=2, default=[2048, 128], metavar=("IN", "OUT"))
+    p.add_argument("--requests", type=int, default=1000)
+    p.add_argument("--max-batch-size", type=int, default=512)
+    p.add_argument("--max-num-tokens", type=int, default=None, help="the engine's max_num_tokens (unset: its default)")
+    p.add_argument("--skip", type=int, default=300, help="steps run before the window")
+    p.add_argument("--steps", type=int, default=20, help="steps in the window")
+    p.add_argument("--host-gap-us", type=float, default=20.0, help="gaps longer than this count as host time between steps")
+    p.add_argument("--out", default="", help="write the table as JSON here")
     args = ap.parse_args()
-    {"decode": decode, "offline": offline, "step": step}[args.mode](args)
+    {"decode": decode, "offline": offline, "step": step, "window": window}[args.mode](args)
 
 
 if __name__ == "__main__":

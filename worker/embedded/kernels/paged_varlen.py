@@ -28,18 +28,21 @@ from worker.embedded.kernels.kv_tile import cache_view, dot_query, kv_tile
 ROWS = 64  # query rows (tokens x heads of a group) per program
 
 
-def block_q(group: int) -> int:
+def block_q(group: int, rows: int = ROWS) -> int:
     """Query tokens per program for a model whose KV heads each serve `group` query heads."""
-    return max(1, ROWS // group_pad(group))
+    return max(1, rows // group_pad(group))
 
 
 def group_pad(group: int) -> int:
     return triton.next_power_of_2(group)
 
 
+LOG2E = 1.4426950408889634  # the scores are kept in base 2: exp2 is one instruction, exp two
+
+
 @triton.jit
 def _paged_varlen(
-    Q, K, V, O, TILE_SEQ, TILE_Q, SEQ_START, SEQ_QLEN, SEQ_CTX, TABLES, scale, v_scale,
+    Q, K, V, O, TILE_SEQ, TILE_Q, SEQ_START, SEQ_QLEN, SEQ_CTX, TABLES, qk_scale, v_scale,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
@@ -66,45 +69,65 @@ def _paged_varlen(
     row_ok = (qi < qlen) & (g < GROUP)
     heads = kvh * GROUP + g
     d = tl.arange(0, HEAD_DIM)
-    t = tl.arange(0, TILE)
     q = tl.load(Q + (start + qi)[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None], other=0.0)
     q = dot_query(q, KV_FP8, FP8_WORDS, IEEE)
     qpos = ctx - qlen + qi
-    hi = tl.minimum(ctx, ctx - qlen + q0 + BLOCK_Q)  # past the tile's last query position
+    first = ctx - qlen + q0  # the program's first query position: every row sees keys 0 to it
+    hi = tl.minimum(ctx, first + BLOCK_Q)  # past the program's last query position
     m = tl.full([BLOCK_Q * GROUP_PAD], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_Q * GROUP_PAD], tl.float32)
     acc = tl.zeros([BLOCK_Q * GROUP_PAD, HEAD_DIM], tl.float32)
     table = TABLES + s.to(tl.int64) * stride_tb
-    for lo in range(0, hi, TILE):
-        tok = lo + t
-        t_ok = tok < hi
-        blocks = tl.load(table + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
-        offset = tok % BLOCK_SIZE
-        k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    FP8_WORDS, ASM).to(q.dtype)
-        if IEEE:  # float32 models keep float32 products (no tf32)
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
-        else:
-            sc = tl.dot(q, tl.trans(k)).to(tl.float32) * scale
-        sc = tl.where(t_ok[None, :] & (tok[None, :] <= qpos[:, None]), sc, float("-inf"))
-        m_new = tl.maximum(m, tl.max(sc, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row that has seen no key yet
-        alpha = tl.exp(m - m_safe)
-        pr = tl.exp(sc - m_safe[:, None])
-        l = l * alpha + tl.sum(pr, 1)
-        v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
-                    FP8_WORDS, ASM).to(q.dtype)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
-        else:
-            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v).to(tl.float32)
-        m = m_new
+    # Tiles every row sees whole take no causal mask; the ones after, up to the last query,
+    # do. The first tile (key 0, which every row sees) leaves each row's max finite, so no
+    # row meets a tile of -inf against a max of -inf.
+    whole = (first + 1) // TILE * TILE
+    for lo in range(0, whole, TILE):
+        acc, m, l = _attend(q, acc, m, l, K, V, table, lo, kvh, qpos, hi, qk_scale,
+                            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                            HEAD_DIM, BLOCK_SIZE, TILE, IEEE, KV_FP8, FP8_WORDS, ASM, False)
+    for lo in range(whole, hi, TILE):
+        acc, m, l = _attend(q, acc, m, l, K, V, table, lo, kvh, qpos, hi, qk_scale,
+                            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                            HEAD_DIM, BLOCK_SIZE, TILE, IEEE, KV_FP8, FP8_WORDS, ASM, True)
     out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
     if KV_FP8:  # an FP8 cache holds values / v_scale
         out = out * v_scale
     tl.store(O + (start + qi)[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attend(q, acc, m, l, K, V, table, lo, kvh, qpos, hi, qk_scale,
+            stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+            HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
+            KV_FP8: tl.constexpr, FP8_WORDS: tl.constexpr, ASM: tl.constexpr, CAUSAL: tl.constexpr):
+    """One tile of TILE keys from `lo` into the online softmax (base 2: qk_scale holds
+    log2(e)); CAUSAL masks keys past each row's position and past `hi`."""
+    tok = lo + tl.arange(0, TILE)
+    t_ok = tok < hi
+    blocks = tl.load(table + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
+    offset = tok % BLOCK_SIZE
+    k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                FP8_WORDS, ASM).to(q.dtype)
+    if IEEE:  # float32 models keep float32 products (no tf32)
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    else:
+        sc = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+    if CAUSAL:
+        sc = tl.where(t_ok[None, :] & (tok[None, :] <= qpos[:, None]), sc, float("-inf"))
+    m_new = tl.maximum(m, tl.max(sc, 1))
+    alpha = tl.exp2(m - m_new)
+    pr = tl.exp2(sc - m_new[:, None])
+    l = l * alpha + tl.sum(pr, 1)
+    v = kv_tile(V, blocks * stride_vb + offset * stride_vt + kvh * stride_vh, t_ok, HEAD_DIM, TILE, KV_FP8,
+                FP8_WORDS, ASM).to(q.dtype)
+    if IEEE:
+        acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
+    else:
+        acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v).to(tl.float32)
+    return acc, m_new, l
 
 
 def tile_map(q_lens, bq: int, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +164,12 @@ def paged_varlen_attention(
     scale: float,  # the softmax scale, times k_scale where the cache holds keys / k_scale
     v_scale: float = 1.0,  # the cache holds values / v_scale (kv_cache.dtype fp8)
     fp8_read: str = "words",  # how an FP8 cache is read (kv_tile.py); "cast" is the baseline benches time
+    rows: int = ROWS,  # query rows a program (the tile map's block_q must match)
+    # Context tokens a loop iteration; None: 128 over an FP8 cache, 64 over a 16-bit one (or the
+    # KV block if larger), the fastest on the 8B and 1B heads (BENCHMARKS.md, run 24).
+    tile: int | None = None,
+    num_warps: int = 4,
+    num_stages: int | None = None,  # None: Triton's default
 ) -> torch.Tensor:
     _, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -148,15 +177,16 @@ def paged_varlen_attention(
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     k_cache, v_cache = cache_view(k_cache, fp8_read), cache_view(v_cache, fp8_read)
     _paged_varlen[(tile_seq.shape[0], Hkv)](
-        q, k_cache, v_cache, out, tile_seq, tile_q, seq_start, seq_qlen, seq_ctx, tables, scale, v_scale,
+        q, k_cache, v_cache, out, tile_seq, tile_q, seq_start, seq_qlen, seq_ctx, tables, scale * LOG2E, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         tables.stride(0),
-        GROUP=group, GROUP_PAD=group_pad(group), HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_Q=block_q(group),
-        TILE=max(64, block_size), IEEE=q.dtype == torch.float32,
-        KV_FP8=kv_fp8, FP8_WORDS=fp8_read == "words", ASM=q.device.type == "cuda", num_warps=4,
+        GROUP=group, GROUP_PAD=group_pad(group), HEAD_DIM=D, BLOCK_SIZE=block_size, BLOCK_Q=block_q(group, rows),
+        TILE=tile or max(128 if kv_fp8 else 64, block_size), IEEE=q.dtype == torch.float32,
+        KV_FP8=kv_fp8, FP8_WORDS=fp8_read == "words", ASM=q.device.type == "cuda", num_warps=num_warps,
+        **({"num_stages": num_stages} if num_stages else {}),
     )
     return out
 
