@@ -132,9 +132,10 @@ class Worker:
         lifecycle.leaving(gone=True)
         # The last outputs and the goodbye still go out: closing with a linger only queues
         # them, and the context's I/O thread, which sends them, ends with the process unless
-        # the context is terminated (which waits for them, 2 s at most).
+        # the context is terminated, which waits for them (2 s at most; destroy closes any
+        # other socket left open with the same linger, so that it cannot hold the exit).
         sock.close(linger=2000)
-        zmq.Context.instance().term()
+        zmq.Context.instance().destroy(linger=2000)
 
 
 def run(config: WorkerConfig) -> None:
