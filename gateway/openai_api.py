@@ -300,7 +300,13 @@ class OpenAIApi:
             Route("/v1/completions", partial(self.create, chat=False), methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/models/{model:path}", self.model, methods=["GET"]),
-        ], exception_handlers={HTTPException: self._http_error})
+        ], exception_handlers={HTTPException: self._http_error, Exception: self._internal_error})
+
+    @staticmethod
+    async def _internal_error(request: Request, exc: Exception) -> Response:
+        """A bug's answer in the API's error shape, not Starlette's plain-text 500."""
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return json_response(*oa.error_body(errors.INTERNAL, f"{request.method} {request.url.path}: internal error"))
 
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
@@ -364,13 +370,21 @@ class OpenAIApi:
                 tm.end(None, e.code, e.message)
             return error_response(e)
         choices = Choices(self.path, req, prepared[0][0])
-        for p, (model, ids) in enumerate(prepared):
-            for i in range(req.n):
-                index = p * req.n + i
-                params = req.params
-                if i and params.seed is not None:  # each choice its own sample of the same seeded request
-                    params = msgspec.structs.replace(params, seed=(params.seed + i) % 2**63)
-                choices.gens[index] = self.path.start(model, ids, params, tms[index], partial(choices.on_output, index))
+        try:
+            for p, (model, ids) in enumerate(prepared):
+                for i in range(req.n):
+                    index = p * req.n + i
+                    params = req.params
+                    if i and params.seed is not None:  # each choice its own sample of the same seeded request
+                        params = msgspec.structs.replace(params, seed=(params.seed + i) % 2**63)
+                    choices.gens[index] = self.path.start(model, ids, params, tms[index], partial(choices.on_output, index))
+        except Exception:  # the choices already started end too: nobody would read them
+            log.exception("starting an HTTP request's generations failed")
+            started = [g for g in choices.gens if g is not None]
+            self.path.abort(started, errors.INTERNAL, "the gateway failed to start this request")
+            for tm in tms[len(started):]:
+                tm.end(None, errors.INTERNAL, "the gateway failed to start this request")
+            return json_response(*oa.error_body(errors.INTERNAL, "the gateway failed to start this request"))
         return CompletionResponse(choices)
 
     async def models(self, request: Request) -> Response:

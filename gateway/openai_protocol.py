@@ -82,6 +82,8 @@ def parse_json(raw: bytes) -> dict:
         body = msgspec.json.decode(raw)
     except msgspec.DecodeError as e:
         raise invalid("body", f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise invalid("body", "JSON nested too deeply") from None
     if not isinstance(body, dict):
         raise invalid("body", f"must be a JSON object, got {type(body).__name__}")
     return body

@@ -52,8 +52,9 @@ class SchedulerClient:
         self.sock.close()
 
     def submit(self, submit: schema.Submit, handler: Handler) -> None:
+        raw = schema.encode(submit)  # first: a submit that cannot be encoded leaves no handler behind
         self.handlers[submit.request_id] = handler
-        self.sock.send(schema.encode(submit), zmq.NOBLOCK)
+        self.sock.send(raw, zmq.NOBLOCK)
 
     def abort(self, request_ids: list[str]) -> None:
         live = [rid for rid in request_ids if self.handlers.pop(rid, None) is not None]

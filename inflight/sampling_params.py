@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import msgspec
 
+# Temperatures below this sample greedily: dividing logits by one (in float32 on the device)
+# overflows to inf, and the softmax then gives NaN. vLLM draws the line at the same place.
+GREEDY_BELOW = 1e-5
+
 
 class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) means greedy
     top_k: int = 0  # 0 means off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -24,7 +28,7 @@ class SamplingParams(msgspec.Struct, frozen=True, omit_defaults=True):
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def has_penalties(self) -> bool:

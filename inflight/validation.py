@@ -66,8 +66,8 @@ def check_sampling(p: SamplingParams, vocab_size: int, max_seq_len: int) -> None
     finite("temperature", p.temperature)
     if p.temperature < 0:
         raise invalid("temperature", f"must be >= 0, got {p.temperature}")
-    if p.top_k < 0:
-        raise invalid("top_k", f"must be >= 0 (0 disables it), got {p.top_k}")
+    if not 0 <= p.top_k < 2**31:  # above the vocabulary it keeps every token (the sampler clamps)
+        raise invalid("top_k", f"must be from 0 (off) to 2^31 - 1, got {p.top_k}")
     finite("top_p", p.top_p)
     if not 0.0 < p.top_p <= 1.0:
         raise invalid("top_p", f"must be in (0, 1], got {p.top_p}")

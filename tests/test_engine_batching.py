@@ -214,7 +214,7 @@ def test_request_larger_than_pool_refused(engine_for, workload):
     engine = engine_for(max_tokens=64)
     with pytest.raises(RequestError) as e:
         engine.submit("big", workload[0], SamplingParams(max_tokens=500))
-    assert e.value.code == "RESOURCE_EXHAUSTED" and e.value.field == "max_tokens"
+    assert e.value.code == "INVALID_ARGUMENT" and e.value.field == "max_tokens"
 
 
 def test_penalties_turn_overlap_off_while_they_run(engine_for, workload):

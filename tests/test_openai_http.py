@@ -151,6 +151,8 @@ def test_sse_framing_and_plain_http_errors(stack):
 
     bad_json = raw(stack, "POST", "/v1/completions", b"{not json")
     assert bad_json.status == 400 and json.loads(bad_json.read())["error"]["param"] == "body"
+    deep = raw(stack, "POST", "/v1/completions", b'{"model": "m", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}")
+    assert deep.status == 400 and json.loads(deep.read())["error"]["param"] == "body"  # a plain-text 500 before
     nowhere = raw(stack, "GET", "/v1/nowhere")
     assert nowhere.status == 404 and "/v1/chat/completions" in json.loads(nowhere.read())["error"]["message"]
     too_big = raw(stack, "POST", "/v1/completions", b"{}", {"Content-Length": str(64 << 20)})

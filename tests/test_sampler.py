@@ -31,6 +31,25 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
     assert res.token_ids == logits.argmax(-1).tolist()
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    """1e-40 is 0 or a denormal in float32: logits / it overflow and the softmax gives NaN
+    (before: token 0, every time). Below GREEDY_BELOW a request samples greedily, and the
+    rows beside it still sample."""
+    logits = torch.randn(4, 50)
+    logits[:, 0] = -5.0  # token 0 is nobody's argmax
+    params = [SamplingParams(temperature=t) for t in (1e-40, 1e-300, 5e-6)] + [SamplingParams(temperature=1.0, seed=3)]
+    res = sample(logits.clone(), seqs(*params), EOS)
+    assert res.token_ids[:3] == logits[:3].argmax(-1).tolist()
+    assert 0 <= res.token_ids[3] < 50
+
+
+def test_top_k_above_the_vocabulary_keeps_every_token():
+    torch.manual_seed(0)
+    logits = torch.zeros(1, 8)
+    drawn = {sample(logits.clone(), seqs(SamplingParams(top_k=2**31 - 1)), EOS).token_ids[0] for _ in range(200)}
+    assert drawn == set(range(8))
+
+
 def test_samples_stay_inside_top_k_and_follow_the_distribution():
     torch.manual_seed(0)
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0] + [-30.0] * 5])

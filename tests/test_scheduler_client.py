@@ -69,3 +69,19 @@ def test_a_handler_that_raises_ends_its_request_with_internal_and_the_rest_go_on
     assert len(seen["bad"]) == 2 and seen["bad"][1].error_code == errors.INTERNAL
     assert aborted == ([] if finished else ["bad"])
     assert open_handlers == {}
+
+
+def test_a_submit_that_cannot_be_encoded_leaves_no_handler_behind():
+    """An integer msgpack cannot hold: the submit raises before its handler is registered
+    (before, the handler stayed, and the gateway counted the request in flight for good)."""
+
+    async def go():
+        client = SchedulerClient(f"tcp://127.0.0.1:{free_port()}", "g")
+        try:
+            with pytest.raises(OverflowError):
+                client.submit(schema.Submit("x", "m", [1], SamplingParams(top_k=2**64)), lambda out: None)
+            return dict(client.handlers)
+        finally:
+            await client.close()
+
+    assert asyncio.run(go()) == {}

@@ -48,6 +48,16 @@ def test_stop_limits(params, field):
     assert sampling(**params) == field
 
 
+@pytest.mark.parametrize("top_k, field", [
+    (VOCAB * 10, None),  # keeps every token: the sampler clamps it
+    (2**31 - 1, None),
+    (2**31, "start.sampling.top_k"),  # 2^63 reached the sampler's int64 tensor and failed the worker's whole step
+    (2**64, "start.sampling.top_k"),  # could not be encoded for the scheduler: a plain-text HTTP 500
+])
+def test_top_k_limits(top_k, field):
+    assert sampling(top_k=top_k) == field
+
+
 def test_stop_limits_hold_for_an_engine_too():
     """Engines run the same validator at submit, with their own field names."""
     with pytest.raises(RequestError) as e:

@@ -11,8 +11,7 @@ from typing import Iterable, Sequence as Tokens
 
 import torch
 
-from inflight import errors
-from inflight.errors import RequestError, invalid
+from inflight.errors import invalid
 from inflight.sampling_params import SamplingParams
 from inflight.schema import EngineStats, RequestOutput
 from inflight.validation import check_request
@@ -279,11 +278,9 @@ class EmbeddedEngine:
             seq.resumed = len(output_token_ids)
         need = self.scheduler.blocks_for_lifetime(seq)
         if need > self.pool.num_blocks:
-            raise RequestError(
-                errors.RESOURCE_EXHAUSTED,
-                f"prompt plus max_tokens needs {need} KV blocks; the whole cache holds {self.pool.num_blocks}",
-                "max_tokens",
-            )
+            # Never servable here, however long it waits: not RESOURCE_EXHAUSTED, which
+            # clients take as "retry later" (HTTP 429).
+            raise invalid("max_tokens", f"prompt plus max_tokens needs {need} KV blocks; the whole cache holds {self.pool.num_blocks}")
         self.requests[request_id] = seq
         if params.has_penalties:
             self._penalized += 1

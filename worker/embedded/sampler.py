@@ -116,7 +116,7 @@ def sample_async(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tupl
 
     tokens = logits.argmax(dim=-1)
     if not all(s.params.greedy for s in seqs):
-        temps = torch.tensor([s.params.temperature or 1.0 for s in seqs], device=device)
+        temps = torch.tensor([1.0 if s.params.greedy else s.params.temperature for s in seqs], device=device)
         x = logits / temps[:, None]
         if any(s.params.top_k or s.params.top_p < 1.0 or s.params.min_p > 0.0 for s in seqs):
             x = _truncate(x, seqs)
@@ -159,7 +159,7 @@ def token_seed(seed: int, position: int) -> int:
 def _truncate(x: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Mask tokens outside each row's top-k, top-p nucleus and min-p floor."""
     device, V = x.device, x.shape[1]
-    top_k = torch.tensor([s.params.top_k or V for s in seqs], device=device)
+    top_k = torch.tensor([min(s.params.top_k, V) or V for s in seqs], device=device)
     top_p = torch.tensor([s.params.top_p for s in seqs], device=device)
     min_p = torch.tensor([s.params.min_p for s in seqs], device=device)
     sorted_x, order = x.sort(dim=-1, descending=True)
