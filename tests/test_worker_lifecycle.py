@@ -114,6 +114,50 @@ def test_a_failed_engine_step_fails_every_held_request_with_internal():
     assert metric("inflight_worker_requests_finished_total", finish_reason="error") == before + 2
 
 
+class FlakyEngine(InstantEngine):
+    """Fails the steps whose numbers are in `failing`, counting from 1."""
+
+    def __init__(self, config, failing):
+        super().__init__(config)
+        self.failing, self.steps = set(failing), 0
+
+    def step(self):
+        self.steps += 1
+        if self.steps in self.failing:
+            raise RuntimeError("a device error")
+        return super().step()
+
+
+def test_only_steps_failing_one_after_another_make_the_engine_broken():
+    w, _ = worker(FlakyEngine(EngineConfig(), failing={1, 2, 4, 5, 6}))
+    seen = []
+    for i in range(6):
+        w.handle(submit(f"g/{i}", max_tokens=1), {})
+        w.step({})
+        seen.append((w.failed_steps, w.engine_broken))
+    assert seen == [(1, False), (2, False), (0, False), (1, False), (2, False), (3, True)]
+
+
+def test_a_worker_whose_engine_keeps_failing_stops_to_be_started_afresh():
+    """Its loop ends (the process then exits 1: `inflight serve` or Kubernetes starts a new
+    one) instead of failing every request routed to it while looking idle."""
+    import threading
+
+    from testing.stack import free_port
+    from worker.main import Worker, WorkerConfig
+
+    class StuckEngine(BrokenEngine):
+        def has_work(self):
+            return True
+
+    config = WorkerConfig(scheduler_address=f"tcp://127.0.0.1:{free_port()}", heartbeat_interval=60)
+    w = Worker(config, StuckEngine(EngineConfig()), "w1", METRICS, False)
+    done = threading.Thread(target=w.run, daemon=True)
+    done.start()
+    done.join(30)
+    assert not done.is_alive() and w.broken and w.lifecycle.failed_steps == 3
+
+
 def test_outputs_of_requests_it_does_not_hold_are_dropped():
     w, _ = worker()
     out: dict = {}

@@ -25,6 +25,12 @@ log = logging.getLogger("inflight.worker")
 Outbox = dict[bytes, list[RequestOutput]]  # gateway identity -> outputs for its next TokenBatch
 
 
+# Engine steps failing one after another before the worker takes its engine for broken and
+# stops (a sticky device error: it would otherwise fail every request routed to it, looking
+# idle and drawing more); its supervisor (`inflight serve`, Kubernetes) starts it afresh.
+MAX_FAILED_STEPS = 3
+
+
 class WorkerRequests:
     def __init__(self, engine: Engine, send: Callable[[bytes], None], worker_id: str, model: str,
                  max_batch_size: int, metrics: WorkerMetrics, tracing: bool):
@@ -39,6 +45,7 @@ class WorkerRequests:
         self.deadlines: dict[str, float] = {}  # request id -> unix time nobody waits past
         self.traces: dict[str, RequestTrace] = {}
         self.incarnation = uuid.uuid4().hex[:12]  # this process, told apart from a restart under the same id
+        self.failed_steps = 0  # engine steps failed in a row
 
     def hello(self) -> None:
         """Announce the worker. The loop repeats it every few seconds, so that a restarted
@@ -125,14 +132,20 @@ class WorkerRequests:
         """One engine step, every output queued for its gateway."""
         try:
             outputs = self.engine.step()
+            self.failed_steps = 0
         except Exception:  # an engine bug must not take every request down silently
-            log.exception("engine step failed; failing its requests")
+            self.failed_steps += 1
+            log.exception("engine step failed (%d in a row); failing its requests", self.failed_steps)
             outputs = [error_output(rid, INTERNAL, "engine step failed") for rid in self.owner]
             for o in outputs:
                 self.engine.abort(o.request_id)
         deliver = self.deliver
         # one counter update a step, not one a request: each takes a lock
         self.metrics.generated_tokens.inc(sum(deliver(o, out) for o in outputs))
+
+    @property
+    def engine_broken(self) -> bool:
+        return self.failed_steps >= MAX_FAILED_STEPS
 
     def flush(self, out: Outbox) -> None:
         """One TokenBatch per gateway with what this loop turn queued."""

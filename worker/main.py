@@ -12,6 +12,7 @@ import importlib
 import logging
 import os
 import socket
+import sys
 import time
 
 import zmq
@@ -81,6 +82,7 @@ class Worker:
                                         config.engine_config.max_batch_size, metrics, tracing)
         self.running = True
         self.signals = 0  # SIGTERM/SIGINT received (inflight.process)
+        self.broken = False  # stopped because its engine kept failing: the process exits 1
 
     def run(self) -> None:
         lifecycle, engine, sock = self.lifecycle, self.engine, self.sock
@@ -123,6 +125,10 @@ class Worker:
             if heartbeat_due:
                 lifecycle.expire(time.time(), out)
             lifecycle.flush(out)
+            if lifecycle.engine_broken:
+                log.error("the engine failed %d steps in a row; stopping, for a fresh start", lifecycle.failed_steps)
+                self.broken = True
+                break
             if heartbeat_due:
                 lifecycle.heartbeat()
                 next_heartbeat = time.monotonic() + self.config.heartbeat_interval
@@ -153,3 +159,5 @@ def run(config: WorkerConfig) -> None:
     worker = Worker(config, engine, worker_id, metrics, tracing, curve)
     log.info("worker %s serving %s, scheduler at %s", worker_id, worker.lifecycle.model, config.scheduler_address)
     run_until_signalled(worker)
+    if worker.broken:
+        sys.exit(1)
