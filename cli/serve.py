@@ -53,7 +53,7 @@ class ServeConfig:
     tls: TlsConfig = dataclasses.field(default_factory=TlsConfig)  # every gateway's
     auth_token_file: str = dataclasses.field(default="", metadata={"help": "file of bearer tokens, one a line, that the gateway requires on every Inference call"})
     ready_timeout: float = dataclasses.field(default=600.0, metadata={"help": "seconds to wait for the stack to serve"})
-    stop_timeout: float = dataclasses.field(default=45.0, metadata={"help": "on Ctrl-C or SIGTERM, seconds each stage (gateway, workers, scheduler) may take to drain and stop before it is killed"})
+    stop_timeout: float = dataclasses.field(default=45.0, metadata={"help": "on Ctrl-C or SIGTERM, seconds each stage (gateway, workers, scheduler) may take to drain and stop before it is killed; a second Ctrl-C or SIGTERM kills what is left at once"})
 
 
 def _die_with_parent() -> None:
