@@ -53,6 +53,7 @@ class Choices:
         self.gens: list[Generation | None] = [None] * count
         self.texts: list[list[str]] = [[] for _ in range(count)]  # a whole (not streamed) response's text
         self.logprobs: list[list] = [[] for _ in range(count)]
+        self.token_chars = [0] * count  # a streamed choice's tokens' characters so far (text_offset)
         self.pending: list[tuple[int, RequestOutput, str]] = []
         self.open = count
         self.error: tuple[str, str] | None = None  # the first choice's failure ends the response
@@ -160,9 +161,10 @@ class Choices:
                 if self.req.chat:
                     lp = {"content": self.chat_logprobs(lps)}
                 else:
-                    offset = sum(len(t) for t in self.texts[index])
-                    lp = self.completion_logprobs(lps, offset)
-                    self.texts[index].append(text)  # offsets of later chunks count from here
+                    # Offsets count the tokens' own text: with stop strings, text that might
+                    # begin one is held back, so the text sent so far can trail the tokens.
+                    lp = self.completion_logprobs(lps, self.token_chars[index])
+                    self.token_chars[index] += sum(map(len, lp["tokens"]))
             if self.req.chat:
                 choice = {"index": index, "delta": {"content": text} if text else {}, "logprobs": lp, "finish_reason": reason}
             else:

@@ -79,6 +79,13 @@ def test_completions_streamed_and_not_with_n_logprobs_stop_and_seed(stack, clien
                                            stop=[stop], extra_body={"top_k": 5, "repetition_penalty": 1.0}))
     assert "".join(p.choices[0].text for p in parts) == want.text[: want.text.index(stop)]
     assert parts[-1].choices[0].finish_reason == "stop"
+    # Streamed logprobs' text_offset counts the tokens' text, also while text that might
+    # begin a stop string is held back (it counted the text sent, which trails then).
+    parts = list(client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=0, stream=True,
+                                           stop=["no such stop string"], logprobs=1))
+    tokens = [t for p in parts if p.choices[0].logprobs for t in p.choices[0].logprobs.tokens]
+    offsets = [o for p in parts if p.choices[0].logprobs for o in p.choices[0].logprobs.text_offset]
+    assert "".join(tokens) == want.text and offsets == [sum(map(len, tokens[:i])) for i in range(len(tokens))]
 
     # Token-id prompts, a batch of two, seeded sampling: the same seed, the same text.
     ids = list(grpc_complete(stack, text="hi", max_tokens=1).token_ids)  # any valid ids
