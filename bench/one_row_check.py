@@ -2,7 +2,9 @@
 gemv_fma), checked on a GPU through the engine: the same random weights served --rows
 requests at a time (every decode step that many rows; 1 by default), twice on the CUDA cores (tokens and log-probabilities
 must be identical: the kernel is deterministic) and once on the tensor-core kernels
-(agreement reported: their sums round differently, so greedy tokens may part after a near-tie).
+(agreement reported: their sums round differently, so greedy tokens may part after a near-tie),
+and once on the CUDA cores with the norms folded into the projections (KernelConfig.fold_norms:
+no norm kernels at one token; agreement and the largest log-probability difference reported).
 bench/gpu_reference_check.py checks float32 against transformers; this checks the 16-bit and
 FP8 paths that float32 does not take. Prints a table and writes JSON; exits non-zero when the
 two CUDA-core runs differ.
@@ -14,6 +16,7 @@ two CUDA-core runs differ.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -66,18 +69,24 @@ def main() -> None:
     for quant in args.quantization:
         fma = KernelConfig(fma_max_rows=max(args.rows, KernelConfig.fma_max_rows))
         runs = {name: generate(args.shape, k, quant, prompts, args.new_tokens, args.rows) for name, k in (
-            ("fma", fma), ("fma again", fma), ("dot", KernelConfig(one_row_matmul="dot")))}
+            ("fma", fma), ("fma again", fma), ("dot", KernelConfig(one_row_matmul="dot")),
+            ("fma folded", dataclasses.replace(fma, fold_norms=True)))}
         base_t, base_lp, base_w = runs["fma"]
         for name, (t, lp, w) in runs.items():
             same_tokens = t == base_t
             same_lp = lp == base_lp
             agree = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), len(x)) for x, y in zip(t, base_t)]
+            # over the tokens before the first difference, where both saw the same context
+            lp_diff = max((abs(a - b) for x, y, n in zip(lp, base_lp, agree) for a, b in zip(x[:n], y[:n])), default=0.0)
             row = {"quantization": quant, "variant": name, "weights_equal": w == base_w, "tokens_equal": same_tokens,
-                   "logprobs_equal": same_lp, "tokens_agreeing_before_first_difference": agree}
+                   "logprobs_equal": same_lp, "tokens_agreeing_before_first_difference": agree,
+                   "max_logprob_diff_while_agreeing": lp_diff}
             engines.append(row)
-            print(f"  {args.shape} {quant:>5} {name:>9}: same weights {w == base_w}, tokens equal {same_tokens}, "
-                  f"logprobs equal {same_lp}, agreeing tokens {agree} of {args.new_tokens}")
-        ok &= engines[-2]["tokens_equal"] and engines[-2]["logprobs_equal"] and engines[-2]["weights_equal"]
+            print(f"  {args.shape} {quant:>5} {name:>12}: same weights {w == base_w}, tokens equal {same_tokens}, "
+                  f"logprobs equal {same_lp}, agreeing tokens {agree} of {args.new_tokens}, "
+                  f"largest log-probability difference meanwhile {lp_diff:.4f}")
+        again = next(r for r in engines[::-1] if r["variant"] == "fma again")
+        ok &= again["tokens_equal"] and again["logprobs_equal"] and again["weights_equal"]
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "args": vars(args), "engines": engines,
                    "ok": ok}, f, indent=2)

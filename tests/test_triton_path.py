@@ -73,6 +73,10 @@ def test_one_row_gemv_on_the_cuda_cores(checked):
     assert r["gated"]["rel_err"] < 2e-3 and r["gated"]["equals_unfused"], r
     assert r["float32_x"]["dtype"] == "torch.float32" and r["float32_x"]["rel_err"] < 1e-6, r
     assert r["rows"] < 1e-3 and r["rows_gated"] < 2e-3 and r["rows_fp8_x"] < 1e-6 and r["rows_as_alone"], r
+    # KernelConfig.fold_norms: the norm inside the projection (folded weights round once more)
+    f = r["folded_norm"]
+    assert f["plain"] < 1e-3 and f["gated"] < 2e-3 and f["plain_gain_is_one"] and f["gated_gain_is_one"], f
+    assert f["add_exact"], f
 
 
 def test_gated_gemv_kernel_equals_the_unfused_pair(checked):

@@ -254,6 +254,47 @@ def check_gemv_fma(gen: torch.Generator) -> dict:
     ours = gemv_fma(x, wg, gated=True, block_n=8, block_k=128, pdl=False)
     out["gated"] = {"rel_err": rel_err(ours, F.silu(gate) * up),
                     "equals_unfused": torch.equal(ours, silu_and_mul(gemv_fma(x, wg, block_n=8, block_k=128, pdl=False)))}
+    out["folded_norm"] = check_fma_folded_norm(gen)
+    return out
+
+
+def check_fma_folded_norm(gen: torch.Generator, device: str = "cpu") -> dict:
+    """One-token steps with KernelConfig.fold_norms: the RMSNorm's gain folded into the
+    weight and 1/rms computed inside gemv_fma (plain, with a bias and a ragged K, and gated),
+    against float64 of the unfolded norm then the projection; and the residual add in place
+    (add_to) bit for bit the norm kernel's add of the same projection's output. `device`:
+    cuda for the same check on a GPU (the inputs drawn on the CPU, then moved)."""
+    from worker.embedded.kernels.fused import add_rms_norm
+    from worker.embedded.kernels.gemv import gemv_fma
+    from worker.embedded.llama import RMSNorm, fold_rms_norm
+
+    eps, K = 1e-5, 300
+    res = (3 * torch.randn(1, K, generator=gen)).half().to(device)
+    gain = (1 + 0.5 * torch.randn(K, generator=gen)).to(device)
+    normed = res.double() * torch.rsqrt(res.double().pow(2).mean(-1, keepdim=True) + eps) * gain.double()
+    out = {}
+    for name, rows, gated, bias in (("plain", 70, False, torch.randn(70, generator=gen).half().to(device)), ("gated", 140, True, None)):
+        lin = torch.nn.Linear(K, rows, bias=False).half().to(device)
+        lin.weight.data = (torch.randn(rows, K, generator=gen) / K**0.5).half().to(device)
+        want = normed @ lin.weight.double().T
+        if gated:
+            g, u = want.chunk(2, dim=-1)
+            want = F.silu(g) * u
+        elif bias is not None:
+            want = want + bias.double()
+        norm = RMSNorm(K, eps).half().to(device)
+        norm.weight.data = gain.half()
+        fold_rms_norm(norm, lin)
+        out[name] = max(rel_err(gemv_fma(res, lin.weight, None, bias, block_n=bn, block_k=bk, unroll=u, acc_2d=acc, gated=gated,
+                                         norm_eps=eps, pdl=False), want)
+                        for bn, bk, u, acc in ((8, 128, 2, True), (4, 512, 1, False)))
+        out[name + "_gain_is_one"] = bool((norm.weight == 1).all())
+    x, w = torch.randn(1, K, generator=gen).half().to(device), (torch.randn(70, K, generator=gen) / K**0.5).half().to(device)
+    stream = torch.randn(1, 70, generator=gen).half().to(device)
+    _, want_stream = add_rms_norm(gemv_fma(x, w, block_n=8, block_k=128, pdl=False), torch.ones(70).half().to(device), eps, stream)
+    added = stream.clone()
+    got = gemv_fma(x, w, block_n=8, block_k=128, pdl=False, add_to=added)
+    out["add_exact"] = got is added and torch.equal(added, want_stream)
     return out
 
 
