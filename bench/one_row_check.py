@@ -3,8 +3,9 @@ gemv_fma), checked on a GPU through the engine: the same random weights served -
 requests at a time (every decode step that many rows; 1 by default), twice on the CUDA cores (tokens and log-probabilities
 must be identical: the kernel is deterministic) and once on the tensor-core kernels
 (agreement reported: their sums round differently, so greedy tokens may part after a near-tie),
-and once on the CUDA cores with the norms folded into the projections (KernelConfig.fold_norms:
-no norm kernels at one token; agreement and the largest log-probability difference reported).
+and on the CUDA cores with the norms folded into the projections (KernelConfig.fold_norms: no
+norm kernels at one token), then also the rotary and the cache write in qkv_proj's kernel
+(one_row_rope); agreement and the largest log-probability difference reported.
 bench/gpu_reference_check.py checks float32 against transformers; this checks the 16-bit and
 FP8 paths that float32 does not take. Prints a table and writes JSON; exits non-zero when the
 two CUDA-core runs differ.
@@ -70,7 +71,8 @@ def main() -> None:
         fma = KernelConfig(fma_max_rows=max(args.rows, KernelConfig.fma_max_rows))
         runs = {name: generate(args.shape, k, quant, prompts, args.new_tokens, args.rows) for name, k in (
             ("fma", fma), ("fma again", fma), ("dot", KernelConfig(one_row_matmul="dot")),
-            ("fma folded", dataclasses.replace(fma, fold_norms=True)))}
+            ("fma folded", dataclasses.replace(fma, fold_norms=True)),
+            ("fma fold+rope", dataclasses.replace(fma, fold_norms=True, one_row_rope=True)))}
         base_t, base_lp, base_w = runs["fma"]
         for name, (t, lp, w) in runs.items():
             same_tokens = t == base_t
@@ -82,7 +84,7 @@ def main() -> None:
                    "logprobs_equal": same_lp, "tokens_agreeing_before_first_difference": agree,
                    "max_logprob_diff_while_agreeing": lp_diff}
             engines.append(row)
-            print(f"  {args.shape} {quant:>5} {name:>12}: same weights {w == base_w}, tokens equal {same_tokens}, "
+            print(f"  {args.shape} {quant:>5} {name:>13}: same weights {w == base_w}, tokens equal {same_tokens}, "
                   f"logprobs equal {same_lp}, agreeing tokens {agree} of {args.new_tokens}, "
                   f"largest log-probability difference meanwhile {lp_diff:.4f}")
         again = next(r for r in engines[::-1] if r["variant"] == "fma again")

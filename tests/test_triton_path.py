@@ -77,6 +77,11 @@ def test_one_row_gemv_on_the_cuda_cores(checked):
     f = r["folded_norm"]
     assert f["plain"] < 1e-3 and f["gated"] < 2e-3 and f["plain_gain_is_one"] and f["gated_gain_is_one"], f
     assert f["add_exact"], f
+    # KernelConfig.one_row_rope: the rotary and the cache write in qkv_proj's epilogue
+    rope = r["rope"]
+    assert rope["float16"]["rel_err"] < 2e-3 and rope["float16"]["cache_rel_err"] < 2e-3, rope
+    assert rope["float8_e4m3fn"]["rel_err"] < 2e-3 and rope["float8_e4m3fn"]["cache_rel_err"] < 2e-2, rope
+    assert rope["float16"]["other_slots_untouched"] and rope["float8_e4m3fn"]["other_slots_untouched"], rope
 
 
 def test_gated_gemv_kernel_equals_the_unfused_pair(checked):

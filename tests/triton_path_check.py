@@ -255,6 +255,47 @@ def check_gemv_fma(gen: torch.Generator) -> dict:
     out["gated"] = {"rel_err": rel_err(ours, F.silu(gate) * up),
                     "equals_unfused": torch.equal(ours, silu_and_mul(gemv_fma(x, wg, block_n=8, block_k=128, pdl=False)))}
     out["folded_norm"] = check_fma_folded_norm(gen)
+    out["rope"] = check_fma_rope(gen)
+    return out
+
+
+def check_fma_rope(gen: torch.Generator, device: str = "cpu") -> dict:
+    """One-token qkv with KernelConfig.one_row_rope: gemv_fma's rope epilogue (with a folded
+    norm and a bias, as Qwen2's qkv has) against the same projection then rope_and_cache, over
+    a 16-bit and an FP8 cache with scales: y (q and k rotated, v as is) and the cache at the
+    slot close, every other slot untouched. 4 query and 2 KV heads of 16, pairs 2 and 4 a program."""
+    from worker.embedded.kernels.fused import rope_and_cache
+    from worker.embedded.kernels.gemv import RopeCache, gemv_fma
+
+    hq, hkv, d, K, bs, nblocks, eps = 4, 2, 16, 96, 4, 3, 1e-5
+    n = (hq + 2 * hkv) * d
+    x = (2 * torch.randn(1, K, generator=gen)).half().to(device)
+    w = (torch.randn(n, K, generator=gen) / K**0.5).half().to(device)
+    bias = (0.1 * torch.randn(n, generator=gen)).half().to(device)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    freqs = torch.outer(torch.arange(64, dtype=torch.float32), inv)
+    cos, sin = freqs.cos().to(device), freqs.sin().to(device)
+    pos, slot = torch.tensor([37], device=device), torch.tensor([6], device=device)
+    out = {}
+    for cache_dtype, scales in ((torch.float16, (1.0, 1.0)), (torch.float8_e4m3fn, (0.05, 0.03))):
+        want_kc, want_vc = (torch.zeros(nblocks, bs, hkv, d, dtype=cache_dtype, device=device) for _ in range(2))
+        xn = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).half()
+        want = gemv_fma(xn, w, None, bias, block_n=4, block_k=32, pdl=False)
+        q, k, v = (t.view(1, -1, d) for t in want.split([hq * d, hkv * d, hkv * d], dim=-1))
+        rope_and_cache(q, k, v, cos, sin, pos, slot, want_kc, want_vc, pdl=False, k_scale=scales[0], v_scale=scales[1])
+        errs, untouched, cache_errs = [], True, []
+        for pairs in (2, 4):
+            kc, vc = (torch.full((nblocks, bs, hkv, d), float("nan"), device=device).to(cache_dtype) for _ in range(2))
+            got = gemv_fma(x, w, None, bias, block_n=pairs, block_k=32, pdl=False, norm_eps=eps,
+                           rope=RopeCache(cos, sin, pos, slot, kc, vc, hq * d, hkv * d, d, *scales))
+            errs.append(rel_err(got, want))
+            cache_errs += [rel_err(kc.view(-1, hkv, d)[6].float(), want_kc.view(-1, hkv, d)[6].float()),
+                           rel_err(vc.view(-1, hkv, d)[6].float(), want_vc.view(-1, hkv, d)[6].float())]
+            others = torch.ones(nblocks * bs, dtype=torch.bool)
+            others[6] = False
+            untouched &= bool(kc.float().view(-1, hkv, d)[others].isnan().all() and vc.float().view(-1, hkv, d)[others].isnan().all())
+        out[str(cache_dtype).removeprefix("torch.")] = {"rel_err": max(errs), "cache_rel_err": max(cache_errs),
+                                                         "other_slots_untouched": untouched}
     return out
 
 

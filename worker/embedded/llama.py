@@ -17,9 +17,10 @@ from worker.embedded.quant import SKINNY_ROWS, QuantizedRows, QuantLinear, quant
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul, silu_and_mul_quant
-    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_gated_config, fma_faster, fma_projection
+    from worker.embedded.kernels.gemv import (MAX_ROWS, RopeCache, gated_faster, gemv, gemv_config, gemv_gated_config,
+                                              fma_faster, fma_projection)
 except ImportError:  # no Triton here: the PyTorch path only
-    add_rms_norm = rope_and_cache = silu_and_mul = silu_and_mul_quant = None
+    add_rms_norm = rope_and_cache = silu_and_mul = silu_and_mul_quant = RopeCache = None
 from models.config import ModelConfig
 from worker.engine_api import KernelConfig
 
@@ -130,23 +131,37 @@ class Attention(nn.Module):
     def forward(self, x, positions, k_cache, v_cache, meta: AttentionMetadata):
         return self.o_proj(self.attend(self.qkv_proj(x), positions, k_cache, v_cache, meta))
 
-    def attend(self, qkv, positions, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention from the fused qkv projection's output, before o_proj: [T, q_size]."""
+    def attend(self, qkv, positions, k_cache, v_cache, meta: AttentionMetadata, cached: bool = False) -> torch.Tensor:
+        """Attention from the fused qkv projection's output, before o_proj: [T, q_size].
+        cached: q and k are rotated and k and v are in the cache already (rope_cache)."""
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         kernels = self.kernels
-        ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
-        if kernels is not None:
-            rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
-                           pdl=kernels.pdl, k_scale=ks, v_scale=vs)
-        else:
-            q, k = self.rotary(q, positions), self.rotary(k, positions)
-            write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
+        ks, vs = self.cache_scales(k_cache)
+        if not cached:
+            if kernels is not None:
+                rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
+                               pdl=kernels.pdl, k_scale=ks, v_scale=vs)
+            else:
+                q, k = self.rotary(q, positions), self.rotary(k, positions)
+                write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, pdl=kernels is not None and kernels.pdl,
                               k_scale=ks, v_scale=vs, decode_tile=(kernels.decode_tile or None) if kernels is not None else None)
         return out.reshape(-1, self.q_size)
+
+
+    def cache_scales(self, k_cache: torch.Tensor) -> tuple[float, float]:
+        """(k_scale, v_scale) of this layer's cache: calibrated for an FP8 cache, else 1."""
+        return (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
+
+    def rope_cache(self, positions, k_cache, v_cache, meta: AttentionMetadata) -> RopeCache:
+        """What qkv_proj's one-row kernel needs to rotate q and k and write k and v to the
+        cache itself (KernelConfig.one_row_rope)."""
+        ks, vs = self.cache_scales(k_cache)
+        return RopeCache(self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
+                         self.q_size, self.kv_size, self.head_dim, ks, vs)
 
 
 class SkinnyLinear(nn.Linear):
@@ -171,11 +186,13 @@ class SkinnyLinear(nn.Linear):
         return super().forward(x)
 
     def one_row(self, x: torch.Tensor, norm_eps: float | None = None, add_to: torch.Tensor | None = None,
-                gated: bool = False) -> torch.Tensor:
+                gated: bool = False, rope: RopeCache | None = None) -> torch.Tensor:
         """One 16-bit row on the CUDA cores (gemv_fma), with the RMSNorm before it computed
         inside (norm_eps; its gain folded into this weight by fold_rms_norm) or the result
-        added into the residual stream `add_to` in place (call only where one_row_fits)."""
-        return fma_projection(x, self.weight, self.kernels, bias=self.bias, gated=gated, norm_eps=norm_eps, add_to=add_to)
+        added into the residual stream `add_to` in place, and for qkv_proj the rotary and the
+        cache write in its epilogue (rope) (call only where one_row_fits)."""
+        return fma_projection(x, self.weight, self.kernels, bias=self.bias, gated=gated, norm_eps=norm_eps, add_to=add_to,
+                              rope=rope)
 
     def one_row_fits(self, kernels: KernelConfig, gated: bool = False) -> bool:
         """Whether one row of this projection runs gemv_fma under `kernels` (16-bit, not quantized)."""
@@ -241,8 +258,9 @@ class DecoderLayer(nn.Module):
         CUDA-core projections that compute the norms before qkv and gate_up themselves and add
         o_proj's and down_proj's output into `residual` in place, so no norm kernel runs."""
         attn, mlp = self.self_attn, self.mlp
-        qkv = attn.qkv_proj.one_row(residual, norm_eps=self.input_layernorm.eps)
-        attn.o_proj.one_row(attn.attend(qkv, positions, k_cache, v_cache, meta), add_to=residual)
+        rope = attn.rope_cache(positions, k_cache, v_cache, meta) if mlp.kernels.one_row_rope else None
+        qkv = attn.qkv_proj.one_row(residual, norm_eps=self.input_layernorm.eps, rope=rope)
+        attn.o_proj.one_row(attn.attend(qkv, positions, k_cache, v_cache, meta, cached=rope is not None), add_to=residual)
         eps = self.post_attention_layernorm.eps
         if mlp.gated_one_row:
             h = mlp.gate_up_proj.one_row(residual, norm_eps=eps, gated=True)
