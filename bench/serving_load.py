@@ -336,7 +336,8 @@ def main() -> None:
             if runner.step_model is not None:  # where the step-time fit stood after the point
                 a, b, e = runner.step_model.coef.tolist()
                 direct[-1]["step_time_fit"] = {"a": a, "context_us_per_token": b * 1000, "prompt_ns_per_pair": e * 1e6,
-                                               "steps": runner.step_model.steps}
+                                               "steps": runner.step_model.steps,
+                                               "residual_ms": runner.step_model.residuals(engine.config.step_time_target_ms)}
             print(f"direct {p['name']}: {direct[-1]['tok_per_s']:.0f} tok/s; step-time fit {direct[-1].get('step_time_fit')}",
                   flush=True)
         del engine

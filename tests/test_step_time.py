@@ -86,3 +86,21 @@ def test_a_chunk_over_a_long_prompt_gets_fewer_tokens_once_its_attention_is_lear
     # And a chunk that cannot fit at all gets nothing (the scheduler then gives the step's
     # first chunk its minimum).
     assert chunk_within(sizes, ms, m, 2.0, 50_000, 40, 0, 3000, 2000) == 0
+
+
+def test_its_residuals_say_how_far_steps_ran_past_their_prediction_and_the_target():
+    """Steps that follow the start-up law but run 0.4 ms longer one time in ten: the
+    residuals report it at p90-p99, and among the steps sized near a 15 ms target, the
+    share that ran over it."""
+    m = model()
+    rng = random.Random(1)
+    for i in range(2000):
+        g = rng.uniform(3, 15)
+        extra = 0.4 if i % 10 == 0 else 0.0
+        m.observe(g, 0, 0, g + extra)
+    r = m.residuals(15.0)
+    assert r["all"]["steps"] == 2000 and r["all"]["p50"] == pytest.approx(0.0, abs=0.05)
+    assert r["all"]["p99"] == pytest.approx(0.4, abs=0.05) and r["all"]["max"] == pytest.approx(0.4, abs=0.05)
+    sized = r["sized"]  # predicted at 13.5 ms or more; those over 14.6 ms with the extra 0.4 ran past 15
+    assert 0 < sized["steps"] < 2000 and 0 < sized["over_target"] < 0.1, sized
+    assert model().residuals(15.0) == {"all": {"steps": 0}, "sized": {"steps": 0, "over_target": 0.0}}

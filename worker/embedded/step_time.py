@@ -20,12 +20,16 @@ few odd steps from moving the budget far."""
 
 from __future__ import annotations
 
+from collections import deque
+
 import numpy as np
 
 DECAY = 0.98  # each step's weight shrinks by this every later step (about the last 50 count)
 PRIOR_WEIGHT = 1.0  # the pull towards the start-up values weighs as much as one step
 A_BOUNDS = (0.7, 3.0)  # the graph term's factor
 B_FACTOR_MAX = 8.0  # the context cost at most this many times the start-up one
+RECENT = 8192  # steps whose prediction and measurement `residuals` reports on
+SIZED_NEAR = 0.9  # `residuals`: steps predicted at this share of the target or more were sized by it
 
 
 def prompt_pairs(start: int, n: int) -> int:
@@ -44,6 +48,7 @@ class StepTimeModel:
         self.steps = 0
         self._xx = np.zeros((3, 3))  # decayed sums of x x^T and x * measured
         self._xm = np.zeros(3)
+        self.recent: deque[tuple[float, float]] = deque(maxlen=RECENT)  # (predicted, measured) ms
 
     def predict(self, graph_ms: float, context: int, pairs: int = 0) -> float:
         a, b, e = self.coef
@@ -58,6 +63,7 @@ class StepTimeModel:
         """One launched step: its start-up graph time, its decodes' context tokens, its
         prompt chunks' (query, key) pairs, and what it took."""
         x = np.array([graph_ms, context, pairs], dtype=float)
+        self.recent.append((float(self.coef @ x), measured_ms))  # as predicted before this step refits
         self._xx = DECAY * self._xx + np.outer(x, x)
         self._xm = DECAY * self._xm + x * measured_ms
         self.steps += 1
@@ -67,3 +73,22 @@ class StepTimeModel:
             return
         b_max = B_FACTOR_MAX * self.prior[1] if self.prior[1] > 0 else np.inf
         self.coef = np.array([min(max(a, A_BOUNDS[0]), A_BOUNDS[1]), min(max(b, 0.0), b_max), max(e, 0.0)])
+
+    def residuals(self, target_ms: float = 0.0) -> dict:
+        """How the last RECENT steps' measured time departed from their prediction (measured
+        minus predicted, ms: p50 / p90 / p99 / max), over all of them and over those sized by
+        a target of `target_ms` (predicted within SIZED_NEAR of it), with the share of those
+        that ran over the target: where a wait between tokens longer than the target comes from."""
+        def stats(pairs: list[tuple[float, float]]) -> dict:
+            if not pairs:
+                return {"steps": 0}
+            d = np.array([m - p for p, m in pairs])
+            q50, q90, q99 = np.percentile(d, [50, 90, 99]).tolist()
+            return {"steps": len(pairs), "p50": q50, "p90": q90, "p99": q99, "max": float(d.max())}
+
+        out = {"all": stats(list(self.recent))}
+        if target_ms > 0:
+            sized = [(p, m) for p, m in self.recent if p >= SIZED_NEAR * target_ms]
+            out["sized"] = stats(sized)
+            out["sized"]["over_target"] = sum(m > target_ms for _, m in sized) / len(sized) if sized else 0.0
+        return out
