@@ -209,6 +209,23 @@ def test_which_models_fold_their_norms_into_the_projections(dtype, kernels, fold
     assert torch.equal(layer.self_attn.o_proj.weight, o)  # o_proj and down_proj are never folded into
 
 
+@pytest.mark.parametrize("modes", [
+    dict(),
+    dict(NORM=True),
+    dict(ADD=True, BLOCK_N=8, UNROLL=2),
+    dict(NORM=True, GATED=True, BLOCK_N=2, ACC_2D=False, UNROLL=1),
+    dict(NORM=True, ROPE=True, BLOCK_N=2),
+    dict(NORM=True, ROPE=True, BLOCK_N=2, HAS_BIAS=True, kv_fp8=True),
+], ids=["plain", "norm", "add", "norm+gated", "norm+rope", "norm+rope+bias+fp8kv"])
+def test_one_row_kernel_modes_compile_for_hopper(modes):
+    """The interpreter runs the kernel's logic but never compiles it: each mode the engine
+    launches at one token is compiled for sm_90 here (Triton's bundled ptxas, no GPU)."""
+    from bench.kernel_ir import compile_gemv_fma
+
+    kernel = compile_gemv_fma(**modes)
+    assert ".target sm_90" in kernel.asm["ptx"] and kernel.asm["cubin"], modes
+
+
 def test_which_steps_run_the_cuda_core_matmul():
     """One row (the default): every projection but a vocabulary's lm_head. Up to
     fma_max_rows rows: only 16-bit projections that are not a fused gate_up; --one-row-matmul
