@@ -151,7 +151,6 @@ class Attention(nn.Module):
                               k_scale=ks, v_scale=vs, decode_tile=(kernels.decode_tile or None) if kernels is not None else None)
         return out.reshape(-1, self.q_size)
 
-
     def cache_scales(self, k_cache: torch.Tensor) -> tuple[float, float]:
         """(k_scale, v_scale) of this layer's cache: calibrated for an FP8 cache, else 1."""
         return (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
