@@ -82,7 +82,11 @@ class Worker:
                                         config.engine_config.max_batch_size, metrics, tracing)
         self.running = True
         self.signals = 0  # SIGTERM/SIGINT received (inflight.process)
-        self.broken = False  # stopped because its engine kept failing: the process exits 1
+
+    @property
+    def broken(self) -> bool:
+        """Stopped because its engine kept failing: the process exits 1."""
+        return self.lifecycle.engine_broken
 
     def run(self) -> None:
         lifecycle, engine, sock = self.lifecycle, self.engine, self.sock
@@ -127,7 +131,6 @@ class Worker:
             lifecycle.flush(out)
             if lifecycle.engine_broken:
                 log.error("the engine failed %d steps in a row; stopping, for a fresh start", lifecycle.failed_steps)
-                self.broken = True
                 break
             if heartbeat_due:
                 lifecycle.heartbeat()

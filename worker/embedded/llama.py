@@ -215,17 +215,20 @@ class MLP(nn.Module):
         self.gate_up_proj = SkinnyLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = SkinnyLinear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.kernels: KernelConfig | None = None  # set on the Triton path: the SiLU-and-multiply kernel
-        self.gated_one_row = False  # DecoderLayer.one_row: gate_up's gated form (set by fold_norms)
         # As RMSNorm.next_quantization, for down_proj's input: the SiLU kernel quantizes
         # its output in steps of more than SILU_QUANT_MIN_ROWS rows that down_proj reads
         # quantized.
         self.next_quantization: Callable[[int, KernelConfig], torch.dtype | None] | None = None
 
+    def gated_gate_up(self) -> bool:
+        """Whether a 16-bit gate_up's skinny kernels apply SiLU(gate) * up as they write
+        (KernelConfig.fused_silu, where that measured faster: gated_faster)."""
+        return self.kernels.fused_silu and gated_faster(*self.gate_up_proj.weight.shape)
+
     def forward(self, x):
         if self.kernels is not None:
             gate_up = self.gate_up_proj  # a QuantLinear once quantized: no gated path
-            if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) \
-                    and gated_faster(*gate_up.weight.shape):
+            if isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) and self.gated_gate_up():
                 return self.down_proj(gate_up.gated(x))
             h = gate_up(x)
             rows = h.shape[0]
@@ -261,7 +264,7 @@ class DecoderLayer(nn.Module):
         qkv = attn.qkv_proj.one_row(residual, norm_eps=self.input_layernorm.eps, rope=rope)
         attn.o_proj.one_row(attn.attend(qkv, positions, k_cache, v_cache, meta, cached=rope is not None), add_to=residual)
         eps = self.post_attention_layernorm.eps
-        if mlp.gated_one_row:
+        if mlp.gated_gate_up():
             h = mlp.gate_up_proj.one_row(residual, norm_eps=eps, gated=True)
         else:
             h = silu_and_mul(mlp.gate_up_proj.one_row(residual, norm_eps=eps), pdl=mlp.kernels.pdl)
@@ -272,9 +275,9 @@ class DecoderLayer(nn.Module):
         """Whether every projection of a one-token step runs gemv_fma under `kernels` (16-bit
         weights, not quantized), so that one_row can replace the norm kernels."""
         attn, mlp = self.self_attn, self.mlp
-        mlp.gated_one_row = kernels.fused_silu and gated_faster(*mlp.gate_up_proj.weight.shape)
+        gated = mlp.gated_gate_up()  # use_kernels has set mlp.kernels to these kernels already
         return (attn.qkv_proj.one_row_fits(kernels) and attn.o_proj.one_row_fits(kernels)
-                and mlp.gate_up_proj.one_row_fits(kernels, gated=mlp.gated_one_row) and mlp.down_proj.one_row_fits(kernels))
+                and mlp.gate_up_proj.one_row_fits(kernels, gated=gated) and mlp.down_proj.one_row_fits(kernels))
 
     def fold_norms(self) -> None:
         """Fold the two RMSNorms' gains into the weights of qkv_proj and gate_up_proj (whose
@@ -338,14 +341,11 @@ class LlamaForCausalLM(nn.Module):
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, SkinnyLinear, QuantLinear, MLP)):
                 m.kernels = kernels
-        if kernels is None:
-            self.norms_folded = False  # the folded weights are still right, with unit gains
-        elif kernels.fold_norms and all(layer.can_fold_norms(kernels) for layer in self.layers):
+        # Without kernels, folded weights are still right, with their unit gains.
+        self.norms_folded = bool(kernels and kernels.fold_norms and all(layer.can_fold_norms(kernels) for layer in self.layers))
+        if self.norms_folded:
             for layer in self.layers:
                 layer.fold_norms()  # a second time multiplies by unit gains: no change
-            self.norms_folded = True
-        else:
-            self.norms_folded = False
         fuse = kernels is not None and kernels.fused_quant
         for layer in self.layers:
             for before, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj),

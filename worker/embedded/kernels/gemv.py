@@ -426,19 +426,21 @@ def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = No
     line = 128 // w.element_size()
     cols = prefetch_bytes // (w.shape[0] * w.element_size())
     prefetch_k = 0 if not use_pdl or min(cols, K) < line else 1 << (min(cols, K).bit_length() - 1)
-    r = rope
-    kv_fp8 = r is not None and r.k_cache.dtype == torch.float8_e4m3fn
-    _gemv_fma[(triton.cdiv(N // 2 if r is not None else N, block_n),)](
+    if rope is None:  # the rope epilogue's pointers unused: any tensor stands in
+        rope_args, rope_consts = (x, x, x, x, x, x, 1.0, 1.0, 0), dict(HALF=0, Q_COLS=0, KV_COLS=0, KV_FP8=False)
+    else:
+        rope_args = (rope.cos, rope.sin, rope.positions, rope.slots, rope.k_cache, rope.v_cache, 1.0 / rope.k_scale,
+                     1.0 / rope.v_scale, rope.cos.stride(0))
+        rope_consts = dict(HALF=rope.head_dim // 2, Q_COLS=rope.q_cols, KV_COLS=rope.kv_cols,
+                           KV_FP8=rope.k_cache.dtype == torch.float8_e4m3fn)
+    _gemv_fma[(triton.cdiv(N if rope is None else N // 2, block_n),)](
         x, x if x_scale is None else x_scale, w, x if w_scale is None else w_scale, x if bias is None else bias, y,
-        N, K, x.stride(0), w.stride(0), y.stride(0), 0.0 if norm_eps is None else norm_eps,
-        *((r.cos, r.sin, r.positions, r.slots, r.k_cache, r.v_cache, 1.0 / r.k_scale if kv_fp8 else 1.0,
-           1.0 / r.v_scale if kv_fp8 else 1.0, r.cos.stride(0)) if r is not None else (x, x, x, x, x, x, 1.0, 1.0, 0)),
+        N, K, x.stride(0), w.stride(0), y.stride(0), 0.0 if norm_eps is None else norm_eps, *rope_args,
         HAS_SX=x_scale is not None, HAS_SW=w_scale is not None, HAS_BIAS=bias is not None,
         GATED=gated, ROWS=M, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
         USE_GDC=use_pdl, PREFETCH_K=prefetch_k, LINE=line, ACC_2D=acc_2d, UNROLL=unroll,
-        NORM=norm_eps is not None, ADD=add_to is not None, ROPE=r is not None, PAIRED=gated or r is not None,
-        HALF=r.head_dim // 2 if r is not None else 0, Q_COLS=r.q_cols if r is not None else 0,
-        KV_COLS=r.kv_cols if r is not None else 0, KV_FP8=kv_fp8, num_warps=num_warps, num_stages=1, **launch_options(use_pdl),
+        NORM=norm_eps is not None, ADD=add_to is not None, ROPE=rope is not None, PAIRED=gated or rope is not None,
+        **rope_consts, num_warps=num_warps, num_stages=1, **launch_options(use_pdl),
     )
     return y
 
