@@ -523,20 +523,16 @@ class ModelRunner:
 
     def tokens_within(self, target_ms: float, context: int) -> int:
         """The most tokens a mixed step can take, its decodes reading `context` tokens of
-        KV, and be predicted to end within target_ms less the step model's margin: a graph
-        size, or 0 if none fits. (Its prompt chunks' attention is left out: the chunks are
-        not chosen yet.)"""
+        KV, and be predicted to end within target_ms: a graph size, or 0 if none fits.
+        (Its prompt chunks' attention is left out: the chunks are not chosen yet.)"""
         if self.step_model is None:
             return 0
-        target_ms -= self.step_model.margin(target_ms)
         return tokens_within(self.mixed_sizes, self.mixed_ms, self.step_model.graph_budget(target_ms, context))
 
     def chunk_within(self, target_ms: float, context: int, tokens: int, pairs: int, start: int, want: int) -> int:
-        """module-level chunk_within on this runner's mixed graphs and step model, within
-        target_ms less the model's margin."""
+        """module-level chunk_within on this runner's mixed graphs and step model."""
         if self.step_model is None:
             return want
-        target_ms -= self.step_model.margin(target_ms)
         return chunk_within(self.mixed_sizes, self.mixed_ms, self.step_model, target_ms, context, tokens, pairs,
                             start, want)
 
