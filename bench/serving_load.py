@@ -264,6 +264,8 @@ def main() -> None:
     ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="what the KV cache stores, both sides")
     ap.add_argument("--step-time-learning", default="on", choices=["on", "off"],
                     help="the engine's step_time_learning, both sides (off: steps sized from the start-up timings alone)")
+    ap.add_argument("--step-time-margin", default="on", choices=["on", "off"],
+                    help="the engine's step_time_margin, both sides (off: steps sized to the target itself, not less the margin)")
     ap.add_argument("--direct-only", action="store_true",
                     help="drive the engine alone, no stack: for comparing engine settings at half the time")
     ap.add_argument("--warmup", type=int, default=0,
@@ -313,6 +315,7 @@ def main() -> None:
         if args.step_time_target_ms is not None:
             config.step_time_target_ms = args.step_time_target_ms
         config.step_time_learning = args.step_time_learning == "on"
+        config.step_time_margin = args.step_time_margin == "on"
         engine = EmbeddedEngine(config)
         settle_gc()  # as the worker does once its model is loaded
         cuda = engine.device.type == "cuda"
@@ -347,7 +350,8 @@ def main() -> None:
         if args.direct_only:
             return finish(args, points, direct, None, step_times, device, model)
         env = {"INFLIGHT_KV_CACHE_MAX_TOKENS": str(args.kv_tokens), "INFLIGHT_QUANTIZATION": args.quantization,
-               "INFLIGHT_KV_CACHE_DTYPE": args.kv_cache_dtype, "INFLIGHT_STEP_TIME_LEARNING": "true" if args.step_time_learning == "on" else "false"}
+               "INFLIGHT_KV_CACHE_DTYPE": args.kv_cache_dtype, "INFLIGHT_STEP_TIME_LEARNING": "true" if args.step_time_learning == "on" else "false",
+               "INFLIGHT_STEP_TIME_MARGIN": "true" if args.step_time_margin == "on" else "false"}
         if args.max_num_tokens:
             env["INFLIGHT_MAX_NUM_TOKENS"] = str(args.max_num_tokens)
         if args.step_time_target_ms is not None:

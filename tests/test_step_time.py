@@ -103,4 +103,40 @@ def test_its_residuals_say_how_far_steps_ran_past_their_prediction_and_the_targe
     assert r["all"]["p99"] == pytest.approx(0.4, abs=0.05) and r["all"]["max"] == pytest.approx(0.4, abs=0.05)
     sized = r["sized"]  # predicted at 13.5 ms or more; those over 14.6 ms with the extra 0.4 ran past 15
     assert 0 < sized["steps"] < 2000 and 0 < sized["over_target"] < 0.1, sized
-    assert model().residuals(15.0) == {"all": {"steps": 0}, "sized": {"steps": 0, "over_target": 0.0}}
+    assert model().residuals(15.0) == {"all": {"steps": 0}, "sized": {"steps": 0, "over_target": 0.0}, "margin_ms": 0.0}
+
+
+def test_steps_are_sized_to_the_target_less_how_far_sized_steps_ran_past_their_prediction():
+    """Steps that run 0.8 ms past their prediction one time in five: once enough steps
+    sized near the target are seen, the margin is their 90th percentile of that (0.8 ms,
+    less what the refit takes up on average), and the runner sizes steps to 15 ms less it;
+    steps that run as predicted bring it back to 0. It never exceeds a tenth of the target."""
+    from worker.embedded.model_runner import ModelRunner
+    from worker.embedded.step_time import MARGIN_EVERY, MARGIN_MAX, RECENT
+
+    runner = ModelRunner.__new__(ModelRunner)  # the sizing methods need only the graphs' timings and the model
+    runner.mixed_sizes, runner.mixed_ms = [128, 256, 512], [10.0, 14.0, 14.5]
+    runner.step_model = m = model()
+    runner.step_margin = True
+    assert m.margin(15.0) == 0.0
+    assert runner.tokens_within(15.0, 0) == 512 and runner.chunk_within(15.0, 0, 0, 0, 0, 1000) == 512
+    rng = random.Random(2)
+
+    def run(n: int, extra: float, every: int) -> None:
+        for i in range(n):
+            g = rng.uniform(13.6, 15.0)  # sized near the target
+            m.observe(g, 0, 0, g + (extra if i % every == 0 else 0.0))
+
+    run(MARGIN_EVERY, 0.8, 5)
+    margin = m.margin(15.0)
+    assert 0.5 < margin <= 0.8 and m.residuals(15.0)["margin_ms"] == margin
+    # 14.5 ms of graph is predicted past 15 less the margin: the 256-token graph is the largest that fits
+    assert runner.tokens_within(15.0, 0) == 256 and runner.chunk_within(15.0, 0, 0, 0, 0, 1000) == 256
+    runner.step_margin = False  # step_time_margin off: the target itself
+    assert runner.tokens_within(15.0, 0) == 512
+    runner.step_margin = True
+    run(RECENT, 0.0, 1)  # the recent steps all ran as predicted
+    assert m.margin(15.0) == 0.0
+    assert runner.tokens_within(15.0, 0) == 512
+    run(RECENT, 100.0, 2)  # every other step absurdly late: the margin stops at its bound
+    assert m.margin(15.0) == pytest.approx(MARGIN_MAX * 15.0)

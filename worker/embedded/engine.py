@@ -112,7 +112,8 @@ class EmbeddedEngine:
         self.pool = KvBlockPool(num_blocks, kv.tokens_per_block, kv.enable_block_reuse)
         self.runner = ModelRunner(self.model, self.device, self.dtype, num_blocks, kv.tokens_per_block,
                                   self.max_seq_len, config.max_batch_size, self.max_num_tokens, config.cuda_graphs,
-                                  config.kernels, kv_dtype=self.kv_dtype, learn_step_times=config.step_time_learning)
+                                  config.kernels, kv_dtype=self.kv_dtype, learn_step_times=config.step_time_learning,
+                                  step_margin=config.step_time_margin)
         timed_steps = bool(config.step_time_target_ms and self.runner.mixed_ms)  # steps sized by predicted time
         self.scheduler = BatchScheduler(
             self.pool,

@@ -142,9 +142,11 @@ def mixed_layout(tokens: int, seqs: int, tiles: int) -> dict[str, int]:
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, device: torch.device, dtype: torch.dtype, num_blocks: int,
                  tokens_per_block: int, max_seq_len: int, max_batch_size: int, max_num_tokens: int, cuda_graphs: bool,
-                 kernels: KernelConfig, kv_dtype: torch.dtype | None = None, learn_step_times: bool = True):
+                 kernels: KernelConfig, kv_dtype: torch.dtype | None = None, learn_step_times: bool = True,
+                 step_margin: bool = True):
         self.model = model
         self.learn_step_times = learn_step_times
+        self.step_margin = step_margin  # size steps to the target less the step model's margin
         self.config = model.config
         self.device = device
         self.dtype = dtype
@@ -523,18 +525,25 @@ class ModelRunner:
 
     def tokens_within(self, target_ms: float, context: int) -> int:
         """The most tokens a mixed step can take, its decodes reading `context` tokens of
-        KV, and be predicted to end within target_ms: a graph size, or 0 if none fits.
-        (Its prompt chunks' attention is left out: the chunks are not chosen yet.)"""
+        KV, and be predicted to end within target_ms (less the step model's margin, with
+        step_margin): a graph size, or 0 if none fits. (Its prompt chunks' attention is left
+        out: the chunks are not chosen yet.)"""
         if self.step_model is None:
             return 0
+        target_ms = self._margined(target_ms)
         return tokens_within(self.mixed_sizes, self.mixed_ms, self.step_model.graph_budget(target_ms, context))
 
     def chunk_within(self, target_ms: float, context: int, tokens: int, pairs: int, start: int, want: int) -> int:
-        """module-level chunk_within on this runner's mixed graphs and step model."""
+        """module-level chunk_within on this runner's mixed graphs and step model, within
+        target_ms (less the model's margin, with step_margin)."""
         if self.step_model is None:
             return want
+        target_ms = self._margined(target_ms)
         return chunk_within(self.mixed_sizes, self.mixed_ms, self.step_model, target_ms, context, tokens, pairs,
                             start, want)
+
+    def _margined(self, target_ms: float) -> float:
+        return target_ms - self.step_model.margin(target_ms) if self.step_margin else target_ms
 
     def _replay_timed(self, replay: Callable[[], torch.Tensor], chunks: list[ScheduledChunk]) -> torch.Tensor:
         """replay(), with CUDA events around it once steps are timed: the step model learns
