@@ -9,9 +9,9 @@ python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > $
 export PYTHONPATH=/tmp/site:$PWD
 python3 -m inflight.stubs >> $R/pip.log 2>&1
 t() { local name=$1 lim=$2; shift 2; local s=$(date +%s); timeout $lim "$@" > $R/$name.log 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s" >> $R/times.txt; }
-L="--shape llama-3-8b --vocab 49152 --tokenizer .bench/tok --rates 24 --seconds 25 --slo-ttft-ms 150 --slo-itl-ms 15 --serve-flags=--launch-wait=true"
-t load_8b_margin_on 190 python3 -m bench.serving_load $L --step-time-margin on --out $R/load_8b_margin_on.json
-t load_8b_margin_off 190 python3 -m bench.serving_load $L --step-time-margin off --out $R/load_8b_margin_off.json
+L="--shape llama-3-8b --vocab 49152 --tokenizer .bench/tok --rates 24 --seconds 20 --slo-ttft-ms 150 --slo-itl-ms 15 --serve-flags=--launch-wait=true"
+t load_8b_margin_on 175 python3 -m bench.serving_load $L --step-time-margin on --out $R/load_8b_margin_on.json
+t load_8b_margin_off 175 python3 -m bench.serving_load $L --step-time-margin off --out $R/load_8b_margin_off.json
 cat $R/times.txt
 for f in $R/load_*.log; do echo "== $f"; grep -h "  direct \|  served \|rate " $f | cut -c1-300 | head -20; done
 tar czf $OUT/r25f.tgz -C /tmp r25f
