@@ -127,14 +127,12 @@ def apply(variant: str) -> KernelConfig:
     matmul's epilogue) and quant (the per-token quantization of FP8 and W8A8 projections'
     inputs in the RMSNorm kernels before them); "+dot": one-row projections on the tensor
     cores (KernelConfig.one_row_matmul "dot"; else the CUDA cores, its default); "+fmaN":
-    steps of up to N tokens on the CUDA cores (KernelConfig.fma_max_rows); "+fold": the norms
-    computed inside the one-token projections (KernelConfig.fold_norms); "+rope": with fold, the
-    rotary and the KV cache write in qkv_proj's one-token kernel (KernelConfig.one_row_rope)."""
+    steps of up to N tokens on the CUDA cores (KernelConfig.fma_max_rows)."""
     parts = set(variant.split("+")) - {"none"}
     if "all" in parts:
         parts = parts - {"all"} | {"pdl", "prefetch", "silu", "quant"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
-    return KernelConfig(pdl="pdl" in parts, fold_norms="fold" in parts, one_row_rope="rope" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts,
+    return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts,
                         one_row_matmul="dot" if "dot" in parts else KernelConfig.one_row_matmul,
                         fma_max_rows=max([int(p.removeprefix("fma")) for p in parts if p.startswith("fma")] or [KernelConfig.fma_max_rows]),
                         l2_prefetch_bytes=(int(mb[0]) * 2**20 if mb[0] else KernelConfig.l2_prefetch_bytes) if mb else 0)

@@ -77,25 +77,18 @@ def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int,
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
-def compile_gemv_fma(arch: int = 90, kv_fp8: bool = False, **modes):
+def compile_gemv_fma(arch: int = 90, **modes):
     """kernels/gemv.py's one-row CUDA-core kernel compiled for `arch`, no GPU needed, in the
-    modes given as its constexprs (NORM, ADD, ROPE, GATED, BLOCK_N, ...; the rest as the 1B
-    shape's qkv launch takes them): what a change to it must survive before a GPU times it."""
+    modes given as its constexprs (GATED, HAS_BIAS, BLOCK_N, ...; the rest as the 1B shape's
+    qkv launch takes them): what a change to it must survive before a GPU times it."""
     from worker.embedded.kernels.gemv import _gemv_fma
 
     names = _gemv_fma.arg_names
     consts = dict(HAS_SX=False, HAS_SW=False, HAS_BIAS=False, GATED=False, ROWS=1, BLOCK_N=4, BLOCK_K=1024, EVEN_K=True,
-                  USE_GDC=True, PREFETCH_K=0, LINE=64, ACC_2D=True, UNROLL=4, NORM=False, ADD=False, ROPE=False,
-                  HALF=0, Q_COLS=0, KV_COLS=0, KV_FP8=kv_fp8)
+                  USE_GDC=True, PREFETCH_K=0, LINE=64, ACC_2D=True, UNROLL=4)
     consts.update(modes)
-    consts["PAIRED"] = consts["GATED"] or consts["ROPE"]
-    if consts["ROPE"]:  # Llama-3.2-1B's qkv: 32 query and 8 KV heads of 64
-        consts.update(HALF=32, Q_COLS=2048, KV_COLS=512)
-    cache = "*fp8e4nv" if kv_fp8 else "*bf16"
-    pointers = {"X": "*bf16", "SX": "*fp32", "W": "*bf16", "SW": "*fp32", "B": "*bf16", "Y": "*bf16", "COS": "*fp32",
-                "SIN": "*fp32", "POS": "*i64", "SLOTS": "*i32", "KC": cache, "VC": cache}
-    signature = {n: "constexpr" if n in consts else pointers.get(n) or ("fp32" if n in ("eps", "k_inv", "v_inv") else "i32")
-                 for n in names}
+    pointers = {"X": "*bf16", "SX": "*fp32", "W": "*bf16", "SW": "*fp32", "B": "*bf16", "Y": "*bf16"}
+    signature = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in names}
     src = ASTSource(fn=_gemv_fma, signature=signature, constexprs={(names.index(n),): v for n, v in consts.items()},
                     attrs={(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if signature[n].startswith("*")})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "num_stages": 1})

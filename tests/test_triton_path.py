@@ -73,15 +73,6 @@ def test_one_row_gemv_on_the_cuda_cores(checked):
     assert r["gated"]["rel_err"] < 2e-3 and r["gated"]["equals_unfused"], r
     assert r["float32_x"]["dtype"] == "torch.float32" and r["float32_x"]["rel_err"] < 1e-6, r
     assert r["rows"] < 1e-3 and r["rows_gated"] < 2e-3 and r["rows_fp8_x"] < 1e-6 and r["rows_as_alone"], r
-    # KernelConfig.fold_norms: the norm inside the projection (folded weights round once more)
-    f = r["folded_norm"]
-    assert f["plain"] < 1e-3 and f["gated"] < 2e-3 and f["plain_gain_is_one"] and f["gated_gain_is_one"], f
-    assert f["add_exact"], f
-    # KernelConfig.one_row_rope: the rotary and the cache write in qkv_proj's epilogue
-    rope = r["rope"]
-    assert rope["float16"]["rel_err"] < 2e-3 and rope["float16"]["cache_rel_err"] < 2e-3, rope
-    assert rope["float8_e4m3fn"]["rel_err"] < 2e-3 and rope["float8_e4m3fn"]["cache_rel_err"] < 2e-2, rope
-    assert rope["float16"]["other_slots_untouched"] and rope["float8_e4m3fn"]["other_slots_untouched"], rope
 
 
 def test_gated_gemv_kernel_equals_the_unfused_pair(checked):
@@ -158,68 +149,14 @@ def test_fma_rows_the_kernel_cannot_take_are_refused_by_name(rows):
         EmbeddedEngine(EngineConfig(device="cpu", kernels=KernelConfig(fma_max_rows=rows)))
 
 
-def test_one_row_rope_without_fold_norms_is_refused_by_name():
-    from worker.embedded.engine import EmbeddedEngine
-    from worker.engine_api import EngineConfig, EngineConfigError, KernelConfig
-
-    with pytest.raises(EngineConfigError, match="one_row_rope .* set fold_norms too"):
-        EmbeddedEngine(EngineConfig(device="cpu", kernels=KernelConfig(one_row_rope=True)))
-
-
-@pytest.mark.parametrize("dtype, kernels, folds", [
-    ("float16", dict(fold_norms=True), True),
-    ("bfloat16", dict(fold_norms=True, fused_silu=False), True),
-    ("float16", dict(), False),  # off by default until timed
-    ("float32", dict(fold_norms=True), False),  # float32 never takes the CUDA-core kernel
-    ("float16", dict(fold_norms=True, one_row_matmul="dot"), False),
-])
-def test_which_models_fold_their_norms_into_the_projections(dtype, kernels, folds):
-    """KernelConfig.fold_norms folds each layer's two norm gains into qkv_proj's and
-    gate_up_proj's columns (rounded once) and sets them to 1, only where every one-token
-    projection runs gemv_fma; elsewhere the weights stay as loaded."""
-    import dataclasses
-
-    import torch
-
-    from models.config import ModelConfig
-    from worker.embedded.llama import LlamaForCausalLM
-    from worker.engine_api import KernelConfig
-
-    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=2, num_kv_heads=1, head_dim=16, rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
-                      max_position_embeddings=64, tie_word_embeddings=False, attention_bias=False, eos_token_ids=(0,),
-                      bos_token_id=None)
-    model = LlamaForCausalLM(cfg, 64).to(getattr(torch, dtype))
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(1 + 0.5 * torch.randn(p.shape, generator=gen))
-    layer = model.layers[1]
-    qkv, gain = layer.self_attn.qkv_proj.weight.clone(), layer.input_layernorm.weight.clone()
-    up, gain2 = layer.mlp.gate_up_proj.weight.clone(), layer.post_attention_layernorm.weight.clone()
-    o = layer.self_attn.o_proj.weight.clone()
-    model.use_kernels(dataclasses.replace(KernelConfig(), **kernels))
-    assert model.norms_folded == folds
-    if folds:
-        assert torch.equal(layer.self_attn.qkv_proj.weight, (qkv.float() * gain.float()).to(qkv.dtype))
-        assert torch.equal(layer.mlp.gate_up_proj.weight, (up.float() * gain2.float()).to(up.dtype))
-        assert bool((layer.input_layernorm.weight == 1).all() and (layer.post_attention_layernorm.weight == 1).all())
-    else:
-        assert torch.equal(layer.self_attn.qkv_proj.weight, qkv) and torch.equal(layer.input_layernorm.weight, gain)
-    assert torch.equal(layer.self_attn.o_proj.weight, o)  # o_proj and down_proj are never folded into
-
-
 @pytest.mark.parametrize("modes", [
     dict(),
-    dict(NORM=True),
-    dict(ADD=True, BLOCK_N=8, UNROLL=2),
-    dict(NORM=True, GATED=True, BLOCK_N=2, ACC_2D=False, UNROLL=1),
-    dict(NORM=True, ROPE=True, BLOCK_N=2),
-    dict(NORM=True, ROPE=True, BLOCK_N=2, HAS_BIAS=True, kv_fp8=True),
-], ids=["plain", "norm", "add", "norm+gated", "norm+rope", "norm+rope+bias+fp8kv"])
+    dict(GATED=True, BLOCK_N=2, ACC_2D=False, UNROLL=1),
+    dict(HAS_BIAS=True, BLOCK_N=8, UNROLL=2),
+], ids=["plain", "gated", "bias"])
 def test_one_row_kernel_modes_compile_for_hopper(modes):
-    """The interpreter runs the kernel's logic but never compiles it: each mode the engine
-    launches at one token is compiled for sm_90 here (Triton's bundled ptxas, no GPU)."""
+    """The interpreter runs the kernel's logic but never compiles it: the engine's one-token
+    modes are compiled for sm_90 here (Triton's bundled ptxas, no GPU)."""
     from bench.kernel_ir import compile_gemv_fma
 
     kernel = compile_gemv_fma(**modes)

@@ -100,8 +100,6 @@ class EmbeddedEngine:
             raise EngineConfigError(f"decode_tile must be 0 (auto) or a power of two from 16 to 256, got {tile}")
         if not 1 <= config.kernels.fma_max_rows <= FMA_MAX_ROWS:
             raise EngineConfigError(f"fma_max_rows must be from 1 to {FMA_MAX_ROWS}, got {config.kernels.fma_max_rows}")
-        if config.kernels.one_row_rope and not config.kernels.fold_norms:
-            raise EngineConfigError("one_row_rope runs in the one-token layer that fold_norms turns on: set fold_norms too")
         self.kv_dtype = self._kv_dtype()
         self._shipped_kv_scales: dict[tuple[int, str], float] = {}  # a quantized checkpoint's, filled while loading
         self.model = self._build_model(weights)

@@ -17,10 +17,9 @@ from worker.embedded.quant import SKINNY_ROWS, QuantizedRows, QuantLinear, quant
 
 try:
     from worker.embedded.kernels.fused import add_rms_norm, rope_and_cache, silu_and_mul, silu_and_mul_quant
-    from worker.embedded.kernels.gemv import (MAX_ROWS, RopeCache, gated_faster, gemv, gemv_config, gemv_gated_config,
-                                              fma_faster, fma_projection)
+    from worker.embedded.kernels.gemv import MAX_ROWS, gated_faster, gemv, gemv_config, gemv_gated_config, fma_faster, fma_projection
 except ImportError:  # no Triton here: the PyTorch path only
-    add_rms_norm = rope_and_cache = silu_and_mul = silu_and_mul_quant = RopeCache = None
+    add_rms_norm = rope_and_cache = silu_and_mul = silu_and_mul_quant = None
 from models.config import ModelConfig
 from worker.engine_api import KernelConfig
 
@@ -129,38 +128,21 @@ class Attention(nn.Module):
         self.k_scale = self.v_scale = 1.0
 
     def forward(self, x, positions, k_cache, v_cache, meta: AttentionMetadata):
-        return self.o_proj(self.attend(self.qkv_proj(x), positions, k_cache, v_cache, meta))
-
-    def attend(self, qkv, positions, k_cache, v_cache, meta: AttentionMetadata, cached: bool = False) -> torch.Tensor:
-        """Attention from the fused qkv projection's output, before o_proj: [T, q_size].
-        cached: q and k are rotated and k and v are in the cache already (rope_cache)."""
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         kernels = self.kernels
-        ks, vs = self.cache_scales(k_cache)
-        if not cached:
-            if kernels is not None:
-                rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
-                               pdl=kernels.pdl, k_scale=ks, v_scale=vs)
-            else:
-                q, k = self.rotary(q, positions), self.rotary(k, positions)
-                write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
+        ks, vs = (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
+        if kernels is not None:
+            rope_and_cache(q, k, v, self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
+                           pdl=kernels.pdl, k_scale=ks, v_scale=vs)
+        else:
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+            write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, pdl=kernels is not None and kernels.pdl,
                               k_scale=ks, v_scale=vs, decode_tile=(kernels.decode_tile or None) if kernels is not None else None)
-        return out.reshape(-1, self.q_size)
-
-    def cache_scales(self, k_cache: torch.Tensor) -> tuple[float, float]:
-        """(k_scale, v_scale) of this layer's cache: calibrated for an FP8 cache, else 1."""
-        return (self.k_scale, self.v_scale) if k_cache.dtype == torch.float8_e4m3fn else (1.0, 1.0)
-
-    def rope_cache(self, positions, k_cache, v_cache, meta: AttentionMetadata) -> RopeCache:
-        """What qkv_proj's one-row kernel needs to rotate q and k and write k and v to the
-        cache itself (KernelConfig.one_row_rope)."""
-        ks, vs = self.cache_scales(k_cache)
-        return RopeCache(self.rotary.cos, self.rotary.sin, positions, meta.slot_mapping, k_cache, v_cache,
-                         self.q_size, self.kv_size, self.head_dim, ks, vs)
+        return self.o_proj(out.reshape(-1, self.q_size))
 
 
 class SkinnyLinear(nn.Linear):
@@ -184,21 +166,6 @@ class SkinnyLinear(nn.Linear):
                         pdl=self.kernels.pdl, prefetch_bytes=self.kernels.l2_prefetch_bytes)
         return super().forward(x)
 
-    def one_row(self, x: torch.Tensor, norm_eps: float | None = None, add_to: torch.Tensor | None = None,
-                gated: bool = False, rope: RopeCache | None = None) -> torch.Tensor:
-        """One 16-bit row on the CUDA cores (gemv_fma), with the RMSNorm before it computed
-        inside (norm_eps; its gain folded into this weight by fold_rms_norm) or the result
-        added into the residual stream `add_to` in place, and for qkv_proj the rotary and the
-        cache write in its epilogue (rope) (call only where one_row_fits)."""
-        return fma_projection(x, self.weight, self.kernels, bias=self.bias, gated=gated, norm_eps=norm_eps, add_to=add_to,
-                              rope=rope)
-
-    def one_row_fits(self, kernels: KernelConfig, gated: bool = False) -> bool:
-        """Whether one row of this projection runs gemv_fma under `kernels` (16-bit, not quantized)."""
-        n = self.weight.shape[0] // 2 if gated else self.weight.shape[0]
-        return type(self) is SkinnyLinear and self.weight.dtype in (torch.float16, torch.bfloat16) \
-            and fma_faster(kernels, 1, n, gated=gated)
-
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         """SiLU(gate) * up of this fused [gate; up] projection, from one skinny-matmul
         launch (call only where skinny(x))."""
@@ -220,15 +187,11 @@ class MLP(nn.Module):
         # quantized.
         self.next_quantization: Callable[[int, KernelConfig], torch.dtype | None] | None = None
 
-    def gated_gate_up(self) -> bool:
-        """Whether a 16-bit gate_up's skinny kernels apply SiLU(gate) * up as they write
-        (KernelConfig.fused_silu, where that measured faster: gated_faster)."""
-        return self.kernels.fused_silu and gated_faster(*self.gate_up_proj.weight.shape)
-
     def forward(self, x):
         if self.kernels is not None:
             gate_up = self.gate_up_proj  # a QuantLinear once quantized: no gated path
-            if isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) and self.gated_gate_up():
+            if self.kernels.fused_silu and isinstance(gate_up, SkinnyLinear) and gate_up.skinny(x) \
+                    and gated_faster(*gate_up.weight.shape):
                 return self.down_proj(gate_up.gated(x))
             h = gate_up(x)
             rows = h.shape[0]
@@ -255,47 +218,6 @@ class DecoderLayer(nn.Module):
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
-    def one_row(self, residual, positions, k_cache, v_cache, meta):
-        """The layer for a step of one token once its norms are folded (fold_rms_norm): four
-        CUDA-core projections that compute the norms before qkv and gate_up themselves and add
-        o_proj's and down_proj's output into `residual` in place, so no norm kernel runs."""
-        attn, mlp = self.self_attn, self.mlp
-        rope = attn.rope_cache(positions, k_cache, v_cache, meta) if mlp.kernels.one_row_rope else None
-        qkv = attn.qkv_proj.one_row(residual, norm_eps=self.input_layernorm.eps, rope=rope)
-        attn.o_proj.one_row(attn.attend(qkv, positions, k_cache, v_cache, meta, cached=rope is not None), add_to=residual)
-        eps = self.post_attention_layernorm.eps
-        if mlp.gated_gate_up():
-            h = mlp.gate_up_proj.one_row(residual, norm_eps=eps, gated=True)
-        else:
-            h = silu_and_mul(mlp.gate_up_proj.one_row(residual, norm_eps=eps), pdl=mlp.kernels.pdl)
-        mlp.down_proj.one_row(h, add_to=residual)
-        return residual
-
-    def can_fold_norms(self, kernels: KernelConfig) -> bool:
-        """Whether every projection of a one-token step runs gemv_fma under `kernels` (16-bit
-        weights, not quantized), so that one_row can replace the norm kernels."""
-        attn, mlp = self.self_attn, self.mlp
-        gated = mlp.gated_gate_up()  # use_kernels has set mlp.kernels to these kernels already
-        return (attn.qkv_proj.one_row_fits(kernels) and attn.o_proj.one_row_fits(kernels)
-                and mlp.gate_up_proj.one_row_fits(kernels, gated=gated) and mlp.down_proj.one_row_fits(kernels))
-
-    def fold_norms(self) -> None:
-        """Fold the two RMSNorms' gains into the weights of qkv_proj and gate_up_proj (whose
-        columns they scale) and set the gains to 1 (KernelConfig.fold_norms); the layer can
-        then run one_row. Steps of more tokens keep the norm kernels, with unit gains. The
-        folded weight is rounded once more to its dtype, where the normed activations were."""
-        fold_rms_norm(self.input_layernorm, self.self_attn.qkv_proj)
-        fold_rms_norm(self.post_attention_layernorm, self.mlp.gate_up_proj)
-
-
-@torch.no_grad()
-def fold_rms_norm(norm: RMSNorm, proj: nn.Linear) -> None:
-    """proj(RMSNorm(x)) = proj'(x / rms(x)) with proj' = proj's weight times the norm's gain
-    by column, computed in float32 and rounded once; the gain becomes 1."""
-    w = proj.weight
-    w.copy_((w.float() * norm.weight.float()[None, :]).to(w.dtype))
-    norm.weight.fill_(1.0)
-
 
 class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, max_positions: int):
@@ -311,7 +233,6 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = SkinnyLinear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.norms_folded = False  # use_kernels: one-token steps run DecoderLayer.one_row
 
     def forward(
         self,
@@ -322,30 +243,19 @@ class LlamaForCausalLM(nn.Module):
         logits_rows: torch.Tensor | None,  # rows of [T] whose next-token logits are wanted; None: all
     ) -> torch.Tensor:
         x, residual = self.embed_tokens(input_ids), None
-        if self.norms_folded and x.shape[0] == 1:  # one token: the layers' norms run inside the projections
-            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-                x = layer.one_row(x, positions, k_cache, v_cache, meta)  # the residual stream, updated in place
-        else:
-            for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-                x, residual = layer(x, residual, positions, k_cache, v_cache, meta)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
+            x, residual = layer(x, residual, positions, k_cache, v_cache, meta)
         if logits_rows is not None:
-            x, residual = x[logits_rows], None if residual is None else residual[logits_rows]
+            x, residual = x[logits_rows], residual[logits_rows]
         x, _ = self.norm(x, residual)
         return self.lm_head(x)  # in the model's dtype: the sampler converts what it needs
 
     def use_kernels(self, kernels: KernelConfig | None) -> None:
         """Run the Triton kernels, launched as `kernels` says; None: plain PyTorch (the
-        reference path). With KernelConfig.fold_norms, the layers' norm gains are folded into
-        the projections after them, once, where one-token steps can then skip the norm
-        kernels (DecoderLayer.fold_norms); the weights stay folded if the kernels go."""
+        reference path)."""
         for m in self.modules():
             if isinstance(m, (RMSNorm, Attention, SkinnyLinear, QuantLinear, MLP)):
                 m.kernels = kernels
-        # Without kernels, folded weights are still right, with their unit gains.
-        self.norms_folded = bool(kernels and kernels.fold_norms and all(layer.can_fold_norms(kernels) for layer in self.layers))
-        if self.norms_folded:
-            for layer in self.layers:
-                layer.fold_norms()  # a second time multiplies by unit gains: no change
         fuse = kernels is not None and kernels.fused_quant
         for layer in self.layers:
             for before, proj in ((layer.input_layernorm, layer.self_attn.qkv_proj),

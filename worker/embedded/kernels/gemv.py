@@ -23,19 +23,18 @@ elementwise work on a dot operand in the loop seems to cost the loop its pipelin
 SiLU fused into the down projection did (BENCHMARKS.md, decode latency, run 6). Split-K
 with the next kernel adding the partials was slower at 2 and 4 shares on Llama-3.2-1B at
 batch 1, and merely giving this loop bounds computed at run time (a share's start and end)
-cost the unsplit kernel 15% (run 17). gemv_fma's own way of taking in the norm (KernelConfig.fold_norms:
-the gain folded into the weight at load, 1/rms summed from the x the loop reads anyway and
-applied to the sums once) is not yet timed on a GPU."""
+cost the unsplit kernel 15% (run 17). In gemv_fma too (run 25): the norm's gain folded
+into the weight at load and 1/rms summed from the x the loop reads anyway, the residual
+added in place, and the rotary and cache write in qkv_proj's epilogue made the 1B's and the
+8B's one-token steps slower than the norm and rotary kernels they replaced."""
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from worker.embedded.kernels.fused import _to_cache, silu_times
+from worker.embedded.kernels.fused import silu_times
 from worker.embedded.kernels.pdl import enter, launch_options, pdl_on
 from worker.engine_api import FMA_MAX_ROWS, KernelConfig
 
@@ -195,12 +194,9 @@ def _fma_row(acc, up, wf, wuf, x, GATED: tl.constexpr, ACC_2D: tl.constexpr):
 @triton.jit
 def _fma_store(acc, acc_up, r: tl.constexpr, SX, SW, B, Y, n, n_ok, rows, stride_ym,
                HAS_SX: tl.constexpr, HAS_SW: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-               ACC_2D: tl.constexpr, rstd, NORM: tl.constexpr, ADD: tl.constexpr):
-    """Row r of y from its sums: x's 1/rms (NORM), scales, bias, SiLU(gate) * up when GATED,
-    and y's old value added (ADD: y is the residual stream, updated in place)."""
+               ACC_2D: tl.constexpr):
+    """Row r of y from its sums: scales, bias, and SiLU(gate) * up when GATED."""
     out = tl.sum(acc, axis=1) if ACC_2D else acc
-    if NORM:
-        out = out * rstd
     if HAS_SW:
         out = out * tl.load(SW + rows)
     if HAS_SX:
@@ -210,63 +206,16 @@ def _fma_store(acc, acc_up, r: tl.constexpr, SX, SW, B, Y, n, n_ok, rows, stride
     y = out.to(Y.dtype.element_ty)
     if GATED:
         up = tl.sum(acc_up, axis=1) if ACC_2D else acc_up
-        if NORM:
-            up = up * rstd
         y = silu_times(y, up.to(Y.dtype.element_ty))
-    if ADD:  # rounded as the norm kernel's residual add: the projection's output first
-        y = (y.to(tl.float32) + tl.load(Y + r * stride_ym + n, mask=n_ok, other=0.0).to(tl.float32)).to(Y.dtype.element_ty)
     tl.store(Y + r * stride_ym + n, y, mask=n_ok)
 
 
 @triton.jit
-def _rope_store(acc, acc2, B, Y, COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv, stride_cos, n, n_ok, rstd,
-                NORM: tl.constexpr, HAS_BIAS: tl.constexpr, ACC_2D: tl.constexpr, HALF: tl.constexpr,
-                Q_COLS: tl.constexpr, KV_COLS: tl.constexpr, KV_FP8: tl.constexpr, head_col):
-    """The ROPE epilogue of one row: columns n and n + HALF of the head starting at head_col
-    rounded to y's dtype, rotated if the head is q's or k's (in float32, rounded, as
-    rope_and_cache does), stored in y, and, for k's and v's heads, written to the paged
-    cache at the step's slot as attention.to_cache stores them."""
-    a = tl.sum(acc, axis=1) if ACC_2D else acc
-    b = tl.sum(acc2, axis=1) if ACC_2D else acc2
-    if NORM:
-        a = a * rstd
-        b = b * rstd
-    if HAS_BIAS:
-        a += tl.load(B + n, mask=n_ok, other=0.0).to(tl.float32)
-        b += tl.load(B + n + HALF, mask=n_ok, other=0.0).to(tl.float32)
-    dt = Y.dtype.element_ty
-    r1 = a.to(dt)
-    r2 = b.to(dt)
-    if head_col < Q_COLS + KV_COLS:  # q or k: rotated
-        j = n % (2 * HALF)
-        pos = tl.load(POS)
-        cos = tl.load(COS + pos * stride_cos + j)
-        sin = tl.load(SIN + pos * stride_cos + j)
-        f1, f2 = r1.to(tl.float32), r2.to(tl.float32)
-        r1 = (f1 * cos - f2 * sin).to(dt)
-        r2 = (f2 * cos + f1 * sin).to(dt)
-    tl.store(Y + n, r1, mask=n_ok)
-    tl.store(Y + n + HALF, r2, mask=n_ok)
-    if head_col >= Q_COLS:  # the cache is [blocks, block_size, KV heads, 2 HALF]: a slot's heads are contiguous
-        slot = tl.load(SLOTS).to(tl.int64)
-        if head_col < Q_COLS + KV_COLS:
-            c = slot * KV_COLS + (n - Q_COLS)
-            tl.store(KC + c, _to_cache(r1, k_inv, KV_FP8), mask=n_ok)
-            tl.store(KC + c + HALF, _to_cache(r2, k_inv, KV_FP8), mask=n_ok)
-        else:
-            c = slot * KV_COLS + (n - Q_COLS - KV_COLS)
-            tl.store(VC + c, _to_cache(r1, v_inv, KV_FP8), mask=n_ok)
-            tl.store(VC + c + HALF, _to_cache(r2, v_inv, KV_FP8), mask=n_ok)
-
-
-@triton.jit
-def _gemv_fma(X, SX, W, SW, B, Y, N, K, stride_xm, stride_wn, stride_ym, eps,
-              COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv, stride_cos,
+def _gemv_fma(X, SX, W, SW, B, Y, N, K, stride_xm, stride_wn, stride_ym,
               HAS_SX: tl.constexpr, HAS_SW: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
               USE_GDC: tl.constexpr, PREFETCH_K: tl.constexpr, LINE: tl.constexpr, ACC_2D: tl.constexpr,
-              UNROLL: tl.constexpr, NORM: tl.constexpr, ADD: tl.constexpr, ROPE: tl.constexpr, PAIRED: tl.constexpr,
-              HALF: tl.constexpr, Q_COLS: tl.constexpr, KV_COLS: tl.constexpr, KV_FP8: tl.constexpr):
+              UNROLL: tl.constexpr):
     """ROWS rows of x (1 to 4, exactly M) times W on the CUDA cores: each weight tile loaded
     straight into registers, converted to float32 once and multiplied by every row, with no
     shared memory staging and no tensor cores (the tl.dot kernels stage every weight byte
@@ -275,42 +224,23 @@ def _gemv_fma(X, SX, W, SW, B, Y, N, K, stride_xm, stride_wn, stride_ym, eps,
     reduced across threads as it is read. UNROLL: K steps unrolled (Triton does not
     pipeline these loads: unrolling is how a program keeps more of them in flight). GATED:
     W is [gate; up] (2N rows) and y = SiLU(gate) * up, each rounded to y's dtype first, as
-    _gemv's gated form. NORM (one row): x is the residual stream and W's columns already hold
-    the RMSNorm's gain (fold_rms_norm): the loop also sums x^2 over the x it reads anyway,
-    and the sums are scaled by 1/rms(x), so no norm kernel runs before this one. ADD: y
-    holds the residual stream, and the projection is added to it in place. ROPE (one row):
-    W is a fused qkv projection (Q_COLS + 2 KV_COLS rows, heads of 2 HALF) and each program
-    computes BLOCK_N pairs of columns (j, j + HALF) of one head, so that it can rotate q's and
-    k's pairs (the rotate-half layout) and write k and v to the paged cache at the step's
-    slot as it stores y: no rotary kernel runs after this one (_rope_store).
-    """
+    _gemv's gated form."""
     pid = tl.program_id(0)
-    if ROPE:  # BLOCK_N pairs: column j of a head and its partner j + HALF
-        p = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = p < N // 2
-        n = tl.where(n_ok, (p // HALF) * (2 * HALF) + p % HALF, 0)
-        rows = n
-    else:
-        n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = n < N
-        rows = tl.minimum(n, N - 1)  # rows past N read row N - 1 and are not stored
-    if GATED:  # PAIRED: a second set of rows, each with its own sums (up0 ...)
-        rows2 = rows + N
-    else:
-        rows2 = rows + HALF
+    n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    rows = tl.minimum(n, N - 1)  # rows past N read row N - 1 and are not stored
     kk = tl.arange(0, BLOCK_K)
     if PREFETCH_K > 0:
         lines = (tl.arange(0, PREFETCH_K // LINE) * LINE)[None, :]
         _prefetch_l2(W + rows[:, None] * stride_wn + lines)
-        if PAIRED:
-            _prefetch_l2(W + rows2[:, None] * stride_wn + lines)
+        if GATED:
+            _prefetch_l2(W + (rows + N)[:, None] * stride_wn + lines)
     enter(USE_GDC)
     if ACC_2D:
         acc0 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
     else:
         acc0 = tl.zeros([BLOCK_N], tl.float32)
     up0 = tl.zeros_like(acc0)  # the up half's sums (GATED), per row as acc
-    sq = tl.zeros([1, BLOCK_K], tl.float32)  # x^2 (NORM), reduced once at the end
     if ROWS >= 2:
         acc1 = tl.zeros_like(acc0)
         up1 = tl.zeros_like(acc0)
@@ -328,91 +258,41 @@ def _gemv_fma(X, SX, W, SW, B, Y, N, K, stride_xm, stride_wn, stride_ym, eps,
         else:
             w = tl.load(W + rows[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
         wf = w.to(tl.float32)
-        wuf = wf  # the second rows' tile (PAIRED)
-        if PAIRED:
+        wuf = wf  # the up half's tile (GATED)
+        if GATED:
             if EVEN_K:
-                wu = tl.load(W + rows2[:, None] * stride_wn + k[None, :])
+                wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :])
             else:
-                wu = tl.load(W + rows2[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
+                wu = tl.load(W + (rows + N)[:, None] * stride_wn + k[None, :], mask=(k < K)[None, :], other=0.0)
             wuf = wu.to(tl.float32)
-        acc0, up0 = _fma_row(acc0, up0, wf, wuf, x, PAIRED, ACC_2D)
-        if NORM:
-            sq += x * x
+        acc0, up0 = _fma_row(acc0, up0, wf, wuf, x, GATED, ACC_2D)
         if ROWS >= 2:
             acc1, up1 = _fma_row(acc1, up1, wf, wuf, _x_row(X, 1, stride_xm, k, K, EVEN_K), GATED, ACC_2D)
         if ROWS >= 3:
             acc2, up2 = _fma_row(acc2, up2, wf, wuf, _x_row(X, 2, stride_xm, k, K, EVEN_K), GATED, ACC_2D)
         if ROWS >= 4:
             acc3, up3 = _fma_row(acc3, up3, wf, wuf, _x_row(X, 3, stride_xm, k, K, EVEN_K), GATED, ACC_2D)
-    rstd = 1.0
-    if NORM:
-        rstd = tl.rsqrt(tl.sum(sq) / K + eps)
-    if ROPE:
-        _rope_store(acc0, up0, B, Y, COS, SIN, POS, SLOTS, KC, VC, k_inv, v_inv, stride_cos, n, n_ok, rstd,
-                    NORM, HAS_BIAS, ACC_2D, HALF, Q_COLS, KV_COLS, KV_FP8, (pid * BLOCK_N // HALF) * (2 * HALF))
-    else:
-        _fma_store(acc0, up0, 0, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D,
-                   rstd, NORM, ADD)
+    _fma_store(acc0, up0, 0, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
     if ROWS >= 2:
-        _fma_store(acc1, up1, 1, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D,
-                   1.0, False, False)
+        _fma_store(acc1, up1, 1, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
     if ROWS >= 3:
-        _fma_store(acc2, up2, 2, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D,
-                   1.0, False, False)
+        _fma_store(acc2, up2, 2, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
     if ROWS >= 4:
-        _fma_store(acc3, up3, 3, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D,
-                   1.0, False, False)
-
-
-class RopeCache(NamedTuple):
-    """What gemv_fma's rope epilogue needs: the rotary tables [max_pos, head_dim / 2] float32,
-    the step's position and cache slot (one each), the layer's paged caches [blocks,
-    block_size, KV heads, head_dim] with their scales (an FP8 cache's; 1 otherwise), and the
-    fused qkv weight's layout."""
-
-    cos: torch.Tensor
-    sin: torch.Tensor
-    positions: torch.Tensor
-    slots: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    q_cols: int
-    kv_cols: int
-    head_dim: int
-    k_scale: float = 1.0
-    v_scale: float = 1.0
+        _fma_store(acc3, up3, 3, SX, SW, B, Y, n, n_ok, rows, stride_ym, HAS_SX, HAS_SW, HAS_BIAS, GATED, ACC_2D)
 
 
 def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
              x_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None, block_n: int = 16,
              block_k: int = 512, num_warps: int = 4, unroll: int = 1, acc_2d: bool = False, gated: bool = False,
-             pdl: bool = KernelConfig.pdl, prefetch_bytes: int = KernelConfig.l2_prefetch_bytes,
-             norm_eps: float | None = None, add_to: torch.Tensor | None = None, rope: RopeCache | None = None) -> torch.Tensor:
+             pdl: bool = KernelConfig.pdl, prefetch_bytes: int = KernelConfig.l2_prefetch_bytes) -> torch.Tensor:
     """x [M, K] (M <= FMA_MAX_ROWS) @ (w [N, K] (* w_scale[N, None])).T (+ bias) -> [M, N] on
     the CUDA cores (_gemv_fma). w 16- or 8-bit; x 16-bit, or 8-bit standing for x * x_scale
     [M, 1] (quantize_rows), or float32. Output in `out_dtype` (default x's dtype, or bfloat16
     for 8-bit x). gated: as gemv's (w a 16-bit [gate; up] of 2N rows, no scales or bias).
-    acc_2d: each row keeps a [block_n, block_k] sum (registers grow with the rows).
-
-    One row of 16-bit x only: norm_eps: x is the residual stream before an RMSNorm of this
-    epsilon whose gain w's columns already hold (fold_rms_norm): y = RMSNorm(x) @ w.T,
-    with no norm kernel. add_to [1, N]: y is added to it in place (rounded as the norm
-    kernel's residual add) and it is returned. rope: w is a fused qkv projection; y's q and k
-    heads come out rotated and k and v are written to the cache, as rope_and_cache would
-    after it (block_n then counts pairs of columns, and must divide half a head)."""
+    acc_2d: each row keeps a [block_n, block_k] sum (registers grow with the rows)."""
     M, K = x.shape
     if not 1 <= M <= FMA_MAX_ROWS:
         raise ValueError(f"gemv_fma takes 1 to {FMA_MAX_ROWS} rows of x, got {M}")
-    if (norm_eps is not None or add_to is not None) and (M != 1 or x.element_size() != 2):
-        raise ValueError("gemv_fma's norm_eps and add_to take one row of 16-bit x")
-    if add_to is not None and (gated or add_to.shape != (1, w.shape[0]) or add_to.stride(-1) != 1):
-        raise ValueError(f"add_to must be a [1, {w.shape[0]}] row with a contiguous last dim, and not gated")
-    if rope is not None:
-        half = rope.head_dim // 2
-        if M != 1 or gated or add_to is not None or w_scale is not None or x.element_size() != 2 \
-                or w.shape[0] != rope.q_cols + 2 * rope.kv_cols or half % block_n:
-            raise ValueError("gemv_fma's rope takes one row of 16-bit x, a 16-bit fused qkv weight, and block_n "
-                             f"dividing half a head ({half}), got block_n {block_n}")
     if x.stride(-1) != 1:
         x = x.contiguous()
     if x_scale is not None:
@@ -420,27 +300,18 @@ def gemv_fma(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None = No
     N = w.shape[0] // 2 if gated else w.shape[0]
     if gated and (bias is not None or w_scale is not None or w.shape[0] % 2):
         raise ValueError("a gated gemv_fma takes an even number of weight rows, no scale and no bias")
-    y = add_to if add_to is not None else \
-        torch.empty((M, N), dtype=out_dtype or (torch.bfloat16 if x.element_size() == 1 else x.dtype), device=x.device)
+    y = torch.empty((M, N), dtype=out_dtype or (torch.bfloat16 if x.element_size() == 1 else x.dtype), device=x.device)
     use_pdl = pdl_on(x.device, M, pdl)
     line = 128 // w.element_size()
     cols = prefetch_bytes // (w.shape[0] * w.element_size())
     prefetch_k = 0 if not use_pdl or min(cols, K) < line else 1 << (min(cols, K).bit_length() - 1)
-    if rope is None:  # the rope epilogue's pointers unused: any tensor stands in
-        rope_args, rope_consts = (x, x, x, x, x, x, 1.0, 1.0, 0), dict(HALF=0, Q_COLS=0, KV_COLS=0, KV_FP8=False)
-    else:
-        rope_args = (rope.cos, rope.sin, rope.positions, rope.slots, rope.k_cache, rope.v_cache, 1.0 / rope.k_scale,
-                     1.0 / rope.v_scale, rope.cos.stride(0))
-        rope_consts = dict(HALF=rope.head_dim // 2, Q_COLS=rope.q_cols, KV_COLS=rope.kv_cols,
-                           KV_FP8=rope.k_cache.dtype == torch.float8_e4m3fn)
-    _gemv_fma[(triton.cdiv(N if rope is None else N // 2, block_n),)](
+    _gemv_fma[(triton.cdiv(N, block_n),)](
         x, x if x_scale is None else x_scale, w, x if w_scale is None else w_scale, x if bias is None else bias, y,
-        N, K, x.stride(0), w.stride(0), y.stride(0), 0.0 if norm_eps is None else norm_eps, *rope_args,
+        N, K, x.stride(0), w.stride(0), y.stride(0),
         HAS_SX=x_scale is not None, HAS_SW=w_scale is not None, HAS_BIAS=bias is not None,
         GATED=gated, ROWS=M, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=K % block_k == 0,
-        USE_GDC=use_pdl, PREFETCH_K=prefetch_k, LINE=line, ACC_2D=acc_2d, UNROLL=unroll,
-        NORM=norm_eps is not None, ADD=add_to is not None, ROPE=rope is not None, PAIRED=gated or rope is not None,
-        **rope_consts, num_warps=num_warps, num_stages=1, **launch_options(use_pdl),
+        USE_GDC=use_pdl, PREFETCH_K=prefetch_k, LINE=line, ACC_2D=acc_2d, UNROLL=unroll, num_warps=num_warps,
+        num_stages=1, **launch_options(use_pdl),
     )
     return y
 
@@ -494,14 +365,10 @@ def fma_faster(kernels: KernelConfig, rows: int, n: int, eight_bit: bool = False
 
 
 def fma_projection(x: torch.Tensor, w: torch.Tensor, kernels: KernelConfig, w_scale: torch.Tensor | None = None,
-                   bias: torch.Tensor | None = None, gated: bool = False, norm_eps: float | None = None,
-                   add_to: torch.Tensor | None = None, rope: RopeCache | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """gemv_fma as the engine launches it (call where fma_faster): its tiles from
-    gemv_fma_config, PDL and the L2 prefetch from `kernels`. With rope, each program takes
-    half its block_n in pairs (the same rows a program), at most half a head."""
+    gemv_fma_config, PDL and the L2 prefetch from `kernels`."""
     n = w.shape[0] // 2 if gated else w.shape[0]
     bn, bk, nw, unroll, acc_2d = gemv_fma_config(n, w.shape[1], w.element_size(), gated=gated, rows=x.shape[0])
-    if rope is not None:
-        bn = max(1, min(bn // 2, rope.head_dim // 2))
     return gemv_fma(x, w, w_scale, bias, block_n=bn, block_k=bk, num_warps=nw, unroll=unroll, acc_2d=acc_2d, gated=gated,
-                    pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes, norm_eps=norm_eps, add_to=add_to, rope=rope)
+                    pdl=kernels.pdl, prefetch_bytes=kernels.l2_prefetch_bytes)
