@@ -19,9 +19,8 @@ until the steps say otherwise (and where they cannot tell the terms apart); boun
 few odd steps from moving the budget far.
 
 A fit is right on average, and a step sized to the target runs over it whenever the step
-runs longer than predicted: on the 8B at 24 requests a second, 15-18% of them did, by up
-to a millisecond, and the wait between tokens at p99 sat that far past the target. So the
-model also keeps a margin: the 90th percentile of how far the steps sized near the target
+runs longer than predicted: served, the wait between tokens at p99 then sits past the target
+(BENCHMARKS.md, run 25). So the model also keeps a margin: the 90th percentile of how far the steps sized near the target
 ran past their prediction (recomputed every MARGIN_EVERY steps, at most MARGIN_MAX of the
 target), and steps are sized to the target less that margin."""
 
