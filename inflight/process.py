@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import signal
@@ -29,6 +30,10 @@ def settle_gc() -> None:
         return
     gc.collect()
     gc.freeze()
+    # At exit, let the collector see them again: objects still frozen when the interpreter
+    # finalizes are never freed, and nanobind extensions (Triton's) then print a screen of
+    # "leaked instance" warnings as the process stops.
+    atexit.register(gc.unfreeze)
     _, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
 

@@ -120,7 +120,8 @@ class Stack:
             self.log.append(line)
             if "serving on" in line:
                 # A drained pipe: one nobody reads would fill and stall the stack.
-                threading.Thread(target=self._drain, daemon=True).start()
+                self.drainer = threading.Thread(target=self._drain, daemon=True)  # ends once every process has exited
+                self.drainer.start()
                 # The gateway serves once one worker is up; wait for all of them.
                 while metrics and time.monotonic() < deadline and self.workers_alive() < workers:
                     time.sleep(0.2)
