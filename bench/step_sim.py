@@ -13,6 +13,9 @@ model: rank policies with it, then measure the chosen one with `bench.serving_lo
 
     python -m bench.step_sim --step-times docs/gpu-results/issue15/run13/load_8b_learn_on.json \
         --rate 24 --seconds 120 --targets 15 14 --out .bench/step_sim.json
+
+--learn lets the step model refit to the simulated steps as the engine's does, and
+--margins off on runs each target with and without step_time_margin.
 """
 
 from __future__ import annotations
@@ -47,18 +50,28 @@ class Device:
                 return t
         return self.ms[-1] * tokens / self.sizes[-1]  # eager beyond the largest graph
 
-    def step_ms(self, chunks) -> float:
+    def features(self, chunks) -> tuple[float, int, int]:
+        """What the engine's step model sees of a step: its graph's start-up time, its
+        decodes' context tokens, its prompt chunks' (query, key) pairs."""
         tokens = sum(ch.num_tokens for ch in chunks)
         context = sum(ch.seq.num_computed + 1 for ch in chunks if ch.num_tokens == 1)
         pairs = sum(prompt_pairs(ch.seq.num_computed, ch.num_tokens) for ch in chunks if ch.num_tokens > 1)
+        return self.graph_ms(tokens), context, pairs
+
+    def device_ms(self, features: tuple[float, int, int]) -> float:
+        """The step's device time: the fitted law, times noise."""
+        graph, context, pairs = features
         a, b, e = self.coef
-        t = a * self.graph_ms(tokens) + b * context + e * pairs
-        return t * self.rng.lognormvariate(0.0, self.noise) + self.host_ms
+        return (a * graph + b * context + e * pairs) * self.rng.lognormvariate(0.0, self.noise)
 
 
 def simulate(device: Device, model: StepTimeModel, *, rate: float, seconds: float, target_ms: float,
-             max_num_tokens: int, max_batch: int, num_blocks: int, seed: int, lengths=LENGTHS) -> dict:
-    """One open-loop point: every request's TTFT, the pooled gaps between tokens, steps."""
+             max_num_tokens: int, max_batch: int, num_blocks: int, seed: int, lengths=LENGTHS,
+             learn: bool = False, margin: bool = False) -> dict:
+    """One open-loop point: every request's TTFT, the pooled gaps between tokens, steps.
+    learn: the model observes every step's device time, as the engine's does
+    (step_time_learning); margin: steps are sized to the target less the model's margin
+    (step_time_margin, which needs learn)."""
     n = max(20, round(rate * seconds))
     arrivals = poisson_arrivals(n, rate, seed=seed)
     rng = random.Random(1000 + seed)
@@ -68,11 +81,14 @@ def simulate(device: Device, model: StepTimeModel, *, rate: float, seconds: floa
     sizes, ms = device.sizes, device.ms
     arrived: dict[str, float] = {}
 
+    def sized_to() -> float:
+        return target_ms - model.margin(target_ms) if margin else target_ms
+
     def budget(decodes: int, context: int) -> int:
-        return tokens_within(sizes, ms, model.graph_budget(target_ms, context))
+        return tokens_within(sizes, ms, model.graph_budget(sized_to(), context))
 
     def limit(context, tokens, pairs, start, want):
-        return chunk_within(sizes, ms, model, target_ms, context, tokens, pairs, start, want)
+        return chunk_within(sizes, ms, model, sized_to(), context, tokens, pairs, start, want)
 
     sched = BatchScheduler(pool, max_batch_size=max_batch, max_num_tokens=max_num_tokens, max_seq_len=4096,
                            enable_chunked_prefill=True, policy="GUARANTEED_NO_EVICT",
@@ -97,7 +113,11 @@ def simulate(device: Device, model: StepTimeModel, *, rate: float, seconds: floa
         start = running[0] if running is not None else now
         launched = None
         if chunks:
-            dt = device.step_ms(chunks) / 1000
+            features = device.features(chunks)
+            device_ms = device.device_ms(features)
+            if learn:
+                model.observe(*features, device_ms)
+            dt = (device_ms + device.host_ms) / 1000
             steps += 1
             long_steps += dt * 1000 > target_ms
             for ch in chunks:
@@ -123,7 +143,7 @@ def simulate(device: Device, model: StepTimeModel, *, rate: float, seconds: floa
             now = arrivals[nxt]  # idle until the next arrival
         running = launched
     ttft = sorted(first[r] - arrived[r] for r in first)  # seconds: percentile gives ms
-    out = {"requests": n, "steps": steps, "steps_over_target": long_steps}
+    out = {"requests": n, "steps": steps, "steps_over_target": long_steps, "margin_ms": model.margin(target_ms) if margin else 0.0}
     for name, xs in (("ttft", ttft), ("itl", sorted(gaps))):
         for p in (50, 90, 99, 99.9):
             out[f"{name}_p{p}_ms"] = percentile(xs, p)
@@ -141,6 +161,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=120.0)
     ap.add_argument("--seeds", type=int, default=3, help="arrival schedules per point")
     ap.add_argument("--targets", type=float, nargs="+", default=[15.0], help="step_time_target_ms values (0: off)")
+    ap.add_argument("--learn", action="store_true",
+                    help="the step model observes every step's device time and refits, as the engine's does "
+                         "(step_time_learning), starting from --fit; default: --fit held fixed")
+    ap.add_argument("--margins", nargs="+", choices=["off", "on"], default=["off"],
+                    help="step_time_margin values to run each target with (on implies --learn)")
     ap.add_argument("--host-ms", type=float, default=0.3, help="host time a step adds")
     ap.add_argument("--noise", type=float, default=0.03, help="lognormal sigma of each step's time")
     ap.add_argument("--max-num-tokens", type=int, default=2048)
@@ -150,8 +175,9 @@ def main() -> None:
     args = ap.parse_args()
     st = json.loads(args.step_times.read_text())["step_times"]
     rows = []
-    print(f"{'target ms':>9} {'TTFT ms p50/90/99':>20} {'ITL ms p50/90/99/99.9':>26} {'steps over target':>17}")
-    for target in args.targets:
+    print(f"{'target ms':>9} {'margin':>6} {'TTFT ms p50/90/99':>20} {'ITL ms p50/90/99/99.9':>26} {'steps over target':>17} "
+          f"{'margin ms':>9}")
+    for target, margin in [(t, m == "on") for t in args.targets for m in args.margins]:
         runs = []
         for seed in range(args.seeds):
             device = Device(st["mixed_sizes"], st["mixed_ms"], st["context_us_per_token"] / 1000, args.fit,
@@ -160,12 +186,12 @@ def main() -> None:
             model.coef[:] = args.fit  # the engine's fit after serving a while
             runs.append(simulate(device, model, rate=args.rate, seconds=args.seconds, target_ms=target,
                                  max_num_tokens=args.max_num_tokens, max_batch=args.max_batch,
-                                 num_blocks=args.num_blocks, seed=seed))
+                                 num_blocks=args.num_blocks, seed=seed, learn=args.learn or margin, margin=margin))
         m = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
-        rows.append({"target_ms": target, "runs": runs, "mean": m})
-        print(f"{target:9g} {m['ttft_p50_ms']:6.1f}/{m['ttft_p90_ms']:6.1f}/{m['ttft_p99_ms']:6.1f} "
+        rows.append({"target_ms": target, "margin": margin, "runs": runs, "mean": m})
+        print(f"{target:9g} {'on' if margin else 'off':>6} {m['ttft_p50_ms']:6.1f}/{m['ttft_p90_ms']:6.1f}/{m['ttft_p99_ms']:6.1f} "
               f"{m['itl_p50_ms']:5.2f}/{m['itl_p90_ms']:5.2f}/{m['itl_p99_ms']:5.2f}/{m['itl_p99.9_ms']:6.2f} "
-              f"{m['steps_over_target'] / m['steps'] if target else float('nan'):17.2%}")
+              f"{m['steps_over_target'] / m['steps'] if target else float('nan'):17.2%} {m['margin_ms']:9.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))

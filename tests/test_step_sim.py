@@ -32,3 +32,21 @@ def test_steps_sized_by_time_bound_the_gaps_and_cost_first_tokens():
 def test_a_light_load_meets_both_targets():
     light = run(15, rate=4)
     assert light["ttft_p99_ms"] < 150 and light["itl_p99_ms"] <= 15.3
+
+
+def test_with_learning_and_the_margin_fewer_sized_steps_run_past_the_target():
+    """Steps whose device time varies (5% lognormal): the step model learning from them and
+    sizing to the target less its margin (step_time_margin) leaves fewer steps over a 14 ms
+    target than sizing to the target itself."""
+    st = json.loads(RUN13.read_text())["step_times"]
+
+    def sim(margin: bool) -> dict:
+        device = Device(st["mixed_sizes"], st["mixed_ms"], st["context_us_per_token"] / 1000, FIT, 0.3, 0.05, seed=0)
+        model = StepTimeModel(st["context_us_per_token"] / 1000, 10.0, 50_000, 1)
+        model.coef[:] = FIT
+        return simulate(device, model, rate=24.0, seconds=10, target_ms=14.0, max_num_tokens=2048, max_batch=256,
+                        num_blocks=40_000, seed=0, learn=True, margin=margin)
+
+    off, on = sim(False), sim(True)
+    assert off["margin_ms"] == 0.0 < on["margin_ms"] <= 1.4
+    assert on["steps_over_target"] / on["steps"] < 0.75 * off["steps_over_target"] / off["steps"], (on, off)
