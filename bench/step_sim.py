@@ -81,14 +81,13 @@ def simulate(device: Device, model: StepTimeModel, *, rate: float, seconds: floa
     sizes, ms = device.sizes, device.ms
     arrived: dict[str, float] = {}
 
-    def sized_to() -> float:
-        return target_ms - model.margin(target_ms) if margin else target_ms
+    model.margined = margin
 
     def budget(decodes: int, context: int) -> int:
-        return tokens_within(sizes, ms, model.graph_budget(sized_to(), context))
+        return tokens_within(sizes, ms, model.graph_budget(model.sized_to(target_ms), context))
 
     def limit(context, tokens, pairs, start, want):
-        return chunk_within(sizes, ms, model, sized_to(), context, tokens, pairs, start, want)
+        return chunk_within(sizes, ms, model, model.sized_to(target_ms), context, tokens, pairs, start, want)
 
     sched = BatchScheduler(pool, max_batch_size=max_batch, max_num_tokens=max_num_tokens, max_seq_len=4096,
                            enable_chunked_prefill=True, policy="GUARANTEED_NO_EVICT",
@@ -143,7 +142,8 @@ def simulate(device: Device, model: StepTimeModel, *, rate: float, seconds: floa
             now = arrivals[nxt]  # idle until the next arrival
         running = launched
     ttft = sorted(first[r] - arrived[r] for r in first)  # seconds: percentile gives ms
-    out = {"requests": n, "steps": steps, "steps_over_target": long_steps, "margin_ms": model.margin(target_ms) if margin else 0.0}
+    out = {"requests": n, "steps": steps, "steps_over_target": long_steps,
+           "margin_ms": model.margin(target_ms) if margin else 0.0}
     for name, xs in (("ttft", ttft), ("itl", sorted(gaps))):
         for p in (50, 90, 99, 99.9):
             out[f"{name}_p{p}_ms"] = percentile(xs, p)

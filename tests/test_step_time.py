@@ -117,7 +117,7 @@ def test_steps_are_sized_to_the_target_less_how_far_sized_steps_ran_past_their_p
     runner = ModelRunner.__new__(ModelRunner)  # the sizing methods need only the graphs' timings and the model
     runner.mixed_sizes, runner.mixed_ms = [128, 256, 512], [10.0, 14.0, 14.5]
     runner.step_model = m = model()
-    runner.step_margin = True
+    m.margined = True  # as the runner makes it under step_time_margin
     assert m.margin(15.0) == 0.0
     assert runner.tokens_within(15.0, 0) == 512 and runner.chunk_within(15.0, 0, 0, 0, 0, 1000) == 512
     rng = random.Random(2)
@@ -132,9 +132,9 @@ def test_steps_are_sized_to_the_target_less_how_far_sized_steps_ran_past_their_p
     assert 0.5 < margin <= 0.8 and m.residuals(15.0)["margin_ms"] == margin
     # 14.5 ms of graph is predicted past 15 less the margin: the 256-token graph is the largest that fits
     assert runner.tokens_within(15.0, 0) == 256 and runner.chunk_within(15.0, 0, 0, 0, 0, 1000) == 256
-    runner.step_margin = False  # step_time_margin off: the target itself
+    m.margined = False  # step_time_margin off: the target itself
     assert runner.tokens_within(15.0, 0) == 512
-    runner.step_margin = True
+    m.margined = True
     run(RECENT, 0.0, 1)  # the recent steps all ran as predicted
     assert m.margin(15.0) == 0.0
     assert runner.tokens_within(15.0, 0) == 512

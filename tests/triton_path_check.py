@@ -256,6 +256,7 @@ def check_gemv_fma(gen: torch.Generator) -> dict:
                     "equals_unfused": torch.equal(ours, silu_and_mul(gemv_fma(x, wg, block_n=8, block_k=128, pdl=False)))}
     return out
 
+
 def check_add_rms_norm(gen: torch.Generator) -> dict:
     """Residual add and RMSNorm; N=300 leaves most of the power-of-two block masked."""
     from worker.embedded.kernels.fused import add_rms_norm

@@ -146,7 +146,7 @@ class ModelRunner:
                  step_margin: bool = True):
         self.model = model
         self.learn_step_times = learn_step_times
-        self.step_margin = step_margin  # size steps to the target less the step model's margin
+        self.step_margin = step_margin  # the step model's `margined`, once it is made
         self.config = model.config
         self.device = device
         self.dtype = dtype
@@ -490,7 +490,7 @@ class ModelRunner:
             self.context_ms_per_token = max(0.0, timed(self.mixed_graphs[T]) - self.mixed_ms[i]) / (D * ctx)
             self._blank(g, "mixed")
         self.step_model = StepTimeModel(self.context_ms_per_token, self.mixed_ms[len(self.mixed_ms) // 2],
-                                        typical_context=64 * 1024, typical_pairs=512 * 1024)
+                                        typical_context=64 * 1024, typical_pairs=512 * 1024, margined=self.step_margin)
         log.info("timed the mixed-step graphs in %.1f s: %s ms for %s tokens, %.2f us a context token; "
                  "dropped as slower than a larger one: %s", time.monotonic() - t0, [round(ms, 2) for ms in self.mixed_ms],
                  self.mixed_sizes, self.context_ms_per_token * 1000, dropped or "none")
@@ -525,25 +525,22 @@ class ModelRunner:
 
     def tokens_within(self, target_ms: float, context: int) -> int:
         """The most tokens a mixed step can take, its decodes reading `context` tokens of
-        KV, and be predicted to end within target_ms (less the step model's margin, with
-        step_margin): a graph size, or 0 if none fits. (Its prompt chunks' attention is left
+        KV, and be predicted to end within what the step model sizes target_ms to
+        (StepTimeModel.sized_to): a graph size, or 0 if none fits. (Its prompt chunks' attention is left
         out: the chunks are not chosen yet.)"""
         if self.step_model is None:
             return 0
-        target_ms = self._margined(target_ms)
+        target_ms = self.step_model.sized_to(target_ms)
         return tokens_within(self.mixed_sizes, self.mixed_ms, self.step_model.graph_budget(target_ms, context))
 
     def chunk_within(self, target_ms: float, context: int, tokens: int, pairs: int, start: int, want: int) -> int:
         """module-level chunk_within on this runner's mixed graphs and step model, within
-        target_ms (less the model's margin, with step_margin)."""
+        what the model sizes target_ms to (StepTimeModel.sized_to)."""
         if self.step_model is None:
             return want
-        target_ms = self._margined(target_ms)
+        target_ms = self.step_model.sized_to(target_ms)
         return chunk_within(self.mixed_sizes, self.mixed_ms, self.step_model, target_ms, context, tokens, pairs,
                             start, want)
-
-    def _margined(self, target_ms: float) -> float:
-        return target_ms - self.step_model.margin(target_ms) if self.step_margin else target_ms
 
     def _replay_timed(self, replay: Callable[[], torch.Tensor], chunks: list[ScheduledChunk]) -> torch.Tensor:
         """replay(), with CUDA events around it once steps are timed: the step model learns

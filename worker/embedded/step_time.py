@@ -20,9 +20,10 @@ few odd steps from moving the budget far.
 
 A fit is right on average, and a step sized to the target runs over it whenever the step
 runs longer than predicted: served, the wait between tokens at p99 then sits past the target
-(BENCHMARKS.md, run 25). So the model also keeps a margin: the 90th percentile of how far the steps sized near the target
-ran past their prediction (recomputed every MARGIN_EVERY steps, at most MARGIN_MAX of the
-target), and steps are sized to the target less that margin."""
+(BENCHMARKS.md, run 25). So a model made `margined` also keeps a margin: the 90th percentile
+of how far the steps sized near the target ran past their prediction (recomputed every
+MARGIN_EVERY steps, at most MARGIN_MAX of the target), and steps are sized to the target
+less that margin (sized_to)."""
 
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def prompt_pairs(start: int, n: int) -> int:
 
 class StepTimeModel:
     def __init__(self, context_ms_per_token: float, typical_graph_ms: float, typical_context: int,
-                 typical_pairs: int):
+                 typical_pairs: int, margined: bool = False):
         self.prior = np.array([1.0, context_ms_per_token, 0.0])
         scale = np.array([max(typical_graph_ms, 1e-3), max(typical_context, 1), max(typical_pairs, 1)], dtype=float)
         self._ridge = np.diag(PRIOR_WEIGHT * scale ** 2)
@@ -59,10 +60,16 @@ class StepTimeModel:
         # The last RECENT steps' predicted and measured ms, a ring from _at.
         self._pred, self._meas, self._at = np.zeros(RECENT), np.zeros(RECENT), 0
         self._margin, self._margin_steps = 0.0, 0
+        self.margined = margined  # sized_to takes the margin off the target (EngineConfig.step_time_margin)
 
     def predict(self, graph_ms: float, context: int, pairs: int = 0) -> float:
         a, b, e = self.coef
         return a * graph_ms + b * context + e * pairs
+
+    def sized_to(self, target_ms: float) -> float:
+        """What a step is sized to for a target of target_ms: the target, less the margin
+        where the model is margined."""
+        return target_ms - self.margin(target_ms) if self.margined else target_ms
 
     def graph_budget(self, target_ms: float, context: int, pairs: int = 0) -> float:
         """The most graph_ms a step may have and be predicted within target_ms."""
