@@ -14,7 +14,10 @@ window   GPU-side profile of a window of steps in the middle of an offline run a
          lengths (trtllm-bench's conditions: every request at once), CUDA graphs as the
          engine runs them: how much of the window the kernels hold and how much the device
          sat idle between steps, the steps' make-up (decodes, their context, prompt tokens),
-         and the kernels charged as in `decode --graphs`.
+         and the kernels charged as in `decode --graphs`. With four --lengths (prompt and
+         output ranges, as bench.serving_load's), --max-batch-size near what a serving load
+         keeps running and the step-time target on, every step mixes a prompt chunk into
+         that many decodes, as steps do under a steady open-loop load.
 
     python -m bench.profile decode --shape llama-3.2-1b --batch 1
     python -m bench.profile decode --shape llama-3.2-1b --batch 1 --graphs --out prof_1b_graphs.json
@@ -22,6 +25,8 @@ window   GPU-side profile of a window of steps in the middle of an offline run a
     python -m bench.profile offline --shape llama-3.2-1b --requests 192
     python -m bench.profile step --shape llama-3.2-1b
     python -m bench.profile window --shape llama-3-8b --lengths 2048 128 --requests 1000 --quantization fp8 --kv-cache-dtype fp8
+    python -m bench.profile window --shape llama-3-8b --lengths 128 1024 128 512 --requests 1200 --max-batch-size 160 \
+        --step-time-target-ms 15 --skip 600 --steps 30
 """
 
 from __future__ import annotations
@@ -208,10 +213,14 @@ def window(args) -> None:
     from bench.offline_throughput import fixed_lengths
 
     cfg = model_config(args.shape)
-    reqs = workload(args.requests, cfg.vocab_size, lengths=fixed_lengths(args.lengths))
-    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max(2048, sum(args.lengths)),
+    if len(args.lengths) not in (2, 4):
+        raise SystemExit("--lengths takes IN OUT (fixed) or PMIN PMAX OMIN OMAX (uniform ranges)")
+    lengths = fixed_lengths(args.lengths) if len(args.lengths) == 2 else tuple(args.lengths)
+    reqs = workload(args.requests, cfg.vocab_size, lengths=lengths)
+    engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max(2048, lengths[1] + lengths[3]),
                                          max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
-                                         overlap_scheduler="on", quantization=args.quantization, step_time_target_ms=0,
+                                         overlap_scheduler="on", quantization=args.quantization,
+                                         step_time_target_ms=args.step_time_target_ms,
                                          kv_cache=KvCacheConfig(dtype=args.kv_cache_dtype)), cfg)
     warm_up(engine, reqs[:16], 16)
     submit(engine, reqs)
@@ -250,8 +259,9 @@ def window(args) -> None:
     total = time.perf_counter() - t
     n = made_up["steps"]
     mix = {k: v / max(n, 1) for k, v in made_up.items() if k != "steps"}
-    args.what = (f"{args.lengths[0]}/{args.lengths[1]} x {args.requests}, steps {args.skip}-{args.skip + args.steps}, "
-                 f"max_num_tokens {engine.max_num_tokens}")
+    shown = "/".join(map(str, args.lengths)) if len(args.lengths) == 2 else "{}-{}/{}-{}".format(*args.lengths)
+    args.what = (f"{shown} x {args.requests}, steps {args.skip}-{args.skip + args.steps}, max_num_tokens "
+                 f"{engine.max_num_tokens}, max_batch_size {args.max_batch_size}, step target {args.step_time_target_ms:g} ms")
     args.extra = {"wall_ms_per_step": 1000 * wall / args.steps, "whole_run_s": total, "step_mix": mix,
                   "output_tok_per_s_whole_run": sum(o for _, o in reqs) / total}
     print(f"\nwindow: {1000 * wall / args.steps:.2f} ms a step of wall time; a step holds {mix.get('decodes', 0):.0f} decodes "
@@ -303,10 +313,13 @@ def main() -> None:
     modes.add_parser("step", parents=[shape], help="kernels of one mixed and one decode-only step (torch.profiler)")
     p = modes.add_parser("window", parents=[shape], help="kernels and idle time of a window of steps in an offline run at "
                          "fixed lengths (torch.profiler, CUDA graphs as served)")
-    p.add_argument("--lengths", type=int, nargs=2, default=[2048, 128], metavar=("IN", "OUT"))
+    p.add_argument("--lengths", type=int, nargs="+", default=[2048, 128],
+                   help="IN OUT: every request's prompt and output tokens; or PMIN PMAX OMIN OMAX: uniform ranges")
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--max-batch-size", type=int, default=512)
     p.add_argument("--max-num-tokens", type=int, default=None, help="the engine's max_num_tokens (unset: its default)")
+    p.add_argument("--step-time-target-ms", type=float, default=0.0,
+                   help="the engine's step_time_target_ms (0: off, steps sized by max_num_tokens alone; serving's default is 15)")
     p.add_argument("--skip", type=int, default=300, help="steps run before the window")
     p.add_argument("--steps", type=int, default=20, help="steps in the window")
     p.add_argument("--host-gap-us", type=float, default=20.0, help="gaps longer than this count as host time between steps")
