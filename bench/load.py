@@ -329,6 +329,19 @@ def engine_steps(stack: Stack, worker: int = 0) -> dict[str, float]:
 
 # Latency summaries.
 
+def host_info() -> dict:
+    """The host's CPU model, logical CPUs and load averages (1, 5, 15 min): a serving point's
+    added latency depends on the host's CPUs as well as the device (BENCHMARKS.md, run 26),
+    so each result says which host made it and how busy it was."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
 def nearest_rank(xs: list[float], p: float) -> float:
     """The p-th percentile of xs (sorted), in their unit."""
     return xs[min(len(xs) - 1, int(p / 100 * len(xs)))]

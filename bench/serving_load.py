@@ -55,7 +55,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.load import UNIX_OFFSET, Target, Timing, otlp_env, paired_ms, percentile, run_load, start_trace_receiver, summarize
+from bench.load import (UNIX_OFFSET, Target, Timing, host_info, otlp_env, paired_ms, percentile, run_load, start_trace_receiver,
+                        summarize)
 from bench.path_breakdown import DIRECT_HOPS, direct_hops, print_breakdown, read_spans, served_breakdown, summary
 from bench.shapes import SHAPES, make_model_dir
 from bench.workload import LENGTHS, workload
@@ -422,9 +423,11 @@ def finish(args, points: list[dict], direct: list[dict], served: dict[int, list[
             print_breakdown(f"time to first token, hop by hop: {row['point']}, a connection per "
                             f"{row['streams_per_connection']} streams", row["served"]["breakdown"],
                             row["direct"].get("breakdown"))
+    host = host_info()
+    print(f"host: {host['cpu']}, {host['cpus']} CPUs, load average {' / '.join(map(str, host['loadavg']))} (1 / 5 / 15 min) at the end")
     with open(args.out, "w") as f:
         json.dump({"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "model": model,
-                   "device": device, "step_times": step_times, "rows": rows}, f, indent=1)
+                   "device": device, "host": host, "step_times": step_times, "rows": rows}, f, indent=1)
     print(f"wrote {args.out}")
 
 
