@@ -312,7 +312,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=192)
     modes.add_parser("step", parents=[shape], help="kernels of one mixed and one decode-only step (torch.profiler)")
     p = modes.add_parser("window", parents=[shape], help="kernels and idle time of a window of steps in an offline run at "
-                         "fixed lengths (torch.profiler, CUDA graphs as served)")
+                         "fixed lengths or length ranges (torch.profiler, CUDA graphs as served)")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 128],
                    help="IN OUT: every request's prompt and output tokens; or PMIN PMAX OMIN OMAX: uniform ranges")
     p.add_argument("--requests", type=int, default=1000)
