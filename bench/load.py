@@ -327,8 +327,6 @@ def engine_steps(stack: Stack, worker: int = 0) -> dict[str, float]:
     return {k[len(prefix):-1]: v for k, v in stack.metrics(worker).items() if k.startswith(prefix)}
 
 
-# Latency summaries.
-
 def host_info() -> dict:
     """The host's CPU model, logical CPUs and load averages (1, 5, 15 min): a serving point's
     added latency depends on the host's CPUs as well as the device (BENCHMARKS.md, run 26),
@@ -341,6 +339,8 @@ def host_info() -> dict:
         pass
     return {"cpu": cpu, "cpus": os.cpu_count(), "loadavg": [round(x, 2) for x in os.getloadavg()]}
 
+
+# Latency summaries.
 
 def nearest_rank(xs: list[float], p: float) -> float:
     """The p-th percentile of xs (sorted), in their unit."""

@@ -22,13 +22,15 @@ time over the baseline's, and writes JSON with every projection's time under eve
     python -m bench.prefill_gemm --shape llama-3-8b --tokens 384 448 512 576 640 704 768 --out prefill_gemm.json
 
 Without a GPU it runs the same on the CPU with every dimension divided by --cpu-divide, as a
-check that it runs (the times then say nothing about a GPU).
+check that it runs (the times then say nothing about a GPU); the Triton candidate runs there
+only in Triton's interpreter (TRITON_INTERPRET=1), which also checks it against torch.mm.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -93,13 +95,13 @@ def _mm(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
         _tile_mm(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, tl.program_id(0), BM, BN, BK, GROUP_M)
 
 
-def triton_mm(x: torch.Tensor, w: torch.Tensor, cfg: tuple, out: torch.Tensor | None = None) -> torch.Tensor:
+def triton_mm(x: torch.Tensor, w: torch.Tensor, cfg: tuple) -> torch.Tensor:
     """y [M, N] = x [M, K] @ w [N, K].T under one of TRITON_CONFIGS."""
     bm, bn, bk, stages, warps, persistent = cfg
     M, K = x.shape
     N = w.shape[0]
     assert K % bk == 0 and x.stride(1) == 1 and w.stride(1) == 1
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype) if out is None else out
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     programs = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
     grid = (min(tiles, programs) if persistent else tiles,)
@@ -156,7 +158,14 @@ def main() -> None:
     divide = 1 if cuda else args.cpu_divide
     shapes = projections(args.shape, divide)
     layers = model_config(args.shape).num_layers
-    backends = args.backends if cuda else [b for b in args.backends if b != "cublaslt"]  # the library choice is CUDA's
+    # The library choice is CUDA's; Triton kernels run on the CPU only in the interpreter.
+    cpu_only = {"cublaslt"} | (set() if os.environ.get("TRITON_INTERPRET") == "1" else {"triton"})
+    backends = args.backends if cuda else [b for b in args.backends if b not in cpu_only]
+    if "default" not in backends:
+        raise SystemExit("--backends needs 'default': it is the baseline")
+    if set(args.backends) - set(backends):
+        print(f"left out without a GPU: {', '.join(sorted(set(args.backends) - set(backends)))} "
+              f"(the Triton candidate runs on the CPU with TRITON_INTERPRET=1)")
     gen = torch.Generator(device=device).manual_seed(0)
     weights = {name: torch.randn(n, k, generator=gen, device=device, dtype=dtype) / k**0.5 for name, (n, k) in shapes.items()}
     flush = torch.empty(256 * 2**20 // 4 if cuda else 1, device=device, dtype=torch.float32)  # 256 MiB: past any L2
