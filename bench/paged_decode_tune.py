@@ -52,12 +52,17 @@ def compiled() -> dict[int, dict]:
         return {}
 
 
-def make_case(heads: str, batch: int, context: str, gen: torch.Generator, cache_dtype: torch.dtype):
+def make_case(heads: str, batch: int, context: str, gen: torch.Generator, cache_dtype: torch.dtype,
+              order: str = "given", pad_rows: int = 0):
     Hq, Hkv, D = HEADS[heads]
     if context == "mixed":  # a serving mix: 128 to 1,536 tokens
         lens = [random.Random(batch * 7919 + i).randint(128, 1536) for i in range(batch)]
     else:
         lens = [int(context)] * batch
+    if order != "given":  # the rows by context, longest or shortest first (programs start in row order)
+        lens.sort(reverse=order == "longest-first")
+    lens += [0] * pad_rows  # a captured graph's padding rows: length 0, no blocks
+    batch += pad_rows
     blocks_per = [-(-n // BLOCK_SIZE) for n in lens]
     total = sum(blocks_per)
     kv_bytes = sum(lens) * Hkv * D * 2 * cache_dtype.itemsize
@@ -92,6 +97,10 @@ def main() -> None:
                          "float8 and K straight into the dot, an experiment)")
     ap.add_argument("--max-regs", type=int, nargs="+", default=[0],
                     help="caps on registers a thread (Triton's maxnreg; 0: none), so that more programs fit an SM")
+    ap.add_argument("--orders", nargs="+", choices=["given", "longest-first", "shortest-first"], default=["given"],
+                    help="the rows' order by context (mixed contexts): as drawn, or sorted")
+    ap.add_argument("--pad-rows", type=int, default=0,
+                    help="rows of length 0 after the real ones, as a CUDA graph captured for more rows has")
     ap.add_argument("--out", default="paged_decode_tune.json")
     args = ap.parse_args()
     gen = torch.Generator(device="cuda")
@@ -101,9 +110,9 @@ def main() -> None:
     results = []
     resources = {}  # configuration -> its kernel's shared memory, registers and spills
     print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
-    for heads, batch, context in itertools.product(args.heads, args.batches, args.contexts):
+    for heads, batch, context, order in itertools.product(args.heads, args.batches, args.contexts, args.orders):
         gen.manual_seed(0)
-        q, caches, tables, lens, kv_bytes = make_case(heads, batch, context, gen, cache_dtype)
+        q, caches, tables, lens, kv_bytes = make_case(heads, batch, context, gen, cache_dtype, order, args.pad_rows)
         out = torch.empty_like(q)
         Hkv = HEADS[heads][1]
         engine_tile = 128 if args.kv_cache_dtype == "fp8" else 64  # paged_decode_attention's default
@@ -136,12 +145,13 @@ def main() -> None:
                                    max_regs=best["max_regs"] or None)
         ref = paged_decode_reference(q, k.float(), v.float(), tables, lens, 0.1)
         err = ((y.double() - ref).norm() / ref.norm()).item()
-        name = f"{heads} B={batch} ctx={context}"
+        name = f"{heads} B={batch} ctx={context}" + ("" if order == "given" else f" {order}")
         t_s, c_s = (f"{t['us']:8.1f} us {t['tb_s']:4.2f} TB/s" if t else "-" for t in (today, cast))
         print(f"{name:>22} {t_s:>24} {c_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
               f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}/{best['max_regs']}  "
               f"{err:.1e}  {best['kernel']}", flush=True)
-        results.append({"heads": heads, "batch": batch, "context": context, "kv_bytes": kv_bytes,
+        results.append({"heads": heads, "batch": batch, "context": context, "order": order, "pad_rows": args.pad_rows,
+                        "kv_bytes": kv_bytes,
                         "kv_cache_dtype": args.kv_cache_dtype, "today_splits": today_splits, "today": today,
                         "cast": cast, "best": best, "rel_err": err, "timings": timings})
         del caches
