@@ -67,7 +67,8 @@ def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int,
                 "PART_O": "*fp32", "PART_LSE": "*fp32", "TABLES": "*i32", "CTX_LENS": "*i32"}
     constants = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                      BLOCK_SIZE=block_size, TILE=tile, IEEE=False, SPLITS=1, USE_GDC=False, KV_FP8=kv_fp8,
-                     K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=True, FP8_DOT=False, FP8_BITS=False)
+                     K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=True, FP8_DOT=False, FP8_BITS=False,
+                     ROWS_OUTER=False)
     signature = {n: pointers.get(n) or ("fp32" if n in ("scale", "v_scale") else
                                          "i32" if n.startswith("stride") else "constexpr") for n in names}
     divisible = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)

@@ -9,8 +9,16 @@ spills of the kernel each configuration compiled to (what bounds the programs an
 
 With `--kv-cache-dtype fp8` the cache is float8 E4M3 and each configuration is also timed
 reading it through Triton's own cast (`fp8_read` "cast", the kernel before kv_tile.py's
-word reads): the "cast" column is that baseline at the engine's configuration (128-token
-tiles in 2 stages over an FP8 cache, 64 in Triton's default 3 over a 16-bit one).
+word reads): the "cast" column is that baseline at the engine's configuration (its split
+count and tile, paged_decode.num_splits and wide_tile; 2 stages over an FP8 cache, Triton's
+default 3 over a 16-bit one).
+
+`--orders` sorts the rows by context and `--grids rows-outer` starts the programs row by
+row (KernelConfig.decode_order "longest-first" is both); `--pad-rows` adds the length-0 rows
+of a CUDA graph captured for more rows than it runs:
+
+    python -m bench.paged_decode_tune --heads 8b --batches 127 --contexts mixed --pad-rows 33 \
+        --orders given longest-first --grids heads-outer rows-outer --splits 1 2 --tiles 64 128 --out pdt_order.json
 
     python -m bench.paged_decode_tune --out paged_decode_tune.json
     python -m bench.paged_decode_tune --kv-cache-dtype fp8 --batches 32 256 512 --contexts 1536 4096 mixed \
@@ -28,7 +36,8 @@ import torch
 import triton.testing
 
 from worker.embedded.attention import to_cache
-from worker.embedded.kernels.paged_decode import DECODE_FP8_READS, _num_sms, num_splits, paged_decode_attention, paged_decode_reference
+from worker.embedded.kernels.paged_decode import (DECODE_FP8_READS, _num_sms, num_splits, paged_decode_attention,
+                                                  paged_decode_reference, wide_tile)
 
 HEADS = {"8b": (32, 8, 128), "1b": (32, 8, 64)}  # Hq, Hkv, head_dim (Llama-3-8B, Llama-3.2-1B)
 BLOCK_SIZE = 32  # EngineConfig.tokens_per_block's default
@@ -99,6 +108,9 @@ def main() -> None:
                     help="caps on registers a thread (Triton's maxnreg; 0: none), so that more programs fit an SM")
     ap.add_argument("--orders", nargs="+", choices=["given", "longest-first", "shortest-first"], default=["given"],
                     help="the rows' order by context (mixed contexts): as drawn, or sorted")
+    ap.add_argument("--grids", nargs="+", choices=["heads-outer", "rows-outer"], default=["heads-outer"],
+                    help="the order the GPU starts programs in: by KV head, then row (the default) or row by row, each "
+                         "row's heads together (KernelConfig.decode_order longest-first, with --orders longest-first)")
     ap.add_argument("--pad-rows", type=int, default=0,
                     help="rows of length 0 after the real ones, as a CUDA graph captured for more rows has")
     ap.add_argument("--out", default="paged_decode_tune.json")
@@ -106,7 +118,7 @@ def main() -> None:
     gen = torch.Generator(device="cuda")
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     reads = args.fp8_reads if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
-    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.max_regs))
+    configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.max_regs, args.grids))
     results = []
     resources = {}  # configuration -> its kernel's shared memory, registers and spills
     print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
@@ -115,13 +127,15 @@ def main() -> None:
         q, caches, tables, lens, kv_bytes = make_case(heads, batch, context, gen, cache_dtype, order, args.pad_rows)
         out = torch.empty_like(q)
         Hkv = HEADS[heads][1]
-        engine_tile = 128 if args.kv_cache_dtype == "fp8" else 64  # paged_decode_attention's default
-        today_splits = num_splits(batch * Hkv, _num_sms(q.device), tables.shape[1] * BLOCK_SIZE, engine_tile)
+        fp8 = args.kv_cache_dtype == "fp8"
+        # paged_decode_attention's own choice for these rows (padding rows included, as a graph has them)
+        today_splits = num_splits(q.shape[0] * Hkv, _num_sms(q.device), tables.shape[1] * BLOCK_SIZE, 128 if fp8 else 64)
+        engine_tile = wide_tile(fp8, today_splits, HEADS[heads][2])
         timings = []
         for config in configs:
-            splits, tile, warps, stages, read, regs = config
+            splits, tile, warps, stages, read, regs, grid = config
             kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read,
-                      max_regs=regs or None)
+                      max_regs=regs or None, rows_outer=grid == "rows-outer")
             fn = lambda: [paged_decode_attention(q, k, v, tables, lens, 0.1, out, **kw) for k, v in caches]  # noqa: E731
             try:
                 before = compiled()
@@ -134,21 +148,22 @@ def main() -> None:
                 print(f"  skip {kw}: {type(exc).__name__}")
                 continue
             timings.append({"splits": splits, "tile": tile, "warps": warps, "stages": stages, "fp8_read": read,
-                            "max_regs": regs, "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": resources.get(config)})
+                            "max_regs": regs, "grid": grid, "us": us, "tb_s": kv_bytes / us / 1e6, "kernel": resources.get(config)})
         best = min(timings, key=lambda t: t["us"])
         engine = (today_splits, engine_tile, 4, 2 if args.kv_cache_dtype == "fp8" else 0)
         today, cast = (next((t for t in timings if (t["splits"], t["tile"], t["warps"], t["stages"]) == engine
-                             and t["fp8_read"] == read and not t["max_regs"]), None) for read in ("words", "cast"))
+                             and t["fp8_read"] == read and not t["max_regs"] and t["grid"] == "heads-outer"), None)
+                       for read in ("words", "cast"))
         k, v = caches[0]
         y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], tile=best["tile"],
                                    num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"],
-                                   max_regs=best["max_regs"] or None)
+                                   max_regs=best["max_regs"] or None, rows_outer=best["grid"] == "rows-outer")
         ref = paged_decode_reference(q, k.float(), v.float(), tables, lens, 0.1)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         name = f"{heads} B={batch} ctx={context}" + ("" if order == "given" else f" {order}")
         t_s, c_s = (f"{t['us']:8.1f} us {t['tb_s']:4.2f} TB/s" if t else "-" for t in (today, cast))
         print(f"{name:>22} {t_s:>24} {c_s:>24} {best['us']:8.1f} us {best['tb_s']:4.2f} TB/s "
-              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}/{best['max_regs']}  "
+              f"{best['splits']}/{best['tile']}/{best['warps']}/{best['stages']}/{best['fp8_read']}/{best['max_regs']}/{best['grid']}  "
               f"{err:.1e}  {best['kernel']}", flush=True)
         results.append({"heads": heads, "batch": batch, "context": context, "order": order, "pad_rows": args.pad_rows,
                         "kv_bytes": kv_bytes,

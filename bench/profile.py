@@ -48,7 +48,7 @@ from bench.shapes import SHAPES, model_config
 from bench.workload import workload
 from inflight.sampling_params import SamplingParams
 from worker.embedded.engine import EmbeddedEngine
-from worker.engine_api import EngineConfig, KvCacheConfig
+from worker.engine_api import EngineConfig, KernelConfig, KvCacheConfig
 
 
 def submit(engine: EmbeddedEngine, reqs, prefix: str = "", max_tokens: int | None = None) -> None:
@@ -221,6 +221,7 @@ def window(args) -> None:
                                          max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                                          overlap_scheduler="on", quantization=args.quantization,
                                          step_time_target_ms=args.step_time_target_ms,
+                                         kernels=KernelConfig(decode_order=args.decode_order),
                                          kv_cache=KvCacheConfig(dtype=args.kv_cache_dtype)), cfg)
     warm_up(engine, reqs[:16], 16)
     submit(engine, reqs)
@@ -320,6 +321,8 @@ def main() -> None:
     p.add_argument("--max-num-tokens", type=int, default=None, help="the engine's max_num_tokens (unset: its default)")
     p.add_argument("--step-time-target-ms", type=float, default=0.0,
                    help="the engine's step_time_target_ms (0: off, steps sized by max_num_tokens alone; serving's default is 15)")
+    p.add_argument("--decode-order", default=KernelConfig.decode_order, choices=["arrival", "longest-first"],
+                   help="KernelConfig.decode_order: the decode rows and the paged-decode kernel's programs")
     p.add_argument("--skip", type=int, default=300, help="steps run before the window")
     p.add_argument("--steps", type=int, default=20, help="steps in the window")
     p.add_argument("--host-gap-us", type=float, default=20.0, help="gaps longer than this count as host time between steps")

@@ -34,7 +34,12 @@ from worker.engine_api import EngineConfig, KvCacheConfig
 # --quantization modes, and "+kv-fp8" for --kv-cache-dtype fp8 on top ("kv-fp8" alone: 16/32-bit projections);
 # "fp8-one-row": FP8 weights times 16-bit activations at every position, what a step of one
 # token computes under --quantization fp8 on a GPU (KernelConfig.one_row_matmul "fma").
+# "bf16", "fp16": no quantization, the whole model in that 16-bit dtype. Against a float32
+# reference (the CPU's), they are the metric's resolution: what rounding to the GPU's own
+# dtype alone does to KL and top-1 (on a GPU, where the reference is already bf16, "bf16"
+# compares it with itself).
 MODES = ["fp8", "fp8-one-row", "int8-weight-only", "int8-smoothquant", "kv-fp8", "fp8+kv-fp8"]
+DTYPE_MODES = {"bf16": "bfloat16", "fp16": "float16"}
 PROMPTS = [  # none of them is in smoothquant.CALIBRATION_TEXTS
     "What is the capital of France?",
     "Explain in two sentences why the sky is blue.",
@@ -75,8 +80,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model directory (default: the built-in SmolLM2-135M-Instruct)")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES,
-                    help="--quantization modes; kv-fp8: the KV cache in FP8 (--kv-cache-dtype fp8), alone or with fp8")
+    ap.add_argument("--modes", nargs="+", default=MODES, choices=[*MODES, *DTYPE_MODES],
+                    help="--quantization modes; kv-fp8: the KV cache in FP8 (--kv-cache-dtype fp8), alone or with fp8; "
+                         "bf16, fp16: unquantized in that dtype (against the CPU's float32: the metric's resolution)")
     ap.add_argument("--continuation", type=int, default=48, help="greedy tokens of the unquantized model appended to each prompt")
     ap.add_argument("--answer-tokens", type=int, default=32)
     ap.add_argument("--out", default="quant_accuracy.json")
@@ -104,7 +110,10 @@ def main() -> None:
         t0 = time.monotonic()
         quant = mode.removesuffix("kv-fp8").removesuffix("+").removesuffix("-one-row") or "none"
         kv = dataclasses.replace(base.kv_cache, dtype="fp8" if mode.endswith("kv-fp8") else "auto")
-        engine = build(model_dir, dataclasses.replace(base, quantization=quant, kv_cache=kv), mc, tensors)
+        cfg = dataclasses.replace(base, quantization=quant, kv_cache=kv)
+        if mode in DTYPE_MODES:
+            cfg = dataclasses.replace(base, dtype=DTYPE_MODES[mode])
+        engine = build(model_dir, cfg, mc, tensors)
         if mode.endswith("-one-row"):  # every row as a one-row step computes it: activations not quantized
             for m in engine.model.modules():
                 if isinstance(m, QuantLinear):

@@ -79,6 +79,16 @@ def test_batching_invariance(engine_for, workload, alone, overlap):
     assert stats.kv_blocks_in_use == 0 and stats.running == 0 and stats.queued == 0
 
 
+def test_decode_rows_longest_first_keeps_every_requests_tokens(make_engine, workload, alone):
+    """KernelConfig.decode_order "longest-first" sorts a step's decode rows by context, so a
+    sequence's row changes from step to step (and, with overlap, its pending input token
+    sits in another row of the step before): each request must still get its own tokens."""
+    from worker.engine_api import KernelConfig
+
+    engine = make_engine(overlap_scheduler="on", max_num_tokens=96, kernels=KernelConfig(decode_order="longest-first"))
+    assert as_list(run_staggered(engine, workload), N_PROMPTS) == alone
+
+
 def test_preemption_keeps_outputs(engine_for, workload, alone, overlap):
     longest = max(len(p) for p in workload) + GREEDY.max_tokens
     engine = engine_for(overlap_scheduler=overlap, policy="MAX_UTILIZATION", max_tokens=longest * 3, enable_block_reuse=False)

@@ -38,11 +38,13 @@ def check_paged_decode(gen: torch.Generator) -> dict:
     q = torch.randn(B, hq, d, generator=gen)
     ref = paged_decode_reference(q, kc, vc, tables, ctx, d ** -0.5)
     out = {}
-    # (splits, tile): 128-token tiles are what batches that fill a GPU run over 128-wide heads
-    for splits, tile in ((1, None), (2, None), (8, None), (None, None), (1, 128)):
+    # (splits, tile, rows_outer): 128-token tiles are what batches that fill a GPU run over
+    # 128-wide heads; rows_outer is the grid of KernelConfig.decode_order "longest-first"
+    for splits, tile, rows_outer in ((1, None, False), (2, None, False), (8, None, False), (None, None, False),
+                                     (1, 128, False), (1, None, True), (4, None, True)):
         o = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, splits, tile=tile)
-        out[f"{splits}" + (f", tile {tile}" if tile else "")] = {
+        paged_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, splits, tile=tile, rows_outer=rows_outer)
+        out[f"{splits}" + (f", tile {tile}" if tile else "") + (", rows outer" if rows_outer else "")] = {
             "rel_err": rel_err(o, ref), "nan": bool(o.isnan().any()), "zero_row": bool((o[1] == 0).all())}
     return out
 

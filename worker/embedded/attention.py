@@ -94,10 +94,12 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
 
 
 def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float, pdl: bool,
-                    k_scale: float = 1.0, v_scale: float = 1.0, decode_tile: int | None = None) -> torch.Tensor:
+                    k_scale: float = 1.0, v_scale: float = 1.0, decode_tile: int | None = None,
+                    rows_outer: bool = False) -> torch.Tensor:
     """q, k, v: this step's new tokens [T, heads, dim], already written to the cache; `pdl`
     allows the decode kernel programmatic dependent launch (KernelConfig.pdl), `decode_tile`
-    sets its tokens a loop iteration (KernelConfig.decode_tile; None: its own choice). The cache
+    sets its tokens a loop iteration (KernelConfig.decode_tile; None: its own choice), and
+    `rows_outer` starts its programs row by row (KernelConfig.decode_order). The cache
     holds keys / k_scale and values / v_scale (an FP8 cache's calibrated scales; 1
     otherwise): the kernels fold k_scale into the softmax scale and v_scale into the output."""
     if meta.attention == "reference":
@@ -108,7 +110,7 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
 
         n = meta.num_decodes
         paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale * k_scale,
-                               out[:n], pdl=pdl, v_scale=v_scale, tile=decode_tile)
+                               out[:n], pdl=pdl, v_scale=v_scale, tile=decode_tile, rows_outer=rows_outer)
     if meta.prefill_cu_seq is not None:
         rows = slice(meta.num_decodes, q.shape[0])
         out[rows] = varlen_prefill(q[rows], k[rows], v[rows], meta.prefill_cu_seq, meta.prefill_max_len, scale)

@@ -141,7 +141,8 @@ class Attention(nn.Module):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
             write_kv(k_cache, v_cache, k, v, meta.slot_mapping, ks, vs)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, pdl=kernels is not None and kernels.pdl,
-                              k_scale=ks, v_scale=vs, decode_tile=(kernels.decode_tile or None) if kernels is not None else None)
+                              k_scale=ks, v_scale=vs, decode_tile=(kernels.decode_tile or None) if kernels is not None else None,
+                              rows_outer=kernels is not None and kernels.decode_order == "longest-first")
         return self.o_proj(out.reshape(-1, self.q_size))
 
 

@@ -250,8 +250,12 @@ class ModelRunner:
         rows; a decode whose input token is pending reads it from the last step's rows."""
         if self._timings:
             self._learn_step_times()
-        # Decodes first: the GPU path's kernels take them as one leading block of rows.
-        chunks = sorted(chunks, key=lambda ch: ch.num_tokens != 1)
+        # Decodes first: the GPU path's kernels take them as one leading block of rows;
+        # with KernelConfig.decode_order "longest-first", the longest context first.
+        if self.kernels.decode_order == "longest-first":
+            chunks = sorted(chunks, key=lambda ch: -ch.seq.num_computed if ch.num_tokens == 1 else 1)
+        else:
+            chunks = sorted(chunks, key=lambda ch: ch.num_tokens != 1)
         sampled = [ch.seq for ch in chunks if ch.sample]
         decode_only = chunks[-1].num_tokens == 1
         if decode_only and self.graph_sizes and len(chunks) <= self.graph_sizes[-1]:

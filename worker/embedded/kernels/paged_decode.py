@@ -6,6 +6,12 @@ tokens that may span several KV blocks, with an online softmax. Context lengths 
 on the device, so one launch (and one CUDA graph) serves any mix of lengths; a sequence
 of length 0 (a padding row of a captured graph) gets zeros.
 
+The GPU starts programs in the order of their grid index. By default that is by KV head,
+then row; with `rows_outer`, row by row, each row's heads and splits together, so that rows
+sorted by context, longest first (KernelConfig.decode_order "longest-first"), start the
+longest work first across every head and the kernel does not end on one long program while
+the other SMs idle.
+
 Split-K (flash-decoding): when the batch gives fewer (sequence, KV head) programs than
 the GPU has SMs, each sequence's context is split over SPLITS programs that run side by
 side; each writes its normalized partial output and log-sum-exp, and a second kernel
@@ -50,12 +56,19 @@ def _paged_decode(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr, SPLITS: tl.constexpr, USE_GDC: tl.constexpr,
     KV_FP8: tl.constexpr, K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, ASM: tl.constexpr, FP8_DOT: tl.constexpr,
-    FP8_BITS: tl.constexpr,
+    FP8_BITS: tl.constexpr, ROWS_OUTER: tl.constexpr,
 ):
     enter(USE_GDC)
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
+    if ROWS_OUTER:  # grid (Hkv * SPLITS, B): a row's programs start together, rows in order
+        kvh = tl.program_id(0) // SPLITS
+        split = tl.program_id(0) % SPLITS
+        b = tl.program_id(1)
+        num_kv = tl.num_programs(0) // SPLITS
+    else:  # grid (B, Hkv, SPLITS): programs start by KV head, then row
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        num_kv = tl.num_programs(1)
     # int32 index math whatever the lengths' dtype (64-bit token offsets were 10-43% slower, run 15)
     ctx = tl.load(CTX_LENS + b).to(tl.int32)
     per_split = tl.cdiv(tl.cdiv(ctx, TILE), SPLITS) * TILE
@@ -115,7 +128,7 @@ def _paged_decode(
     if SPLITS == 1:
         tl.store(O + b * stride_ob + heads[:, None] * stride_oh + d[None, :], out.to(O.dtype.element_ty), mask=g_ok[:, None])
     else:  # partials: [B, Hq, SPLITS, D] and [B, Hq, SPLITS], contiguous
-        row = (b * (tl.num_programs(1) * GROUP) + heads) * SPLITS + split
+        row = (b * (num_kv * GROUP) + heads) * SPLITS + split
         tl.store(PART_O + row[:, None] * HEAD_DIM + d[None, :], out, mask=g_ok[:, None])
         lse = tl.where(empty, float("-inf"), m + tl.log(tl.where(empty, 1.0, l)))
         tl.store(PART_LSE + row, lse, mask=g_ok)
@@ -155,6 +168,7 @@ def paged_decode_attention(
     num_stages: int | None = None,  # None: 2 over an FP8 cache, else Triton's default (3)
     fp8_read: str = "words",  # how an FP8 cache is read: DECODE_FP8_READS
     max_regs: int | None = None,  # a cap on registers a thread (Triton's maxnreg), for bench.paged_decode_tune
+    rows_outer: bool = False,  # programs start row by row, each row's KV heads (and splits) together (KernelConfig.decode_order)
 ) -> torch.Tensor:
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -182,7 +196,8 @@ def paged_decode_attention(
         scale, v_scale = scale * 256.0, v_scale * 256.0
     k_read, v_read = tile_reads(fp8_read)
     k_cache, v_cache = cache_view(k_cache, k_read), cache_view(v_cache, v_read)
-    _paged_decode[(B, Hkv, splits)](
+    grid = (Hkv * splits, B) if rows_outer else (B, Hkv, splits)
+    _paged_decode[grid](
         q, k_cache, v_cache, out, part_o, part_lse, block_tables, context_lens, scale, v_scale,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -192,7 +207,7 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_SIZE=block_size, TILE=tile, IEEE=q.dtype == torch.float32, SPLITS=splits, USE_GDC=use_pdl,
         KV_FP8=kv_fp8, K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=q.device.type == "cuda",
-        FP8_DOT=fp8_dot, FP8_BITS=fp8_bits,
+        FP8_DOT=fp8_dot, FP8_BITS=fp8_bits, ROWS_OUTER=rows_outer,
         num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}), **launch_options(use_pdl),
         **({} if max_regs is None else {"maxnreg": max_regs}),
     )
