@@ -64,8 +64,9 @@ def compiled() -> dict[int, dict]:
 def make_case(heads: str, batch: int, context: str, gen: torch.Generator, cache_dtype: torch.dtype,
               order: str = "given", pad_rows: int = 0):
     Hq, Hkv, D = HEADS[heads]
-    if context == "mixed":  # a serving mix: 128 to 1,536 tokens
-        lens = [random.Random(batch * 7919 + i).randint(128, 1536) for i in range(batch)]
+    if context.startswith("mixed"):  # a serving mix: 128 to 1,536 tokens, or mixed:LO-HI
+        lo, hi = map(int, context.removeprefix("mixed:").split("-")) if ":" in context else (128, 1536)
+        lens = [random.Random(batch * 7919 + i).randint(lo, hi) for i in range(batch)]
     else:
         lens = [int(context)] * batch
     if order != "given":  # the rows by context, longest or shortest first (programs start in row order)
@@ -95,7 +96,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 64, 128, 256])
-    ap.add_argument("--contexts", nargs="+", default=["1024", "4096", "mixed"], help="tokens per sequence, or 'mixed'")
+    ap.add_argument("--contexts", nargs="+", default=["1024", "4096", "mixed"],
+                    help="tokens per sequence, or 'mixed' (each drawn from 128-1,536), or 'mixed:LO-HI' (e.g. mixed:128-256, "
+                         "the decodes of trtllm-bench's 128/128)")
     ap.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--tiles", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--warps", type=int, nargs="+", default=[4])
