@@ -78,6 +78,26 @@ def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int,
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
 
+def compile_flat(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, arch: int, block_size: int = 32):
+    """bench/flat_decode.py's candidate kernel, compiled as compile_decode compiles the engine's."""
+    from bench.flat_decode import _flat_decode
+
+    group, head_dim = HEADS[heads]
+    names = _flat_decode.arg_names
+    cache = "*i32" if kv_fp8 else "*bf16"
+    pointers = {"Q": "*bf16", "O": "*bf16", "K": cache, "V": cache, "PART_O": "*fp32", "PART_LSE": "*fp32",
+                "TABLES": "*i32", "CTX_LENS": "*i32", "PLAN": "*i32", "TILE_ROW": "*i32", "TILE_TOK": "*i32"}
+    constants = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+                     BLOCK_SIZE=block_size, TILE=tile, IEEE=False, KV_FP8=kv_fp8, K_WORDS=kv_fp8, V_WORDS=kv_fp8, ASM=True)
+    signature = {n: pointers.get(n) or ("fp32" if n in ("scale", "v_scale") else
+                                         "i32" if n.startswith("stride") else "constexpr") for n in names}
+    divisible = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+                 if signature[n].startswith("*") or n.startswith("stride")}
+    src = ASTSource(fn=_flat_decode, signature=signature, attrs=divisible,
+                    constexprs={(names.index(n),): v for n, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+
+
 def compile_gemv_fma(arch: int = 90, **modes):
     """kernels/gemv.py's one-row CUDA-core kernel compiled for `arch`, no GPU needed, in the
     modes given as its constexprs (GATED, HAS_BIAS, BLOCK_N, ...; the rest as the 1B shape's
@@ -105,6 +125,8 @@ def main() -> None:
     ap.add_argument("--warps", type=int, nargs="+", default=[4])
     ap.add_argument("--stages", type=int, nargs="+", default=[2])
     ap.add_argument("--arch", type=int, default=90, help="compute capability as a number (90: Hopper)")
+    ap.add_argument("--kernel", choices=["paged", "flat"], default="paged",
+                    help="the engine's paged-decode kernel, or bench/flat_decode.py's candidate (words reads over FP8)")
     ap.add_argument("--dump", type=Path, help="also write each configuration's TTGIR and PTX into this folder")
     args = ap.parse_args()
     print(f"Triton {triton.__version__}, sm_{args.arch} (what a kernel compiles to depends on the Triton version: "
@@ -113,8 +135,11 @@ def main() -> None:
           + " ".join(f"{c:>9}" for c in PTX_COUNTS) + f" {'shared B/thread':>15}  (PTX instructions in the kernel)")
     cases = [(dtype, read) for dtype in args.kv_cache_dtype for read in (args.fp8_reads if dtype == "fp8" else ["-"])]
     for (dtype, read), tile, warps, stages in itertools.product(cases, args.tiles, args.warps, args.stages):
-        kernel = compile_decode(dtype == "fp8", args.heads, tile, warps, stages, args.arch,
-                                fp8_read=read if dtype == "fp8" else "words")
+        if args.kernel == "flat":
+            kernel = compile_flat(dtype == "fp8", args.heads, tile, warps, stages, args.arch)
+        else:
+            kernel = compile_decode(dtype == "fp8", args.heads, tile, warps, stages, args.arch,
+                                    fp8_read=read if dtype == "fp8" else "words")
         dtype = dtype if read == "-" else f"{dtype} {read}"
         ptx = kernel.asm["ptx"]
         counts = [len(re.findall(p, ptx)) for p in PTX_COUNTS.values()]
@@ -122,7 +147,7 @@ def main() -> None:
               + " ".join(f"{c:>9}" for c in counts) + f" {shared_bytes(ptx):>15}", flush=True)
         if args.dump:
             args.dump.mkdir(parents=True, exist_ok=True)
-            stem = args.dump / f"paged_decode_{dtype.replace(' ', '_')}_{tile}_{warps}_{stages}_sm{args.arch}"
+            stem = args.dump / f"{args.kernel}_decode_{dtype.replace(' ', '_')}_{tile}_{warps}_{stages}_sm{args.arch}"
             stem.with_suffix(".ttgir").write_text(kernel.asm["ttgir"])
             stem.with_suffix(".ptx").write_text(ptx)
 

@@ -28,6 +28,7 @@ of a CUDA graph captured for more rows than it runs:
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import random
@@ -92,6 +93,24 @@ def make_case(heads: str, batch: int, context: str, gen: torch.Generator, cache_
     return q, caches, tables.cuda(), torch.tensor(lens, dtype=torch.int32, device="cuda"), kv_bytes
 
 
+def candidate(grid: str, q, tables, lens, kw: dict):
+    """bench/flat_decode.py's kernel as paged_decode_attention is called, with `grid`
+    "flatN" giving N programs an SM over all KV heads. Its map of the tiles is made here,
+    once, outside the timing: in an engine the host would make it each step."""
+    from bench.flat_decode import flat_decode_attention, plan
+
+    def call(q, k, v, tables, lens, scale, out=None):
+        programs = max(1, int(grid.removeprefix("flat")) * _num_sms(q.device) // k.shape[2])
+        key = (programs, kw["tile"])
+        if key not in plans:
+            plans[key] = {name: x.to(q.device) if isinstance(x, torch.Tensor) else x
+                          for name, x in plan(lens.tolist(), programs, kw["tile"]).items()}
+        return flat_decode_attention(q, k, v, tables, lens, scale, out, the_plan=plans[key], programs=programs, **kw)
+
+    plans: dict = {}
+    return call
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
@@ -114,6 +133,12 @@ def main() -> None:
     ap.add_argument("--grids", nargs="+", choices=["heads-outer", "rows-outer"], default=["heads-outer"],
                     help="the order the GPU starts programs in: by KV head, then row (the default) or row by row, each "
                          "row's heads together (KernelConfig.decode_order longest-first, with --orders longest-first)")
+    ap.add_argument("--kernels", nargs="+", choices=["paged", "flat"], default=["paged"],
+                    help="the engine's paged-decode kernel, and/or bench/flat_decode.py's candidate (each KV head's "
+                         "context tiles cut into equal shares; --tiles, --warps and --stages apply, --splits and "
+                         "--grids do not)")
+    ap.add_argument("--flat-per-sm", type=int, nargs="+", default=[2, 4, 8],
+                    help="with --kernels flat: its programs an SM, over all KV heads")
     ap.add_argument("--pad-rows", type=int, default=0,
                     help="rows of length 0 after the real ones, as a CUDA graph captured for more rows has")
     ap.add_argument("--out", default="paged_decode_tune.json")
@@ -122,6 +147,11 @@ def main() -> None:
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     reads = args.fp8_reads if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
     configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.max_regs, args.grids))
+    if "flat" in args.kernels:  # bench/flat_decode.py's candidate: no splits, words reads, its programs an SM as the grid
+        configs += [(0, tile, warps, stages, "words", 0, f"flat{per_sm}")
+                    for tile, warps, stages, per_sm in itertools.product(args.tiles, args.warps, args.stages, args.flat_per_sm)]
+    if "paged" not in args.kernels:
+        configs = [c for c in configs if c[-1].startswith("flat")]
     results = []
     resources = {}  # configuration -> its kernel's shared memory, registers and spills
     print(f"{'case':>22} {'today':>24} {'cast (baseline)':>24} {'best':>38}  rel err")
@@ -137,9 +167,11 @@ def main() -> None:
         timings = []
         for config in configs:
             splits, tile, warps, stages, read, regs, grid = config
-            kw = dict(splits=splits, tile=tile, num_warps=warps, num_stages=stages or None, fp8_read=read,
-                      max_regs=regs or None, rows_outer=grid == "rows-outer")
-            fn = lambda: [paged_decode_attention(q, k, v, tables, lens, 0.1, out, **kw) for k, v in caches]  # noqa: E731
+            kw = dict(tile=tile, num_warps=warps, num_stages=stages or None)
+            call = candidate(grid, q, tables, lens, kw) if grid.startswith("flat") else functools.partial(
+                paged_decode_attention, splits=splits, fp8_read=read, max_regs=regs or None,
+                rows_outer=grid == "rows-outer", **kw)
+            fn = lambda: [call(q, k, v, tables, lens, 0.1, out) for k, v in caches]  # noqa: E731
             try:
                 before = compiled()
                 fn()
@@ -158,9 +190,12 @@ def main() -> None:
                              and t["fp8_read"] == read and not t["max_regs"] and t["grid"] == "heads-outer"), None)
                        for read in ("words", "cast"))
         k, v = caches[0]
-        y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], tile=best["tile"],
-                                   num_warps=best["warps"], num_stages=best["stages"] or None, fp8_read=best["fp8_read"],
-                                   max_regs=best["max_regs"] or None, rows_outer=best["grid"] == "rows-outer")
+        kw = dict(tile=best["tile"], num_warps=best["warps"], num_stages=best["stages"] or None)
+        if best["grid"].startswith("flat"):
+            y = candidate(best["grid"], q, tables, lens, kw)(q, k, v, tables, lens, 0.1)
+        else:
+            y = paged_decode_attention(q, k, v, tables, lens, 0.1, splits=best["splits"], fp8_read=best["fp8_read"],
+                                       max_regs=best["max_regs"] or None, rows_outer=best["grid"] == "rows-outer", **kw)
         ref = paged_decode_reference(q, k.float(), v.float(), tables, lens, 0.1)
         err = ((y.double() - ref).norm() / ref.norm()).item()
         name = f"{heads} B={batch} ctx={context}" + ("" if order == "given" else f" {order}")

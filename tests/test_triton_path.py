@@ -53,6 +53,13 @@ def test_paged_decode_kernel(checked):
         assert r["rel_err"] < 1e-6 and not r["nan"] and r["zero_row"], (splits, r)
 
 
+def test_flat_decode_candidate_kernel(checked):
+    for case, r in checked["kernels"]["flat_decode"].items():
+        share = {"1 programs": [17, 17], "3 programs": [6, 17], "7 programs": [3, 17]}[case.split(", ")[1]]
+        bound = 2e-3 if case.startswith("float8") else 1e-6  # FP8 tiles go to the dots as float16
+        assert r["rel_err"] < bound and not r["nan"] and r["zero_row"] and r["share"] == share, (case, r)
+
+
 def test_paged_varlen_kernel(checked):
     r = checked["kernels"]["paged_varlen"]
     assert r["rel_err"] < 1e-6 and not r["nan"] and r["rest_untouched"] and r["padded_tiles"] > 0, r

@@ -49,6 +49,35 @@ def check_paged_decode(gen: torch.Generator) -> dict:
     return out
 
 
+def check_flat_decode(gen: torch.Generator) -> dict:
+    """bench/flat_decode.py's candidate kernel (timed on a GPU by bench.paged_decode_tune
+    --kernels flat): rows of very unequal length, one cut over several programs and several
+    whole in one, a row of length 0 (a graph's padding), grouped heads, 32-bit and FP8
+    caches, against the float64 reference."""
+    from bench.flat_decode import flat_decode_attention, plan
+    from worker.embedded.attention import to_cache
+    from worker.embedded.kernels.paged_decode import paged_decode_reference
+
+    B, hq, hkv, d, bs, tile = 6, 6, 2, 16, 4, 8
+    lens = [37, 0, 3, 64, 9, 1]  # 5 tiles, none, 1, 8, 2, 1: 17 tiles
+    width = -(-max(lens) // bs)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    tables = torch.randperm(B * width + 1, generator=gen)[: B * width].reshape(B, width).int()
+    q = torch.randn(B, hq, d, generator=gen)
+    out = {}
+    for cache in (torch.float32, torch.float8_e4m3fn):
+        kc, vc = (to_cache(torch.randn(B * width + 1, bs, hkv, d, generator=gen), cache) for _ in range(2))
+        ref = paged_decode_reference(q, kc.float(), vc.float(), tables, ctx, d ** -0.5)
+        for programs in (1, 3, 7):
+            p = plan(lens, programs, tile, size=32)
+            o = torch.full_like(q, float("nan"))
+            flat_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, the_plan=p, programs=programs, tile=tile)
+            out[f"{str(cache).removeprefix('torch.')}, {programs} programs"] = {
+                "rel_err": rel_err(o, ref), "nan": bool(o.isnan().any()), "zero_row": bool((o[1] == 0).all()),
+                "share": p["plan"].tolist()}
+    return out
+
+
 def check_paged_varlen(gen: torch.Generator) -> dict:
     """Any mix of query lengths: decodes, a fresh prefill, prefills continuing a cached
     context over several tiles, GQA with a padded group (3 of 4), a map sized for more
@@ -326,7 +355,8 @@ def kernel_checks() -> dict:
     return {"paged_decode": check_paged_decode(gen), "paged_varlen": check_paged_varlen(gen), "argmax": check_argmax(gen), "gemv_rel_err": check_gemv(gen),
             "gemv_gated": check_gemv_gated(gen), "gemv_fma": check_gemv_fma(gen),
             "add_rms_norm": check_add_rms_norm(gen), "rope_and_cache": check_rope_and_cache(gen),
-            "silu_and_mul_rel_err": check_silu_and_mul(gen), "fp8_cache": check_fp8_cache(gen)}
+            "silu_and_mul_rel_err": check_silu_and_mul(gen), "fp8_cache": check_fp8_cache(gen),
+            "flat_decode": check_flat_decode(gen)}
 
 
 PROMPTS = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2], [1, 4093, 198, 22464, 17, 2],
