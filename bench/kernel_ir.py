@@ -60,7 +60,6 @@ def shared_bytes(ptx: str) -> int:
 def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, arch: int, block_size: int = 32,
                    fp8_read: str = "words"):
     group, head_dim = HEADS[heads]
-    names = _paged_decode.arg_names
     k_read, v_read = tile_reads(fp8_read)
     cache = {"words": "*i32", "cast": "*fp8e4nv"} if kv_fp8 else {"words": "*bf16", "cast": "*bf16"}
     pointers = {"Q": "*bf16", "O": "*bf16", "K": cache[k_read], "V": cache[v_read],
@@ -69,11 +68,18 @@ def compile_decode(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int,
                      BLOCK_SIZE=block_size, TILE=tile, IEEE=False, SPLITS=1, USE_GDC=False, KV_FP8=kv_fp8,
                      K_WORDS=k_read == "words", V_WORDS=v_read == "words", ASM=True, FP8_DOT=False, FP8_BITS=False,
                      ROWS_OUTER=False)
+    return _compile(_paged_decode, pointers, constants, warps, stages, arch)
+
+
+def _compile(fn, pointers: dict, constants: dict, warps: int, stages: int, arch: int):
+    """An attention kernel compiled for `arch`: pointers typed as given, scales float32,
+    strides int32 and, like the pointers, divisible by 16; the rest constexprs."""
+    names = fn.arg_names
     signature = {n: pointers.get(n) or ("fp32" if n in ("scale", "v_scale") else
                                          "i32" if n.startswith("stride") else "constexpr") for n in names}
     divisible = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                  if signature[n].startswith("*") or n.startswith("stride")}
-    src = ASTSource(fn=_paged_decode, signature=signature, attrs=divisible,
+    src = ASTSource(fn=fn, signature=signature, attrs=divisible,
                     constexprs={(names.index(n),): v for n, v in constants.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
 
@@ -83,19 +89,12 @@ def compile_flat(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, a
     from bench.flat_decode import _flat_decode
 
     group, head_dim = HEADS[heads]
-    names = _flat_decode.arg_names
     cache = "*i32" if kv_fp8 else "*bf16"
     pointers = {"Q": "*bf16", "O": "*bf16", "K": cache, "V": cache, "PART_O": "*fp32", "PART_LSE": "*fp32",
                 "TABLES": "*i32", "CTX_LENS": "*i32", "PLAN": "*i32", "TILE_ROW": "*i32", "TILE_TOK": "*i32"}
     constants = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
                      BLOCK_SIZE=block_size, TILE=tile, IEEE=False, KV_FP8=kv_fp8, K_WORDS=kv_fp8, V_WORDS=kv_fp8, ASM=True)
-    signature = {n: pointers.get(n) or ("fp32" if n in ("scale", "v_scale") else
-                                         "i32" if n.startswith("stride") else "constexpr") for n in names}
-    divisible = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-                 if signature[n].startswith("*") or n.startswith("stride")}
-    src = ASTSource(fn=_flat_decode, signature=signature, attrs=divisible,
-                    constexprs={(names.index(n),): v for n, v in constants.items()})
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages})
+    return _compile(_flat_decode, pointers, constants, warps, stages, arch)
 
 
 def compile_gemv_fma(arch: int = 90, **modes):
