@@ -85,8 +85,8 @@ def _compile(fn, pointers: dict, constants: dict, warps: int, stages: int, arch:
 
 
 def compile_flat(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, arch: int, block_size: int = 32):
-    """bench/flat_decode.py's candidate kernel, compiled as compile_decode compiles the engine's."""
-    from bench.flat_decode import _flat_decode
+    """kernels/flat_decode.py's kernel, compiled as compile_decode compiles the paged one."""
+    from worker.embedded.kernels.flat_decode import _flat_decode
 
     group, head_dim = HEADS[heads]
     cache = "*i32" if kv_fp8 else "*bf16"
@@ -125,7 +125,7 @@ def main() -> None:
     ap.add_argument("--stages", type=int, nargs="+", default=[2])
     ap.add_argument("--arch", type=int, default=90, help="compute capability as a number (90: Hopper)")
     ap.add_argument("--kernel", choices=["paged", "flat"], default="paged",
-                    help="the engine's paged-decode kernel, or bench/flat_decode.py's candidate (words reads over FP8)")
+                    help="the paged-decode kernel, or kernels/flat_decode.py (KernelConfig.decode_kernel flat; words reads over FP8)")
     ap.add_argument("--dump", type=Path, help="also write each configuration's TTGIR and PTX into this folder")
     args = ap.parse_args()
     print(f"Triton {triton.__version__}, sm_{args.arch} (what a kernel compiles to depends on the Triton version: "

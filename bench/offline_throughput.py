@@ -64,6 +64,8 @@ def main() -> None:
     ap.add_argument("--fused-quant", nargs="+", default=["on"], choices=["on", "off"],
                     help="KernelConfig.fused_quant: the norm and SiLU kernels quantize for the 8-bit projection after them "
                          "(several: one run each)")
+    ap.add_argument("--decode-kernel", nargs="+", default=["paged"], choices=["paged", "flat"],
+                    help="KernelConfig.decode_kernel: the decodes' attention kernel (several: one run each)")
     ap.add_argument("--quantization", nargs="+", default=["none"],
                     choices=["none", "fp8", "int8-weight-only", "int8-smoothquant"], help="projection weights (several: one run each)")
     ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8"],
@@ -83,10 +85,11 @@ def main() -> None:
     reqs = workload(args.requests, cfg.vocab_size, **({"lengths": fixed_lengths(args.lengths)} if args.lengths else {}))
     max_seq_len = max(2048, sum(args.lengths or ()))
     runs = []
-    for mbs, overlap, use_pdl, varlen, quant, kv_dtype, fq, mnt in (
-            (m, o, p, v, q, d, f, t) for m in args.max_batch_size for o in args.overlap for p in args.pdl for v in args.varlen
-            for q in args.quantization for d in args.kv_cache_dtype for f in args.fused_quant for t in args.max_num_tokens):
-        kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on", fused_quant=fq == "on")
+    for mbs, overlap, use_pdl, varlen, quant, kv_dtype, fq, mnt, dk in (
+            (m, o, p, v, q, d, f, t, k) for m in args.max_batch_size for o in args.overlap for p in args.pdl for v in args.varlen
+            for q in args.quantization for d in args.kv_cache_dtype for f in args.fused_quant for t in args.max_num_tokens
+            for k in args.decode_kernel):
+        kernels = KernelConfig(pdl=use_pdl == "on", varlen_prefill=varlen == "on", fused_quant=fq == "on", decode_kernel=dk)
         engine = EmbeddedEngine(EngineConfig(device="cuda", dtype="bfloat16", max_seq_len=max_seq_len, max_batch_size=mbs,
                                              max_num_tokens=mnt or None,
                                              overlap_scheduler=overlap, kernels=kernels, quantization=quant,
@@ -101,6 +104,7 @@ def main() -> None:
         ours["quantization"] = quant
         ours["kv_cache_dtype"] = kv_dtype
         ours["fused_quant"] = fq
+        ours["decode_kernel"] = dk
         ours["max_num_tokens"] = engine.max_num_tokens
         ours["kv_tokens"] = engine.pool.num_blocks * engine.pool.tokens_per_block
         ours["preemptions"] = engine.stats().preemptions
@@ -118,7 +122,8 @@ def main() -> None:
         ratio = ours["output_tok_per_s"] / hf_res["output_tok_per_s"] if hf_res else 0.0
         label = (f"inflight {ours['quantization']}, max batch {ours['max_batch_size']}, overlap {ours['overlap']}, "
                  f"pdl {ours['pdl']}, varlen {ours['varlen']}, fused quant {ours['fused_quant']}, "
-                 f"KV {ours['kv_tokens']} tok {ours['kv_cache_dtype']}, step {ours['max_num_tokens']} tok")
+                 f"KV {ours['kv_tokens']} tok {ours['kv_cache_dtype']}, step {ours['max_num_tokens']} tok"
+                 + (f", {ours['decode_kernel']} decode" if len(args.decode_kernel) > 1 else ""))
         print(f"{label:>124} {ours['requests']:>8} {ours['output_tokens']:>10} "
               f"{ours['seconds']:>8.1f} {ours['output_tok_per_s']:>10.0f} {ratio:>5.1f}x {ours['preemptions']:>9}")
     if hf_res:

@@ -94,20 +94,24 @@ def make_case(heads: str, batch: int, context: str, gen: torch.Generator, cache_
 
 
 def candidate(grid: str, q, tables, lens, kw: dict):
-    """bench/flat_decode.py's kernel as paged_decode_attention is called, with `grid`
-    "flatN" giving N programs an SM over all KV heads. Its map of the tiles is made here,
-    once, outside the timing: in an engine the host would make it each step."""
-    from bench.flat_decode import flat_decode_attention, plan
+    """kernels/flat_decode.py's kernel as paged_decode_attention is called, `grid` "flatN"
+    giving N programs an SM over all KV heads. Its map of the tiles (flat_plan) is made
+    here, once, outside the timing; the engine makes it inside each step's graph (a few
+    small tensor operations a step, not a layer)."""
+    from worker.embedded.kernels.flat_decode import flat_decode_attention, flat_plan
+
+    plans: dict = {}
 
     def call(q, k, v, tables, lens, scale, out=None):
         programs = max(1, int(grid.removeprefix("flat")) * _num_sms(q.device) // k.shape[2])
         key = (programs, kw["tile"])
         if key not in plans:
-            plans[key] = {name: x.to(q.device) if isinstance(x, torch.Tensor) else x
-                          for name, x in plan(lens.tolist(), programs, kw["tile"]).items()}
-        return flat_decode_attention(q, k, v, tables, lens, scale, out, the_plan=plans[key], programs=programs, **kw)
+            max_tiles = len(lens) * -(-tables.shape[1] * k.shape[1] // kw["tile"])
+            plans[key] = flat_plan(lens, programs, kw["tile"], max_tiles, q.shape[1], q.shape[2])
+        out = torch.empty_like(q) if out is None else out
+        return flat_decode_attention(q, k, v, tables, lens, scale, out, plans[key], num_warps=kw["num_warps"],
+                                     num_stages=kw["num_stages"])
 
-    plans: dict = {}
     return call
 
 
@@ -134,7 +138,7 @@ def main() -> None:
                     help="the order the GPU starts programs in: by KV head, then row (the default) or row by row, each "
                          "row's heads together (KernelConfig.decode_order longest-first, with --orders longest-first)")
     ap.add_argument("--kernels", nargs="+", choices=["paged", "flat"], default=["paged"],
-                    help="the engine's paged-decode kernel, and/or bench/flat_decode.py's candidate (each KV head's "
+                    help="the engine's paged-decode kernel and/or kernels/flat_decode.py (KernelConfig.decode_kernel flat: each KV head's "
                          "context tiles cut into equal shares; --tiles, --warps and --stages apply, --splits and "
                          "--grids do not)")
     ap.add_argument("--flat-per-sm", type=int, nargs="+", default=[2, 4, 8],
@@ -147,7 +151,7 @@ def main() -> None:
     cache_dtype = torch.float8_e4m3fn if args.kv_cache_dtype == "fp8" else torch.bfloat16
     reads = args.fp8_reads if args.kv_cache_dtype == "fp8" else ("words",)  # a 16-bit cache has one read
     configs = list(itertools.product(args.splits, args.tiles, args.warps, args.stages, reads, args.max_regs, args.grids))
-    if "flat" in args.kernels:  # bench/flat_decode.py's candidate: no splits, words reads, its programs an SM as the grid
+    if "flat" in args.kernels:  # kernels/flat_decode.py: no splits, words reads, its programs an SM as the grid
         configs += [(0, tile, warps, stages, "words", 0, f"flat{per_sm}")
                     for tile, warps, stages, per_sm in itertools.product(args.tiles, args.warps, args.stages, args.flat_per_sm)]
     if "paged" not in args.kernels:

@@ -221,7 +221,7 @@ def window(args) -> None:
                                          max_batch_size=args.max_batch_size, max_num_tokens=args.max_num_tokens,
                                          overlap_scheduler="on", quantization=args.quantization,
                                          step_time_target_ms=args.step_time_target_ms,
-                                         kernels=KernelConfig(decode_order=args.decode_order),
+                                         kernels=KernelConfig(decode_order=args.decode_order, decode_kernel=args.decode_kernel),
                                          kv_cache=KvCacheConfig(dtype=args.kv_cache_dtype)), cfg)
     warm_up(engine, reqs[:16], 16)
     submit(engine, reqs)
@@ -323,6 +323,8 @@ def main() -> None:
                    help="the engine's step_time_target_ms (0: off, steps sized by max_num_tokens alone; serving's default is 15)")
     p.add_argument("--decode-order", default=KernelConfig.decode_order, choices=["arrival", "longest-first"],
                    help="KernelConfig.decode_order: the decode rows and the paged-decode kernel's programs")
+    p.add_argument("--decode-kernel", default=KernelConfig.decode_kernel, choices=["paged", "flat"],
+                   help="KernelConfig.decode_kernel: the decodes' attention kernel")
     p.add_argument("--skip", type=int, default=300, help="steps run before the window")
     p.add_argument("--steps", type=int, default=20, help="steps in the window")
     p.add_argument("--host-gap-us", type=float, default=20.0, help="gaps longer than this count as host time between steps")

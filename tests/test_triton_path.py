@@ -19,7 +19,7 @@ triton = pytest.importorskip("triton", reason="triton is installed with the test
 # interpreter is single-threaded Python, so on two cores that halves the wait; one torch
 # thread each, or they take each other's core (the same results, 17 s against 20-23).
 # Together they are every check triton_path_check.py has.
-SHARES = (["kernels", "reference", "triton", "triton+graphs"],
+SHARES = (["kernels", "reference", "triton", "triton+graphs", "triton+graphs+overlap+flat"],
           ["triton+graphs+overlap", "reference+fp8kv", "triton+graphs+overlap+fp8kv"])
 
 
@@ -53,11 +53,11 @@ def test_paged_decode_kernel(checked):
         assert r["rel_err"] < 1e-6 and not r["nan"] and r["zero_row"], (splits, r)
 
 
-def test_flat_decode_candidate_kernel(checked):
+def test_flat_decode_kernel(checked):
     for case, r in checked["kernels"]["flat_decode"].items():
         share = {"1 programs": [17, 17], "3 programs": [6, 17], "7 programs": [3, 17]}[case.split(", ")[1]]
         bound = 2e-3 if case.startswith("float8") else 1e-6  # FP8 tiles go to the dots as float16
-        assert r["rel_err"] < bound and not r["nan"] and r["zero_row"] and r["share"] == share, (case, r)
+        assert r["rel_err"] < bound and not r["nan"] and r["zero_row"] and r["share"] == share and r["map_right"], (case, r)
 
 
 def test_paged_varlen_kernel(checked):
@@ -104,7 +104,7 @@ def test_silu_and_mul_kernel(checked):
     assert checked["kernels"]["silu_and_mul_rel_err"] < 1e-6
 
 
-@pytest.mark.parametrize("path", ["triton", "triton+graphs", "triton+graphs+overlap"])
+@pytest.mark.parametrize("path", ["triton", "triton+graphs", "triton+graphs+overlap", "triton+graphs+overlap+flat"])
 def test_engine_path_matches_reference(checked, path):
     ref, out = checked["engine"]["reference"], checked["engine"][path]
     assert out["first"] == ref["first"]
@@ -112,6 +112,7 @@ def test_engine_path_matches_reference(checked, path):
     assert out["reused"] > 0  # the prefix-cached prefill path really ran
     # With graphs every step, prefill chunks and decodes alike, ran the graph path's buffers.
     assert (out["steps_graph"] > 0, out["steps_eager"] > 0) == (("graphs" in path), ("graphs" not in path)), out
+    assert (out["flat_calls"] > 0) == path.endswith("+flat"), out  # KernelConfig.decode_kernel chose the kernel
 
 
 def test_fp8_kv_cache_kernels(checked):

@@ -50,12 +50,12 @@ def check_paged_decode(gen: torch.Generator) -> dict:
 
 
 def check_flat_decode(gen: torch.Generator) -> dict:
-    """bench/flat_decode.py's candidate kernel (timed on a GPU by bench.paged_decode_tune
-    --kernels flat): rows of very unequal length, one cut over several programs and several
-    whole in one, a row of length 0 (a graph's padding), grouped heads, 32-bit and FP8
-    caches, against the float64 reference."""
-    from bench.flat_decode import flat_decode_attention, plan
+    """kernels/flat_decode.py (KernelConfig.decode_kernel "flat"): rows of very unequal
+    length, one cut over several programs and several whole in one, a row of length 0 (a
+    graph's padding), grouped heads, 32-bit and FP8 caches, against the float64 reference;
+    and its map, made by tensor operations, against the tiles counted here."""
     from worker.embedded.attention import to_cache
+    from worker.embedded.kernels.flat_decode import flat_decode_attention, flat_plan
     from worker.embedded.kernels.paged_decode import paged_decode_reference
 
     B, hq, hkv, d, bs, tile = 6, 6, 2, 16, 4, 8
@@ -64,17 +64,20 @@ def check_flat_decode(gen: torch.Generator) -> dict:
     ctx = torch.tensor(lens, dtype=torch.int32)
     tables = torch.randperm(B * width + 1, generator=gen)[: B * width].reshape(B, width).int()
     q = torch.randn(B, hq, d, generator=gen)
+    rows = [r for r, n in enumerate(lens) for _ in range(-(-n // tile))]
+    toks = [t * tile for n in lens for t in range(-(-n // tile))]
     out = {}
     for cache in (torch.float32, torch.float8_e4m3fn):
         kc, vc = (to_cache(torch.randn(B * width + 1, bs, hkv, d, generator=gen), cache) for _ in range(2))
         ref = paged_decode_reference(q, kc.float(), vc.float(), tables, ctx, d ** -0.5)
         for programs in (1, 3, 7):
-            p = plan(lens, programs, tile, size=32)
+            p = flat_plan(ctx, programs, tile, B * -(-width * bs // tile), hq, d)
             o = torch.full_like(q, float("nan"))
-            flat_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, the_plan=p, programs=programs, tile=tile)
+            flat_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, p)
             out[f"{str(cache).removeprefix('torch.')}, {programs} programs"] = {
                 "rel_err": rel_err(o, ref), "nan": bool(o.isnan().any()), "zero_row": bool((o[1] == 0).all()),
-                "share": p["plan"].tolist()}
+                "share": p.plan.tolist(), "map_right": p.tile_row[:17].tolist() == rows and p.tile_tok[:17].tolist() == toks
+                and bool((p.tile_row[17:] == -1).all())}
     return out
 
 
@@ -363,27 +366,40 @@ PROMPTS = [[1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2], [1, 4093, 1
            [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 30, 2, 198, 1, 4093, 198, 504, 3575, 282, 4649, 314, 2]]
 
 
-# Each engine path by name: (attention, cuda_graphs, overlap_scheduler, kv_cache dtype).
+# Each engine path by name: (attention, cuda_graphs, overlap_scheduler, kv_cache dtype, decode_kernel).
 PATHS = {
-    "reference": ("reference", False, "off", "auto"),
-    "triton": ("triton", False, "off", "auto"),
-    "triton+graphs": ("triton", True, "off", "auto"),
-    "triton+graphs+overlap": ("triton", True, "on", "auto"),
-    "reference+fp8kv": ("reference", False, "off", "fp8"),
-    "triton+graphs+overlap+fp8kv": ("triton", True, "on", "fp8"),
+    "reference": ("reference", False, "off", "auto", "paged"),
+    "triton": ("triton", False, "off", "auto", "paged"),
+    "triton+graphs": ("triton", True, "off", "auto", "paged"),
+    "triton+graphs+overlap": ("triton", True, "on", "auto", "paged"),
+    "triton+graphs+overlap+flat": ("triton", True, "on", "auto", "flat"),
+    "reference+fp8kv": ("reference", False, "off", "fp8", "paged"),
+    "triton+graphs+overlap+fp8kv": ("triton", True, "on", "fp8", "paged"),
 }
 
 
 def engine_paths(model_dir: str, names=tuple(PATHS)) -> dict:
+    import worker.embedded.kernels.flat_decode as flat
+
+    calls = {"flat": 0}
+    kernel = flat.flat_decode_attention
+
+    def counted(*args, **kwargs):  # which decode kernel a path really ran
+        calls["flat"] += 1
+        return kernel(*args, **kwargs)
+
+    flat.flat_decode_attention = counted
     # SmolLM2's layer shape (9 query heads over 3 KV heads, 64 wide, its rope) in two
     # layers: the same code paths as the whole model for a fifteenth of the interpreted work.
     model = dataclasses.replace(ModelConfig.from_dir(model_dir), num_layers=2)
     params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)  # 3 decode steps after each prefill: overlap reads a step late
     out = {}
     for name in names:
-        attention, graphs, overlap, kv_dtype = PATHS[name]
+        calls["flat"] = 0
+        attention, graphs, overlap, kv_dtype, decode_kernel = PATHS[name]
         # cuda_graphs on the CPU runs the graph path's static buffers eagerly.
-        cfg = EngineConfig(device="cpu", kernels=KernelConfig(attention=attention), max_num_tokens=16,  # chunked prefill
+        cfg = EngineConfig(device="cpu", kernels=KernelConfig(attention=attention, decode_kernel=decode_kernel),
+                           max_num_tokens=16,  # chunked prefill
                            kv_cache=KvCacheConfig(tokens_per_block=4, cpu_bytes=16 * 2**20, dtype=kv_dtype),
                            cuda_graphs=graphs, max_batch_size=4, max_seq_len=256, overlap_scheduler=overlap)
         engine = EmbeddedEngine(cfg, model, random_weights(model))
@@ -392,7 +408,7 @@ def engine_paths(model_dir: str, names=tuple(PATHS)) -> dict:
         stats = engine.stats()
         out[name] = {
             "first": first, "again": again, "reused": stats.blocks_reused, "steps_graph": stats.steps_graph,
-            "steps_eager": stats.steps_eager, "kv_blocks": engine.pool.num_blocks}
+            "steps_eager": stats.steps_eager, "kv_blocks": engine.pool.num_blocks, "flat_calls": calls["flat"]}
     return out
 
 

@@ -62,6 +62,7 @@ class AttentionMetadata:
     num_decodes: int = 0
     decode_tables: torch.Tensor | None = None  # [num_decodes, W] int32
     decode_context_lens: torch.Tensor | None = None  # [num_decodes] int32
+    flat: object | None = None  # kernels/flat_decode.FlatPlan: the decodes go to the flat kernel (decode_kernel "flat")
     tiles: Tiles | None = None
     prefill_cu_seq: torch.Tensor | None = None
     prefill_max_len: int = 0
@@ -109,8 +110,15 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
         from worker.embedded.kernels.paged_decode import paged_decode_attention
 
         n = meta.num_decodes
-        paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale * k_scale,
-                               out[:n], pdl=pdl, v_scale=v_scale, tile=decode_tile, rows_outer=rows_outer)
+        if meta.flat is not None:
+            from worker.embedded.kernels.flat_decode import flat_decode_attention
+
+            flat_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale * k_scale,
+                                  out[:n], meta.flat, v_scale=v_scale)
+        else:
+            paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens,
+                                   scale * k_scale, out[:n], pdl=pdl, v_scale=v_scale, tile=decode_tile,
+                                   rows_outer=rows_outer)
     if meta.prefill_cu_seq is not None:
         rows = slice(meta.num_decodes, q.shape[0])
         out[rows] = varlen_prefill(q[rows], k[rows], v[rows], meta.prefill_cu_seq, meta.prefill_max_len, scale)

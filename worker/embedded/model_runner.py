@@ -317,6 +317,7 @@ class ModelRunner:
                     tables[i, : len(ch.seq.block_table)] = torch.tensor(ch.seq.block_table, dtype=torch.int32)
                 meta.decode_tables = tables.to(dev, non_blocking=True)
                 meta.decode_context_lens = torch.tensor(ctx_lens[:n_dec], dtype=torch.int32, device=dev)
+                self._plan_flat(meta)
             prefills = chunks[n_dec:]
             if prefills and self.varlen and all(ch.seq.num_computed == 0 for ch in prefills):
                 offsets = np.cumsum([0] + q_lens[n_dec:])
@@ -583,7 +584,22 @@ class ModelRunner:
             g.tile_seq.fill_(-1)
 
     def _graph_body(self, ids, src, pos, meta, rows) -> torch.Tensor:
+        self._plan_flat(meta)  # inside the graph: each replay maps its own decodes' tiles
         return self.model(_take_pending(ids, src, self.token_buf), pos, self.kv_caches, meta, rows)
+
+    def _plan_flat(self, meta: AttentionMetadata) -> None:
+        """With KernelConfig.decode_kernel "flat": the map of the decodes' tiles for every
+        layer of the step (kernels/flat_decode.py), made on the device from their context
+        lengths, with room for as many tiles as the rows' block tables can hold."""
+        if self.kernels.decode_kernel != "flat" or not meta.num_decodes or meta.decode_context_lens is None:
+            return
+        from worker.embedded.kernels.flat_decode import flat_plan, flat_programs
+
+        cfg = self.config
+        tile = self.kernels.decode_tile or (128 if self.kv_dtype == torch.float8_e4m3fn else 64)
+        per_row = -(-meta.decode_tables.shape[1] * self.tokens_per_block // tile)
+        meta.flat = flat_plan(meta.decode_context_lens, flat_programs(self.device, cfg.num_kv_heads), tile,
+                              meta.decode_context_lens.shape[0] * per_row, cfg.num_heads, cfg.head_dim)
 
     def _host_views(self, kind: str, n: int) -> tuple[torch.Tensor, GraphInputs, GraphInputs]:
         """The next host twin, its views for graph (kind, n), and the device views."""

@@ -1,6 +1,6 @@
 #!/bin/bash
 # run 27, call 2 (owed): the decode kernel alone where run 24 and 27's profiles found it slow, against the candidate
-# bench/flat_decode.py (each KV head's context tiles cut into equal shares, one a program):
+# kernels/flat_decode.py (KernelConfig.decode_kernel flat: each KV head's context tiles cut into equal shares, one a program):
 #  - the serving mix (127 decodes of 128-1,536 tokens, 33 padding rows): rows as drawn or longest first, programs by
 #    head or by row (KernelConfig.decode_order longest-first is both), splits 1-2, tiles, stages;
 #  - trtllm-bench's 128/128 decodes (512 of 128-256 tokens, and of 181): FP8 and bf16 caches, tiles 32-128, warps, stages;

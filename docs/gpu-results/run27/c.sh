@@ -1,6 +1,7 @@
 #!/bin/bash
-# run 27, call 3 (owed): the serving mix's window profiled with KernelConfig.decode_order arrival and longest-first
-# (the _paged_decode row is the kernel inside the engine's graphs), then the 8B at 24/s engine alone, two windows each way
+# run 27, call 3 (owed): the decodes' attention inside the engine's graphs, profiled window by window:
+# the 8B serving mix with KernelConfig.decode_order arrival / longest-first and decode_kernel flat, and
+# trtllm-bench's 128/128 (FP8 projections and cache) with the paged and the flat kernel
 set -u
 cd "$(dirname "$0")/../.."
 R=/tmp/r27c; mkdir -p $R
@@ -10,12 +11,12 @@ export PYTHONPATH=/tmp/site:$PWD
 python3 -m inflight.stubs >> $R/pip.log 2>&1
 t() { local name=$1 lim=$2; shift 2; local s=$(date +%s); timeout $lim "$@" > $R/$name.log 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s" >> $R/times.txt; }
 P="--shape llama-3-8b --lengths 128 1024 128 512 --requests 1200 --max-batch-size 160 --step-time-target-ms 15 --skip 600 --steps 30"
-t prof_arrival 150 python3 -m bench.profile window $P --decode-order arrival --out $R/prof_arrival.json
-t prof_longest 150 python3 -m bench.profile window $P --decode-order longest-first --out $R/prof_longest.json
-L="--shape llama-3-8b --vocab 49152 --tokenizer .bench/tok --rates 24 24 --seconds 20 --slo-ttft-ms 150 --slo-itl-ms 15 --direct-only"
-t load_arrival 150 python3 -m bench.serving_load $L --out $R/load_arrival.json
-INFLIGHT_DECODE_ORDER=longest-first t load_longest 150 python3 -m bench.serving_load $L --out $R/load_longest.json
+t prof_arrival 130 python3 -m bench.profile window $P --decode-order arrival --out $R/prof_arrival.json
+t prof_longest 130 python3 -m bench.profile window $P --decode-order longest-first --out $R/prof_longest.json
+t prof_flat 130 python3 -m bench.profile window $P --decode-kernel flat --out $R/prof_flat.json
+Q="--shape llama-3-8b --quantization fp8 --kv-cache-dtype fp8 --lengths 128 128 --requests 3000 --skip 60 --steps 20"
+t prof_128_paged 100 python3 -m bench.profile window $Q --out $R/prof_128_paged.json
+t prof_128_flat 100 python3 -m bench.profile window $Q --decode-kernel flat --out $R/prof_128_flat.json
 cat $R/times.txt
-for f in arrival longest; do grep -m2 "window:\|first kernel" $R/prof_$f.log; grep -m1 "_paged_decode" $R/prof_$f.log; done
-for f in arrival longest; do echo "== $f"; grep -h "  direct \|rate " $R/load_$f.log | cut -c1-300; done
+for f in arrival longest flat 128_paged 128_flat; do echo "== $f"; grep -m2 "window:\|first kernel" $R/prof_$f.log | cut -c1-250; grep -m2 "_paged_decode\|_flat_decode\|_flat_combine\|_combine_splits" $R/prof_$f.log; done
 tar czf $OUT/r27c.tgz -C /tmp r27c
