@@ -66,7 +66,7 @@ def _flat_decode(
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     for i in range(lo, hi):
         row = tl.load(TILE_ROW + i)
-        # whether tile i is its row's last in this program, and its row's first tile overall
+        # whether tile i is its row's last in this program (the program's last tile always is)
         next_row = tl.load(TILE_ROW + i + 1, mask=i + 1 < hi, other=-1)
         ends = next_row != row
         ctx = tl.load(CTX_LENS + row).to(tl.int32)
@@ -97,8 +97,8 @@ def _flat_decode(
         m = m_new
         # The row's last tile here: write it out (whole) or leave a partial (cut), and start afresh.
         first_tile = i - tok0 // TILE  # the row's first tile's number
-        whole = (first_tile >= lo) & (first_tile + tl.cdiv(ctx, TILE) <= hi)
-        cut = (first_tile < lo) | (first_tile + tl.cdiv(ctx, TILE) > hi)
+        whole = (first_tile >= lo) & (first_tile + tl.cdiv(ctx, TILE) <= hi)  # all of the row's tiles are here
+        cut = (first_tile < lo) | (first_tile + tl.cdiv(ctx, TILE) > hi)  # (not whole)
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
         if KV_FP8:
             out = out * v_scale
