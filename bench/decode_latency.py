@@ -127,12 +127,16 @@ def apply(variant: str) -> KernelConfig:
     matmul's epilogue) and quant (the per-token quantization of FP8 and W8A8 projections'
     inputs in the RMSNorm kernels before them); "+dot": one-row projections on the tensor
     cores (KernelConfig.one_row_matmul "dot"; else the CUDA cores, its default); "+fmaN":
-    steps of up to N tokens on the CUDA cores (KernelConfig.fma_max_rows)."""
+    steps of up to N tokens on the CUDA cores (KernelConfig.fma_max_rows); "+flat": the decodes'
+    attention by kernels/flat_decode.py (KernelConfig.decode_kernel); "+longest": decode rows
+    longest context first (KernelConfig.decode_order)."""
     parts = set(variant.split("+")) - {"none"}
     if "all" in parts:
         parts = parts - {"all"} | {"pdl", "prefetch", "silu", "quant"}
     mb = [p.removeprefix("prefetch") for p in parts if p.startswith("prefetch")]
     return KernelConfig(pdl="pdl" in parts, fused_silu="silu" in parts, fused_quant="quant" in parts,
+                        decode_kernel="flat" if "flat" in parts else KernelConfig.decode_kernel,
+                        decode_order="longest-first" if "longest" in parts else KernelConfig.decode_order,
                         one_row_matmul="dot" if "dot" in parts else KernelConfig.one_row_matmul,
                         fma_max_rows=max([int(p.removeprefix("fma")) for p in parts if p.startswith("fma")] or [KernelConfig.fma_max_rows]),
                         l2_prefetch_bytes=(int(mb[0]) * 2**20 if mb[0] else KernelConfig.l2_prefetch_bytes) if mb else 0)
@@ -150,7 +154,7 @@ def main() -> None:
                          "(the fused SiLU, weight prefetch into L2, programmatic dependent launch)")
     ap.add_argument("--variants", nargs="+", default=None,
                     help="instead of the default table or --ablation: these kernel variants (see apply: all, none, or "
-                         "+-joined pdl, prefetch[MB], silu, quant), graphs and overlap on")
+                         "+-joined pdl, prefetch[MB], silu, quant, dot, fmaN, flat, longest), graphs and overlap on")
     ap.add_argument("--quantization", nargs="+", default=["none"],
                     choices=["none", "fp8", "fp8-upcast", "int8-weight-only", "int8-smoothquant"],
                     help="projection weights, one run each (fp8-upcast: fp8 with --fp8-skinny-matmul upcast); "
