@@ -398,7 +398,10 @@ def engine_paths(model_dir: str, names=tuple(PATHS)) -> dict:
         calls["flat"] = 0
         attention, graphs, overlap, kv_dtype, decode_kernel = PATHS[name]
         # cuda_graphs on the CPU runs the graph path's static buffers eagerly.
-        cfg = EngineConfig(device="cpu", kernels=KernelConfig(attention=attention, decode_kernel=decode_kernel),
+        # The flat kernel with 16-token tiles: these short contexts then span two tiles, and
+        # rows are cut between its programs (one tile each here), as long ones are on a GPU.
+        kernels = KernelConfig(attention=attention, decode_kernel=decode_kernel, decode_tile=16 if decode_kernel == "flat" else 0)
+        cfg = EngineConfig(device="cpu", kernels=kernels,
                            max_num_tokens=16,  # chunked prefill
                            kv_cache=KvCacheConfig(tokens_per_block=4, cpu_bytes=16 * 2**20, dtype=kv_dtype),
                            cuda_graphs=graphs, max_batch_size=4, max_seq_len=256, overlap_scheduler=overlap)
