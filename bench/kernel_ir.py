@@ -91,9 +91,10 @@ def compile_flat(kv_fp8: bool, heads: str, tile: int, warps: int, stages: int, a
     group, head_dim = HEADS[heads]
     cache = "*i32" if kv_fp8 else "*bf16"
     pointers = {"Q": "*bf16", "O": "*bf16", "K": cache, "V": cache, "PART_O": "*fp32", "PART_LSE": "*fp32",
-                "TABLES": "*i32", "CTX_LENS": "*i32", "PLAN": "*i32", "TILE_ROW": "*i32", "TILE_TOK": "*i32"}
+                **dict.fromkeys(("PLAN", "TILE_ROW", "TILE_TOK", "TILE_LEN", "TILE_LAST", "TILE_BLOCKS"), "*i32")}
     constants = dict(GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                     BLOCK_SIZE=block_size, TILE=tile, IEEE=False, KV_FP8=kv_fp8, K_WORDS=kv_fp8, V_WORDS=kv_fp8, ASM=True)
+                     BLOCK_SIZE=block_size, TILE=tile, NB=max(1, tile // block_size), IEEE=False, KV_FP8=kv_fp8,
+                     K_WORDS=kv_fp8, V_WORDS=kv_fp8, ASM=True)
     return _compile(_flat_decode, pointers, constants, warps, stages, arch)
 
 

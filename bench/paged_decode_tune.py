@@ -107,7 +107,7 @@ def candidate(grid: str, q, tables, lens, kw: dict):
         key = (programs, kw["tile"])
         if key not in plans:
             max_tiles = len(lens) * -(-tables.shape[1] * k.shape[1] // kw["tile"])
-            plans[key] = flat_plan(lens, programs, kw["tile"], max_tiles, q.shape[1], q.shape[2])
+            plans[key] = flat_plan(lens, tables, k.shape[1], programs, kw["tile"], max_tiles, q.shape[1], q.shape[2])
         out = torch.empty_like(q) if out is None else out
         return flat_decode_attention(q, k, v, tables, lens, scale, out, plans[key], num_warps=kw["num_warps"],
                                      num_stages=kw["num_stages"])

@@ -66,18 +66,23 @@ def check_flat_decode(gen: torch.Generator) -> dict:
     q = torch.randn(B, hq, d, generator=gen)
     rows = [r for r, n in enumerate(lens) for _ in range(-(-n // tile))]
     toks = [t * tile for n in lens for t in range(-(-n // tile))]
+    lens_of_tiles = [min(tile, lens[r] - t) for r, t in zip(rows, toks)]
+    blocks_of_tiles = [[int(tables[r, t // bs + j]) for j in range(tile // bs)] for r, t in zip(rows, toks)]
+    ends = [sum(-(-n // tile) for n in lens[: r + 1]) for r in range(len(lens))]
+    last_of_tiles = [ends[r] - 1 for r in rows]
     out = {}
     for cache in (torch.float32, torch.float8_e4m3fn):
         kc, vc = (to_cache(torch.randn(B * width + 1, bs, hkv, d, generator=gen), cache) for _ in range(2))
         ref = paged_decode_reference(q, kc.float(), vc.float(), tables, ctx, d ** -0.5)
         for programs in (1, 3, 7):
-            p = flat_plan(ctx, programs, tile, B * -(-width * bs // tile), hq, d)
+            p = flat_plan(ctx, tables, bs, programs, tile, B * -(-width * bs // tile), hq, d)
             o = torch.full_like(q, float("nan"))
             flat_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, p)
             out[f"{str(cache).removeprefix('torch.')}, {programs} programs"] = {
                 "rel_err": rel_err(o, ref), "nan": bool(o.isnan().any()), "zero_row": bool((o[1] == 0).all()),
                 "share": p.plan.tolist(), "map_right": p.tile_row[:17].tolist() == rows and p.tile_tok[:17].tolist() == toks
-                and bool((p.tile_row[17:] == -1).all())}
+                and bool((p.tile_row[17:] == -1).all()) and p.tile_len[:17].tolist() == lens_of_tiles
+                and p.tile_blocks[:17].tolist() == blocks_of_tiles and p.tile_last[:17].tolist() == last_of_tiles}
     return out
 
 

@@ -598,7 +598,8 @@ class ModelRunner:
         cfg = self.config
         tile = self.kernels.decode_tile or (128 if self.kv_dtype == torch.float8_e4m3fn else 64)
         per_row = -(-meta.decode_tables.shape[1] * self.tokens_per_block // tile)
-        meta.flat = flat_plan(meta.decode_context_lens, flat_programs(self.device, cfg.num_kv_heads), tile,
+        meta.flat = flat_plan(meta.decode_context_lens, meta.decode_tables, self.tokens_per_block,
+                              flat_programs(self.device, cfg.num_kv_heads), tile,
                               meta.decode_context_lens.shape[0] * per_row, cfg.num_heads, cfg.head_dim)
 
     def _host_views(self, kind: str, n: int) -> tuple[torch.Tensor, GraphInputs, GraphInputs]:

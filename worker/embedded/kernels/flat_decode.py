@@ -17,8 +17,9 @@ last row's finish. A row that lies wholly within one program is written by it; a
 between programs leaves a partial output and log-sum-exp from each, and a second kernel
 merges those (flash-decoding's combine) and writes zeros for rows of no context.
 
-The map (`flat_plan`: the share, each tile's row and first token, each row's first tile) is
-made from the context lengths by a few tensor operations on the device, so a CUDA graph
+The map (`flat_plan`: the share; each tile's row, first token, valid tokens, cache blocks and
+its row's last tile; each row's first tile) is made from the context lengths and block
+tables by a few tensor operations on the device, so a CUDA graph
 recomputes it on every replay and serves any mix of lengths. Untimed on a GPU in the
 engine: `bench.paged_decode_tune --kernels flat` times the kernel alone.
 """
@@ -38,14 +39,13 @@ PROGRAMS_PER_SM = 4  # programs an SM, over all KV heads (bench.paged_decode_tun
 
 @triton.jit
 def _flat_decode(
-    Q, K, V, O, PART_O, PART_LSE, TABLES, CTX_LENS, PLAN, TILE_ROW, TILE_TOK, scale, v_scale,
+    Q, K, V, O, PART_O, PART_LSE, PLAN, TILE_ROW, TILE_TOK, TILE_LEN, TILE_LAST, TILE_BLOCKS, scale, v_scale,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_vb, stride_vt, stride_vh,
     stride_ob, stride_oh,
-    stride_tb,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, NB: tl.constexpr, IEEE: tl.constexpr,
     KV_FP8: tl.constexpr, K_WORDS: tl.constexpr, V_WORDS: tl.constexpr, ASM: tl.constexpr,
 ):
     p = tl.program_id(0)
@@ -69,14 +69,15 @@ def _flat_decode(
         # whether tile i is its row's last in this program (the program's last tile always is)
         next_row = tl.load(TILE_ROW + i + 1, mask=i + 1 < hi, other=-1)
         ends = next_row != row
-        ctx = tl.load(CTX_LENS + row).to(tl.int32)
         tok0 = tl.load(TILE_TOK + i)
-        tok = tok0 + t
-        t_ok = tok < ctx
+        # The tile's cache blocks and valid tokens come from the map by the tile's number
+        # alone, not through its row: the loads the keys wait for are one step from i, as
+        # the paged kernel's are.
+        t_ok = t < tl.load(TILE_LEN + i)
+        blocks = tl.load(TILE_BLOCKS + i * NB + t // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
+        offset = (tok0 + t) % BLOCK_SIZE
         q = tl.load(Q + row * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=g_ok[:, None], other=0.0)
         q = dot_query(q, KV_FP8, K_WORDS or V_WORDS, IEEE)
-        blocks = tl.load(TABLES + row * stride_tb + tok // BLOCK_SIZE, mask=t_ok, other=0).to(tl.int64)
-        offset = tok % BLOCK_SIZE
         k = kv_tile(K, blocks * stride_kb + offset * stride_kt + kvh * stride_kh, t_ok, HEAD_DIM, TILE, KV_FP8,
                     K_WORDS, ASM).to(q.dtype)
         if IEEE:
@@ -96,9 +97,10 @@ def _flat_decode(
             acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v).to(tl.float32)
         m = m_new
         # The row's last tile here: write it out (whole) or leave a partial (cut), and start afresh.
-        first_tile = i - tok0 // TILE  # the row's first tile's number
-        whole = (first_tile >= lo) & (first_tile + tl.cdiv(ctx, TILE) <= hi)  # all of the row's tiles are here
-        cut = (first_tile < lo) | (first_tile + tl.cdiv(ctx, TILE) > hi)  # (not whole)
+        first_tile = i - tok0 // TILE  # the row's first and last tiles' numbers
+        last_tile = tl.load(TILE_LAST + i)
+        whole = (first_tile >= lo) & (last_tile < hi)  # all of the row's tiles are here
+        cut = (first_tile < lo) | (last_tile >= hi)  # (not whole)
         out = acc / tl.where(l == 0.0, 1.0, l)[:, None]
         if KV_FP8:
             out = out * v_scale
@@ -155,6 +157,9 @@ class FlatPlan:
     plan: torch.Tensor  # [2] int32: tiles a program, tiles in all
     tile_row: torch.Tensor  # [max_tiles + 1] int32: each tile's row (-1 past the last)
     tile_tok: torch.Tensor  # [max_tiles + 1] int32: each tile's first token in its row
+    tile_len: torch.Tensor  # [max_tiles + 1] int32: each tile's tokens (0 past the last tile)
+    tile_last: torch.Tensor  # [max_tiles + 1] int32: the number of each tile's row's last tile
+    tile_blocks: torch.Tensor  # [max_tiles + 1, NB] int32: each tile's cache blocks, from its row's block table
     row_tile0: torch.Tensor  # [B] int32: each row's first tile
     part_o: torch.Tensor  # [programs, 2, Hq, D] float32: each program's first and last row, when cut
     part_lse: torch.Tensor  # [programs, 2, Hq] float32
@@ -162,22 +167,32 @@ class FlatPlan:
     tile: int
 
 
-def flat_plan(context_lens: torch.Tensor, programs: int, tile: int, max_tiles: int, num_heads: int,
-              head_dim: int) -> FlatPlan:
-    """The map of the tiles of rows with these context lengths, on their device, by tensor
-    operations alone (a CUDA graph captures them): `programs` a KV head, `tile` tokens a
-    tile, room for `max_tiles` tiles in all (rows x the most tiles a row can have)."""
+def flat_plan(context_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int, programs: int, tile: int,
+              max_tiles: int, num_heads: int, head_dim: int) -> FlatPlan:
+    """The map of the tiles of rows with these context lengths and block tables, on their
+    device, by tensor operations alone (a CUDA graph captures them): `programs` a KV head,
+    `tile` tokens a tile, room for `max_tiles` tiles in all (rows x the most tiles a row can
+    have)."""
     dev = context_lens.device
-    tiles = (context_lens.to(torch.int32) + (tile - 1)) // tile
+    ctx = context_lens.to(torch.int32)
+    tiles = (ctx + (tile - 1)) // tile
     ends = torch.cumsum(tiles, 0, dtype=torch.int32)
     starts = ends - tiles
     total = ends[-1:]
     share = torch.clamp((total + (programs - 1)) // programs, min=1)
     idx = torch.arange(max_tiles + 1, dtype=torch.int32, device=dev)
+    live = idx < total
     row = torch.searchsorted(ends, idx, right=True).to(torch.int32)  # ends[row - 1] <= i < ends[row]
-    tok = (idx - starts[row.clamp(max=len(ends) - 1)]) * tile
-    return FlatPlan(plan=torch.cat([share, total]).to(torch.int32), tile_row=torch.where(idx < total, row, -1),
-                    tile_tok=tok.to(torch.int32), row_tile0=starts,
+    row_c = row.clamp(max=len(ends) - 1).long()
+    tok = (idx - starts[row_c]) * tile
+    per_tile = max(1, tile // block_size)
+    blk = (tok // block_size)[:, None] + torch.arange(per_tile, dtype=torch.int32, device=dev)[None, :]
+    blocks = block_tables[row_c[:, None], blk.clamp(max=block_tables.shape[1] - 1).long()]
+    return FlatPlan(plan=torch.cat([share, total]).to(torch.int32), tile_row=torch.where(live, row, -1),
+                    tile_tok=tok.to(torch.int32),
+                    tile_len=torch.where(live, (ctx[row_c] - tok).clamp(0, tile), 0).to(torch.int32),
+                    tile_last=(ends[row_c] - 1).to(torch.int32), tile_blocks=blocks.to(torch.int32).contiguous(),
+                    row_tile0=starts,
                     part_o=torch.empty((programs, 2, num_heads, head_dim), dtype=torch.float32, device=dev),
                     part_lse=torch.empty((programs, 2, num_heads), dtype=torch.float32, device=dev),
                     programs=programs, tile=tile)
@@ -194,22 +209,21 @@ def flat_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale
                           v_scale: float = 1.0, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
     """paged_decode_attention's function (q [B, Hq, D], the cache [blocks, block size, Hkv,
     D], one new token a row) by the flat kernel over `plan`'s map (flat_plan, made from
-    these context lengths). An FP8 cache is read as words (kv_tile.py) and holds values /
-    v_scale."""
+    these context lengths and block tables; the combine reads the lengths again). An FP8
+    cache is read as words (kv_tile.py) and holds values / v_scale."""
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     k_view, v_view = cache_view(k_cache), cache_view(v_cache)
     _flat_decode[(plan.programs, Hkv)](
-        q, k_view, v_view, out, plan.part_o, plan.part_lse, block_tables, context_lens, plan.plan, plan.tile_row,
-        plan.tile_tok, scale, v_scale,
+        q, k_view, v_view, out, plan.part_o, plan.part_lse, plan.plan, plan.tile_row, plan.tile_tok, plan.tile_len,
+        plan.tile_last, plan.tile_blocks, scale, v_scale,
         q.stride(0), q.stride(1),
         k_view.stride(0), k_view.stride(1), k_view.stride(2),
         v_view.stride(0), v_view.stride(1), v_view.stride(2),
         out.stride(0), out.stride(1),
-        block_tables.stride(0),
         GROUP=Hq // Hkv, GROUP_PAD=max(16, triton.next_power_of_2(Hq // Hkv)), HEAD_DIM=D, BLOCK_SIZE=block_size,
-        TILE=plan.tile, IEEE=q.dtype == torch.float32, KV_FP8=kv_fp8, K_WORDS=kv_fp8, V_WORDS=kv_fp8,
+        TILE=plan.tile, NB=plan.tile_blocks.shape[1], IEEE=q.dtype == torch.float32, KV_FP8=kv_fp8, K_WORDS=kv_fp8, V_WORDS=kv_fp8,
         ASM=q.device.type == "cuda", num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
     _flat_combine[(B, Hq)](plan.part_o, plan.part_lse, out, plan.plan, plan.row_tile0, context_lens,
