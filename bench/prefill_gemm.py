@@ -187,9 +187,9 @@ def main() -> None:
                     per[name] = {"ms": proj_ms(lambda: torch.mm(x, w.t()), args.repeats, cuda, flush)}
                     continue
                 times = {}
+                ref = torch.mm(x.float(), w.float().t()) if T == args.tokens[0] else None
                 for cfg in configs:
-                    if T == args.tokens[0]:
-                        ref = torch.mm(x.float(), w.float().t())
+                    if ref is not None:
                         err = ((triton_mm(x, w, cfg).float() - ref).norm() / ref.norm()).item()
                         checks.append({"config": config_name(cfg), "projection": name, "relative_error": err})
                     times[config_name(cfg)] = proj_ms(lambda: triton_mm(x, w, cfg), args.repeats, cuda, flush)

@@ -75,12 +75,12 @@ def check_flat_decode(gen: torch.Generator) -> dict:
         kc, vc = (to_cache(torch.randn(B * width + 1, bs, hkv, d, generator=gen), cache) for _ in range(2))
         ref = paged_decode_reference(q, kc.float(), vc.float(), tables, ctx, d ** -0.5)
         for programs in (1, 3, 7):
-            p = flat_plan(ctx, tables, bs, programs, tile, B * -(-width * bs // tile), hq, d)
+            p = flat_plan(ctx, tables, bs, programs, tile, hq, d)
             o = torch.full_like(q, float("nan"))
-            flat_decode_attention(q, kc, vc, tables, ctx, d ** -0.5, o, p)
+            flat_decode_attention(q, kc, vc, d ** -0.5, o, p)
             out[f"{str(cache).removeprefix('torch.')}, {programs} programs"] = {
                 "rel_err": rel_err(o, ref), "nan": bool(o.isnan().any()), "zero_row": bool((o[1] == 0).all()),
-                "share": p.plan.tolist(), "map_right": p.tile_row[:17].tolist() == rows and p.tile_tok[:17].tolist() == toks
+                "share": p.share_total.tolist(), "map_right": p.tile_row[:17].tolist() == rows and p.tile_tok[:17].tolist() == toks
                 and bool((p.tile_row[17:] == -1).all()) and p.tile_len[:17].tolist() == lens_of_tiles
                 and p.tile_blocks[:17].tolist() == blocks_of_tiles and p.tile_last[:17].tolist() == last_of_tiles}
     return out

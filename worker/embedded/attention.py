@@ -113,8 +113,7 @@ def paged_attention(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: f
         if meta.flat is not None:
             from worker.embedded.kernels.flat_decode import flat_decode_attention
 
-            flat_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens, scale * k_scale,
-                                  out[:n], meta.flat, v_scale=v_scale)
+            flat_decode_attention(q[:n], k_cache, v_cache, scale * k_scale, out[:n], meta.flat, v_scale=v_scale)
         else:
             paged_decode_attention(q[:n], k_cache, v_cache, meta.decode_tables, meta.decode_context_lens,
                                    scale * k_scale, out[:n], pdl=pdl, v_scale=v_scale, tile=decode_tile,

@@ -590,17 +590,15 @@ class ModelRunner:
     def _plan_flat(self, meta: AttentionMetadata) -> None:
         """With KernelConfig.decode_kernel "flat": the map of the decodes' tiles for every
         layer of the step (kernels/flat_decode.py), made on the device from their context
-        lengths, with room for as many tiles as the rows' block tables can hold."""
+        lengths and block tables."""
         if self.kernels.decode_kernel != "flat" or not meta.num_decodes or meta.decode_context_lens is None:
             return
         from worker.embedded.kernels.flat_decode import flat_plan, flat_programs
 
         cfg = self.config
         tile = self.kernels.decode_tile or (128 if self.kv_dtype == torch.float8_e4m3fn else 64)
-        per_row = -(-meta.decode_tables.shape[1] * self.tokens_per_block // tile)
         meta.flat = flat_plan(meta.decode_context_lens, meta.decode_tables, self.tokens_per_block,
-                              flat_programs(self.device, cfg.num_kv_heads), tile,
-                              meta.decode_context_lens.shape[0] * per_row, cfg.num_heads, cfg.head_dim)
+                              flat_programs(self.device, cfg.num_kv_heads), tile, cfg.num_heads, cfg.head_dim)
 
     def _host_views(self, kind: str, n: int) -> tuple[torch.Tensor, GraphInputs, GraphInputs]:
         """The next host twin, its views for graph (kind, n), and the device views."""

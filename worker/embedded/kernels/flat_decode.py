@@ -118,15 +118,14 @@ def _flat_decode(
 
 
 @triton.jit
-def _flat_combine(PART_O, PART_LSE, O, PLAN, ROW_TILE0, CTX_LENS, stride_ob, stride_oh, Hq,
-                  TILE: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _flat_combine(PART_O, PART_LSE, O, PLAN, ROW_TILES, stride_ob, stride_oh, Hq, HEAD_DIM: tl.constexpr):
     """Rows cut between programs: their partials merged, in program order. A row whose
     tiles lie in one program was written whole; a row of no context gets zeros."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     share = tl.maximum(tl.load(PLAN), 1)
-    start = tl.load(ROW_TILE0 + b)
-    n = tl.cdiv(tl.load(CTX_LENS + b).to(tl.int32), TILE)
+    start = tl.load(ROW_TILES + b)
+    n = tl.load(ROW_TILES + b + 1) - start
     p0 = start // share
     p1 = (start + n - 1) // share
     d = tl.arange(0, HEAD_DIM)
@@ -154,13 +153,13 @@ def _flat_combine(PART_O, PART_LSE, O, PLAN, ROW_TILE0, CTX_LENS, stride_ob, str
 class FlatPlan:
     """One step's map of the decodes' tiles and the partials' buffers (flat_plan)."""
 
-    plan: torch.Tensor  # [2] int32: tiles a program, tiles in all
+    share_total: torch.Tensor  # [2] int32: tiles a program, tiles in all
     tile_row: torch.Tensor  # [max_tiles + 1] int32: each tile's row (-1 past the last)
     tile_tok: torch.Tensor  # [max_tiles + 1] int32: each tile's first token in its row
     tile_len: torch.Tensor  # [max_tiles + 1] int32: each tile's tokens (0 past the last tile)
     tile_last: torch.Tensor  # [max_tiles + 1] int32: the number of each tile's row's last tile
     tile_blocks: torch.Tensor  # [max_tiles + 1, NB] int32: each tile's cache blocks, from its row's block table
-    row_tile0: torch.Tensor  # [B] int32: each row's first tile
+    row_tiles: torch.Tensor  # [B + 1] int32: each row's first tile, then the tiles in all
     part_o: torch.Tensor  # [programs, 2, Hq, D] float32: each program's first and last row, when cut
     part_lse: torch.Tensor  # [programs, 2, Hq] float32
     programs: int
@@ -168,12 +167,12 @@ class FlatPlan:
 
 
 def flat_plan(context_lens: torch.Tensor, block_tables: torch.Tensor, block_size: int, programs: int, tile: int,
-              max_tiles: int, num_heads: int, head_dim: int) -> FlatPlan:
+              num_heads: int, head_dim: int) -> FlatPlan:
     """The map of the tiles of rows with these context lengths and block tables, on their
     device, by tensor operations alone (a CUDA graph captures them): `programs` a KV head,
-    `tile` tokens a tile, room for `max_tiles` tiles in all (rows x the most tiles a row can
-    have)."""
+    `tile` tokens a tile, room for as many tiles as the block tables can hold."""
     dev = context_lens.device
+    max_tiles = block_tables.shape[0] * -(-block_tables.shape[1] * block_size // tile)
     ctx = context_lens.to(torch.int32)
     tiles = (ctx + (tile - 1)) // tile
     ends = torch.cumsum(tiles, 0, dtype=torch.int32)
@@ -188,11 +187,11 @@ def flat_plan(context_lens: torch.Tensor, block_tables: torch.Tensor, block_size
     per_tile = max(1, tile // block_size)
     blk = (tok // block_size)[:, None] + torch.arange(per_tile, dtype=torch.int32, device=dev)[None, :]
     blocks = block_tables[row_c[:, None], blk.clamp(max=block_tables.shape[1] - 1).long()]
-    return FlatPlan(plan=torch.cat([share, total]).to(torch.int32), tile_row=torch.where(live, row, -1),
+    return FlatPlan(share_total=torch.cat([share, total]).to(torch.int32), tile_row=torch.where(live, row, -1),
                     tile_tok=tok.to(torch.int32),
                     tile_len=torch.where(live, (ctx[row_c] - tok).clamp(0, tile), 0).to(torch.int32),
                     tile_last=(ends[row_c] - 1).to(torch.int32), tile_blocks=blocks.to(torch.int32).contiguous(),
-                    row_tile0=starts,
+                    row_tiles=torch.cat([starts, total]),
                     part_o=torch.empty((programs, 2, num_heads, head_dim), dtype=torch.float32, device=dev),
                     part_lse=torch.empty((programs, 2, num_heads), dtype=torch.float32, device=dev),
                     programs=programs, tile=tile)
@@ -205,18 +204,18 @@ def flat_programs(device: torch.device, num_kv_heads: int) -> int:
     return max(1, PROGRAMS_PER_SM * _num_sms(device) // num_kv_heads)
 
 
-def flat_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, out, plan: FlatPlan,
-                          v_scale: float = 1.0, num_warps: int = 4, num_stages: int | None = None) -> torch.Tensor:
+def flat_decode_attention(q, k_cache, v_cache, scale, out, plan: FlatPlan, v_scale: float = 1.0, num_warps: int = 4,
+                          num_stages: int | None = None) -> torch.Tensor:
     """paged_decode_attention's function (q [B, Hq, D], the cache [blocks, block size, Hkv,
-    D], one new token a row) by the flat kernel over `plan`'s map (flat_plan, made from
-    these context lengths and block tables; the combine reads the lengths again). An FP8
+    D], one new token a row) by the flat kernel over `plan`'s map (flat_plan, made from the
+    rows' context lengths and block tables: the kernels read nothing else of them). An FP8
     cache is read as words (kv_tile.py) and holds values / v_scale."""
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
     k_view, v_view = cache_view(k_cache), cache_view(v_cache)
     _flat_decode[(plan.programs, Hkv)](
-        q, k_view, v_view, out, plan.part_o, plan.part_lse, plan.plan, plan.tile_row, plan.tile_tok, plan.tile_len,
+        q, k_view, v_view, out, plan.part_o, plan.part_lse, plan.share_total, plan.tile_row, plan.tile_tok, plan.tile_len,
         plan.tile_last, plan.tile_blocks, scale, v_scale,
         q.stride(0), q.stride(1),
         k_view.stride(0), k_view.stride(1), k_view.stride(2),
@@ -226,6 +225,6 @@ def flat_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale
         TILE=plan.tile, NB=plan.tile_blocks.shape[1], IEEE=q.dtype == torch.float32, KV_FP8=kv_fp8, K_WORDS=kv_fp8, V_WORDS=kv_fp8,
         ASM=q.device.type == "cuda", num_warps=num_warps, **({} if num_stages is None else {"num_stages": num_stages}),
     )
-    _flat_combine[(B, Hq)](plan.part_o, plan.part_lse, out, plan.plan, plan.row_tile0, context_lens,
-                           out.stride(0), out.stride(1), Hq, TILE=plan.tile, HEAD_DIM=D, num_warps=1)
+    _flat_combine[(B, Hq)](plan.part_o, plan.part_lse, out, plan.share_total, plan.row_tiles,
+                           out.stride(0), out.stride(1), Hq, HEAD_DIM=D, num_warps=1)
     return out
