@@ -7,12 +7,8 @@
 #  - 2,048/128's and 1,000/1,000's decodes over the FP8 cache (120 x 2,112, 400 x 1,413), 1-2 splits.
 set -u
 cd "$(dirname "$0")/../.."
-R=/tmp/r27b; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,pci.bus_id --format=csv > $R/gpu.txt 2>&1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > $R/pip.log 2>&1
-export PYTHONPATH=/tmp/site:$PWD
-python3 -m inflight.stubs >> $R/pip.log 2>&1
-t() { local name=$1 lim=$2; shift 2; local s=$(date +%s); timeout $lim "$@" > $R/$name.log 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s" >> $R/times.txt; }
+R=/tmp/r27b
+. .bench/r27/prelude.sh
 T="python3 -m bench.paged_decode_tune --heads 8b --kernels paged flat --flat-per-sm 2 4 8"
 t pdt_mix 200 $T --batches 127 --contexts mixed --pad-rows 33 --orders given longest-first --grids heads-outer rows-outer --splits 1 2 --tiles 64 128 --stages 0 2 --out $R/pdt_mix.json
 t pdt_short 170 $T --kv-cache-dtype fp8 --fp8-reads words --batches 512 --contexts mixed:128-256 181 --splits 1 --tiles 32 64 128 --warps 2 4 --stages 2 3 --out $R/pdt_short.json

@@ -4,12 +4,8 @@
 # trtllm-bench's 128/128 (FP8 projections and cache) with the paged and the flat kernel
 set -u
 cd "$(dirname "$0")/../.."
-R=/tmp/r27c; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,pci.bus_id --format=csv > $R/gpu.txt 2>&1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > $R/pip.log 2>&1
-export PYTHONPATH=/tmp/site:$PWD
-python3 -m inflight.stubs >> $R/pip.log 2>&1
-t() { local name=$1 lim=$2; shift 2; local s=$(date +%s); timeout $lim "$@" > $R/$name.log 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s" >> $R/times.txt; }
+R=/tmp/r27c
+. .bench/r27/prelude.sh
 P="--shape llama-3-8b --lengths 128 1024 128 512 --requests 1200 --max-batch-size 160 --step-time-target-ms 15 --skip 600 --steps 30"
 t prof_arrival 130 python3 -m bench.profile window $P --decode-order arrival --out $R/prof_arrival.json
 t prof_longest 130 python3 -m bench.profile window $P --decode-order longest-first --out $R/prof_longest.json

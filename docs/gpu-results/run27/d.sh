@@ -4,12 +4,8 @@
 # (paged and flat in one run)
 set -u
 cd "$(dirname "$0")/../.."
-R=/tmp/r27d; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,pci.bus_id --format=csv > $R/gpu.txt 2>&1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > $R/pip.log 2>&1
-export PYTHONPATH=/tmp/site:$PWD
-python3 -m inflight.stubs >> $R/pip.log 2>&1
-t() { local name=$1 lim=$2; shift 2; local s=$(date +%s); timeout $lim "$@" > $R/$name.log 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s" >> $R/times.txt; }
+R=/tmp/r27d
+. .bench/r27/prelude.sh
 L="--shape llama-3-8b --vocab 49152 --tokenizer .bench/tok --rates 24 24 --seconds 20 --slo-ttft-ms 150 --slo-itl-ms 15 --direct-only"
 t load_default 140 python3 -m bench.serving_load $L --out $R/load_default.json
 INFLIGHT_DECODE_ORDER=longest-first t load_longest 140 python3 -m bench.serving_load $L --out $R/load_longest.json

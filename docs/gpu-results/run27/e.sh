@@ -3,12 +3,8 @@
 # what decode_kernel flat and decode_order longest-first cost or buy where they would become the default
 set -u
 cd "$(dirname "$0")/../.."
-R=/tmp/r27e; mkdir -p $R
-nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,pci.bus_id --format=csv > $R/gpu.txt 2>&1
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl > $R/pip.log 2>&1
-export PYTHONPATH=/tmp/site:$PWD
-python3 -m inflight.stubs >> $R/pip.log 2>&1
-t() { local name=$1 lim=$2; shift 2; local s=$(date +%s); timeout $lim "$@" > $R/$name.log 2>&1; echo "$name rc=$? $(( $(date +%s) - s ))s" >> $R/times.txt; }
+R=/tmp/r27e
+. .bench/r27/prelude.sh
 t dec_1b 200 python3 -m bench.decode_latency --shape llama-3.2-1b --batches 1 8 64 256 --steps 32 --hf-new-tokens 0 --variants all all+flat all+longest --out $R/dec_1b.json
 t dec_8b 250 python3 -m bench.decode_latency --shape llama-3-8b --batches 1 8 64 256 --steps 32 --hf-new-tokens 0 --variants all all+flat all+longest --out $R/dec_8b.json
 cat $R/times.txt
